@@ -1,0 +1,83 @@
+"""The job's configuration: one validated dataclass, and the error type for bad input.
+
+Flags live in `trainer.task`; everything below it takes a `TrainConfig` (or
+explicit arguments), so tests and notebooks can build one directly.
+"""
+
+import dataclasses
+import os
+from typing import Dict
+
+CLASSIFIER = "classifier"
+DECODER = "decoder"
+OUTPUT_NAMES = (CLASSIFIER, DECODER)
+
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+
+
+class UserInputError(ValueError):
+  """Bad input the user can fix: the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything one training job needs to know, validated on construction."""
+
+  dataset: str = "mnist"
+  data_dir: str = ""
+  model_dir: str = ""
+  strategy: str = "auto"
+  tpu: str = ""
+  precision: str = "auto"
+  batch_size: int = 128
+  epochs: int = 12
+  learning_rate: float = 2e-3
+  loss_weights: Dict[str, float] = dataclasses.field(
+      default_factory=lambda: {CLASSIFIER: 1.0, DECODER: 0.2})
+  steps_per_loop: int = 50
+  latent_dim: int = 64
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.strategy not in STRATEGIES:
+      raise UserInputError(
+          f"unknown --strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if self.precision not in PRECISIONS:
+      raise UserInputError(
+          f"unknown --precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    for name in ("batch_size", "steps_per_loop", "latent_dim"):
+      if getattr(self, name) <= 0:
+        raise UserInputError(f"--{name}={getattr(self, name)} must be a positive integer")
+    if self.epochs < 0:
+      raise UserInputError(f"--epochs={self.epochs} must be zero or more")
+    if not self.learning_rate > 0:
+      raise UserInputError(f"--learning_rate={self.learning_rate} must be positive")
+    if set(self.loss_weights) != set(OUTPUT_NAMES) or any(
+        w < 0 for w in self.loss_weights.values()):
+      raise UserInputError(
+          f"--loss_weights={self.loss_weights} must give a non-negative weight to each of "
+          f"{', '.join(OUTPUT_NAMES)}, e.g. --loss_weights=classifier=1.0,decoder=0.2")
+    if not self.model_dir:
+      raise UserInputError("no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir")
+
+
+def parse_loss_weights(text: str) -> Dict[str, float]:
+  """Parses `classifier=1.0,decoder=0.2` into a dict of output name to weight."""
+  weights = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    name, sep, value = item.partition("=")
+    try:
+      if not sep:
+        raise ValueError
+      weights[name.strip()] = float(value)
+    except ValueError:
+      raise UserInputError(
+          f"--loss_weights={text!r} is not NAME=NUMBER pairs: "
+          "write it as classifier=1.0,decoder=0.2") from None
+  return weights
+
+
+def default_model_dir() -> str:
+  """Where outputs go when --model_dir is not given: Vertex AI's $AIP_MODEL_DIR, if set."""
+  return os.environ.get("AIP_MODEL_DIR", "")

@@ -1,0 +1,255 @@
+"""Data: the sources named by `--dataset`, their splits, and the sharded tf.data input pipeline.
+
+Every source returns the same `Splits`: uint8 images of shape (N, 28, 28, 1) and int32 labels
+0-9, for train, validation and test. The pipeline turns a split into batches of
+`(images, {"classifier": labels, "decoder": images scaled to [0, 1]})`, sharded per input
+pipeline so every worker reads only its part.
+"""
+
+import dataclasses
+import gzip
+import importlib.resources
+import io
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+from sklearn import model_selection
+
+from trainer.config import CLASSIFIER, DECODER, UserInputError
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+# The original exercise's cache of full MNIST: its rows are 50k train, 10k validation, 10k test.
+EXERCISE_SPLIT = (50_000, 10_000, 10_000)
+# Held out from the 60,000-image train files of TFDS and IDX sources, as in EXERCISE_SPLIT.
+VALIDATION_FROM_TRAIN = 10_000
+# Any other npz is split 80/10/10, stratified by class, with this fixed seed so that the test
+# set does not move when --seed does.
+SAMPLE_SPLIT_SEED = 0
+IDX_IMAGES_MAGIC = 0x00000803
+IDX_LABELS_MAGIC = 0x00000801
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  images: np.ndarray  # (N, 28, 28, 1) uint8
+  labels: np.ndarray  # (N,) int32
+
+  def __len__(self):
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  train: Split
+  validation: Split
+  test: Split
+
+
+def load_splits(dataset: str, data_dir: str = "") -> Splits:
+  """Loads the source that `--dataset` names (see the README) into train/validation/test."""
+  kind, _, argument = dataset.partition(":")
+  if dataset == "mnist":
+    return _load_tfds("mnist", data_dir)
+  if dataset == "mnist_sample":
+    ref = importlib.resources.files("trainer") / "assets" / "mnist_5k.npz"
+    with ref.open("rb") as f:
+      return _splits_from_npz(f, "the packaged mnist_sample")
+  if kind == "tfds" and argument:
+    return _load_tfds(argument, data_dir)
+  if kind == "idx" and argument:
+    return _load_idx_dir(argument)
+  if kind == "npz" and argument:
+    if not tf.io.gfile.exists(argument):
+      raise UserInputError(f"--dataset={dataset}: no file at {argument}; give the path of an npz file")
+    with tf.io.gfile.GFile(argument, "rb") as f:
+      return _splits_from_npz(f, argument)
+  raise UserInputError(
+      f"unknown --dataset={dataset!r}: use mnist, mnist_sample, tfds:NAME, idx:DIR or npz:PATH")
+
+
+def _split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
+  """Checks one split's arrays and brings them to the common shape and dtypes."""
+  if images.dtype != np.uint8:
+    raise UserInputError(f"{where}: images are {images.dtype}, expected uint8 pixels 0-255")
+  if images.ndim == 2 and images.shape[1] == 784:
+    images = images.reshape((-1,) + IMAGE_SHAPE)
+  elif images.ndim == 3 and images.shape[1:] == IMAGE_SHAPE[:2]:
+    images = images[..., np.newaxis]
+  if images.shape[1:] != IMAGE_SHAPE:
+    raise UserInputError(
+        f"{where}: images have shape {images.shape}, expected (N, 784) or (N, 28, 28[, 1])")
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise UserInputError(
+        f"{where}: labels have shape {labels.shape} and dtype {labels.dtype}, "
+        "expected a 1-D integer array")
+  if len(images) != len(labels):
+    raise UserInputError(f"{where}: {len(images)} images but {len(labels)} labels; they must match")
+  if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    raise UserInputError(
+        f"{where}: labels range {labels.min()}..{labels.max()}, expected digits 0-{NUM_CLASSES - 1}")
+  return Split(np.ascontiguousarray(images), labels.astype(np.int32))
+
+
+def _splits_from_npz(file, where: str) -> Splits:
+  """Reads the original exercise's cache layout: `X` (N, 784) uint8 and `y` (N,) labels."""
+  try:
+    with np.load(file, allow_pickle=False) as npz:
+      missing = {"X", "y"} - set(npz.files)
+      if missing:
+        raise UserInputError(
+            f"{where}: no array {', '.join(sorted(missing))} in the npz (it has "
+            f"{', '.join(npz.files) or 'none'}); it needs X (N, 784) uint8 and y (N,) labels")
+      images, labels = npz["X"], npz["y"]
+  except UserInputError:
+    raise
+  except ValueError as e:  # numpy says "Object arrays cannot be loaded when allow_pickle=False".
+    raise UserInputError(f"{where}: cannot read it without pickle ({e}); save plain arrays") from None
+  except (OSError, EOFError) as e:
+    raise UserInputError(f"{where}: not a readable npz file ({e})") from None
+  everything = _split(images, labels, where)
+  if len(everything) == sum(EXERCISE_SPLIT):
+    ends = np.cumsum(EXERCISE_SPLIT)
+    parts = [slice(0, ends[0]), slice(ends[0], ends[1]), slice(ends[1], ends[2])]
+    return Splits(*(Split(everything.images[p], everything.labels[p]) for p in parts))
+  indices = np.arange(len(everything))
+  try:
+    train, rest = model_selection.train_test_split(
+        indices, test_size=0.2, stratify=everything.labels, random_state=SAMPLE_SPLIT_SEED)
+    validation, test = model_selection.train_test_split(
+        rest, test_size=0.5, stratify=everything.labels[rest], random_state=SAMPLE_SPLIT_SEED)
+  except ValueError as e:
+    raise UserInputError(f"{where}: too few examples to split 80/10/10 by class ({e})") from None
+  return Splits(*(Split(everything.images[i], everything.labels[i]) for i in (train, validation, test)))
+
+
+def _read_idx(path: str, magic: int, dims: int) -> np.ndarray:
+  """Parses one IDX file (gzipped or not): big-endian magic, `dims` sizes, then uint8 data."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    raw = f.read()
+  if raw[:2] == b"\x1f\x8b":
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+      raise UserInputError(f"{path}: broken gzip data ({e}); download the file again") from None
+  header = 4 * (1 + dims)
+  if len(raw) < header:
+    raise UserInputError(f"{path}: only {len(raw)} bytes, too short for an IDX header")
+  found = int.from_bytes(raw[:4], "big")
+  if found != magic:
+    raise UserInputError(
+        f"{path}: IDX magic number {found:#010x}, expected {magic:#010x}; "
+        "is it the right file (images vs labels), or not an IDX file?")
+  shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+  expected = int(np.prod(shape))
+  if len(raw) - header != expected:
+    raise UserInputError(
+        f"{path}: header says shape {shape} ({expected} bytes) but {len(raw) - header} bytes "
+        "follow; the file is truncated or corrupt, download it again")
+  return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def _load_idx_dir(directory: str) -> Splits:
+  """Reads the four standard MNIST IDX files in `directory`, gzipped or not."""
+  def find(stem):
+    for name in (stem + ".gz", stem):
+      path = directory.rstrip("/") + "/" + name
+      if tf.io.gfile.exists(path):
+        return path
+    raise UserInputError(
+        f"--dataset=idx:{directory}: no {stem}[.gz] there; the directory needs the four MNIST "
+        "IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-...)")
+  parts = {}
+  for prefix in ("train", "t10k"):
+    images_path = find(f"{prefix}-images-idx3-ubyte")
+    labels_path = find(f"{prefix}-labels-idx1-ubyte")
+    parts[prefix] = _split(_read_idx(images_path, IDX_IMAGES_MAGIC, 3),
+                           _read_idx(labels_path, IDX_LABELS_MAGIC, 1),
+                           f"{images_path} with {labels_path}")
+  return _hold_out_validation(parts["train"], parts["t10k"])
+
+
+def _load_tfds(name: str, data_dir: str) -> Splits:
+  """Downloads (when absent from `data_dir`) and reads a 28x28 grey TFDS image dataset."""
+  import tensorflow_datasets as tfds  # Imported here: it is slow, and only these sources need it.
+  try:
+    train, test = tfds.as_numpy(tfds.load(
+        name, split=["train", "test"], data_dir=data_dir or None, batch_size=-1,
+        as_supervised=True))
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserInputError(
+        f"--dataset=tfds:{name}: TensorFlow Datasets has no dataset {name!r}; "
+        "try fashion_mnist or kmnist") from None
+  where = f"TFDS {name}"
+  return _hold_out_validation(_split(*train, where), _split(*test, where))
+
+
+def _hold_out_validation(train: Split, test: Split) -> Splits:
+  """Keeps the last VALIDATION_FROM_TRAIN (or a sixth, if fewer) train examples for validation."""
+  held = min(VALIDATION_FROM_TRAIN, len(train) // 6)
+  cut = len(train) - held
+  return Splits(Split(train.images[:cut], train.labels[:cut]),
+                Split(train.images[cut:], train.labels[cut:]), test)
+
+
+def per_replica_batch_size(global_batch_size: int, num_replicas: int) -> int:
+  """The batch each replica computes on; the global batch must divide evenly."""
+  if global_batch_size <= 0 or global_batch_size % num_replicas:
+    nearest = max(1, round(global_batch_size / num_replicas)) * num_replicas
+    raise UserInputError(
+        f"--batch_size={global_batch_size} is the global batch and must be a positive multiple "
+        f"of the {num_replicas} replicas; try --batch_size={nearest}")
+  return global_batch_size // num_replicas
+
+
+def _to_example(images, labels):
+  """The dict labels the model's outputs are trained against; pixels stay uint8 as inputs."""
+  targets = {CLASSIFIER: labels, DECODER: tf.cast(images, tf.float32) / 255.0}
+  return images, targets
+
+
+def make_dataset(split: Split, batch_size: int, training: bool, seed: int,
+                 input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+  """One input pipeline's batches of `split`.
+
+  Training repeats forever in a seeded shuffle (callers take `steps_per_epoch`), so every
+  worker runs the same number of steps whatever its shard's size. Evaluation goes once, padded
+  with zero-weight examples to whole batches, and yields `(images, targets, weights)`: static
+  shapes everywhere, as TPUs need.
+  """
+  images, labels = split.images, split.labels
+  weights = np.ones(len(labels), np.float32)
+  num_replicas = input_context.num_replicas_in_sync if input_context else 1
+  if not training:
+    padding = -len(labels) % (batch_size * num_replicas)
+    images = np.concatenate([images, np.zeros((padding,) + IMAGE_SHAPE, np.uint8)])
+    labels = np.concatenate([labels, np.zeros(padding, np.int32)])
+    weights = np.concatenate([weights, np.zeros(padding, np.float32)])
+  ds = tf.data.Dataset.from_tensor_slices((images, labels, weights))
+  if input_context:
+    ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  ds = ds.cache()
+  if training:
+    ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda x, y, w: _to_example(x, y), num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda x, y, w: _to_example(x, y) + (w,), num_parallel_calls=tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  # We shard by input pipeline above; tf.data must not shard a second time.
+  options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+  options.deterministic = True
+  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def distribute(strategy: tf.distribute.Strategy, split: Split, global_batch_size: int,
+               training: bool, seed: int):
+  """`split` as a distributed dataset: one sharded pipeline per worker, per-replica batches."""
+  per_replica = per_replica_batch_size(global_batch_size, strategy.num_replicas_in_sync)
+
+  def dataset_fn(input_context):
+    return make_dataset(split, per_replica, training, seed, input_context)
+
+  return strategy.distribute_datasets_from_function(dataset_fn)

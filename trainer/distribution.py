@@ -1,0 +1,131 @@
+"""Strategy and precision: from `--strategy` and `--precision` names to what TensorFlow runs.
+
+One function picks the `tf.distribute.Strategy`, one the Keras dtype policy; both explain an
+`auto` choice in the log and turn a choice that cannot work into a `UserInputError`.
+"""
+
+import glob
+import json
+import os
+from typing import Optional, Tuple
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from trainer.config import UserInputError
+
+
+def _tpu_hint(tpu: str) -> Optional[str]:
+  """Why a TPU may be reachable from here, or None. Cheap: it never dials a TPU."""
+  if tpu:
+    return f"--tpu={tpu} was given"
+  if os.environ.get("TPU_NAME"):
+    return f"$TPU_NAME={os.environ['TPU_NAME']} is set"
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return "this host has TPU chips (/dev/accel* or /dev/vfio)"
+  return None
+
+
+def cluster_workers() -> int:
+  """How many hosts $TF_CONFIG names (chief and workers), 1 when it is unset."""
+  try:
+    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+  except json.JSONDecodeError as e:
+    raise UserInputError(f"$TF_CONFIG is not valid JSON ({e}); fix or unset it") from None
+  return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+
+
+def resolve_strategy_name(name: str, tpu: str = "") -> Tuple[str, str]:
+  """The concrete strategy name for `name`, and why it was chosen (for `auto`)."""
+  if name != "auto":
+    return name, "asked for by --strategy"
+  hint = _tpu_hint(tpu)
+  if hint:
+    return "tpu", hint
+  workers = cluster_workers()
+  if workers > 1:
+    return "multi_worker_mirrored", f"$TF_CONFIG names {workers} workers"
+  gpus = len(tf.config.list_physical_devices("GPU"))
+  if gpus > 1:
+    return "mirrored", f"{gpus} GPUs are visible"
+  return "default", f"no TPU, one host, {gpus} GPU(s)"
+
+
+def _connect_tpu(tpu: str) -> tf.distribute.cluster_resolver.TPUClusterResolver:
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "local")
+    if tpu not in ("", "local"):
+      tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+  except (ValueError, RuntimeError, tf.errors.OpError) as e:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserInputError(
+        f"--strategy=tpu but no TPU is reachable at --tpu={tpu or 'local'} ({first_line}); "
+        "run on a Cloud TPU VM (--tpu=local), name your TPU with --tpu, or pick another "
+        "--strategy") from None
+  return resolver
+
+
+def get_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
+  """Creates the strategy `name` names; call it before any other TensorFlow work.
+
+  `mirrored` mirrors over the local GPUs, or over the local logical CPU devices where there
+  are no GPUs (how tests exercise it); `multi_worker_mirrored` reads the cluster from
+  $TF_CONFIG.
+  """
+  resolved, why = resolve_strategy_name(name, tpu)
+  if resolved == "tpu":
+    strategy = tf.distribute.TPUStrategy(_connect_tpu(tpu))
+  elif resolved == "multi_worker_mirrored":
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+  elif resolved == "mirrored":
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+  elif resolved == "one_device":
+    gpus = tf.config.list_logical_devices("GPU")
+    strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+  elif resolved == "default":
+    strategy = tf.distribute.get_strategy()
+  else:
+    raise UserInputError(
+        f"unknown --strategy={name!r}: choose auto, default, one_device, mirrored, "
+        "multi_worker_mirrored or tpu")
+  logging.info("Strategy: %s (%s), %d replica(s) in sync.", resolved, why,
+               strategy.num_replicas_in_sync)
+  return strategy
+
+
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+  """The --strategy name that would create `strategy`, for logs and metrics."""
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    return "tpu"
+  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return "multi_worker_mirrored"
+  if isinstance(strategy, tf.distribute.MirroredStrategy):
+    return "mirrored"
+  if isinstance(strategy, tf.distribute.OneDeviceStrategy):
+    return "one_device"
+  return "default"
+
+
+def resolve_precision(name: str, strategy: tf.distribute.Strategy) -> str:
+  """The Keras dtype policy for `name`: `auto` is bfloat16 on TPU, float16 on GPU, else float32."""
+  if name not in ("auto", "float32", "mixed_float16", "mixed_bfloat16"):
+    raise UserInputError(
+        f"unknown --precision={name!r}: choose auto, float32, mixed_float16 or mixed_bfloat16")
+  if name != "auto":
+    return name
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    return "mixed_bfloat16"
+  if tf.config.list_logical_devices("GPU"):
+    return "mixed_float16"
+  return "float32"
+
+
+def set_precision(policy: str) -> None:
+  """Sets the global Keras dtype policy; do it once, before any layer is built."""
+  keras.mixed_precision.set_dtype_policy(policy)
+  logging.info("Precision: %s (compute %s, variables %s).", policy,
+               keras.mixed_precision.dtype_policy().compute_dtype,
+               keras.mixed_precision.dtype_policy().variable_dtype)

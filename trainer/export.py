@@ -1,0 +1,37 @@
+"""Export: the trained model as a SavedModel that serving systems can load without this package.
+
+The `serving_default` signature takes `images`, a batch of 28x28 grey images as uint8 0-255,
+and returns `classifier` (batch x 10 class probabilities) and `decoder` (batch x 28 x 28
+reconstructions in [0, 1]), both float32.
+"""
+
+import keras
+import tensorflow as tf
+
+from trainer.config import CLASSIFIER, DECODER
+
+SERVING_INPUT = tf.TensorSpec([None, 28, 28], tf.uint8, name="images")
+
+
+def export_saved_model(model: keras.Model, path: str) -> None:
+  """Writes `model` to `path` (local or gs://) through a temporary name, replacing what was there.
+
+  Readers see the old export or the new one, never half of one (on file systems whose
+  directory rename is atomic, as local ones are).
+  """
+
+  def serve(images):
+    outputs = model(images[..., tf.newaxis], training=False)
+    return {CLASSIFIER: tf.cast(outputs[CLASSIFIER], tf.float32),
+            DECODER: tf.cast(outputs[DECODER][..., 0], tf.float32)}
+
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+  archive.add_endpoint(name="serving_default", fn=serve, input_signature=[SERVING_INPUT])
+  temporary = path.rstrip("/") + ".partial"
+  if tf.io.gfile.exists(temporary):
+    tf.io.gfile.rmtree(temporary)
+  archive.write_out(temporary, verbose=False)
+  if tf.io.gfile.exists(path):
+    tf.io.gfile.rmtree(path)
+  tf.io.gfile.rename(temporary, path)

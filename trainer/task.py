@@ -1,0 +1,64 @@
+"""Entry point: `python -m trainer.task --flag=value ...`. Defines the flags and nothing else.
+
+Bad input the user can fix ends the job with one `error:` line and exit code 2.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from trainer import config as config_lib
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string(
+    "dataset", "mnist",
+    "mnist (TFDS, downloaded into --data_dir), tfds:NAME (another 28x28 grey TFDS set), "
+    "mnist_sample (5,000 real digits shipped with the package), idx:DIR (the four MNIST IDX "
+    "files), npz:PATH (X (N, 784) uint8 and y (N,) labels).")
+flags.DEFINE_string("data_dir", "", "TFDS data directory (local or gs://); TFDS's default if empty.")
+flags.DEFINE_string("model_dir", config_lib.default_model_dir(),
+                    "Where checkpoints, logs, the export and metrics.json go (local or gs://); "
+                    "defaults to $AIP_MODEL_DIR.")
+flags.DEFINE_enum("strategy", "auto", list(config_lib.STRATEGIES),
+                  "Distribution strategy; auto picks TPU, multi-worker, mirrored or default.")
+flags.DEFINE_string("tpu", "", "TPU address or name; empty or 'local' on a Cloud TPU VM.")
+flags.DEFINE_enum("precision", "auto", list(config_lib.PRECISIONS),
+                  "auto: mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU.")
+flags.DEFINE_integer("batch_size", config_lib.TrainConfig.batch_size,
+                     "Global batch size, split evenly over the replicas.")
+flags.DEFINE_integer("epochs", config_lib.TrainConfig.epochs, "Passes over the training split.")
+flags.DEFINE_float("learning_rate", config_lib.TrainConfig.learning_rate, "Adam learning rate.")
+flags.DEFINE_string("loss_weights", "classifier=1.0,decoder=0.2",
+                    "Weight of each task's loss in the total, as NAME=WEIGHT pairs.")
+flags.DEFINE_integer("steps_per_loop", config_lib.TrainConfig.steps_per_loop,
+                     "Training steps run per call into the device.")
+flags.DEFINE_integer("latent_dim", config_lib.TrainConfig.latent_dim,
+                     "Size of the shared encoder's output.")
+flags.DEFINE_integer("seed", config_lib.TrainConfig.seed, "Seed for initialisation and shuffling.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    config = config_lib.TrainConfig(
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir,
+        strategy=FLAGS.strategy, tpu=FLAGS.tpu, precision=FLAGS.precision,
+        batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate,
+        loss_weights=config_lib.parse_loss_weights(FLAGS.loss_weights),
+        steps_per_loop=FLAGS.steps_per_loop, latent_dim=FLAGS.latent_dim, seed=FLAGS.seed)
+    # TensorFlow is imported only now: the strategy must be the first thing it sets up.
+    from trainer import distribution, train
+    strategy = distribution.get_strategy(config.strategy, config.tpu)
+    train.run(config, strategy)
+  except config_lib.UserInputError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

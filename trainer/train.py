@@ -1,0 +1,247 @@
+"""The training loop: one custom loop that runs under every tf.distribute strategy.
+
+Keras 3.15's `model.fit` fails under MultiWorkerMirroredStrategy, so this module owns the loop,
+as the Model Garden's trainers do: a `tf.function` runs `steps_per_loop` steps of
+`strategy.run` per call into the device, and returns the summed losses so the host reads
+them once per call. `run` reads top to bottom in stages: data, model, restore, train,
+evaluate, export.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Dict, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer import data as data_lib
+from trainer import distribution
+from trainer import export as export_lib
+from trainer.config import CLASSIFIER, DECODER, TrainConfig
+from trainer.model import build_model
+
+# Sums each step returns, in this order; means are taken on the host.
+SUMS = ("classifier_loss", "reconstruction_mse", "correct", "examples")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """True on the one worker that writes shared outputs (every single-host strategy's)."""
+  return bool(strategy.extended.should_checkpoint)
+
+
+def _output_dirs(model_dir: str, chief: bool) -> Dict[str, str]:
+  """Where this worker writes: under model_dir on the chief, a local scratch dir elsewhere.
+
+  Non-chief workers must still take part in saving (it is collective under multi-worker), so
+  they write to a private scratch directory that is deleted at the end.
+  """
+  root = model_dir if chief else tempfile.mkdtemp(prefix="trainer-worker-")
+  return {
+      "root": root,
+      "checkpoints": os.path.join(root, "checkpoints"),
+      "logs": (os.environ.get("AIP_TENSORBOARD_LOG_DIR") if chief else None)
+              or os.path.join(root, "logs"),
+      "export": os.path.join(root, "export"),
+  }
+
+
+def _means(sums: np.ndarray) -> Dict[str, float]:
+  totals = dict(zip(SUMS, sums.tolist()))
+  count = max(totals["examples"], 1.0)
+  return {
+      "classifier_loss": totals["classifier_loss"] / count,
+      "reconstruction_mse": totals["reconstruction_mse"] / count,
+      "accuracy": totals["correct"] / count,
+  }
+
+
+def per_example_losses(model: keras.Model, images, targets, training: bool):
+  """Cross-entropy and reconstruction MSE for each example, and whether it was classified right."""
+  outputs = model(images, training=training)
+  cross_entropy = keras.losses.sparse_categorical_crossentropy(
+      targets[CLASSIFIER], outputs[CLASSIFIER])
+  squared_error = tf.square(outputs[DECODER] - targets[DECODER])
+  mse = tf.reduce_mean(squared_error, axis=[1, 2, 3])
+  correct = tf.cast(tf.equal(tf.argmax(outputs[CLASSIFIER], axis=-1, output_type=tf.int32),
+                             tf.cast(targets[CLASSIFIER], tf.int32)), tf.float32)
+  return cross_entropy, mse, correct
+
+
+def make_train_loop(strategy, model, optimizer, loss_weights: Dict[str, float],
+                    global_batch_size: int):
+  """A `tf.function(iterator, num_steps)` that trains `num_steps` steps and returns SUMS."""
+
+  def train_step(inputs):
+    images, targets = inputs
+    with tf.GradientTape() as tape:
+      cross_entropy, mse, correct = per_example_losses(model, images, targets, training=True)
+      # Averaged over the global batch: the optimizer sums gradients across replicas.
+      loss = (loss_weights[CLASSIFIER]
+              * tf.nn.compute_average_loss(cross_entropy, global_batch_size=global_batch_size)
+              + loss_weights[DECODER]
+              * tf.nn.compute_average_loss(mse, global_batch_size=global_batch_size))
+      scaled_loss = optimizer.scale_loss(loss)  # Loss scaling under float16; identity otherwise.
+    gradients = tape.gradient(scaled_loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+    return tf.stack([tf.reduce_sum(cross_entropy), tf.reduce_sum(mse), tf.reduce_sum(correct),
+                     tf.cast(tf.size(correct), tf.float32)])
+
+  @tf.function
+  def train_loop(iterator, num_steps):
+    sums = tf.zeros([len(SUMS)])
+    for _ in tf.range(num_steps):
+      per_replica = strategy.run(train_step, args=(next(iterator),))
+      sums += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    return sums
+
+  return train_loop
+
+
+def make_evaluate(strategy, model):
+  """A `tf.function(distributed_eval_dataset)` that returns SUMS over real (unpadded) examples."""
+
+  def eval_step(inputs):
+    images, targets, weights = inputs
+    cross_entropy, mse, correct = per_example_losses(model, images, targets, training=False)
+    return tf.stack([tf.reduce_sum(cross_entropy * weights), tf.reduce_sum(mse * weights),
+                     tf.reduce_sum(correct * weights), tf.reduce_sum(weights)])
+
+  @tf.function
+  def evaluate(dataset):
+    sums = tf.zeros([len(SUMS)])
+    for inputs in dataset:
+      sums += strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(eval_step, args=(inputs,)),
+                              axis=None)
+    return sums
+
+  return evaluate
+
+
+def _write_json(path: str, content: dict) -> None:
+  """Writes through a temporary name, so readers never see a half-written file."""
+  temporary = path + ".tmp"
+  with tf.io.gfile.GFile(temporary, "w") as f:
+    json.dump(content, f, indent=2, sort_keys=True)
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def run(config: TrainConfig, strategy: tf.distribute.Strategy,
+        splits: Optional[data_lib.Splits] = None) -> Dict[str, object]:
+  """Trains, evaluates and exports the multitask model; returns the final metrics.
+
+  `splits` defaults to the source `config.dataset` names; tests and notebooks may pass their
+  own. Resumes from the latest checkpoint under `config.model_dir` when there is one.
+  """
+  chief = is_chief(strategy)
+  dirs = _output_dirs(config.model_dir, chief)
+  keras.utils.set_random_seed(config.seed)
+
+  # Data.
+  splits = splits or data_lib.load_splits(config.dataset, config.data_dir)
+  global_batch = config.batch_size
+  data_lib.per_replica_batch_size(global_batch, strategy.num_replicas_in_sync)
+  steps_per_epoch = len(splits.train) // global_batch
+  if steps_per_epoch == 0:
+    raise data_lib.UserInputError(
+        f"--batch_size={global_batch} is larger than the {len(splits.train)} training examples; "
+        "use a smaller --batch_size")
+  train_iterator = iter(data_lib.distribute(strategy, splits.train, global_batch, True, config.seed))
+  validation_data = data_lib.distribute(strategy, splits.validation, global_batch, False, config.seed)
+  test_data = data_lib.distribute(strategy, splits.test, global_batch, False, config.seed)
+
+  # Model and optimizer, with their variables, inside the strategy scope.
+  policy = distribution.resolve_precision(config.precision, strategy)
+  distribution.set_precision(policy)
+  with strategy.scope():
+    model = build_model(config.latent_dim)
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    if policy == "mixed_float16":
+      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
+
+  # Restore.
+  manager = tf.train.CheckpointManager(checkpoint, dirs["checkpoints"], max_to_keep=3)
+  latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+  if latest:
+    checkpoint.restore(latest).assert_existing_objects_matched()
+    logging.info("Resuming from %s: %d of %d epochs done.", latest, int(epoch.numpy()),
+                 config.epochs)
+
+  # Train.
+  train_loop = make_train_loop(strategy, model, optimizer, config.loss_weights, global_batch)
+  evaluate = make_evaluate(strategy, model)
+  writer = (tf.summary.create_file_writer(dirs["logs"]) if chief
+            else tf.summary.create_noop_writer())
+  show_progress = chief and sys.stdout.isatty()
+  epoch_timings = []  # (images, seconds) of each epoch this process trained.
+  while int(epoch.numpy()) < config.epochs:
+    progress = keras.utils.Progbar(steps_per_epoch) if show_progress else None
+    sums = np.zeros(len(SUMS))
+    started = time.perf_counter()
+    for done in range(0, steps_per_epoch, config.steps_per_loop):
+      steps = min(config.steps_per_loop, steps_per_epoch - done)
+      sums += train_loop(train_iterator, tf.constant(steps)).numpy()
+      if progress:
+        progress.update(done + steps)
+    seconds = time.perf_counter() - started
+    epoch.assign_add(1)
+    images_per_second = steps_per_epoch * global_batch / seconds
+    epoch_timings.append((steps_per_epoch * global_batch, seconds))
+    train_metrics = _means(sums)
+    validation_metrics = _means(evaluate(validation_data).numpy())
+    logging.info(
+        "epoch %d/%d: classifier_loss %.4f, reconstruction_mse %.4f, accuracy %.4f | "
+        "validation: accuracy %.4f, reconstruction_mse %.4f | %.0f images/s",
+        int(epoch.numpy()), config.epochs, train_metrics["classifier_loss"],
+        train_metrics["reconstruction_mse"], train_metrics["accuracy"],
+        validation_metrics["accuracy"], validation_metrics["reconstruction_mse"],
+        images_per_second)
+    with writer.as_default(step=int(epoch.numpy())):
+      for prefix, values in (("train", train_metrics), ("validation", validation_metrics)):
+        for name, value in values.items():
+          tf.summary.scalar(f"{prefix}/{name}", value)
+      tf.summary.scalar("learning_rate", float(optimizer.learning_rate.numpy()))
+      tf.summary.scalar("train/images_per_second", images_per_second)
+    writer.flush()
+    manager.save(checkpoint_number=int(epoch.numpy()))
+
+  # Evaluate. The first epoch of a process includes tracing and compilation: leave it out.
+  steady = epoch_timings[1:] or epoch_timings
+  test_metrics = _means(evaluate(test_data).numpy())
+  validation_metrics = _means(evaluate(validation_data).numpy())
+  metrics = {
+      "test_accuracy": test_metrics["accuracy"],
+      "test_reconstruction_mse": test_metrics["reconstruction_mse"],
+      "test_classifier_loss": test_metrics["classifier_loss"],
+      "validation_accuracy": validation_metrics["accuracy"],
+      "validation_reconstruction_mse": validation_metrics["reconstruction_mse"],
+      "epochs": config.epochs,
+      "global_batch_size": global_batch,
+      "num_replicas": strategy.num_replicas_in_sync,
+      "strategy": distribution.strategy_name(strategy),
+      "precision": policy,
+      "train_images_per_second": (sum(i for i, _ in steady) / sum(s for _, s in steady)
+                                  if steady else None),
+      "dataset": config.dataset,
+      "train_examples": len(splits.train),
+      "config": {k: v for k, v in dataclasses.asdict(config).items()},
+  }
+  logging.info("test: accuracy %.4f, reconstruction_mse %.4f", metrics["test_accuracy"],
+               metrics["test_reconstruction_mse"])
+
+  # Export, and the metrics beside it.
+  export_lib.export_saved_model(model, dirs["export"])
+  if chief:
+    _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
+  else:
+    shutil.rmtree(dirs["root"], ignore_errors=True)
+  return metrics
