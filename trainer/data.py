@@ -94,6 +94,10 @@ def _split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
 
 def _splits_from_npz(file, where: str) -> Splits:
   """Reads the original exercise's cache layout: `X` (N, 784) uint8 and `y` (N,) labels."""
+  # numpy takes anything that is not a zip archive for a pickle; say what it really is.
+  if file.read(4) != b"PK\x03\x04":
+    raise UserInputError(f"{where}: not a readable npz file (no zip header); save it with np.savez")
+  file.seek(0)
   try:
     with np.load(file, allow_pickle=False) as npz:
       missing = {"X", "y"} - set(npz.files)
@@ -174,15 +178,21 @@ def _load_tfds(name: str, data_dir: str) -> Splits:
   """Downloads (when absent from `data_dir`) and reads a 28x28 grey TFDS image dataset."""
   import tensorflow_datasets as tfds  # Imported here: it is slow, and only these sources need it.
   try:
-    train, test = tfds.as_numpy(tfds.load(
-        name, split=["train", "test"], data_dir=data_dir or None, batch_size=-1,
-        as_supervised=True))
+    train, test = tfds.load(name, split=["train", "test"], data_dir=data_dir or None,
+                            as_supervised=True)
   except tfds.core.registered.DatasetNotFoundError:
     raise UserInputError(
         f"--dataset=tfds:{name}: TensorFlow Datasets has no dataset {name!r}; "
         "try fashion_mnist or kmnist") from None
   where = f"TFDS {name}"
-  return _hold_out_validation(_split(*train, where), _split(*test, where))
+  return _hold_out_validation(_split(*_to_numpy(train), where), _split(*_to_numpy(test), where))
+
+
+def _to_numpy(dataset: tf.data.Dataset):
+  """All (image, label) pairs of a TFDS split as two arrays, read in large batches."""
+  batches = list(dataset.batch(10_000).as_numpy_iterator())
+  return (np.concatenate([images for images, _ in batches]),
+          np.concatenate([labels for _, labels in batches]))
 
 
 def _hold_out_validation(train: Split, test: Split) -> Splits:
@@ -209,8 +219,15 @@ def _to_example(images, labels):
   return images, targets
 
 
+def random_shift(image, pixels: int, seed: int):
+  """Moves one image by up to `pixels` in each direction, filling with background."""
+  padded = tf.pad(image, [[pixels, pixels], [pixels, pixels], [0, 0]])
+  return tf.image.random_crop(padded, IMAGE_SHAPE, seed=seed)
+
+
 def make_dataset(split: Split, batch_size: int, training: bool, seed: int,
-                 input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+                 input_context: Optional[tf.distribute.InputContext] = None,
+                 shift_pixels: int = 0) -> tf.data.Dataset:
   """One input pipeline's batches of `split`.
 
   Training repeats forever in a seeded shuffle (callers take `steps_per_epoch`), so every
@@ -232,6 +249,9 @@ def make_dataset(split: Split, batch_size: int, training: bool, seed: int,
   ds = ds.cache()
   if training:
     ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat()
+    if shift_pixels:
+      ds = ds.map(lambda x, y, w: (random_shift(x, shift_pixels, seed), y, w),
+                  num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda x, y, w: _to_example(x, y), num_parallel_calls=tf.data.AUTOTUNE)
   else:
@@ -245,11 +265,11 @@ def make_dataset(split: Split, batch_size: int, training: bool, seed: int,
 
 
 def distribute(strategy: tf.distribute.Strategy, split: Split, global_batch_size: int,
-               training: bool, seed: int):
+               training: bool, seed: int, shift_pixels: int = 0):
   """`split` as a distributed dataset: one sharded pipeline per worker, per-replica batches."""
   per_replica = per_replica_batch_size(global_batch_size, strategy.num_replicas_in_sync)
 
   def dataset_fn(input_context):
-    return make_dataset(split, per_replica, training, seed, input_context)
+    return make_dataset(split, per_replica, training, seed, input_context, shift_pixels)
 
   return strategy.distribute_datasets_from_function(dataset_fn)

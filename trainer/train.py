@@ -152,7 +152,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
     raise data_lib.UserInputError(
         f"--batch_size={global_batch} is larger than the {len(splits.train)} training examples; "
         "use a smaller --batch_size")
-  train_iterator = iter(data_lib.distribute(strategy, splits.train, global_batch, True, config.seed))
+  train_iterator = iter(data_lib.distribute(strategy, splits.train, global_batch, True, config.seed,
+                                            int(os.environ.get("SHIFT", "0"))))
   validation_data = data_lib.distribute(strategy, splits.validation, global_batch, False, config.seed)
   test_data = data_lib.distribute(strategy, splits.test, global_batch, False, config.seed)
 
@@ -161,7 +162,10 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   distribution.set_precision(policy)
   with strategy.scope():
     model = build_model(config.latent_dim)
-    optimizer = keras.optimizers.Adam(config.learning_rate)
+    # Cosine decay to zero over the whole run: the last epochs settle instead of bouncing.
+    schedule = keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch))
+    optimizer = keras.optimizers.Adam(schedule)
     if policy == "mixed_float16":
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)

@@ -1,0 +1,38 @@
+"""Tests of trainer.config: validation of every setting, and --loss_weights parsing."""
+
+import pytest
+
+from trainer import config
+
+
+def test_defaults_are_valid_and_weight_the_tasks_one_and_point_two():
+  cfg = config.TrainConfig(model_dir="/tmp/x")
+  assert cfg.loss_weights == {"classifier": 1.0, "decoder": 0.2}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"strategy": "horovod"}, "unknown --strategy='horovod'"),
+    ({"precision": "float8"}, "unknown --precision='float8'"),
+    ({"batch_size": 0}, "--batch_size=0 must be a positive integer"),
+    ({"batch_size": -8}, "--batch_size=-8 must be a positive integer"),
+    ({"epochs": -1}, "--epochs=-1 must be zero or more"),
+    ({"learning_rate": -0.1}, "--learning_rate=-0.1 must be positive"),
+    ({"learning_rate": float("nan")}, "must be positive"),
+    ({"loss_weights": {"classifier": 1.0}}, "must give a non-negative weight to each"),
+    ({"model_dir": ""}, "pass --model_dir"),
+])
+def test_bad_settings_are_refused_with_the_fix(changes, message):
+  with pytest.raises(config.UserInputError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    config.TrainConfig(**{"model_dir": "/tmp/x", **changes})
+
+
+def test_parse_loss_weights():
+  assert config.parse_loss_weights("classifier=1,decoder=0.5") == {
+      "classifier": 1.0, "decoder": 0.5}
+  with pytest.raises(config.UserInputError, match="classifier=1.0,decoder=0.2"):
+    config.parse_loss_weights("classifier:1")
+
+
+def test_model_dir_defaults_to_vertex_ai_model_dir(monkeypatch):
+  monkeypatch.setenv("AIP_MODEL_DIR", "gs://bucket/model")
+  assert config.default_model_dir() == "gs://bucket/model"

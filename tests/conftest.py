@@ -1,0 +1,23 @@
+"""Shared test set-up: two logical CPU devices, so MirroredStrategy has two replicas on CPU."""
+
+import os
+
+import pytest
+
+# Quiet TensorFlow's C++ start-up noise in test logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Must happen before TensorFlow initialises its devices, hence at import time of conftest.
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+@pytest.fixture(autouse=True)
+def _reset_precision():
+  """Each test starts, and leaves, with the float32 policy: the policy is process-global."""
+  keras.mixed_precision.set_dtype_policy("float32")
+  yield
+  keras.mixed_precision.set_dtype_policy("float32")

@@ -1,0 +1,150 @@
+"""Tests of trainer.data: every source, its splits and errors, and the input pipeline."""
+
+import gzip
+import io
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tests import helpers
+from trainer import data
+from trainer.config import UserInputError
+
+
+def _check_splits(splits, sizes):
+  for split, size in zip((splits.train, splits.validation, splits.test), sizes):
+    assert split.images.shape == (size, 28, 28, 1) and split.images.dtype == np.uint8
+    assert split.labels.shape == (size,) and split.labels.dtype == np.int32
+
+
+def _write_npz(path, **arrays):
+  np.savez(path, **arrays)
+  return f"npz:{path}"
+
+
+def test_mnist_sample_is_shipped_and_split_80_10_10_by_class():
+  splits = data.load_splits("mnist_sample")
+  _check_splits(splits, (4000, 500, 500))
+  for split in (splits.validation, splits.test):
+    assert np.bincount(split.labels).tolist() == [50] * 10
+
+
+def test_npz_of_70000_uses_the_exercise_split(tmp_path):
+  labels = np.arange(70_000) % 10
+  images = np.zeros((70_000, 784), np.uint8)
+  images[:, 0] = np.arange(70_000) // 1000  # Marks each row's position.
+  splits = data.load_splits(_write_npz(tmp_path / "mnist.npz", X=images, y=labels))
+  _check_splits(splits, (50_000, 10_000, 10_000))
+  assert splits.validation.images[0, 0, 0, 0] == 50 and splits.test.images[0, 0, 0, 0] == 60
+
+
+def _idx_bytes(array, magic):
+  header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+  return header + array.astype(np.uint8).tobytes()
+
+
+def _write_idx_dir(directory, gzipped, train=60, test=20, **overrides):
+  files = {
+      "train-images-idx3-ubyte": _idx_bytes(np.full((train, 28, 28), 7), 0x803),
+      "train-labels-idx1-ubyte": _idx_bytes(np.arange(train) % 10, 0x801),
+      "t10k-images-idx3-ubyte": _idx_bytes(np.full((test, 28, 28), 9), 0x803),
+      "t10k-labels-idx1-ubyte": _idx_bytes(np.arange(test) % 10, 0x801),
+  }
+  files.update(overrides)
+  for name, raw in files.items():
+    if gzipped:
+      (directory / (name + ".gz")).write_bytes(gzip.compress(raw))
+    else:
+      (directory / name).write_bytes(raw)
+  return f"idx:{directory}"
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_idx_files_parse_gzipped_or_not(tmp_path, gzipped):
+  splits = data.load_splits(_write_idx_dir(tmp_path, gzipped))
+  _check_splits(splits, (50, 10, 20))
+  assert splits.train.labels[:3].tolist() == [0, 1, 2]
+  assert splits.test.images.max() == 9
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train-images-idx3-ubyte": _idx_bytes(np.zeros((60, 28, 28)), 0x801)}, "IDX magic number"),
+    ({"train-images-idx3-ubyte": _idx_bytes(np.zeros((60, 28, 28)), 0x803)[:-100]}, "truncated"),
+    ({"train-labels-idx1-ubyte": _idx_bytes(np.zeros(59), 0x801)}, "60 images but 59 labels"),
+    ({"train-labels-idx1-ubyte": _idx_bytes(np.full(60, 11), 0x801)}, "expected digits 0-9"),
+])
+def test_broken_idx_files_are_refused(tmp_path, override, message):
+  with pytest.raises(UserInputError, match=message):
+    data.load_splits(_write_idx_dir(tmp_path, gzipped=True, **override))
+
+
+def test_idx_dir_without_files_is_refused(tmp_path):
+  with pytest.raises(UserInputError, match="no train-images-idx3-ubyte"):
+    data.load_splits(f"idx:{tmp_path}")
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"X": np.zeros((100, 784), np.uint8)}, "no array y"),
+    ({"X": np.zeros((100, 30), np.uint8), "y": np.zeros(100)}, "expected \\(N, 784\\)"),
+    ({"X": np.zeros((100, 784), np.float32), "y": np.zeros(100, int)}, "expected uint8"),
+    ({"X": np.zeros((100, 784), np.uint8), "y": np.full(100, 10)}, "expected digits 0-9"),
+    ({"X": np.zeros((100, 784), np.uint8), "y": np.array([None] * 100)}, "without pickle"),
+])
+def test_broken_npz_files_are_refused(tmp_path, arrays, message):
+  with pytest.raises(UserInputError, match=message):
+    data.load_splits(_write_npz(tmp_path / "bad.npz", **arrays))
+
+
+def test_missing_and_unknown_sources_are_refused(tmp_path):
+  with pytest.raises(UserInputError, match="no file at"):
+    data.load_splits(f"npz:{tmp_path}/absent.npz")
+  with pytest.raises(UserInputError, match="unknown --dataset='cifar'"):
+    data.load_splits("cifar")
+  (tmp_path / "not.npz").write_bytes(b"hello")
+  with pytest.raises(UserInputError, match="not a readable npz"):
+    data.load_splits(f"npz:{tmp_path}/not.npz")
+
+
+def test_tfds_source_through_mock_data():
+  with tfds.testing.mock_data(num_examples=120):
+    splits = data.load_splits("mnist", data_dir="/nonexistent")
+  _check_splits(splits, (100, 20, 120))
+
+
+def test_per_replica_batch_must_divide():
+  assert data.per_replica_batch_size(128, 2) == 64
+  with pytest.raises(UserInputError, match="--batch_size=100 .* multiple of the 8 replicas; try --batch_size=96"):
+    data.per_replica_batch_size(100, 8)
+
+
+def test_training_pipeline_yields_uint8_images_and_dict_labels():
+  split = helpers.learnable_split(50)
+  ds = data.make_dataset(split, batch_size=16, training=True, seed=1, shift_pixels=2)
+  images, targets = next(iter(ds))
+  assert images.dtype == tf.uint8 and images.shape == (16, 28, 28, 1)
+  assert set(targets) == {"classifier", "decoder"}
+  assert targets["classifier"].dtype == tf.int32 and targets["classifier"].shape == (16,)
+  assert targets["decoder"].dtype == tf.float32
+  np.testing.assert_allclose(targets["decoder"], images.numpy() / 255.0, rtol=1e-6)
+
+
+def test_evaluation_pipeline_pads_to_whole_batches_with_zero_weight():
+  split = helpers.learnable_split(50)
+  batches = list(data.make_dataset(split, batch_size=16, training=False, seed=0))
+  assert [b[0].shape[0] for b in batches] == [16] * 4
+  weights = np.concatenate([b[2] for b in batches])
+  assert weights.sum() == 50 and weights[50:].sum() == 0
+
+
+def test_input_pipelines_shard_disjointly():
+  split = helpers.learnable_split(40)
+  split = data.Split(split.images, np.arange(40, dtype=np.int32) % 10)
+  seen = []
+  for pipeline in range(2):
+    context = tf.distribute.InputContext(2, pipeline, 2)
+    for _, targets, weights in data.make_dataset(split, 4, False, 0, context):
+      seen.append(targets["classifier"].numpy()[weights.numpy() > 0])
+  assert sum(len(s) for s in seen) == 40

@@ -1,0 +1,70 @@
+"""Tests of trainer.distribution: strategy names, `auto`, precision, and their errors."""
+
+import json
+
+import pytest
+import tensorflow as tf
+
+from trainer import distribution
+from trainer.config import UserInputError
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster(monkeypatch):
+  monkeypatch.delenv("TF_CONFIG", raising=False)
+  monkeypatch.delenv("TPU_NAME", raising=False)
+
+
+@pytest.mark.parametrize("name, expected_type", [
+    ("default", type(tf.distribute.get_strategy())),
+    ("one_device", tf.distribute.OneDeviceStrategy),
+    ("mirrored", tf.distribute.MirroredStrategy),
+])
+def test_each_local_name_makes_its_strategy(name, expected_type):
+  strategy = distribution.get_strategy(name)
+  assert type(strategy) is expected_type
+  assert distribution.strategy_name(strategy) == name
+
+
+def test_mirrored_mirrors_over_logical_cpus_when_there_is_no_gpu():
+  assert distribution.get_strategy("mirrored").num_replicas_in_sync == 2
+
+
+def test_auto_on_one_cpu_host_is_default():
+  assert distribution.resolve_strategy_name("auto")[0] == "default"
+
+
+def test_auto_picks_multi_worker_when_tf_config_names_two_workers(monkeypatch):
+  monkeypatch.setenv("TF_CONFIG", json.dumps({
+      "cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", "index": 0}}))
+  name, why = distribution.resolve_strategy_name("auto")
+  assert name == "multi_worker_mirrored" and "2 workers" in why
+
+
+def test_auto_picks_tpu_when_one_is_named(monkeypatch):
+  monkeypatch.setenv("TPU_NAME", "my-tpu")
+  assert distribution.resolve_strategy_name("auto")[0] == "tpu"
+
+
+def test_tpu_without_a_tpu_is_a_clear_error():
+  with pytest.raises(UserInputError, match="--strategy=tpu but no TPU is reachable"):
+    distribution.get_strategy("tpu")
+
+
+def test_unknown_name_is_a_clear_error():
+  with pytest.raises(UserInputError, match="unknown --strategy='horovod'"):
+    distribution.get_strategy("horovod")
+
+
+def test_bad_tf_config_is_a_clear_error(monkeypatch):
+  monkeypatch.setenv("TF_CONFIG", "{not json")
+  with pytest.raises(UserInputError, match="TF_CONFIG is not valid JSON"):
+    distribution.resolve_strategy_name("auto")
+
+
+def test_precision_auto_is_float32_on_cpu_and_names_pass_through():
+  strategy = tf.distribute.get_strategy()
+  assert distribution.resolve_precision("auto", strategy) == "float32"
+  assert distribution.resolve_precision("mixed_bfloat16", strategy) == "mixed_bfloat16"
+  with pytest.raises(UserInputError, match="unknown --precision='half'"):
+    distribution.resolve_precision("half", strategy)

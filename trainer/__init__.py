@@ -1,0 +1,1 @@
+"""MNIST multitask trainer: shared encoder, classifier and decoder heads, any tf.distribute strategy."""
