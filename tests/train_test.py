@@ -1,0 +1,71 @@
+"""Tests of trainer.train: the loop under the default and mirrored strategies, outputs, resume."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import logging
+
+from tests import helpers
+from trainer import config, train
+
+
+def _config(model_dir, **changes):
+  settings = dict(dataset="injected", model_dir=str(model_dir), epochs=2, batch_size=32,
+                  steps_per_loop=5, latent_dim=16, learning_rate=3e-3)
+  settings.update(changes)
+  return config.TrainConfig(**settings)
+
+
+def test_trains_and_writes_every_output(tmp_path):
+  metrics = train.run(_config(tmp_path), tf.distribute.get_strategy(), helpers.learnable_splits())
+  assert metrics["test_accuracy"] > 0.9
+  assert metrics["test_reconstruction_mse"] < 0.1
+  with open(tmp_path / "metrics.json") as f:
+    written = json.load(f)
+  for key in ("test_accuracy", "test_reconstruction_mse", "epochs", "global_batch_size",
+              "num_replicas", "strategy", "precision", "train_images_per_second"):
+    assert written[key] == metrics[key]
+  assert written["strategy"] == "default" and written["num_replicas"] == 1
+  assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-2")
+  assert tf.io.gfile.glob(str(tmp_path / "logs" / "events.out.tfevents.*"))
+  assert tf.io.gfile.exists(str(tmp_path / "export" / "saved_model.pb"))
+
+
+def test_restart_resumes_from_the_latest_checkpoint(tmp_path, caplog):
+  strategy = tf.distribute.get_strategy()
+  splits = helpers.learnable_splits()
+  train.run(_config(tmp_path, epochs=1), strategy, splits)
+  logging.set_verbosity(logging.INFO)
+  caplog.set_level("INFO")
+  train.run(_config(tmp_path, epochs=3), strategy, splits)
+  assert "Resuming from" in caplog.text and "1 of 3 epochs done" in caplog.text
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))
+  steps_per_epoch = 512 // 32
+  assert reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 3
+  assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 3 * steps_per_epoch
+
+
+def test_mirrored_over_two_replicas_trains_and_exports(tmp_path):
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  metrics = train.run(_config(tmp_path), strategy, helpers.learnable_splits())
+  assert metrics["num_replicas"] == 2 and metrics["strategy"] == "mirrored"
+  assert metrics["test_accuracy"] > 0.9
+  assert tf.io.gfile.exists(str(tmp_path / "export" / "saved_model.pb"))
+
+
+def test_global_batch_that_does_not_divide_fails_before_training(tmp_path):
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  with pytest.raises(config.UserInputError, match="multiple of the 2 replicas"):
+    train.run(_config(tmp_path, batch_size=33), strategy, helpers.learnable_splits())
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains(tmp_path, precision):
+  metrics = train.run(_config(tmp_path, precision=precision, epochs=1),
+                      tf.distribute.get_strategy(), helpers.learnable_splits())
+  assert metrics["precision"] == precision
+  assert np.isfinite(metrics["test_reconstruction_mse"])
