@@ -31,12 +31,13 @@ class TrainConfig:
   tpu: str = ""
   precision: str = "auto"
   batch_size: int = 128
-  epochs: int = 12
+  epochs: int = 30
   learning_rate: float = 2e-3
   loss_weights: Dict[str, float] = dataclasses.field(
       default_factory=lambda: {CLASSIFIER: 1.0, DECODER: 0.2})
   steps_per_loop: int = 50
-  latent_dim: int = 64
+  latent_dim: int = 128
+  shift_pixels: int = 1
   seed: int = 0
 
   def __post_init__(self):
@@ -49,6 +50,8 @@ class TrainConfig:
     for name in ("batch_size", "steps_per_loop", "latent_dim"):
       if getattr(self, name) <= 0:
         raise UserInputError(f"--{name}={getattr(self, name)} must be a positive integer")
+    if not 0 <= self.shift_pixels <= 8:
+      raise UserInputError(f"--shift_pixels={self.shift_pixels} must be between 0 and 8")
     if self.epochs < 0:
       raise UserInputError(f"--epochs={self.epochs} must be zero or more")
     if not self.learning_rate > 0:

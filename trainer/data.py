@@ -231,7 +231,8 @@ def make_dataset(split: Split, batch_size: int, training: bool, seed: int,
   """One input pipeline's batches of `split`.
 
   Training repeats forever in a seeded shuffle (callers take `steps_per_epoch`), so every
-  worker runs the same number of steps whatever its shard's size. Evaluation goes once, padded
+  worker runs the same number of steps whatever its shard's size, and moves each image by up
+  to `shift_pixels` (the decoder's target moves with it). Evaluation goes once, padded
   with zero-weight examples to whole batches, and yields `(images, targets, weights)`: static
   shapes everywhere, as TPUs need.
   """

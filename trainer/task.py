@@ -37,6 +37,9 @@ flags.DEFINE_integer("steps_per_loop", config_lib.TrainConfig.steps_per_loop,
                      "Training steps run per call into the device.")
 flags.DEFINE_integer("latent_dim", config_lib.TrainConfig.latent_dim,
                      "Size of the shared encoder's output.")
+flags.DEFINE_integer("shift_pixels", config_lib.TrainConfig.shift_pixels,
+                     "Augmentation: training images move by up to this many pixels each way "
+                     "(the decoder rebuilds the moved image); 0 turns it off.")
 flags.DEFINE_integer("seed", config_lib.TrainConfig.seed, "Seed for initialisation and shuffling.")
 
 
@@ -49,7 +52,8 @@ def main(argv):
         strategy=FLAGS.strategy, tpu=FLAGS.tpu, precision=FLAGS.precision,
         batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate,
         loss_weights=config_lib.parse_loss_weights(FLAGS.loss_weights),
-        steps_per_loop=FLAGS.steps_per_loop, latent_dim=FLAGS.latent_dim, seed=FLAGS.seed)
+        steps_per_loop=FLAGS.steps_per_loop, latent_dim=FLAGS.latent_dim,
+        shift_pixels=FLAGS.shift_pixels, seed=FLAGS.seed)
     # TensorFlow is imported only now: the strategy must be the first thing it sets up.
     from trainer import distribution, train
     strategy = distribution.get_strategy(config.strategy, config.tpu)

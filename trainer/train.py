@@ -153,7 +153,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
         f"--batch_size={global_batch} is larger than the {len(splits.train)} training examples; "
         "use a smaller --batch_size")
   train_iterator = iter(data_lib.distribute(strategy, splits.train, global_batch, True, config.seed,
-                                            int(os.environ.get("SHIFT", "0"))))
+                                            config.shift_pixels))
   validation_data = data_lib.distribute(strategy, splits.validation, global_batch, False, config.seed)
   test_data = data_lib.distribute(strategy, splits.test, global_batch, False, config.seed)
 

@@ -1,0 +1,106 @@
+"""End-to-end tests of `python -m trainer.task`, run as users run it: real data, real processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+import pytest
+import tensorflow as tf
+
+from tests import helpers
+from trainer import data
+
+
+def _assert_clear_error(result, message):
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_readme_command_on_mnist_sample_reaches_the_bar_and_exports(tmp_path):
+  model_dir = str(tmp_path / "run")
+  result = helpers.run_trainer("--dataset=mnist_sample", f"--model_dir={model_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = helpers.read_metrics(model_dir)
+  assert metrics["test_accuracy"] >= 0.97, metrics
+  assert metrics["test_reconstruction_mse"] <= 0.02, metrics
+  assert metrics["strategy"] == "default" and metrics["precision"] == "float32"
+
+  # The export alone, with no trainer code, classifies held-out digits as the job measured.
+  test = data.load_splits("mnist_sample").test
+  serve = tf.saved_model.load(os.path.join(model_dir, "export")).signatures["serving_default"]
+  outputs = serve(images=tf.constant(test.images[..., 0]))
+  accuracy = np.mean(np.argmax(outputs["classifier"], axis=-1) == test.labels)
+  mse = np.mean((outputs["decoder"].numpy() - test.images[..., 0] / 255.0) ** 2)
+  assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+  assert mse == pytest.approx(metrics["test_reconstruction_mse"], rel=1e-3)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--strategy=horovod"], "--strategy"),
+    (["--precision=half"], "--precision"),
+    (["--batch_size=0"], "--batch_size=0 must be a positive integer"),
+    (["--epochs=-2"], "--epochs=-2 must be zero or more"),
+    (["--learning_rate=-1"], "--learning_rate=-1.0 must be positive"),
+    (["--loss_weights=classifier"], "write it as classifier=1.0,decoder=0.2"),
+    (["--dataset=npz:/nonexistent/mnist.npz"], "no file at /nonexistent/mnist.npz"),
+    (["--strategy=tpu"], "--strategy=tpu but no TPU is reachable"),
+])
+def test_bad_flags_get_one_clear_error_line(tmp_path, flags, message):
+  result = helpers.run_trainer("--dataset=mnist_sample", f"--model_dir={tmp_path}", *flags,
+                               timeout=120)
+  if result.returncode == 1 and "FATAL Flags parsing error" in result.stderr:
+    # absl rejects enum flags itself, with its own one-line message and exit code 1.
+    assert message in result.stderr and "Traceback" not in result.stderr
+  else:
+    _assert_clear_error(result, message)
+  assert not os.listdir(tmp_path)
+
+
+def test_missing_model_dir_is_a_clear_error():
+  result = helpers.run_trainer("--dataset=mnist_sample", env={"AIP_MODEL_DIR": ""}, timeout=120)
+  _assert_clear_error(result, "pass --model_dir")
+
+
+def test_two_workers_on_loopback_train_together(tmp_path):
+  ports = [portpicker.pick_unused_port() for _ in range(2)]
+  cluster = {"worker": [f"localhost:{port}" for port in ports]}
+  model_dir = str(tmp_path / "run")
+  workers = []
+  for index in range(2):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+    log = open(tmp_path / f"worker{index}.log", "w")
+    workers.append((subprocess.Popen(
+        [sys.executable, "-m", "trainer.task", "--dataset=mnist_sample", f"--model_dir={model_dir}"],
+        cwd=helpers.REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+  for process, log in workers:
+    try:
+      process.wait(timeout=900)
+    finally:
+      process.kill()
+      log.close()
+  logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+  assert [p.returncode for p, _ in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  metrics = helpers.read_metrics(model_dir)
+  assert metrics["strategy"] == "multi_worker_mirrored" and metrics["num_replicas"] == 2
+  assert metrics["test_accuracy"] >= 0.97 and metrics["test_reconstruction_mse"] <= 0.02, metrics
+  # Only the chief (worker 0) writes shared outputs: one set of them, and no trace of worker 1.
+  assert sorted(os.listdir(model_dir)) == ["checkpoints", "export", "logs", "metrics.json"]
+  assert "Strategy: multi_worker_mirrored" in logs[1]
+
+
+def test_fashion_mnist_from_idx_files_three_epochs(tmp_path):
+  assert os.path.exists(helpers.FASHION_MNIST_DIR), (
+      "install Fashion-MNIST: apt-get install -y dataset-fashion-mnist")
+  model_dir = str(tmp_path / "run")
+  result = helpers.run_trainer(f"--dataset=idx:{helpers.FASHION_MNIST_DIR}", "--epochs=3",
+                               f"--model_dir={model_dir}", timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = helpers.read_metrics(model_dir)
+  assert metrics["test_accuracy"] >= 0.90, metrics
+  assert metrics["test_reconstruction_mse"] <= 0.015, metrics
