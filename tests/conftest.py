@@ -21,3 +21,13 @@ def _reset_precision():
   keras.mixed_precision.set_dtype_policy("float32")
   yield
   keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def two_replicas():
+  """One MirroredStrategy over the two logical CPUs for the whole session.
+
+  Separate strategy objects in one process number their collective ops alike, and the
+  collectives of one can collide with those of another.
+  """
+  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

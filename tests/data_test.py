@@ -127,8 +127,9 @@ def test_training_pipeline_yields_uint8_images_and_dict_labels():
   assert images.dtype == tf.uint8 and images.shape == (16, 28, 28, 1)
   assert set(targets) == {"classifier", "decoder"}
   assert targets["classifier"].dtype == tf.int32 and targets["classifier"].shape == (16,)
-  assert targets["decoder"].dtype == tf.float32
-  np.testing.assert_allclose(targets["decoder"], images.numpy() / 255.0, rtol=1e-6)
+  assert targets["decoder"].dtype == tf.uint8
+  np.testing.assert_array_equal(targets["decoder"], images)
+  assert not np.array_equal(images, split.images[:16])  # Shuffled and shifted.
 
 
 def test_evaluation_pipeline_pads_to_whole_batches_with_zero_weight():

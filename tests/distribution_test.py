@@ -56,9 +56,10 @@ def test_unknown_name_is_a_clear_error():
     distribution.get_strategy("horovod")
 
 
-def test_bad_tf_config_is_a_clear_error(monkeypatch):
-  monkeypatch.setenv("TF_CONFIG", "{not json")
-  with pytest.raises(UserInputError, match="TF_CONFIG is not valid JSON"):
+@pytest.mark.parametrize("tf_config", ["{not json", "[1, 2]", '{"cluster": 3}'])
+def test_bad_tf_config_is_a_clear_error(monkeypatch, tf_config):
+  monkeypatch.setenv("TF_CONFIG", tf_config)
+  with pytest.raises(UserInputError, match="TF_CONFIG is not a JSON object with a cluster"):
     distribution.resolve_strategy_name("auto")
 
 

@@ -48,16 +48,16 @@ def test_restart_resumes_from_the_latest_checkpoint(tmp_path, caplog):
   assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 3 * steps_per_epoch
 
 
-def test_mirrored_over_two_replicas_trains_and_exports(tmp_path):
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_mirrored_over_two_replicas_trains_and_exports(tmp_path, two_replicas):
+  strategy = two_replicas
   metrics = train.run(_config(tmp_path), strategy, helpers.learnable_splits())
   assert metrics["num_replicas"] == 2 and metrics["strategy"] == "mirrored"
   assert metrics["test_accuracy"] > 0.9
   assert tf.io.gfile.exists(str(tmp_path / "export" / "saved_model.pb"))
 
 
-def test_global_batch_that_does_not_divide_fails_before_training(tmp_path):
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_global_batch_that_does_not_divide_fails_before_training(tmp_path, two_replicas):
+  strategy = two_replicas
   with pytest.raises(config.UserInputError, match="multiple of the 2 replicas"):
     train.run(_config(tmp_path, batch_size=33), strategy, helpers.learnable_splits())
   assert not os.listdir(tmp_path)
@@ -69,3 +69,19 @@ def test_mixed_precision_trains(tmp_path, precision):
                       tf.distribute.get_strategy(), helpers.learnable_splits())
   assert metrics["precision"] == precision
   assert np.isfinite(metrics["test_reconstruction_mse"])
+
+
+def test_mixed_float16_on_two_replicas_trains(tmp_path, two_replicas):
+  strategy = two_replicas
+  metrics = train.run(_config(tmp_path, precision="mixed_float16", epochs=1), strategy,
+                      helpers.learnable_splits())
+  assert metrics["num_replicas"] == 2 and np.isfinite(metrics["test_reconstruction_mse"])
+
+
+def test_one_replicas_overflow_reaches_every_replica(two_replicas):
+  strategy = two_replicas
+  gradients = strategy.experimental_distribute_values_from_function(
+      lambda context: tf.constant([1.0, float("inf") if context.replica_id_in_sync_group else 2.0]))
+  agreed = strategy.run(lambda g: train._agree_on_overflow([g])[0], args=(gradients,))
+  for values in strategy.experimental_local_results(agreed):
+    assert np.isnan(values.numpy()).all()

@@ -42,11 +42,9 @@ class TrainConfig:
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
-      raise UserInputError(
-          f"unknown --strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+      raise UserInputError(unknown_choice("strategy", self.strategy, STRATEGIES))
     if self.precision not in PRECISIONS:
-      raise UserInputError(
-          f"unknown --precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+      raise UserInputError(unknown_choice("precision", self.precision, PRECISIONS))
     for name in ("batch_size", "steps_per_loop", "latent_dim"):
       if getattr(self, name) <= 0:
         raise UserInputError(f"--{name}={getattr(self, name)} must be a positive integer")
@@ -63,6 +61,11 @@ class TrainConfig:
           f"{', '.join(OUTPUT_NAMES)}, e.g. --loss_weights=classifier=1.0,decoder=0.2")
     if not self.model_dir:
       raise UserInputError("no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir")
+
+
+def unknown_choice(flag: str, value: str, choices) -> str:
+  """The error message for a --flag value that is not one of `choices`."""
+  return f"unknown --{flag}={value!r}: choose one of {', '.join(choices)}"
 
 
 def parse_loss_weights(text: str) -> Dict[str, float]:

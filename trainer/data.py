@@ -2,14 +2,16 @@
 
 Every source returns the same `Splits`: uint8 images of shape (N, 28, 28, 1) and int32 labels
 0-9, for train, validation and test. The pipeline turns a split into batches of
-`(images, {"classifier": labels, "decoder": images scaled to [0, 1]})`, sharded per input
-pipeline so every worker reads only its part.
+`(images, {"classifier": labels, "decoder": images})`, all uint8 but the int32 labels (the
+loss scales the decoder's target), sharded per input pipeline so every worker reads only its
+part.
 """
 
 import dataclasses
 import gzip
 import importlib.resources
-import io
+import zipfile
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -110,8 +112,8 @@ def _splits_from_npz(file, where: str) -> Splits:
     raise
   except ValueError as e:  # numpy says "Object arrays cannot be loaded when allow_pickle=False".
     raise UserInputError(f"{where}: cannot read it without pickle ({e}); save plain arrays") from None
-  except (OSError, EOFError) as e:
-    raise UserInputError(f"{where}: not a readable npz file ({e})") from None
+  except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise UserInputError(f"{where}: not a readable npz file ({e}); save it again with np.savez") from None
   everything = _split(images, labels, where)
   if len(everything) == sum(EXERCISE_SPLIT):
     ends = np.cumsum(EXERCISE_SPLIT)
@@ -180,12 +182,19 @@ def _load_tfds(name: str, data_dir: str) -> Splits:
   try:
     train, test = tfds.load(name, split=["train", "test"], data_dir=data_dir or None,
                             as_supervised=True)
+    where = f"TFDS {name}"
+    return _hold_out_validation(_split(*_to_numpy(train), where), _split(*_to_numpy(test), where))
   except tfds.core.registered.DatasetNotFoundError:
     raise UserInputError(
         f"--dataset=tfds:{name}: TensorFlow Datasets has no dataset {name!r}; "
         "try fashion_mnist or kmnist") from None
-  where = f"TFDS {name}"
-  return _hold_out_validation(_split(*_to_numpy(train), where), _split(*_to_numpy(test), where))
+  except UserInputError:
+    raise
+  except Exception as e:  # Download, network, file system and split errors all look alike here.
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserInputError(
+        f"cannot load TFDS {name!r} into --data_dir={data_dir or '(TFDS default)'}: {reason}; "
+        "check the network and --data_dir, or use --dataset=mnist_sample offline") from None
 
 
 def _to_numpy(dataset: tf.data.Dataset):
@@ -214,9 +223,8 @@ def per_replica_batch_size(global_batch_size: int, num_replicas: int) -> int:
 
 
 def _to_example(images, labels):
-  """The dict labels the model's outputs are trained against; pixels stay uint8 as inputs."""
-  targets = {CLASSIFIER: labels, DECODER: tf.cast(images, tf.float32) / 255.0}
-  return images, targets
+  """The dict of labels the outputs train against: the digit, and the image itself (uint8)."""
+  return images, {CLASSIFIER: labels, DECODER: images}
 
 
 def random_shift(image, pixels: int, seed: int):
@@ -237,27 +245,27 @@ def make_dataset(split: Split, batch_size: int, training: bool, seed: int,
   shapes everywhere, as TPUs need.
   """
   images, labels = split.images, split.labels
-  weights = np.ones(len(labels), np.float32)
-  num_replicas = input_context.num_replicas_in_sync if input_context else 1
-  if not training:
+  if training:
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+  else:
+    num_replicas = input_context.num_replicas_in_sync if input_context else 1
     padding = -len(labels) % (batch_size * num_replicas)
+    weights = np.concatenate([np.ones(len(labels), np.float32), np.zeros(padding, np.float32)])
     images = np.concatenate([images, np.zeros((padding,) + IMAGE_SHAPE, np.uint8)])
     labels = np.concatenate([labels, np.zeros(padding, np.int32)])
-    weights = np.concatenate([weights, np.zeros(padding, np.float32)])
-  ds = tf.data.Dataset.from_tensor_slices((images, labels, weights))
+    ds = tf.data.Dataset.from_tensor_slices((images, labels, weights))
   if input_context:
     ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
   ds = ds.cache()
   if training:
     ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat()
     if shift_pixels:
-      ds = ds.map(lambda x, y, w: (random_shift(x, shift_pixels, seed), y, w),
+      ds = ds.map(lambda x, y: (random_shift(x, shift_pixels, seed), y),
                   num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda x, y, w: _to_example(x, y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True).map(_to_example)
   else:
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda x, y, w: _to_example(x, y) + (w,), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, y, w: _to_example(x, y) + (w,))
   options = tf.data.Options()
   # We shard by input pipeline above; tf.data must not shard a second time.
   options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

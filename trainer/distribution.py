@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer.config import UserInputError
+from trainer.config import PRECISIONS, STRATEGIES, UserInputError, unknown_choice
 
 
 def _tpu_hint(tpu: str) -> Optional[str]:
@@ -22,8 +22,8 @@ def _tpu_hint(tpu: str) -> Optional[str]:
     return f"--tpu={tpu} was given"
   if os.environ.get("TPU_NAME"):
     return f"$TPU_NAME={os.environ['TPU_NAME']} is set"
-  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-    return "this host has TPU chips (/dev/accel* or /dev/vfio)"
+  if glob.glob("/dev/accel*"):
+    return "this host has TPU chips (/dev/accel*)"
   return None
 
 
@@ -31,9 +31,10 @@ def cluster_workers() -> int:
   """How many hosts $TF_CONFIG names (chief and workers), 1 when it is unset."""
   try:
     cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
-  except json.JSONDecodeError as e:
-    raise UserInputError(f"$TF_CONFIG is not valid JSON ({e}); fix or unset it") from None
-  return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+  except (json.JSONDecodeError, AttributeError, TypeError) as e:
+    raise UserInputError(
+        f"$TF_CONFIG is not a JSON object with a cluster ({e}); fix or unset it") from None
 
 
 def resolve_strategy_name(name: str, tpu: str = "") -> Tuple[str, str]:
@@ -53,15 +54,16 @@ def resolve_strategy_name(name: str, tpu: str = "") -> Tuple[str, str]:
 
 
 def _connect_tpu(tpu: str) -> tf.distribute.cluster_resolver.TPUClusterResolver:
+  tpu = tpu or os.environ.get("TPU_NAME") or "local"
   try:
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "local")
-    if tpu not in ("", "local"):
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    if tpu != "local":
       tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
   except (ValueError, RuntimeError, tf.errors.OpError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserInputError(
-        f"--strategy=tpu but no TPU is reachable at --tpu={tpu or 'local'} ({first_line}); "
+        f"--strategy=tpu but no TPU is reachable at --tpu={tpu} ({first_line}); "
         "run on a Cloud TPU VM (--tpu=local), name your TPU with --tpu, or pick another "
         "--strategy") from None
   return resolver
@@ -88,9 +90,7 @@ def get_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
   elif resolved == "default":
     strategy = tf.distribute.get_strategy()
   else:
-    raise UserInputError(
-        f"unknown --strategy={name!r}: choose auto, default, one_device, mirrored, "
-        "multi_worker_mirrored or tpu")
+    raise UserInputError(unknown_choice("strategy", name, STRATEGIES))
   logging.info("Strategy: %s (%s), %d replica(s) in sync.", resolved, why,
                strategy.num_replicas_in_sync)
   return strategy
@@ -111,9 +111,8 @@ def strategy_name(strategy: tf.distribute.Strategy) -> str:
 
 def resolve_precision(name: str, strategy: tf.distribute.Strategy) -> str:
   """The Keras dtype policy for `name`: `auto` is bfloat16 on TPU, float16 on GPU, else float32."""
-  if name not in ("auto", "float32", "mixed_float16", "mixed_bfloat16"):
-    raise UserInputError(
-        f"unknown --precision={name!r}: choose auto, float32, mixed_float16 or mixed_bfloat16")
+  if name not in PRECISIONS:
+    raise UserInputError(unknown_choice("precision", name, PRECISIONS))
   if name != "auto":
     return name
   if isinstance(strategy, tf.distribute.TPUStrategy):

@@ -9,8 +9,9 @@ import keras
 import tensorflow as tf
 
 from trainer.config import CLASSIFIER, DECODER
+from trainer.data import IMAGE_SHAPE
 
-SERVING_INPUT = tf.TensorSpec([None, 28, 28], tf.uint8, name="images")
+SERVING_INPUT = tf.TensorSpec([None, *IMAGE_SHAPE[:2]], tf.uint8, name="images")
 
 
 def export_saved_model(model: keras.Model, path: str) -> None:

@@ -30,7 +30,8 @@ flags.DEFINE_enum("precision", "auto", list(config_lib.PRECISIONS),
 flags.DEFINE_integer("batch_size", config_lib.TrainConfig.batch_size,
                      "Global batch size, split evenly over the replicas.")
 flags.DEFINE_integer("epochs", config_lib.TrainConfig.epochs, "Passes over the training split.")
-flags.DEFINE_float("learning_rate", config_lib.TrainConfig.learning_rate, "Adam learning rate.")
+flags.DEFINE_float("learning_rate", config_lib.TrainConfig.learning_rate,
+                   "Peak learning rate of Adam's cosine decay to zero over the run.")
 flags.DEFINE_string("loss_weights", "classifier=1.0,decoder=0.2",
                     "Weight of each task's loss in the total, as NAME=WEIGHT pairs.")
 flags.DEFINE_integer("steps_per_loop", config_lib.TrainConfig.steps_per_loop,
@@ -43,9 +44,22 @@ flags.DEFINE_integer("shift_pixels", config_lib.TrainConfig.shift_pixels,
 flags.DEFINE_integer("seed", config_lib.TrainConfig.seed, "Seed for initialisation and shuffling.")
 
 
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad flag reported as one `error:` line like other bad input."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e} (see --helpfull)")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
   try:
     config = config_lib.TrainConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir,
@@ -60,9 +74,8 @@ def main(argv):
     train.run(config, strategy)
   except config_lib.UserInputError as e:
     logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

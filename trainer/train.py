@@ -24,7 +24,7 @@ from absl import logging
 from trainer import data as data_lib
 from trainer import distribution
 from trainer import export as export_lib
-from trainer.config import CLASSIFIER, DECODER, TrainConfig
+from trainer.config import CLASSIFIER, DECODER, TrainConfig, UserInputError
 from trainer.model import build_model
 
 # Sums each step returns, in this order; means are taken on the host.
@@ -40,9 +40,22 @@ def _output_dirs(model_dir: str, chief: bool) -> Dict[str, str]:
   """Where this worker writes: under model_dir on the chief, a local scratch dir elsewhere.
 
   Non-chief workers must still take part in saving (it is collective under multi-worker), so
-  they write to a private scratch directory that is deleted at the end.
+  they write to a private scratch directory, which `run` deletes at the end.
   """
-  root = model_dir if chief else tempfile.mkdtemp(prefix="trainer-worker-")
+  if chief:
+    root = model_dir
+    try:  # Fail now, not after the first epoch, where --model_dir cannot be written.
+      tf.io.gfile.makedirs(model_dir)
+      probe = os.path.join(model_dir, ".write_test")
+      with tf.io.gfile.GFile(probe, "w") as f:
+        f.write("ok")
+      tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as e:
+      raise UserInputError(
+          f"cannot write to --model_dir={model_dir} ({type(e).__name__}); "
+          "give a directory this job may write") from None
+  else:
+    root = tempfile.mkdtemp(prefix="trainer-worker-")
   return {
       "root": root,
       "checkpoints": os.path.join(root, "checkpoints"),
@@ -67,11 +80,27 @@ def per_example_losses(model: keras.Model, images, targets, training: bool):
   outputs = model(images, training=training)
   cross_entropy = keras.losses.sparse_categorical_crossentropy(
       targets[CLASSIFIER], outputs[CLASSIFIER])
-  squared_error = tf.square(outputs[DECODER] - targets[DECODER])
+  pixels = tf.cast(targets[DECODER], tf.float32) / 255.0
+  squared_error = tf.square(outputs[DECODER] - pixels)
   mse = tf.reduce_mean(squared_error, axis=[1, 2, 3])
   correct = tf.cast(tf.equal(tf.argmax(outputs[CLASSIFIER], axis=-1, output_type=tf.int32),
                              tf.cast(targets[CLASSIFIER], tf.int32)), tf.float32)
   return cross_entropy, mse, correct
+
+
+def _agree_on_overflow(gradients):
+  """Makes every replica's gradients non-finite when any replica's are.
+
+  Keras 3.15's LossScaleOptimizer decides to skip a step from the first local replica's
+  gradients before they are summed: another replica's overflow would reach the weights, and
+  under multi-worker the workers could take different branches and hang.
+  """
+  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
+  replicas_overflowed = tf.distribute.get_replica_context().all_reduce(
+      tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+  all_finite = tf.equal(replicas_overflowed, 0.0)
+  return [tf.where(all_finite, g, tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)))
+          for g in gradients]
 
 
 def make_train_loop(strategy, model, optimizer, loss_weights: Dict[str, float],
@@ -89,6 +118,8 @@ def make_train_loop(strategy, model, optimizer, loss_weights: Dict[str, float],
               * tf.nn.compute_average_loss(mse, global_batch_size=global_batch_size))
       scaled_loss = optimizer.scale_loss(loss)  # Loss scaling under float16; identity otherwise.
     gradients = tape.gradient(scaled_loss, model.trainable_variables)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+      gradients = _agree_on_overflow(gradients)
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
     return tf.stack([tf.reduce_sum(cross_entropy), tf.reduce_sum(mse), tf.reduce_sum(correct),
                      tf.cast(tf.size(correct), tf.float32)])
@@ -132,6 +163,41 @@ def _write_json(path: str, content: dict) -> None:
   tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
+def build_training_state(config: TrainConfig, strategy: tf.distribute.Strategy, policy: str,
+                         total_steps: int):
+  """Model, optimizer, epoch counter and their checkpoint, created inside the strategy scope."""
+  distribution.set_precision(policy)
+  with strategy.scope():
+    model = build_model(config.latent_dim)
+    # Cosine decay to zero over the whole run: the last epochs settle instead of bouncing.
+    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
+                                                      decay_steps=max(1, total_steps))
+    optimizer = keras.optimizers.Adam(schedule)
+    optimizer.build(model.trainable_variables)
+    # The checkpoint holds the inner optimizer, so it restores whatever the precision.
+    checkpointed_optimizer = optimizer
+    if policy == "mixed_float16":
+      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+      optimizer.build(model.trainable_variables)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=checkpointed_optimizer, epoch=epoch)
+  return model, optimizer, epoch, checkpoint
+
+
+def restore_latest(checkpoint: tf.train.Checkpoint, model_dir: str) -> Optional[str]:
+  """Restores the latest checkpoint under model_dir, if any; refuses one of another model."""
+  latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+  if latest:
+    try:
+      checkpoint.restore(latest).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+      reason = str(e).strip().splitlines()[0][:200]
+      raise UserInputError(
+          f"the checkpoint {latest} does not fit this model ({reason}); use the flags it was "
+          "trained with (e.g. --latent_dim) or a new --model_dir") from None
+  return latest
+
+
 def run(config: TrainConfig, strategy: tf.distribute.Strategy,
         splits: Optional[data_lib.Splits] = None) -> Dict[str, object]:
   """Trains, evaluates and exports the multitask model; returns the final metrics.
@@ -139,46 +205,49 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   `splits` defaults to the source `config.dataset` names; tests and notebooks may pass their
   own. Resumes from the latest checkpoint under `config.model_dir` when there is one.
   """
-  chief = is_chief(strategy)
-  dirs = _output_dirs(config.model_dir, chief)
   keras.utils.set_random_seed(config.seed)
 
   # Data.
-  splits = splits or data_lib.load_splits(config.dataset, config.data_dir)
+  if splits is None:
+    splits = data_lib.load_splits(config.dataset, config.data_dir)
   global_batch = config.batch_size
-  data_lib.per_replica_batch_size(global_batch, strategy.num_replicas_in_sync)
-  steps_per_epoch = len(splits.train) // global_batch
-  if steps_per_epoch == 0:
-    raise data_lib.UserInputError(
-        f"--batch_size={global_batch} is larger than the {len(splits.train)} training examples; "
-        "use a smaller --batch_size")
-  train_iterator = iter(data_lib.distribute(strategy, splits.train, global_batch, True, config.seed,
-                                            config.shift_pixels))
+  train_data = data_lib.distribute(strategy, splits.train, global_batch, True, config.seed,
+                                   config.shift_pixels)
   validation_data = data_lib.distribute(strategy, splits.validation, global_batch, False, config.seed)
   test_data = data_lib.distribute(strategy, splits.test, global_batch, False, config.seed)
+  steps_per_epoch = len(splits.train) // global_batch
+  if steps_per_epoch == 0:
+    raise UserInputError(
+        f"--batch_size={global_batch} is larger than the {len(splits.train)} training examples; "
+        "use a smaller --batch_size")
 
-  # Model and optimizer, with their variables, inside the strategy scope.
+  # Outputs: checked before any work that could be lost.
+  chief = is_chief(strategy)
+  dirs = _output_dirs(config.model_dir, chief)
+  try:
+    return _train_evaluate_export(config, strategy, splits, dirs, chief, steps_per_epoch,
+                                  iter(train_data), validation_data, test_data)
+  finally:
+    if not chief:
+      shutil.rmtree(dirs["root"], ignore_errors=True)
+
+
+def _train_evaluate_export(config, strategy, splits, dirs, chief, steps_per_epoch, train_iterator,
+                           validation_data, test_data):
+  """The stages after data: model, restore, train, evaluate, export."""
+  global_batch = config.batch_size
+
+  # Model.
   policy = distribution.resolve_precision(config.precision, strategy)
-  distribution.set_precision(policy)
-  with strategy.scope():
-    model = build_model(config.latent_dim)
-    # Cosine decay to zero over the whole run: the last epochs settle instead of bouncing.
-    schedule = keras.optimizers.schedules.CosineDecay(
-        config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch))
-    optimizer = keras.optimizers.Adam(schedule)
-    if policy == "mixed_float16":
-      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
-    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
+  model, optimizer, epoch, checkpoint = build_training_state(
+      config, strategy, policy, config.epochs * steps_per_epoch)
 
   # Restore.
-  manager = tf.train.CheckpointManager(checkpoint, dirs["checkpoints"], max_to_keep=3)
-  latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+  latest = restore_latest(checkpoint, config.model_dir)
   if latest:
-    checkpoint.restore(latest).assert_existing_objects_matched()
     logging.info("Resuming from %s: %d of %d epochs done.", latest, int(epoch.numpy()),
                  config.epochs)
+  manager = tf.train.CheckpointManager(checkpoint, dirs["checkpoints"], max_to_keep=3)
 
   # Train.
   train_loop = make_train_loop(strategy, model, optimizer, config.loss_weights, global_batch)
@@ -187,6 +256,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
             else tf.summary.create_noop_writer())
   show_progress = chief and sys.stdout.isatty()
   epoch_timings = []  # (images, seconds) of each epoch this process trained.
+  validation_metrics = None
   while int(epoch.numpy()) < config.epochs:
     progress = keras.utils.Progbar(steps_per_epoch) if show_progress else None
     sums = np.zeros(len(SUMS))
@@ -221,7 +291,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   # Evaluate. The first epoch of a process includes tracing and compilation: leave it out.
   steady = epoch_timings[1:] or epoch_timings
   test_metrics = _means(evaluate(test_data).numpy())
-  validation_metrics = _means(evaluate(validation_data).numpy())
+  if validation_metrics is None:  # Nothing left to train: a finished job run again.
+    validation_metrics = _means(evaluate(validation_data).numpy())
   metrics = {
       "test_accuracy": test_metrics["accuracy"],
       "test_reconstruction_mse": test_metrics["reconstruction_mse"],
@@ -237,7 +308,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
                                   if steady else None),
       "dataset": config.dataset,
       "train_examples": len(splits.train),
-      "config": {k: v for k, v in dataclasses.asdict(config).items()},
+      "config": dataclasses.asdict(config),
   }
   logging.info("test: accuracy %.4f, reconstruction_mse %.4f", metrics["test_accuracy"],
                metrics["test_reconstruction_mse"])
@@ -246,6 +317,4 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   export_lib.export_saved_model(model, dirs["export"])
   if chief:
     _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
-  else:
-    shutil.rmtree(dirs["root"], ignore_errors=True)
   return metrics
