@@ -85,3 +85,23 @@ def test_one_replicas_overflow_reaches_every_replica(two_replicas):
   agreed = strategy.run(lambda g: train._agree_on_overflow([g])[0], args=(gradients,))
   for values in strategy.experimental_local_results(agreed):
     assert np.isnan(values.numpy()).all()
+
+
+def _snapshot(directory):
+  return {path: os.path.getmtime(path) for path in tf.io.gfile.glob(f"{directory}/**/*")}
+
+
+def test_checkpoint_of_another_model_shape_is_refused_untouched(tmp_path):
+  strategy = tf.distribute.get_strategy()
+  train.run(_config(tmp_path, epochs=1, latent_dim=16), strategy, helpers.learnable_splits())
+  before = _snapshot(tmp_path)
+  with pytest.raises(config.UserInputError, match="does not fit this model.*--latent_dim"):
+    train.run(_config(tmp_path, epochs=2, latent_dim=32), strategy, helpers.learnable_splits())
+  assert _snapshot(tmp_path) == before
+
+
+def test_unwritable_model_dir_fails_before_training(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(config.UserInputError, match="cannot write to --model_dir"):
+    train.run(_config(blocker / "run"), tf.distribute.get_strategy(), helpers.learnable_splits())

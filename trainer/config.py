@@ -30,13 +30,13 @@ class TrainConfig:
   strategy: str = "auto"
   tpu: str = ""
   precision: str = "auto"
-  batch_size: int = 128
-  epochs: int = 30
+  batch_size: int = 64
+  epochs: int = 20
   learning_rate: float = 2e-3
   loss_weights: Dict[str, float] = dataclasses.field(
       default_factory=lambda: {CLASSIFIER: 1.0, DECODER: 0.2})
   steps_per_loop: int = 50
-  latent_dim: int = 128
+  latent_dim: int = 256
   shift_pixels: int = 1
   seed: int = 0
 

@@ -23,7 +23,9 @@ def build_encoder(latent_dim: int) -> keras.Model:
   x = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(x)
   x = keras.layers.MaxPooling2D()(x)
   x = keras.layers.Flatten()(x)
-  latent = keras.layers.Dense(latent_dim, activation="relu", name="latent")(x)
+  # A linear latent: a ReLU here leaves units dead to both heads (measured: worse accuracy and
+  # reconstruction on Fashion-MNIST).
+  latent = keras.layers.Dense(latent_dim, name="latent")(x)
   return keras.Model(images, latent, name="encoder")
 
 

@@ -7,6 +7,7 @@ them once per call. `run` reads top to bottom in stages: data, model, restore, t
 evaluate, export.
 """
 
+import atexit
 import dataclasses
 import json
 import os
@@ -40,7 +41,7 @@ def _output_dirs(model_dir: str, chief: bool) -> Dict[str, str]:
   """Where this worker writes: under model_dir on the chief, a local scratch dir elsewhere.
 
   Non-chief workers must still take part in saving (it is collective under multi-worker), so
-  they write to a private scratch directory, which `run` deletes at the end.
+  they write to a private scratch directory, deleted when the process exits however it ends.
   """
   if chief:
     root = model_dir
@@ -56,8 +57,8 @@ def _output_dirs(model_dir: str, chief: bool) -> Dict[str, str]:
           "give a directory this job may write") from None
   else:
     root = tempfile.mkdtemp(prefix="trainer-worker-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
   return {
-      "root": root,
       "checkpoints": os.path.join(root, "checkpoints"),
       "logs": (os.environ.get("AIP_TENSORBOARD_LOG_DIR") if chief else None)
               or os.path.join(root, "logs"),
@@ -224,18 +225,6 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   # Outputs: checked before any work that could be lost.
   chief = is_chief(strategy)
   dirs = _output_dirs(config.model_dir, chief)
-  try:
-    return _train_evaluate_export(config, strategy, splits, dirs, chief, steps_per_epoch,
-                                  iter(train_data), validation_data, test_data)
-  finally:
-    if not chief:
-      shutil.rmtree(dirs["root"], ignore_errors=True)
-
-
-def _train_evaluate_export(config, strategy, splits, dirs, chief, steps_per_epoch, train_iterator,
-                           validation_data, test_data):
-  """The stages after data: model, restore, train, evaluate, export."""
-  global_batch = config.batch_size
 
   # Model.
   policy = distribution.resolve_precision(config.precision, strategy)
@@ -257,6 +246,7 @@ def _train_evaluate_export(config, strategy, splits, dirs, chief, steps_per_epoc
   show_progress = chief and sys.stdout.isatty()
   epoch_timings = []  # (images, seconds) of each epoch this process trained.
   validation_metrics = None
+  train_iterator = iter(train_data)
   while int(epoch.numpy()) < config.epochs:
     progress = keras.utils.Progbar(steps_per_epoch) if show_progress else None
     sums = np.zeros(len(SUMS))
