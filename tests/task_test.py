@@ -64,6 +64,19 @@ def test_missing_model_dir_is_a_clear_error():
   _assert_clear_error(result, "pass --model_dir")
 
 
+def test_deterministic_runs_give_identical_metrics(tmp_path):
+  runs = []
+  for name in ("first", "second"):
+    model_dir = str(tmp_path / name)
+    result = helpers.run_trainer("--dataset=mnist_sample", "--epochs=2", "--deterministic",
+                                 f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = helpers.read_metrics(model_dir)
+    runs.append({k: v for k, v in metrics.items()
+                 if k not in ("train_images_per_second", "config")})
+  assert runs[0] == runs[1]
+
+
 def test_two_workers_on_loopback_train_together(tmp_path):
   ports = [portpicker.pick_unused_port() for _ in range(2)]
   cluster = {"worker": [f"localhost:{port}" for port in ports]}

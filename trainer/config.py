@@ -39,6 +39,7 @@ class TrainConfig:
   latent_dim: int = 256
   shift_pixels: int = 1
   seed: int = 0
+  deterministic: bool = False
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:

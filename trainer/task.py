@@ -42,6 +42,8 @@ flags.DEFINE_integer("shift_pixels", config_lib.TrainConfig.shift_pixels,
                      "Augmentation: training images move by up to this many pixels each way "
                      "(the decoder rebuilds the moved image); 0 turns it off.")
 flags.DEFINE_integer("seed", config_lib.TrainConfig.seed, "Seed for initialisation and shuffling.")
+flags.DEFINE_bool("deterministic", config_lib.TrainConfig.deterministic,
+                  "Deterministic ops (slower): the same flags give the same metrics.")
 
 
 def _fail(message: str) -> None:
@@ -67,7 +69,8 @@ def main(argv):
         batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate,
         loss_weights=config_lib.parse_loss_weights(FLAGS.loss_weights),
         steps_per_loop=FLAGS.steps_per_loop, latent_dim=FLAGS.latent_dim,
-        shift_pixels=FLAGS.shift_pixels, seed=FLAGS.seed)
+        shift_pixels=FLAGS.shift_pixels, seed=FLAGS.seed,
+        deterministic=FLAGS.deterministic)
     # TensorFlow is imported only now: the strategy must be the first thing it sets up.
     from trainer import distribution, train
     strategy = distribution.get_strategy(config.strategy, config.tpu)

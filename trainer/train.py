@@ -207,6 +207,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   own. Resumes from the latest checkpoint under `config.model_dir` when there is one.
   """
   keras.utils.set_random_seed(config.seed)
+  if config.deterministic:
+    # Process-wide, and it also makes tf.data run maps with random ops in order.
+    tf.config.experimental.enable_op_determinism()
 
   # Data.
   if splits is None:
