@@ -36,3 +36,8 @@ def test_parse_loss_weights():
 def test_model_dir_defaults_to_vertex_ai_model_dir(monkeypatch):
   monkeypatch.setenv("AIP_MODEL_DIR", "gs://bucket/model")
   assert config.default_model_dir() == "gs://bucket/model"
+
+
+def test_first_line_of_an_error_message():
+  assert config.first_line(ValueError("bad thing\n  details")) == "bad thing"
+  assert config.first_line(AssertionError()) == "AssertionError"

@@ -64,6 +64,12 @@ class TrainConfig:
       raise UserInputError("no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir")
 
 
+def first_line(error: BaseException) -> str:
+  """The first line of an exception's message (its type name if it has none), for error lines."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
 def unknown_choice(flag: str, value: str, choices) -> str:
   """The error message for a --flag value that is not one of `choices`."""
   return f"unknown --{flag}={value!r}: choose one of {', '.join(choices)}"

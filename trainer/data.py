@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn import model_selection
 
-from trainer.config import CLASSIFIER, DECODER, UserInputError
+from trainer.config import CLASSIFIER, DECODER, UserInputError, first_line
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -191,9 +191,8 @@ def _load_tfds(name: str, data_dir: str) -> Splits:
   except UserInputError:
     raise
   except Exception as e:  # Download, network, file system and split errors all look alike here.
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserInputError(
-        f"cannot load TFDS {name!r} into --data_dir={data_dir or '(TFDS default)'}: {reason}; "
+        f"cannot load TFDS {name!r} into --data_dir={data_dir or '(TFDS default)'}: {first_line(e)}; "
         "check the network and --data_dir, or use --dataset=mnist_sample offline") from None
 
 

@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer.config import PRECISIONS, STRATEGIES, UserInputError, unknown_choice
+from trainer.config import PRECISIONS, STRATEGIES, UserInputError, first_line, unknown_choice
 
 
 def _tpu_hint(tpu: str) -> Optional[str]:
@@ -61,9 +61,8 @@ def _connect_tpu(tpu: str) -> tf.distribute.cluster_resolver.TPUClusterResolver:
       tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
   except (ValueError, RuntimeError, tf.errors.OpError) as e:
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserInputError(
-        f"--strategy=tpu but no TPU is reachable at --tpu={tpu} ({first_line}); "
+        f"--strategy=tpu but no TPU is reachable at --tpu={tpu} ({first_line(e)}); "
         "run on a Cloud TPU VM (--tpu=local), name your TPU with --tpu, or pick another "
         "--strategy") from None
   return resolver

@@ -25,7 +25,7 @@ from absl import logging
 from trainer import data as data_lib
 from trainer import distribution
 from trainer import export as export_lib
-from trainer.config import CLASSIFIER, DECODER, TrainConfig, UserInputError
+from trainer.config import CLASSIFIER, DECODER, TrainConfig, UserInputError, first_line
 from trainer.model import build_model
 
 # Sums each step returns, in this order; means are taken on the host.
@@ -89,6 +89,12 @@ def per_example_losses(model: keras.Model, images, targets, training: bool):
   return cross_entropy, mse, correct
 
 
+def _weighted_sums(cross_entropy, mse, correct, weights):
+  """The SUMS vector of one batch; zero-weight (padding) examples count for nothing."""
+  return tf.stack([tf.reduce_sum(cross_entropy * weights), tf.reduce_sum(mse * weights),
+                   tf.reduce_sum(correct * weights), tf.reduce_sum(weights)])
+
+
 def _agree_on_overflow(gradients):
   """Makes every replica's gradients non-finite when any replica's are.
 
@@ -122,8 +128,7 @@ def make_train_loop(strategy, model, optimizer, loss_weights: Dict[str, float],
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
       gradients = _agree_on_overflow(gradients)
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-    return tf.stack([tf.reduce_sum(cross_entropy), tf.reduce_sum(mse), tf.reduce_sum(correct),
-                     tf.cast(tf.size(correct), tf.float32)])
+    return _weighted_sums(cross_entropy, mse, correct, tf.ones_like(correct))
 
   @tf.function
   def train_loop(iterator, num_steps):
@@ -142,8 +147,7 @@ def make_evaluate(strategy, model):
   def eval_step(inputs):
     images, targets, weights = inputs
     cross_entropy, mse, correct = per_example_losses(model, images, targets, training=False)
-    return tf.stack([tf.reduce_sum(cross_entropy * weights), tf.reduce_sum(mse * weights),
-                     tf.reduce_sum(correct * weights), tf.reduce_sum(weights)])
+    return _weighted_sums(cross_entropy, mse, correct, weights)
 
   @tf.function
   def evaluate(dataset):
@@ -192,10 +196,9 @@ def restore_latest(checkpoint: tf.train.Checkpoint, model_dir: str) -> Optional[
     try:
       checkpoint.restore(latest).assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as e:
-      reason = str(e).strip().splitlines()[0][:200]
       raise UserInputError(
-          f"the checkpoint {latest} does not fit this model ({reason}); use the flags it was "
-          "trained with (e.g. --latent_dim) or a new --model_dir") from None
+          f"the checkpoint {latest} does not fit this model ({first_line(e)[:200]}); use the "
+          "flags it was trained with (e.g. --latent_dim) or a new --model_dir") from None
   return latest
 
 
@@ -250,6 +253,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   epoch_timings = []  # (images, seconds) of each epoch this process trained.
   validation_metrics = None
   train_iterator = iter(train_data)
+  images_per_epoch = steps_per_epoch * global_batch
   while int(epoch.numpy()) < config.epochs:
     progress = keras.utils.Progbar(steps_per_epoch) if show_progress else None
     sums = np.zeros(len(SUMS))
@@ -261,8 +265,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
         progress.update(done + steps)
     seconds = time.perf_counter() - started
     epoch.assign_add(1)
-    images_per_second = steps_per_epoch * global_batch / seconds
-    epoch_timings.append((steps_per_epoch * global_batch, seconds))
+    images_per_second = images_per_epoch / seconds
+    epoch_timings.append((images_per_epoch, seconds))
     train_metrics = _means(sums)
     validation_metrics = _means(evaluate(validation_data).numpy())
     logging.info(
