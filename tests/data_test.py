@@ -122,7 +122,7 @@ def test_per_replica_batch_must_divide():
 
 def test_training_pipeline_yields_uint8_images_and_dict_labels():
   split = helpers.learnable_split(50)
-  ds = data.make_dataset(split, batch_size=16, training=True, seed=1, shift_pixels=2)
+  ds = data.training_dataset(split, batch_size=16, steps_per_epoch=3, seed=1, shift_pixels=2)
   images, targets = next(iter(ds))
   assert images.dtype == tf.uint8 and images.shape == (16, 28, 28, 1)
   assert set(targets) == {"classifier", "decoder"}
@@ -132,20 +132,70 @@ def test_training_pipeline_yields_uint8_images_and_dict_labels():
   assert not np.array_equal(images, split.images[:16])  # Shuffled and shifted.
 
 
+def _indexed_split(n):
+  """A split whose labels are the examples' indices, so batches show which examples they hold."""
+  return data.Split(np.zeros((n, 28, 28, 1), np.uint8), np.arange(n, dtype=np.int32))
+
+
+def _labels(dataset, batches):
+  return np.stack([targets["classifier"].numpy() for _, targets in dataset.take(batches)])
+
+
+def test_each_epoch_is_a_new_permutation_of_whole_batches():
+  epochs = _labels(data.training_dataset(_indexed_split(100), 8, 12, seed=3), 36).reshape(3, -1)
+  for epoch in epochs:
+    assert len(set(epoch)) == 96  # 12 batches of 8 distinct examples; 4 left out.
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_resuming_mid_epoch_reads_exactly_the_batches_an_uninterrupted_run_would():
+  split = helpers.learnable_split(100)
+  whole = list(data.training_dataset(split, 8, 12, seed=3, shift_pixels=2).take(36))
+  resumed = list(data.training_dataset(split, 8, 12, seed=3, shift_pixels=2, start_epoch=1,
+                                       start_step=5).take(19))
+  for (expected, _), (got, _) in zip(whole[12 + 5:], resumed):
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_resuming_counts_steps_in_global_batches_when_a_pipeline_feeds_two_replicas():
+  context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
+                                       num_replicas_in_sync=2)
+  whole = _labels(data.training_dataset(_indexed_split(100), 4, 12, 0, input_context=context), 24)
+  resumed = _labels(data.training_dataset(_indexed_split(100), 4, 12, 0, start_step=5,
+                                          input_context=context), 14)
+  np.testing.assert_array_equal(resumed, whole[10:])
+
+
+def test_random_shift_moves_whole_images_within_the_limit():
+  image = np.zeros((1, 28, 28, 1), np.uint8)
+  image[0, 10:14, 12:15] = 200
+  batch = np.repeat(image, 512, axis=0)
+  shifted = data.random_shift(tf.constant(batch), 2, tf.constant([0, 7], tf.int64)).numpy()
+  offsets = set()
+  for moved in shifted:
+    rows, cols = np.nonzero(moved[..., 0])
+    assert moved.sum() == image.sum()  # Nothing falls off the edge for shifts this small.
+    offsets.add((rows.min() - 10, cols.min() - 12))
+  assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+  again = data.random_shift(tf.constant(batch), 2, tf.constant([0, 7], tf.int64)).numpy()
+  np.testing.assert_array_equal(shifted, again)
+
+
 def test_evaluation_pipeline_pads_to_whole_batches_with_zero_weight():
   split = helpers.learnable_split(50)
-  batches = list(data.make_dataset(split, batch_size=16, training=False, seed=0))
+  batches = list(data.evaluation_dataset(split, batch_size=16))
   assert [b[0].shape[0] for b in batches] == [16] * 4
   weights = np.concatenate([b[2] for b in batches])
   assert weights.sum() == 50 and weights[50:].sum() == 0
 
 
 def test_input_pipelines_shard_disjointly():
-  split = helpers.learnable_split(40)
-  split = data.Split(split.images, np.arange(40, dtype=np.int32) % 10)
+  split = _indexed_split(40)
   seen = []
   for pipeline in range(2):
     context = tf.distribute.InputContext(2, pipeline, 2)
-    for _, targets, weights in data.make_dataset(split, 4, False, 0, context):
+    for _, targets, weights in data.evaluation_dataset(split, 4, context):
       seen.append(targets["classifier"].numpy()[weights.numpy() > 0])
-  assert sum(len(s) for s in seen) == 40
+    train_labels = _labels(data.training_dataset(split, 4, 5, 0, input_context=context), 5)
+    assert set(train_labels.ravel() % 2) == {pipeline}  # Training reads its own shard only.
+  assert sorted(np.concatenate(seen).tolist()) == list(range(40))

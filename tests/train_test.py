@@ -29,7 +29,8 @@ def test_trains_and_writes_every_output(tmp_path):
               "num_replicas", "strategy", "precision", "train_images_per_second"):
     assert written[key] == metrics[key]
   assert written["strategy"] == "default" and written["num_replicas"] == 1
-  assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-2")
+  # Numbered by global step: 2 epochs of 512 // 32 steps.
+  assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-32")
   assert tf.io.gfile.glob(str(tmp_path / "logs" / "events.out.tfevents.*"))
   assert tf.io.gfile.exists(str(tmp_path / "export" / "saved_model.pb"))
 
@@ -41,11 +42,61 @@ def test_restart_resumes_from_the_latest_checkpoint(tmp_path, caplog):
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
   train.run(_config(tmp_path, epochs=3), strategy, splits)
-  assert "Resuming from" in caplog.text and "1 of 3 epochs done" in caplog.text
+  assert "Resuming from" in caplog.text and "epoch 2 of 3, step 0 of 16" in caplog.text
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))
-  steps_per_epoch = 512 // 32
   assert reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 3
-  assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 3 * steps_per_epoch
+  assert reader.get_tensor("step_in_epoch/.ATTRIBUTES/VARIABLE_VALUE") == 0
+  assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 3 * 16
+
+
+def _without_timing(metrics):
+  return {k: v for k, v in metrics.items() if k not in ("train_images_per_second", "config")}
+
+
+def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog):
+  strategy = tf.distribute.get_strategy()
+  splits = helpers.learnable_splits()
+  settings = dict(epochs=2, checkpoint_every_steps=5, deterministic=True, shift_pixels=1)
+  uninterrupted = train.run(_config(tmp_path / "a", **settings), strategy, splits)
+  checkpoints = tmp_path / "a" / "checkpoints"
+  # Saved at global steps ..., 25, 30 and 32 (the end); go back to 25: epoch 2, step 9 of 16,
+  # as if the job had been killed there.
+  assert tf.train.get_checkpoint_state(str(checkpoints)).all_model_checkpoint_paths[0].endswith(
+      "ckpt-25")
+  tf.compat.v1.train.update_checkpoint_state(str(checkpoints), str(checkpoints / "ckpt-25"))
+  logging.set_verbosity(logging.INFO)
+  caplog.set_level("INFO")
+  resumed = train.run(_config(tmp_path / "a", **settings), strategy, splits)
+  assert "ckpt-25: epoch 2 of 2, step 9 of 16" in caplog.text
+  assert _without_timing(resumed) == _without_timing(uninterrupted)
+
+
+def test_saves_every_n_steps_and_at_each_epoch_end(tmp_path):
+  train.run(_config(tmp_path, epochs=2, checkpoint_every_steps=7, checkpoints_to_keep=10),
+            tf.distribute.get_strategy(), helpers.learnable_splits())
+  state = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
+  numbers = [int(path.rsplit("-", 1)[1]) for path in state.all_model_checkpoint_paths]
+  assert numbers == [7, 14, 16, 21, 28, 32]
+
+
+def test_non_finite_loss_stops_before_saving_and_names_the_step(tmp_path):
+  strategy = tf.distribute.get_strategy()
+  splits = helpers.learnable_splits()
+  train.run(_config(tmp_path, epochs=1), strategy, splits)
+  before = _snapshot(tmp_path / "checkpoints")
+  # A weight this large overflows the loss to inf at once: the next step's weights are NaN.
+  with pytest.raises(config.UserInputError,
+                     match=r"loss became (inf|nan) within steps 17-21 \(epoch 2\).*ckpt-16"):
+    train.run(_config(tmp_path, epochs=2, loss_weights={"classifier": 1e38, "decoder": 0.2}),
+              strategy, splits)
+  assert _snapshot(tmp_path / "checkpoints") == before
+
+
+def test_checkpoint_dir_can_live_apart_from_model_dir(tmp_path):
+  train.run(_config(tmp_path / "model", epochs=1, checkpoint_dir=str(tmp_path / "ckpt")),
+            tf.distribute.get_strategy(), helpers.learnable_splits())
+  assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-16")
+  assert not (tmp_path / "model" / "checkpoints").exists()
 
 
 def test_mirrored_over_two_replicas_trains_and_exports(tmp_path, two_replicas):

@@ -27,6 +27,7 @@ class TrainConfig:
   dataset: str = "mnist"
   data_dir: str = ""
   model_dir: str = ""
+  checkpoint_dir: str = ""  # Empty: model_dir/checkpoints.
   strategy: str = "auto"
   tpu: str = ""
   precision: str = "auto"
@@ -36,6 +37,8 @@ class TrainConfig:
   loss_weights: Dict[str, float] = dataclasses.field(
       default_factory=lambda: {CLASSIFIER: 1.0, DECODER: 0.2})
   steps_per_loop: int = 50
+  checkpoint_every_steps: int = 500
+  checkpoints_to_keep: int = 3
   latent_dim: int = 256
   shift_pixels: int = 1
   seed: int = 0
@@ -46,7 +49,8 @@ class TrainConfig:
       raise UserInputError(unknown_choice("strategy", self.strategy, STRATEGIES))
     if self.precision not in PRECISIONS:
       raise UserInputError(unknown_choice("precision", self.precision, PRECISIONS))
-    for name in ("batch_size", "steps_per_loop", "latent_dim"):
+    for name in ("batch_size", "steps_per_loop", "latent_dim", "checkpoint_every_steps",
+                 "checkpoints_to_keep"):
       if getattr(self, name) <= 0:
         raise UserInputError(f"--{name}={getattr(self, name)} must be a positive integer")
     if not 0 <= self.shift_pixels <= 8:
@@ -94,3 +98,11 @@ def parse_loss_weights(text: str) -> Dict[str, float]:
 def default_model_dir() -> str:
   """Where outputs go when --model_dir is not given: Vertex AI's $AIP_MODEL_DIR, if set."""
   return os.environ.get("AIP_MODEL_DIR", "")
+
+
+def default_checkpoint_dir() -> str:
+  """Where checkpoints go when --checkpoint_dir is not given: Vertex AI's $AIP_CHECKPOINT_DIR.
+
+  Empty when unset, which means model_dir/checkpoints.
+  """
+  return os.environ.get("AIP_CHECKPOINT_DIR", "")

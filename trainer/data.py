@@ -221,63 +221,123 @@ def per_replica_batch_size(global_batch_size: int, num_replicas: int) -> int:
   return global_batch_size // num_replicas
 
 
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Global training steps in one epoch: whole global batches, the remainder left out."""
+  steps = num_examples // global_batch_size
+  if steps == 0:
+    raise UserInputError(
+        f"--batch_size={global_batch_size} is larger than the {num_examples} training examples; "
+        "use a smaller --batch_size")
+  return steps
+
+
 def _to_example(images, labels):
   """The dict of labels the outputs train against: the digit, and the image itself (uint8)."""
   return images, {CLASSIFIER: labels, DECODER: images}
 
 
-def random_shift(image, pixels: int, seed: int):
-  """Moves one image by up to `pixels` in each direction, filling with background."""
-  padded = tf.pad(image, [[pixels, pixels], [pixels, pixels], [0, 0]])
-  return tf.image.random_crop(padded, IMAGE_SHAPE, seed=seed)
+def random_shift(images, pixels: int, seed):
+  """Moves each image of a batch by up to `pixels` each way, filling with background.
 
-
-def make_dataset(split: Split, batch_size: int, training: bool, seed: int,
-                 input_context: Optional[tf.distribute.InputContext] = None,
-                 shift_pixels: int = 0) -> tf.data.Dataset:
-  """One input pipeline's batches of `split`.
-
-  Training repeats forever in a seeded shuffle (callers take `steps_per_epoch`), so every
-  worker runs the same number of steps whatever its shard's size, and moves each image by up
-  to `shift_pixels` (the decoder's target moves with it). Evaluation goes once, padded
-  with zero-weight examples to whole batches, and yields `(images, targets, weights)`: static
-  shapes everywhere, as TPUs need.
+  Stateless: the shifts are a function of `seed` (shape [2]) alone, so a resumed job
+  augments exactly as an uninterrupted one.
   """
-  images, labels = split.images, split.labels
-  if training:
-    ds = tf.data.Dataset.from_tensor_slices((images, labels))
-  else:
-    num_replicas = input_context.num_replicas_in_sync if input_context else 1
-    padding = -len(labels) % (batch_size * num_replicas)
-    weights = np.concatenate([np.ones(len(labels), np.float32), np.zeros(padding, np.float32)])
-    images = np.concatenate([images, np.zeros((padding,) + IMAGE_SHAPE, np.uint8)])
-    labels = np.concatenate([labels, np.zeros(padding, np.int32)])
-    ds = tf.data.Dataset.from_tensor_slices((images, labels, weights))
-  if input_context:
-    ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  ds = ds.cache()
-  if training:
-    ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat()
-    if shift_pixels:
-      ds = ds.map(lambda x, y: (random_shift(x, shift_pixels, seed), y),
-                  num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=True).map(_to_example)
-  else:
-    ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda x, y, w: _to_example(x, y) + (w,))
+  size = IMAGE_SHAPE[0]
+  padded = tf.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]])
+  offsets = tf.random.stateless_uniform([tf.shape(images)[0], 2], seed, minval=0,
+                                        maxval=2 * pixels + 1, dtype=tf.int32)
+  rows = offsets[:, :1] + tf.range(size)
+  cols = offsets[:, 1:] + tf.range(size)
+  moved = tf.gather(padded, rows, axis=1, batch_dims=1)
+  return tf.gather(moved, cols, axis=2, batch_dims=1)
+
+
+def _options(dataset: tf.data.Dataset) -> tf.data.Dataset:
   options = tf.data.Options()
-  # We shard by input pipeline above; tf.data must not shard a second time.
+  # We shard by input pipeline ourselves; tf.data must not shard a second time.
   options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
   options.deterministic = True
-  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+  return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def distribute(strategy: tf.distribute.Strategy, split: Split, global_batch_size: int,
-               training: bool, seed: int, shift_pixels: int = 0):
-  """`split` as a distributed dataset: one sharded pipeline per worker, per-replica batches."""
+def training_dataset(split: Split, batch_size: int, steps_per_epoch: int, seed: int,
+                     shift_pixels: int = 0, start_epoch: int = 0, start_step: int = 0,
+                     input_context: Optional[tf.distribute.InputContext] = None
+                     ) -> tf.data.Dataset:
+  """One input pipeline's training batches, from (`start_epoch`, `start_step`) on, forever.
+
+  Batch `step` of epoch `epoch` is a pure function of (seed, epoch, step): each epoch is a
+  stateless shuffle of this pipeline's shard cut to `steps_per_epoch` whole batches, and the
+  shifts are keyed by the same three numbers. So a job resumed at any step reads exactly the
+  batches an uninterrupted one would, with no iterator state to checkpoint. Every pipeline
+  yields the same number of batches per epoch, whatever its shard's size.
+  """
+  replicas_here = input_context.num_replicas_in_sync // input_context.num_input_pipelines if (
+      input_context) else 1
+  batches_per_epoch = steps_per_epoch * replicas_here  # Each step takes one batch per replica.
+  shard = np.arange(len(split), dtype=np.int64)
+  if input_context:
+    shard = shard[input_context.input_pipeline_id::input_context.num_input_pipelines]
+  if len(shard) < batches_per_epoch * batch_size:
+    raise ValueError(f"shard of {len(shard)} examples is short of {batches_per_epoch} batches")
+  images, labels = tf.constant(split.images), tf.constant(split.labels)
+  order_key = tf.constant([seed, 0], tf.int64)
+  shift_key = tf.constant([seed, 1], tf.int64)
+  fold_in = tf.random.experimental.stateless_fold_in
+
+  def epoch_batches(epoch):
+    order = tf.random.experimental.stateless_shuffle(shard, fold_in(order_key, epoch))
+    batches = tf.reshape(order[:batches_per_epoch * batch_size], [batches_per_epoch, batch_size])
+    first = tf.cast(epoch == start_epoch, tf.int64) * (start_step * replicas_here)
+    return tf.data.Dataset.from_tensor_slices((
+        tf.fill([batches_per_epoch - first], epoch),
+        tf.range(first, batches_per_epoch, dtype=tf.int64), batches[first:]))
+
+  def load(epoch, batch, indices):
+    batch_images = tf.gather(images, indices)
+    if shift_pixels:
+      batch_images = random_shift(batch_images, shift_pixels,
+                                  fold_in(fold_in(shift_key, epoch), batch))
+    return _to_example(batch_images, tf.gather(labels, indices))
+
+  dataset = tf.data.Dataset.counter(start_epoch).flat_map(epoch_batches)
+  return _options(dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE))
+
+
+def evaluation_dataset(split: Split, batch_size: int,
+                       input_context: Optional[tf.distribute.InputContext] = None
+                       ) -> tf.data.Dataset:
+  """One input pipeline's evaluation batches, once through: `(images, targets, weights)`.
+
+  Padded with zero-weight examples to whole batches on every replica: static shapes
+  everywhere, as TPUs need, and the padding counts for nothing.
+  """
+  num_replicas = input_context.num_replicas_in_sync if input_context else 1
+  padding = -len(split) % (batch_size * num_replicas)
+  weights = np.concatenate([np.ones(len(split), np.float32), np.zeros(padding, np.float32)])
+  images = np.concatenate([split.images, np.zeros((padding,) + IMAGE_SHAPE, np.uint8)])
+  labels = np.concatenate([split.labels, np.zeros(padding, np.int32)])
+  dataset = tf.data.Dataset.from_tensor_slices((images, labels, weights))
+  if input_context:
+    dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  dataset = dataset.cache().batch(batch_size, drop_remainder=True)
+  return _options(dataset.map(lambda x, y, w: _to_example(x, y) + (w,)))
+
+
+def distribute_training(strategy: tf.distribute.Strategy, split: Split, global_batch_size: int,
+                        seed: int, shift_pixels: int = 0, start_epoch: int = 0,
+                        start_step: int = 0):
+  """Training batches as a distributed dataset, from (start_epoch, start_step) on."""
   per_replica = per_replica_batch_size(global_batch_size, strategy.num_replicas_in_sync)
+  steps = steps_per_epoch(len(split), global_batch_size)
+  return strategy.distribute_datasets_from_function(
+      lambda context: training_dataset(split, per_replica, steps, seed, shift_pixels,
+                                       start_epoch, start_step, context))
 
-  def dataset_fn(input_context):
-    return make_dataset(split, per_replica, training, seed, input_context, shift_pixels)
 
-  return strategy.distribute_datasets_from_function(dataset_fn)
+def distribute_evaluation(strategy: tf.distribute.Strategy, split: Split,
+                          global_batch_size: int):
+  """Evaluation batches as a distributed dataset: one sharded pipeline per worker."""
+  per_replica = per_replica_batch_size(global_batch_size, strategy.num_replicas_in_sync)
+  return strategy.distribute_datasets_from_function(
+      lambda context: evaluation_dataset(split, per_replica, context))

@@ -10,6 +10,7 @@ from absl import flags
 from absl import logging
 
 from trainer import config as config_lib
+from trainer import preemption
 
 FLAGS = flags.FLAGS
 
@@ -22,6 +23,9 @@ flags.DEFINE_string("data_dir", "", "TFDS data directory (local or gs://); TFDS'
 flags.DEFINE_string("model_dir", config_lib.default_model_dir(),
                     "Where checkpoints, logs, the export and metrics.json go (local or gs://); "
                     "defaults to $AIP_MODEL_DIR.")
+flags.DEFINE_string("checkpoint_dir", config_lib.default_checkpoint_dir(),
+                    "Where checkpoints go (local or gs://); defaults to $AIP_CHECKPOINT_DIR, "
+                    "else --model_dir/checkpoints.")
 flags.DEFINE_enum("strategy", "auto", list(config_lib.STRATEGIES),
                   "Distribution strategy; auto picks TPU, multi-worker, mirrored or default.")
 flags.DEFINE_string("tpu", "", "TPU address or name; empty or 'local' on a Cloud TPU VM.")
@@ -36,6 +40,10 @@ flags.DEFINE_string("loss_weights", "classifier=1.0,decoder=0.2",
                     "Weight of each task's loss in the total, as NAME=WEIGHT pairs.")
 flags.DEFINE_integer("steps_per_loop", config_lib.TrainConfig.steps_per_loop,
                      "Training steps run per call into the device.")
+flags.DEFINE_integer("checkpoint_every_steps", config_lib.TrainConfig.checkpoint_every_steps,
+                     "Save a checkpoint every this many training steps, and at each epoch's end.")
+flags.DEFINE_integer("checkpoints_to_keep", config_lib.TrainConfig.checkpoints_to_keep,
+                     "How many of the latest checkpoints to keep.")
 flags.DEFINE_integer("latent_dim", config_lib.TrainConfig.latent_dim,
                      "Size of the shared encoder's output.")
 flags.DEFINE_integer("shift_pixels", config_lib.TrainConfig.shift_pixels,
@@ -65,10 +73,12 @@ def main(argv):
   try:
     config = config_lib.TrainConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir,
+        checkpoint_dir=FLAGS.checkpoint_dir,
         strategy=FLAGS.strategy, tpu=FLAGS.tpu, precision=FLAGS.precision,
         batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate,
         loss_weights=config_lib.parse_loss_weights(FLAGS.loss_weights),
-        steps_per_loop=FLAGS.steps_per_loop, latent_dim=FLAGS.latent_dim,
+        steps_per_loop=FLAGS.steps_per_loop, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+        checkpoints_to_keep=FLAGS.checkpoints_to_keep, latent_dim=FLAGS.latent_dim,
         shift_pixels=FLAGS.shift_pixels, seed=FLAGS.seed,
         deterministic=FLAGS.deterministic)
     # TensorFlow is imported only now: the strategy must be the first thing it sets up.
@@ -78,6 +88,9 @@ def main(argv):
   except config_lib.UserInputError as e:
     logging.error("%s", e)
     _fail(str(e))
+  except preemption.Preempted as e:
+    print(f"preempted: {e}; run the same command to resume", file=sys.stderr)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,13 @@
 Keras 3.15's `model.fit` fails under MultiWorkerMirroredStrategy, so this module owns the loop,
 as the Model Garden's trainers do: a `tf.function` runs `steps_per_loop` steps of
 `strategy.run` per call into the device, and returns the summed losses so the host reads
-them once per call. `run` reads top to bottom in stages: data, model, restore, train,
-evaluate, export.
+them once per call. `run` reads top to bottom in stages: outputs, model, restore, data,
+train, evaluate, export.
+
+Faults: checkpoints every `checkpoint_every_steps` and at each epoch's end hold the model,
+optimizer and position (epoch, step); the input pipeline is a pure function of that position,
+so a resumed job reads what an uninterrupted one would. SIGTERM saves and raises
+`preemption.Preempted`; a non-finite loss stops the job before it saves bad weights.
 """
 
 import atexit
@@ -25,11 +30,14 @@ from absl import logging
 from trainer import data as data_lib
 from trainer import distribution
 from trainer import export as export_lib
+from trainer import preemption
 from trainer.config import CLASSIFIER, DECODER, TrainConfig, UserInputError, first_line
 from trainer.model import build_model
 
-# Sums each step returns, in this order; means are taken on the host.
+# Sums each step returns, in this order; means are taken on the host. Training adds the
+# step's total weighted loss (already a mean over the global batch) as a last element.
 SUMS = ("classifier_loss", "reconstruction_mse", "correct", "examples")
+TOTAL_LOSS = len(SUMS)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -37,33 +45,44 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   return bool(strategy.extended.should_checkpoint)
 
 
-def _output_dirs(model_dir: str, chief: bool) -> Dict[str, str]:
+def checkpoint_dir(config: TrainConfig) -> str:
+  """Where checkpoints are read (by every worker) and written (by the chief)."""
+  return config.checkpoint_dir or os.path.join(config.model_dir, "checkpoints")
+
+
+def _output_dirs(config: TrainConfig, chief: bool) -> Dict[str, str]:
   """Where this worker writes: under model_dir on the chief, a local scratch dir elsewhere.
 
   Non-chief workers must still take part in saving (it is collective under multi-worker), so
   they write to a private scratch directory, deleted when the process exits however it ends.
   """
   if chief:
-    root = model_dir
-    try:  # Fail now, not after the first epoch, where --model_dir cannot be written.
-      tf.io.gfile.makedirs(model_dir)
-      probe = os.path.join(model_dir, ".write_test")
-      with tf.io.gfile.GFile(probe, "w") as f:
-        f.write("ok")
-      tf.io.gfile.remove(probe)
-    except (tf.errors.OpError, OSError) as e:
-      raise UserInputError(
-          f"cannot write to --model_dir={model_dir} ({type(e).__name__}); "
-          "give a directory this job may write") from None
+    root = config.model_dir
+    for flag, directory in (("model_dir", root), ("checkpoint_dir", checkpoint_dir(config))):
+      _check_writable(flag, directory)
   else:
     root = tempfile.mkdtemp(prefix="trainer-worker-")
     atexit.register(shutil.rmtree, root, ignore_errors=True)
   return {
-      "checkpoints": os.path.join(root, "checkpoints"),
+      "checkpoints": checkpoint_dir(config) if chief else os.path.join(root, "checkpoints"),
       "logs": (os.environ.get("AIP_TENSORBOARD_LOG_DIR") if chief else None)
               or os.path.join(root, "logs"),
       "export": os.path.join(root, "export"),
   }
+
+
+def _check_writable(flag: str, directory: str) -> None:
+  """Fails now, not after the first epoch, where a directory cannot be written."""
+  try:
+    tf.io.gfile.makedirs(directory)
+    probe = os.path.join(directory, ".write_test")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("ok")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise UserInputError(
+        f"cannot write to --{flag}={directory} ({type(e).__name__}); "
+        "give a directory this job may write") from None
 
 
 def _means(sums: np.ndarray) -> Dict[str, float]:
@@ -112,7 +131,12 @@ def _agree_on_overflow(gradients):
 
 def make_train_loop(strategy, model, optimizer, loss_weights: Dict[str, float],
                     global_batch_size: int):
-  """A `tf.function(iterator, num_steps)` that trains `num_steps` steps and returns SUMS."""
+  """A `tf.function(iterator, num_steps, stop_requested)` that trains up to `num_steps` steps.
+
+  Returns the SUMS of the steps plus their total loss, and whether any worker's
+  `stop_requested` was true: every worker gets the same answer, so all stop at the same step.
+  It stops early after a step whose loss or metrics are not finite; those sums say so.
+  """
 
   def train_step(inputs):
     images, targets = inputs
@@ -128,15 +152,21 @@ def make_train_loop(strategy, model, optimizer, loss_weights: Dict[str, float],
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
       gradients = _agree_on_overflow(gradients)
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-    return _weighted_sums(cross_entropy, mse, correct, tf.ones_like(correct))
+    sums = _weighted_sums(cross_entropy, mse, correct, tf.ones_like(correct))
+    return tf.concat([sums, [loss]], axis=0)
 
   @tf.function
-  def train_loop(iterator, num_steps):
-    sums = tf.zeros([len(SUMS)])
+  def train_loop(iterator, num_steps, stop_requested):
+    sums = tf.zeros([len(SUMS) + 1])
     for _ in tf.range(num_steps):
-      per_replica = strategy.run(train_step, args=(next(iterator),))
-      sums += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-    return sums
+      step_sums = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                  strategy.run(train_step, args=(next(iterator),)), axis=None)
+      sums += step_sums
+      if not tf.reduce_all(tf.math.is_finite(step_sums)):
+        break
+    requests = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                               strategy.run(tf.identity, args=(stop_requested,)), axis=None)
+    return sums, requests > 0
 
   return train_loop
 
@@ -170,7 +200,10 @@ def _write_json(path: str, content: dict) -> None:
 
 def build_training_state(config: TrainConfig, strategy: tf.distribute.Strategy, policy: str,
                          total_steps: int):
-  """Model, optimizer, epoch counter and their checkpoint, created inside the strategy scope."""
+  """Model, optimizer, position and their checkpoint, created inside the strategy scope.
+
+  The position is the epoch and the step within it that training goes on from.
+  """
   distribution.set_precision(policy)
   with strategy.scope():
     model = build_model(config.latent_dim)
@@ -185,13 +218,19 @@ def build_training_state(config: TrainConfig, strategy: tf.distribute.Strategy, 
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
       optimizer.build(model.trainable_variables)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=checkpointed_optimizer, epoch=epoch)
-  return model, optimizer, epoch, checkpoint
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=checkpointed_optimizer, epoch=epoch,
+                                     step_in_epoch=step)
+  return model, optimizer, (epoch, step), checkpoint
 
 
-def restore_latest(checkpoint: tf.train.Checkpoint, model_dir: str) -> Optional[str]:
-  """Restores the latest checkpoint under model_dir, if any; refuses one of another model."""
-  latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+def restore_latest(checkpoint: tf.train.Checkpoint, directory: str) -> Optional[str]:
+  """Restores the latest checkpoint in `directory`, if any; refuses one of another model.
+
+  Only checkpoints that the CheckpointManager's state file names count: it names a
+  checkpoint after all its files are written, so a save cut short is never trusted.
+  """
+  latest = tf.train.latest_checkpoint(directory)
   if latest:
     try:
       checkpoint.restore(latest).assert_existing_objects_matched()
@@ -202,88 +241,127 @@ def restore_latest(checkpoint: tf.train.Checkpoint, model_dir: str) -> Optional[
   return latest
 
 
+def _log_epoch(writer, optimizer, epoch, epochs, train_metrics, validation_metrics,
+               images_per_second):
+  logging.info(
+      "epoch %d/%d: loss %.4f, classifier_loss %.4f, reconstruction_mse %.4f, accuracy %.4f | "
+      "validation: accuracy %.4f, reconstruction_mse %.4f | %.0f images/s",
+      epoch, epochs, train_metrics["loss"], train_metrics["classifier_loss"],
+      train_metrics["reconstruction_mse"], train_metrics["accuracy"],
+      validation_metrics["accuracy"], validation_metrics["reconstruction_mse"],
+      images_per_second)
+  with writer.as_default(step=epoch):
+    for prefix, values in (("train", train_metrics), ("validation", validation_metrics)):
+      for name, value in values.items():
+        tf.summary.scalar(f"{prefix}/{name}", value)
+    tf.summary.scalar("learning_rate", float(optimizer.learning_rate.numpy()))
+    tf.summary.scalar("train/images_per_second", images_per_second)
+  writer.flush()
+
+
 def run(config: TrainConfig, strategy: tf.distribute.Strategy,
         splits: Optional[data_lib.Splits] = None) -> Dict[str, object]:
   """Trains, evaluates and exports the multitask model; returns the final metrics.
 
   `splits` defaults to the source `config.dataset` names; tests and notebooks may pass their
-  own. Resumes from the latest checkpoint under `config.model_dir` when there is one.
+  own. Resumes from the latest checkpoint when there is one. Raises `UserInputError` for bad
+  input and a diverged loss, and `preemption.Preempted` after saving on SIGTERM.
   """
   keras.utils.set_random_seed(config.seed)
   if config.deterministic:
-    # Process-wide, and it also makes tf.data run maps with random ops in order.
+    # Process-wide: the input pipeline is deterministic anyway, this makes the kernels so.
     tf.config.experimental.enable_op_determinism()
 
-  # Data.
+  # Data, checked before anything is written.
   if splits is None:
     splits = data_lib.load_splits(config.dataset, config.data_dir)
   global_batch = config.batch_size
-  train_data = data_lib.distribute(strategy, splits.train, global_batch, True, config.seed,
-                                   config.shift_pixels)
-  validation_data = data_lib.distribute(strategy, splits.validation, global_batch, False, config.seed)
-  test_data = data_lib.distribute(strategy, splits.test, global_batch, False, config.seed)
-  steps_per_epoch = len(splits.train) // global_batch
-  if steps_per_epoch == 0:
-    raise UserInputError(
-        f"--batch_size={global_batch} is larger than the {len(splits.train)} training examples; "
-        "use a smaller --batch_size")
+  data_lib.per_replica_batch_size(global_batch, strategy.num_replicas_in_sync)
+  steps_per_epoch = data_lib.steps_per_epoch(len(splits.train), global_batch)
 
   # Outputs: checked before any work that could be lost.
   chief = is_chief(strategy)
-  dirs = _output_dirs(config.model_dir, chief)
+  dirs = _output_dirs(config, chief)
 
   # Model.
   policy = distribution.resolve_precision(config.precision, strategy)
-  model, optimizer, epoch, checkpoint = build_training_state(
+  model, optimizer, (epoch, step), checkpoint = build_training_state(
       config, strategy, policy, config.epochs * steps_per_epoch)
 
   # Restore.
-  latest = restore_latest(checkpoint, config.model_dir)
+  latest = restore_latest(checkpoint, checkpoint_dir(config))
   if latest:
-    logging.info("Resuming from %s: %d of %d epochs done.", latest, int(epoch.numpy()),
-                 config.epochs)
-  manager = tf.train.CheckpointManager(checkpoint, dirs["checkpoints"], max_to_keep=3)
+    logging.info("Resuming from %s: epoch %d of %d, step %d of %d.", latest,
+                 int(epoch.numpy()) + 1, config.epochs, int(step.numpy()), steps_per_epoch)
+  manager = tf.train.CheckpointManager(checkpoint, dirs["checkpoints"],
+                                       max_to_keep=config.checkpoints_to_keep)
+
+  def global_step() -> int:
+    return int(epoch.numpy()) * steps_per_epoch + int(step.numpy())
+
+  def save() -> str:
+    return manager.save(checkpoint_number=global_step())
 
   # Train.
+  train_data = data_lib.distribute_training(
+      strategy, splits.train, global_batch, config.seed, config.shift_pixels,
+      start_epoch=int(epoch.numpy()), start_step=int(step.numpy()))
+  validation_data = data_lib.distribute_evaluation(strategy, splits.validation, global_batch)
+  test_data = data_lib.distribute_evaluation(strategy, splits.test, global_batch)
   train_loop = make_train_loop(strategy, model, optimizer, config.loss_weights, global_batch)
   evaluate = make_evaluate(strategy, model)
   writer = (tf.summary.create_file_writer(dirs["logs"]) if chief
             else tf.summary.create_noop_writer())
   show_progress = chief and sys.stdout.isatty()
-  epoch_timings = []  # (images, seconds) of each epoch this process trained.
+  epoch_timings = []  # (images, seconds) of each whole epoch this process trained.
   validation_metrics = None
   train_iterator = iter(train_data)
-  images_per_epoch = steps_per_epoch * global_batch
-  while int(epoch.numpy()) < config.epochs:
-    progress = keras.utils.Progbar(steps_per_epoch) if show_progress else None
-    sums = np.zeros(len(SUMS))
-    started = time.perf_counter()
-    for done in range(0, steps_per_epoch, config.steps_per_loop):
-      steps = min(config.steps_per_loop, steps_per_epoch - done)
-      sums += train_loop(train_iterator, tf.constant(steps)).numpy()
-      if progress:
-        progress.update(done + steps)
-    seconds = time.perf_counter() - started
-    epoch.assign_add(1)
-    images_per_second = images_per_epoch / seconds
-    epoch_timings.append((images_per_epoch, seconds))
-    train_metrics = _means(sums)
-    validation_metrics = _means(evaluate(validation_data).numpy())
-    logging.info(
-        "epoch %d/%d: classifier_loss %.4f, reconstruction_mse %.4f, accuracy %.4f | "
-        "validation: accuracy %.4f, reconstruction_mse %.4f | %.0f images/s",
-        int(epoch.numpy()), config.epochs, train_metrics["classifier_loss"],
-        train_metrics["reconstruction_mse"], train_metrics["accuracy"],
-        validation_metrics["accuracy"], validation_metrics["reconstruction_mse"],
-        images_per_second)
-    with writer.as_default(step=int(epoch.numpy())):
-      for prefix, values in (("train", train_metrics), ("validation", validation_metrics)):
-        for name, value in values.items():
-          tf.summary.scalar(f"{prefix}/{name}", value)
-      tf.summary.scalar("learning_rate", float(optimizer.learning_rate.numpy()))
-      tf.summary.scalar("train/images_per_second", images_per_second)
-    writer.flush()
-    manager.save(checkpoint_number=int(epoch.numpy()))
+  with preemption.sigterm_flag() as termination:
+    while int(epoch.numpy()) < config.epochs:
+      first_step = int(step.numpy())
+      progress = keras.utils.Progbar(steps_per_epoch) if show_progress else None
+      sums = np.zeros(len(SUMS) + 1)
+      started = time.perf_counter()
+      while int(step.numpy()) < steps_per_epoch:
+        every = config.checkpoint_every_steps
+        until_checkpoint = every - global_step() % every
+        steps = min(config.steps_per_loop, steps_per_epoch - int(step.numpy()), until_checkpoint)
+        loop_sums, stop = train_loop(train_iterator, tf.constant(steps),
+                                     tf.constant(float(termination.requested)))
+        loop_sums = loop_sums.numpy()
+        if not np.isfinite(loop_sums).all():
+          raise UserInputError(
+              f"the training loss became {loop_sums[TOTAL_LOSS]} within steps "
+              f"{global_step() + 1}-{global_step() + steps} (epoch {int(epoch.numpy()) + 1}); "
+              f"stopped without saving; the last good checkpoint is "
+              f"{manager.latest_checkpoint or 'none (delete --model_dir to start over)'}; "
+              "lower --learning_rate or check the data")
+        sums += loop_sums
+        step.assign_add(steps)
+        if progress:
+          progress.update(int(step.numpy()))
+        if bool(stop):
+          if int(step.numpy()) == steps_per_epoch:  # Resume at the next epoch's start.
+            epoch.assign_add(1)
+            step.assign(0)
+          path = save()
+          raise preemption.Preempted(f"checkpoint {path} saved at epoch {int(epoch.numpy()) + 1}, "
+                                     f"step {int(step.numpy())}")
+        if (global_step() % every == 0
+            and int(step.numpy()) < steps_per_epoch):  # The epoch's end saves anyway.
+          save()
+      seconds = time.perf_counter() - started
+      epoch.assign_add(1)
+      step.assign(0)
+      save()
+      steps_run = steps_per_epoch - first_step
+      images_per_second = steps_run * global_batch / seconds
+      if first_step == 0:
+        epoch_timings.append((steps_run * global_batch, seconds))
+      train_metrics = {**_means(sums), "loss": sums[TOTAL_LOSS] / steps_run}
+      validation_metrics = _means(evaluate(validation_data).numpy())
+      _log_epoch(writer, optimizer, int(epoch.numpy()), config.epochs, train_metrics,
+                 validation_metrics, images_per_second)
 
   # Evaluate. The first epoch of a process includes tracing and compilation: leave it out.
   steady = epoch_timings[1:] or epoch_timings
