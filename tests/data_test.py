@@ -1,6 +1,5 @@
 """Tests of trainer.data: every source, its splits and errors, and the input pipeline."""
 
-import gzip
 import io
 import os
 
@@ -20,11 +19,6 @@ def _check_splits(splits, sizes):
     assert split.labels.shape == (size,) and split.labels.dtype == np.int32
 
 
-def _write_npz(path, **arrays):
-  np.savez(path, **arrays)
-  return f"npz:{path}"
-
-
 def test_mnist_sample_is_shipped_and_split_80_10_10_by_class():
   splits = data.load_splits("mnist_sample")
   _check_splits(splits, (4000, 500, 500))
@@ -36,49 +30,28 @@ def test_npz_of_70000_uses_the_exercise_split(tmp_path):
   labels = np.arange(70_000) % 10
   images = np.zeros((70_000, 784), np.uint8)
   images[:, 0] = np.arange(70_000) // 1000  # Marks each row's position.
-  splits = data.load_splits(_write_npz(tmp_path / "mnist.npz", X=images, y=labels))
+  splits = data.load_splits(helpers.write_npz(tmp_path / "mnist.npz", X=images, y=labels))
   _check_splits(splits, (50_000, 10_000, 10_000))
   assert splits.validation.images[0, 0, 0, 0] == 50 and splits.test.images[0, 0, 0, 0] == 60
 
 
-def _idx_bytes(array, magic):
-  header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-  return header + array.astype(np.uint8).tobytes()
-
-
-def _write_idx_dir(directory, gzipped, train=60, test=20, **overrides):
-  files = {
-      "train-images-idx3-ubyte": _idx_bytes(np.full((train, 28, 28), 7), 0x803),
-      "train-labels-idx1-ubyte": _idx_bytes(np.arange(train) % 10, 0x801),
-      "t10k-images-idx3-ubyte": _idx_bytes(np.full((test, 28, 28), 9), 0x803),
-      "t10k-labels-idx1-ubyte": _idx_bytes(np.arange(test) % 10, 0x801),
-  }
-  files.update(overrides)
-  for name, raw in files.items():
-    if gzipped:
-      (directory / (name + ".gz")).write_bytes(gzip.compress(raw))
-    else:
-      (directory / name).write_bytes(raw)
-  return f"idx:{directory}"
-
-
 @pytest.mark.parametrize("gzipped", [True, False])
 def test_idx_files_parse_gzipped_or_not(tmp_path, gzipped):
-  splits = data.load_splits(_write_idx_dir(tmp_path, gzipped))
+  splits = data.load_splits(helpers.write_idx_dir(tmp_path, gzipped))
   _check_splits(splits, (50, 10, 20))
   assert splits.train.labels[:3].tolist() == [0, 1, 2]
   assert splits.test.images.max() == 9
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"train-images-idx3-ubyte": _idx_bytes(np.zeros((60, 28, 28)), 0x801)}, "IDX magic number"),
-    ({"train-images-idx3-ubyte": _idx_bytes(np.zeros((60, 28, 28)), 0x803)[:-100]}, "truncated"),
-    ({"train-labels-idx1-ubyte": _idx_bytes(np.zeros(59), 0x801)}, "60 images but 59 labels"),
-    ({"train-labels-idx1-ubyte": _idx_bytes(np.full(60, 11), 0x801)}, "expected digits 0-9"),
+    ({"train-images-idx3-ubyte": helpers.idx_bytes(np.zeros((60, 28, 28)), 0x801)}, "IDX magic number"),
+    ({"train-images-idx3-ubyte": helpers.idx_bytes(np.zeros((60, 28, 28)), 0x803)[:-100]}, "truncated"),
+    ({"train-labels-idx1-ubyte": helpers.idx_bytes(np.zeros(59), 0x801)}, "60 images but 59 labels"),
+    ({"train-labels-idx1-ubyte": helpers.idx_bytes(np.full(60, 11), 0x801)}, "expected digits 0-9"),
 ])
 def test_broken_idx_files_are_refused(tmp_path, override, message):
   with pytest.raises(UserInputError, match=message):
-    data.load_splits(_write_idx_dir(tmp_path, gzipped=True, **override))
+    data.load_splits(helpers.write_idx_dir(tmp_path, gzipped=True, **override))
 
 
 def test_idx_dir_without_files_is_refused(tmp_path):
@@ -95,7 +68,7 @@ def test_idx_dir_without_files_is_refused(tmp_path):
 ])
 def test_broken_npz_files_are_refused(tmp_path, arrays, message):
   with pytest.raises(UserInputError, match=message):
-    data.load_splits(_write_npz(tmp_path / "bad.npz", **arrays))
+    data.load_splits(helpers.write_npz(tmp_path / "bad.npz", **arrays))
 
 
 def test_missing_and_unknown_sources_are_refused(tmp_path):

@@ -1,5 +1,6 @@
 """Helpers shared by the tests: small learnable data, and running the job as a user would."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -39,3 +40,32 @@ def run_trainer(*flags, env=None, timeout=600):
 def read_metrics(model_dir: str) -> dict:
   with open(os.path.join(model_dir, "metrics.json")) as f:
     return json.load(f)
+
+
+def write_npz(path, **arrays) -> str:
+  """Writes `arrays` to an npz file; returns the --dataset value that names it."""
+  np.savez(path, **arrays)
+  return f"npz:{path}"
+
+
+def idx_bytes(array, magic: int) -> bytes:
+  """`array` in the IDX format, under the given magic number."""
+  header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+  return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_dir(directory, gzipped: bool, train: int = 60, test: int = 20, **overrides) -> str:
+  """Writes the four MNIST IDX files (any replaced by `overrides`); returns the --dataset value."""
+  files = {
+      "train-images-idx3-ubyte": idx_bytes(np.full((train, 28, 28), 7), 0x803),
+      "train-labels-idx1-ubyte": idx_bytes(np.arange(train) % 10, 0x801),
+      "t10k-images-idx3-ubyte": idx_bytes(np.full((test, 28, 28), 9), 0x803),
+      "t10k-labels-idx1-ubyte": idx_bytes(np.arange(test) % 10, 0x801),
+  }
+  files.update(overrides)
+  for name, raw in files.items():
+    if gzipped:
+      (directory / (name + ".gz")).write_bytes(gzip.compress(raw))
+    else:
+      (directory / name).write_bytes(raw)
+  return f"idx:{directory}"

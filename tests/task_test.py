@@ -40,17 +40,13 @@ def test_readme_command_on_mnist_sample_reaches_the_bar_and_exports(tmp_path):
   assert mse == pytest.approx(metrics["test_reconstruction_mse"], rel=1e-3)
 
 
+# One case per path an error takes to the user; tests/faults_test.py tries every bad input.
 @pytest.mark.parametrize("flags, message", [
-    (["--strategy=horovod"], "--strategy"),
-    (["--precision=half"], "--precision"),
-    (["--batch_size=0"], "--batch_size=0 must be a positive integer"),
-    (["--epochs=-2"], "--epochs=-2 must be zero or more"),
-    (["--learning_rate=-1"], "--learning_rate=-1.0 must be positive"),
+    (["--epochs=three"], "--epochs"),
+    (["--latent_dim=16", "extra"], "unexpected arguments extra"),
     (["--loss_weights=classifier"], "write it as classifier=1.0,decoder=0.2"),
     (["--dataset=npz:/nonexistent/mnist.npz"], "no file at /nonexistent/mnist.npz"),
     (["--strategy=tpu"], "--strategy=tpu but no TPU is reachable"),
-    (["--epochs=three"], "--epochs"),
-    (["--latent_dim=16", "extra"], "unexpected arguments extra"),
 ])
 def test_bad_flags_get_one_clear_error_line(tmp_path, flags, message):
   result = helpers.run_trainer("--dataset=mnist_sample", f"--model_dir={tmp_path}", *flags,
@@ -62,19 +58,6 @@ def test_bad_flags_get_one_clear_error_line(tmp_path, flags, message):
 def test_missing_model_dir_is_a_clear_error():
   result = helpers.run_trainer("--dataset=mnist_sample", env={"AIP_MODEL_DIR": ""}, timeout=120)
   _assert_clear_error(result, "pass --model_dir")
-
-
-def test_deterministic_runs_give_identical_metrics(tmp_path):
-  runs = []
-  for name in ("first", "second"):
-    model_dir = str(tmp_path / name)
-    result = helpers.run_trainer("--dataset=mnist_sample", "--epochs=2", "--deterministic",
-                                 f"--model_dir={model_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = helpers.read_metrics(model_dir)
-    runs.append({k: v for k, v in metrics.items()
-                 if k not in ("train_images_per_second", "config")})
-  assert runs[0] == runs[1]
 
 
 def test_two_workers_on_loopback_train_together(tmp_path):

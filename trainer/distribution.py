@@ -27,6 +27,21 @@ def _tpu_hint(tpu: str) -> Optional[str]:
   return None
 
 
+# What a collective raises when a peer worker died (connection reset) or stopped answering
+# (the coordination service misses its heartbeats, about 10 s): training cannot go on.
+PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                 tf.errors.AbortedError, tf.errors.CancelledError)
+
+
+def describe_op_error(error: tf.errors.OpError) -> str:
+  """The informative line of a TensorFlow runtime error, whose message starts with boilerplate."""
+  for line in error.message.splitlines():
+    line = line.strip()
+    if line and not line.startswith(("Graph execution error", "Detected at node", "File ")):
+      return f"{type(error).__name__}: {line}"
+  return type(error).__name__
+
+
 def cluster_workers() -> int:
   """How many hosts $TF_CONFIG names (chief and workers), 1 when it is unset."""
   try:

@@ -54,9 +54,9 @@ flags.DEFINE_bool("deterministic", config_lib.TrainConfig.deterministic,
                   "Deterministic ops (slower): the same flags give the same metrics.")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, exit_code: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(exit_code)
 
 
 def parse_flags(argv):
@@ -67,22 +67,29 @@ def parse_flags(argv):
     _fail(f"{e} (see --helpfull)")
 
 
+def config_from_flags() -> config_lib.TrainConfig:
+  """The validated configuration the flags describe."""
+  return config_lib.TrainConfig(
+      dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir,
+      checkpoint_dir=FLAGS.checkpoint_dir,
+      strategy=FLAGS.strategy, tpu=FLAGS.tpu, precision=FLAGS.precision,
+      batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate,
+      loss_weights=config_lib.parse_loss_weights(FLAGS.loss_weights),
+      steps_per_loop=FLAGS.steps_per_loop, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+      checkpoints_to_keep=FLAGS.checkpoints_to_keep, latent_dim=FLAGS.latent_dim,
+      shift_pixels=FLAGS.shift_pixels, seed=FLAGS.seed, deterministic=FLAGS.deterministic)
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
   try:
-    config = config_lib.TrainConfig(
-        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir,
-        checkpoint_dir=FLAGS.checkpoint_dir,
-        strategy=FLAGS.strategy, tpu=FLAGS.tpu, precision=FLAGS.precision,
-        batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate,
-        loss_weights=config_lib.parse_loss_weights(FLAGS.loss_weights),
-        steps_per_loop=FLAGS.steps_per_loop, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-        checkpoints_to_keep=FLAGS.checkpoints_to_keep, latent_dim=FLAGS.latent_dim,
-        shift_pixels=FLAGS.shift_pixels, seed=FLAGS.seed,
-        deterministic=FLAGS.deterministic)
-    # TensorFlow is imported only now: the strategy must be the first thing it sets up.
-    from trainer import distribution, train
+    config = config_from_flags()
+  except config_lib.UserInputError as e:
+    _fail(str(e))
+  # TensorFlow is imported only now: the strategy must be the first thing it sets up.
+  from trainer import distribution, train
+  try:
     strategy = distribution.get_strategy(config.strategy, config.tpu)
     train.run(config, strategy)
   except config_lib.UserInputError as e:
@@ -91,6 +98,11 @@ def main(argv):
   except preemption.Preempted as e:
     print(f"preempted: {e}; run the same command to resume", file=sys.stderr)
     sys.exit(preemption.PREEMPTED_EXIT_CODE)
+  except distribution.PEER_FAILURES as e:
+    if distribution.cluster_workers() < 2:
+      raise
+    _fail(f"lost contact with another worker ({distribution.describe_op_error(e)}); restart "
+          "every worker with the same command to resume from the latest checkpoint", exit_code=1)
 
 
 if __name__ == "__main__":

@@ -310,8 +310,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   test_data = data_lib.distribute_evaluation(strategy, splits.test, global_batch)
   train_loop = make_train_loop(strategy, model, optimizer, config.loss_weights, global_batch)
   evaluate = make_evaluate(strategy, model)
-  writer = (tf.summary.create_file_writer(dirs["logs"]) if chief
-            else tf.summary.create_noop_writer())
+  writer = None  # Created at the first epoch's end: a job that stops before writes no logs.
   show_progress = chief and sys.stdout.isatty()
   epoch_timings = []  # (images, seconds) of each whole epoch this process trained.
   validation_metrics = None
@@ -360,6 +359,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
         epoch_timings.append((steps_run * global_batch, seconds))
       train_metrics = {**_means(sums), "loss": sums[TOTAL_LOSS] / steps_run}
       validation_metrics = _means(evaluate(validation_data).numpy())
+      writer = writer or (tf.summary.create_file_writer(dirs["logs"]) if chief
+                          else tf.summary.create_noop_writer())
       _log_epoch(writer, optimizer, int(epoch.numpy()), config.epochs, train_metrics,
                  validation_metrics, images_per_second)
 

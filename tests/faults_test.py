@@ -1,0 +1,315 @@
+"""Faults, end to end: kills, preemption, lost workers and bad input, against real processes.
+
+Every bad input must end in one `error:` line naming the problem and the fix, a non-zero
+exit, and the files of an existing run left byte for byte as they were.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import portpicker
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from tests import helpers
+from trainer import preemption, task
+
+SAMPLE_FLAGS = ("--dataset=mnist_sample", "--steps_per_loop=5")
+SAMPLE_STEPS_PER_EPOCH = 4000 // 64
+
+
+def _start_trainer(log_path, *flags_, env=None):
+  log = open(log_path, "w")
+  process = subprocess.Popen(
+      [sys.executable, "-m", "trainer.task", *flags_], cwd=helpers.REPO,
+      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+      stdout=log, stderr=subprocess.STDOUT)
+  log.close()
+  return process
+
+
+def _checkpoint_numbers(model_dir):
+  return sorted(int(re.search(r"ckpt-(\d+)\.index$", path).group(1))
+                for path in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.index")))
+
+
+def _wait_for_checkpoint(process, model_dir, at_least, timeout=600):
+  """Waits until a checkpoint numbered `at_least` or more exists; fails if the job ended."""
+  deadline = time.monotonic() + timeout
+  while not any(n >= at_least for n in _checkpoint_numbers(model_dir)):
+    assert process.poll() is None, f"the job ended (exit {process.returncode}) before step {at_least}"
+    assert time.monotonic() < deadline, f"no checkpoint at step {at_least} after {timeout} s"
+    time.sleep(0.05)
+
+
+def _latest_step(model_dir):
+  latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+  return latest, int(latest.rsplit("-", 1)[1])
+
+
+def _comparable(metrics):
+  return {k: v for k, v in metrics.items() if k not in ("train_images_per_second", "config")}
+
+
+def test_killed_mid_epoch_resumes_where_it_was_and_ends_as_if_never_killed(tmp_path):
+  run_flags = (*SAMPLE_FLAGS, "--epochs=2", "--deterministic", "--checkpoint_every_steps=10")
+  uninterrupted = helpers.run_trainer(*run_flags, f"--model_dir={tmp_path / 'whole'}")
+  assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+  model_dir = str(tmp_path / "killed")
+  process = _start_trainer(tmp_path / "killed.log", *run_flags, f"--model_dir={model_dir}")
+  _wait_for_checkpoint(process, model_dir, at_least=SAMPLE_STEPS_PER_EPOCH + 10)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  latest, step = _latest_step(model_dir)
+  epoch_step = step - SAMPLE_STEPS_PER_EPOCH
+  assert 0 < epoch_step < SAMPLE_STEPS_PER_EPOCH, f"killed at {latest}, not mid epoch 2"
+
+  resumed = helpers.run_trainer(*run_flags, f"--model_dir={model_dir}")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert (f"Resuming from {latest}: epoch 2 of 2, step {epoch_step} of "
+          f"{SAMPLE_STEPS_PER_EPOCH}") in resumed.stderr
+  assert _comparable(helpers.read_metrics(model_dir)) == _comparable(
+      helpers.read_metrics(str(tmp_path / "whole")))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_preempted_then_resumes(tmp_path):
+  model_dir = str(tmp_path / "run")
+  # Checkpoints only at epoch ends: the one SIGTERM writes is its own.
+  run_flags = (*SAMPLE_FLAGS, "--epochs=3", "--checkpoint_every_steps=100000",
+               f"--model_dir={model_dir}")
+  process = _start_trainer(tmp_path / "first.log", *run_flags)
+  _wait_for_checkpoint(process, model_dir, at_least=SAMPLE_STEPS_PER_EPOCH)
+  process.send_signal(signal.SIGTERM)
+  signalled = time.monotonic()
+  process.wait(timeout=120)
+  log = (tmp_path / "first.log").read_text()
+  assert process.returncode == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
+  assert time.monotonic() - signalled < 30  # Well inside Vertex AI's and GCE's grace periods.
+  latest, step = _latest_step(model_dir)
+  assert step % SAMPLE_STEPS_PER_EPOCH and step > SAMPLE_STEPS_PER_EPOCH, latest
+  assert f"preempted: checkpoint {latest} saved" in log and "Traceback" not in log
+
+  resumed = helpers.run_trainer(*run_flags)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resuming from {latest}: epoch 2 of 3" in resumed.stderr
+  assert helpers.read_metrics(model_dir)["test_accuracy"] > 0.9
+
+
+def _start_workers(tmp_path, attempt, *flags_):
+  """Two workers of one cluster on loopback; logs in tmp_path/ATTEMPT-workerN.log."""
+  ports = [portpicker.pick_unused_port() for _ in range(2)]
+  cluster = {"worker": [f"localhost:{port}" for port in ports]}
+  return [_start_trainer(tmp_path / f"{attempt}-worker{index}.log", *flags_, env={
+      "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})})
+          for index in range(2)]
+
+
+def _wait_all(processes, timeout):
+  try:
+    for process in processes:
+      process.wait(timeout=timeout)
+  finally:
+    for process in processes:
+      process.kill()
+
+
+def test_a_lost_worker_stops_the_other_with_a_clear_error_and_a_restart_resumes(tmp_path):
+  model_dir = str(tmp_path / "run")
+  run_flags = (*SAMPLE_FLAGS, "--epochs=2", "--checkpoint_every_steps=20",
+               f"--model_dir={model_dir}")
+  chief, worker = _start_workers(tmp_path, "first", *run_flags)
+  try:
+    _wait_for_checkpoint(chief, model_dir, at_least=20)
+    worker.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    chief.wait(timeout=120)  # Bounded: it must not hang on the dead peer.
+    print(f"survivor stopped {time.monotonic() - killed:.1f} s after its peer was killed")
+  finally:
+    _wait_all([chief, worker], timeout=0)
+  log = (tmp_path / "first-worker0.log").read_text()
+  assert chief.returncode == 1, log[-3000:]
+  errors = [line for line in log.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "lost contact with another worker" in errors[0], log[-3000:]
+  assert "restart every worker" in errors[0] and "Traceback" not in log
+  latest, _ = _latest_step(model_dir)
+
+  workers = _start_workers(tmp_path, "second", *run_flags)
+  _wait_all(workers, timeout=900)
+  logs = [(tmp_path / f"second-worker{i}.log").read_text() for i in range(2)]
+  assert [p.returncode for p in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  assert all(f"Resuming from {latest}" in log for log in logs)
+  metrics = helpers.read_metrics(model_dir)
+  assert metrics["strategy"] == "multi_worker_mirrored" and metrics["test_accuracy"] > 0.9
+
+
+def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path):
+  model_dir = str(tmp_path / "run")
+  workers = _start_workers(tmp_path, "run", *SAMPLE_FLAGS, "--epochs=2",
+                           "--checkpoint_every_steps=100000", f"--model_dir={model_dir}")
+  try:
+    _wait_for_checkpoint(workers[0], model_dir, at_least=SAMPLE_STEPS_PER_EPOCH)
+    workers[1].send_signal(signal.SIGTERM)  # Only the non-chief is told.
+  finally:
+    _wait_all(workers, timeout=120)
+  logs = [(tmp_path / f"run-worker{i}.log").read_text() for i in range(2)]
+  assert [p.returncode for p in workers] == [preemption.PREEMPTED_EXIT_CODE] * 2, (
+      logs[0][-3000:] + logs[1][-3000:])
+  saved_at = [re.search(r"preempted: checkpoint \S+ saved (at epoch \d+, step \d+)", log).group(1)
+              for log in logs]
+  latest, step = _latest_step(model_dir)
+  assert saved_at[0] == saved_at[1], saved_at
+  assert saved_at[0] == f"at epoch 2, step {step - SAMPLE_STEPS_PER_EPOCH}", (latest, saved_at)
+
+
+# Bad input, run through the entry point in this process (one TensorFlow start-up for all),
+# against a finished run whose files must not change.
+
+BASE_FLAGS = ("--epochs=1", "--batch_size=32", "--latent_dim=16", "--steps_per_loop=4")
+
+
+def _run_task(argv, capsys):
+  """Runs `python -m trainer.task ARGV` in this process; returns (exit code, stderr)."""
+  flags.FLAGS.unparse_flags()
+  capsys.readouterr()
+  try:
+    task.main(task.parse_flags(["trainer.task", *argv]))
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  return code, capsys.readouterr().err
+
+
+def _fingerprint(directory):
+  files = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return files
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A model_dir with checkpoints, logs, an export and metrics, and the npz it trained on."""
+  root = tmp_path_factory.mktemp("finished")
+  split = helpers.learnable_split(400)
+  dataset = helpers.write_npz(root / "train.npz", X=split.images.reshape(400, 784),
+                              y=split.labels)
+  model_dir = str(root / "run")
+  run = subprocess.run  # Trained in a subprocess: this process's TensorFlow stays untouched.
+  result = run([sys.executable, "-m", "trainer.task", f"--dataset={dataset}",
+                f"--model_dir={model_dir}", *BASE_FLAGS], cwd=helpers.REPO,
+               capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return dataset, model_dir
+
+
+def _bad_data_files(directory):
+  """--dataset values for broken files, each with the words its error must contain."""
+  for case in ("magic", "short", "counts"):
+    (directory / case).mkdir(exist_ok=True)
+  images = np.zeros((100, 784), np.uint8)
+  return {
+      "idx-wrong-magic": (helpers.write_idx_dir(directory / "magic", True, **{
+          "train-images-idx3-ubyte": helpers.idx_bytes(np.zeros((60, 28, 28)), 0x801)}),
+                          "IDX magic number 0x00000801, expected 0x00000803"),
+      "idx-truncated": (helpers.write_idx_dir(directory / "short", True, **{
+          "train-images-idx3-ubyte": helpers.idx_bytes(np.zeros((60, 28, 28)), 0x803)[:-100]}),
+                        "truncated"),
+      "idx-counts-differ": (helpers.write_idx_dir(directory / "counts", True, **{
+          "train-labels-idx1-ubyte": helpers.idx_bytes(np.zeros(59), 0x801)}),
+                            "60 images but 59 labels"),
+      "npz-missing-array": (helpers.write_npz(directory / "missing.npz", X=images),
+                            "no array y in the npz"),
+      "npz-wrong-shape": (helpers.write_npz(directory / "shape.npz", X=np.zeros((100, 30), np.uint8),
+                                            y=np.zeros(100, int)), "expected (N, 784)"),
+      "npz-wrong-dtype": (helpers.write_npz(directory / "dtype.npz", X=images.astype(np.float32),
+                                            y=np.zeros(100, int)), "expected uint8"),
+      "npz-labels-out-of-range": (helpers.write_npz(directory / "labels.npz", X=images,
+                                                    y=np.full(100, 10)), "expected digits 0-9"),
+      "npz-needs-pickle": (helpers.write_npz(directory / "pickle.npz", X=images,
+                                             y=np.array([None] * 100)), "without pickle"),
+  }
+
+
+BAD_FLAGS = {
+    "unknown-strategy": (["--strategy=horovod"], "flag --strategy=horovod: value should be one of"),
+    "unknown-precision": (["--precision=half"], "flag --precision=half: value should be one of"),
+    "tpu-without-tpu": (["--strategy=tpu"], "--strategy=tpu but no TPU is reachable"),
+    "batch-not-positive": (["--batch_size=0"], "--batch_size=0 must be a positive integer"),
+    "batch-not-divisible": (["--strategy=mirrored", "--batch_size=33"],
+                            "--batch_size=33 is the global batch and must be a positive multiple "
+                            "of the 2 replicas; try --batch_size=32"),
+    "negative-epochs": (["--epochs=-1"], "--epochs=-1 must be zero or more"),
+    "negative-learning-rate": (["--learning_rate=-0.1"], "--learning_rate=-0.1 must be positive"),
+    "dataset-path-missing": (["--dataset=npz:/nonexistent/data.npz"],
+                             "no file at /nonexistent/data.npz"),
+    "dataset-dir-missing": (["--dataset=idx:/nonexistent"], "no train-images-idx3-ubyte"),
+    "checkpoint-of-another-shape": (["--latent_dim=32"],
+                                    "does not fit this model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flag_is_refused_and_the_run_is_untouched(case, finished_run, capsys):
+  dataset, model_dir = finished_run
+  argv, message = BAD_FLAGS[case]
+  before = _fingerprint(model_dir)
+  code, stderr = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS,
+                            *argv], capsys)
+  _assert_refused(code, stderr, message)
+  assert _fingerprint(model_dir) == before
+
+
+BAD_FILES = ("idx-wrong-magic", "idx-truncated", "idx-counts-differ", "npz-missing-array",
+             "npz-wrong-shape", "npz-wrong-dtype", "npz-labels-out-of-range", "npz-needs-pickle")
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_data_file_is_refused_and_the_run_is_untouched(case, finished_run, tmp_path, capsys):
+  _, model_dir = finished_run
+  dataset, message = _bad_data_files(tmp_path)[case]
+  before = _fingerprint(model_dir)
+  code, stderr = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS],
+                           capsys)
+  _assert_refused(code, stderr, message)
+  assert _fingerprint(model_dir) == before
+
+
+def test_unwritable_model_dir_is_refused(finished_run, tmp_path, capsys):
+  dataset, _ = finished_run
+  blocker = tmp_path / "a-file"
+  blocker.write_text("in the way")
+  code, stderr = _run_task([f"--dataset={dataset}", f"--model_dir={blocker}/run", *BASE_FLAGS],
+                           capsys)
+  _assert_refused(code, stderr, f"cannot write to --model_dir={blocker}/run")
+  assert blocker.read_text() == "in the way"
+
+
+def test_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(finished_run, capsys):
+  dataset, model_dir = finished_run
+  before = _fingerprint(model_dir)
+  code, stderr = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS,
+                            "--epochs=2", "--learning_rate=1e30"], capsys)
+  # 400 examples split 80/10/10 give 320 to train: 10 steps of 32 per epoch.
+  _assert_refused(code, stderr, "the training loss became")
+  assert re.search(r"within steps 11-14 \(epoch 2\).*last good checkpoint is .*ckpt-10", stderr)
+  assert _fingerprint(model_dir) == before
+
+
+def _assert_refused(code, stderr, message):
+  assert code not in (0, None), stderr[-3000:]
+  errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and message in errors[0], stderr[-3000:]
+  assert "Traceback" not in stderr
