@@ -198,18 +198,46 @@ def _write_json(path: str, content: dict) -> None:
   tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
-def build_training_state(config: TrainConfig, strategy: tf.distribute.Strategy, policy: str,
-                         total_steps: int):
-  """Model, optimizer, position and their checkpoint, created inside the strategy scope.
+class Position:
+  """Where training stands: the epoch and the step within it, kept in checkpointed variables."""
 
-  The position is the epoch and the step within it that training goes on from.
-  """
+  def __init__(self, epoch: tf.Variable, step: tf.Variable, steps_per_epoch: int):
+    self._epoch, self._step, self.steps_per_epoch = epoch, step, steps_per_epoch
+
+  @property
+  def epoch(self) -> int:
+    """Epochs completed (so the one in progress, counted from 0)."""
+    return int(self._epoch.numpy())
+
+  @property
+  def step(self) -> int:
+    """Steps completed in the current epoch."""
+    return int(self._step.numpy())
+
+  @property
+  def global_step(self) -> int:
+    return self.epoch * self.steps_per_epoch + self.step
+
+  def advance(self, steps: int) -> None:
+    self._step.assign_add(steps)
+
+  def start_next_epoch(self) -> None:
+    self._epoch.assign_add(1)
+    self._step.assign(0)
+
+  def __str__(self) -> str:
+    return f"epoch {self.epoch + 1}, step {self.step}"
+
+
+def build_training_state(config: TrainConfig, strategy: tf.distribute.Strategy, policy: str,
+                         steps_per_epoch: int):
+  """Model, optimizer, `Position` and their checkpoint, created inside the strategy scope."""
   distribution.set_precision(policy)
   with strategy.scope():
     model = build_model(config.latent_dim)
     # Cosine decay to zero over the whole run: the last epochs settle instead of bouncing.
-    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
-                                                      decay_steps=max(1, total_steps))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch))
     optimizer = keras.optimizers.Adam(schedule)
     optimizer.build(model.trainable_variables)
     # The checkpoint holds the inner optimizer, so it restores whatever the precision.
@@ -221,7 +249,7 @@ def build_training_state(config: TrainConfig, strategy: tf.distribute.Strategy, 
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=checkpointed_optimizer, epoch=epoch,
                                      step_in_epoch=step)
-  return model, optimizer, (epoch, step), checkpoint
+  return model, optimizer, Position(epoch, step, steps_per_epoch), checkpoint
 
 
 def restore_latest(checkpoint: tf.train.Checkpoint, directory: str) -> Optional[str]:
@@ -259,6 +287,49 @@ def _log_epoch(writer, optimizer, epoch, epochs, train_metrics, validation_metri
   writer.flush()
 
 
+def save_checkpoint(manager: tf.train.CheckpointManager, position: Position) -> str:
+  """Saves a checkpoint numbered by global step; returns its path."""
+  return manager.save(checkpoint_number=position.global_step)
+
+
+def train_epoch(train_loop, iterator, position: Position, config: TrainConfig, termination,
+                manager: tf.train.CheckpointManager, progress=None) -> np.ndarray:
+  """Trains the rest of the current epoch in calls of up to `steps_per_loop` steps.
+
+  Saves every `checkpoint_every_steps` global steps (not at the epoch's end: the caller does
+  that after it counts the epoch done). Returns the epoch's SUMS plus total loss. Raises
+  `UserInputError` on a non-finite loss, before saving anything, and `preemption.Preempted`
+  after saving when any worker's `termination` flag is set.
+  """
+  sums = np.zeros(len(SUMS) + 1)
+  every = config.checkpoint_every_steps
+  while position.step < position.steps_per_epoch:
+    steps = min(config.steps_per_loop, position.steps_per_epoch - position.step,
+                every - position.global_step % every)
+    loop_sums, stop = train_loop(iterator, tf.constant(steps),
+                                 tf.constant(float(termination.requested)))
+    loop_sums = loop_sums.numpy()
+    if not np.isfinite(loop_sums).all():
+      raise UserInputError(
+          f"the training loss became {loop_sums[TOTAL_LOSS]} within steps "
+          f"{position.global_step + 1}-{position.global_step + steps} "
+          f"(epoch {position.epoch + 1}); stopped without saving; the last good checkpoint is "
+          f"{manager.latest_checkpoint or 'none (delete --model_dir to start over)'}; "
+          "lower --learning_rate or check the data")
+    sums += loop_sums
+    position.advance(steps)
+    if progress:
+      progress.update(position.step)
+    if bool(stop):
+      if position.step == position.steps_per_epoch:  # Resume at the next epoch's start.
+        position.start_next_epoch()
+      raise preemption.Preempted(
+          f"checkpoint {save_checkpoint(manager, position)} saved at {position}")
+    if position.global_step % every == 0 and position.step < position.steps_per_epoch:
+      save_checkpoint(manager, position)
+  return sums
+
+
 def run(config: TrainConfig, strategy: tf.distribute.Strategy,
         splits: Optional[data_lib.Splits] = None) -> Dict[str, object]:
   """Trains, evaluates and exports the multitask model; returns the final metrics.
@@ -285,27 +356,21 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
 
   # Model.
   policy = distribution.resolve_precision(config.precision, strategy)
-  model, optimizer, (epoch, step), checkpoint = build_training_state(
-      config, strategy, policy, config.epochs * steps_per_epoch)
+  model, optimizer, position, checkpoint = build_training_state(config, strategy, policy,
+                                                                steps_per_epoch)
 
   # Restore.
   latest = restore_latest(checkpoint, checkpoint_dir(config))
   if latest:
-    logging.info("Resuming from %s: epoch %d of %d, step %d of %d.", latest,
-                 int(epoch.numpy()) + 1, config.epochs, int(step.numpy()), steps_per_epoch)
+    logging.info("Resuming from %s: epoch %d of %d, step %d of %d.", latest, position.epoch + 1,
+                 config.epochs, position.step, steps_per_epoch)
   manager = tf.train.CheckpointManager(checkpoint, dirs["checkpoints"],
                                        max_to_keep=config.checkpoints_to_keep)
-
-  def global_step() -> int:
-    return int(epoch.numpy()) * steps_per_epoch + int(step.numpy())
-
-  def save() -> str:
-    return manager.save(checkpoint_number=global_step())
 
   # Train.
   train_data = data_lib.distribute_training(
       strategy, splits.train, global_batch, config.seed, config.shift_pixels,
-      start_epoch=int(epoch.numpy()), start_step=int(step.numpy()))
+      start_epoch=position.epoch, start_step=position.step)
   validation_data = data_lib.distribute_evaluation(strategy, splits.validation, global_batch)
   test_data = data_lib.distribute_evaluation(strategy, splits.test, global_batch)
   train_loop = make_train_loop(strategy, model, optimizer, config.loss_weights, global_batch)
@@ -316,43 +381,14 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   validation_metrics = None
   train_iterator = iter(train_data)
   with preemption.sigterm_flag() as termination:
-    while int(epoch.numpy()) < config.epochs:
-      first_step = int(step.numpy())
-      progress = keras.utils.Progbar(steps_per_epoch) if show_progress else None
-      sums = np.zeros(len(SUMS) + 1)
+    while position.epoch < config.epochs:
+      first_step = position.step
       started = time.perf_counter()
-      while int(step.numpy()) < steps_per_epoch:
-        every = config.checkpoint_every_steps
-        until_checkpoint = every - global_step() % every
-        steps = min(config.steps_per_loop, steps_per_epoch - int(step.numpy()), until_checkpoint)
-        loop_sums, stop = train_loop(train_iterator, tf.constant(steps),
-                                     tf.constant(float(termination.requested)))
-        loop_sums = loop_sums.numpy()
-        if not np.isfinite(loop_sums).all():
-          raise UserInputError(
-              f"the training loss became {loop_sums[TOTAL_LOSS]} within steps "
-              f"{global_step() + 1}-{global_step() + steps} (epoch {int(epoch.numpy()) + 1}); "
-              f"stopped without saving; the last good checkpoint is "
-              f"{manager.latest_checkpoint or 'none (delete --model_dir to start over)'}; "
-              "lower --learning_rate or check the data")
-        sums += loop_sums
-        step.assign_add(steps)
-        if progress:
-          progress.update(int(step.numpy()))
-        if bool(stop):
-          if int(step.numpy()) == steps_per_epoch:  # Resume at the next epoch's start.
-            epoch.assign_add(1)
-            step.assign(0)
-          path = save()
-          raise preemption.Preempted(f"checkpoint {path} saved at epoch {int(epoch.numpy()) + 1}, "
-                                     f"step {int(step.numpy())}")
-        if (global_step() % every == 0
-            and int(step.numpy()) < steps_per_epoch):  # The epoch's end saves anyway.
-          save()
+      sums = train_epoch(train_loop, train_iterator, position, config, termination, manager,
+                         keras.utils.Progbar(steps_per_epoch) if show_progress else None)
       seconds = time.perf_counter() - started
-      epoch.assign_add(1)
-      step.assign(0)
-      save()
+      position.start_next_epoch()
+      save_checkpoint(manager, position)
       steps_run = steps_per_epoch - first_step
       images_per_second = steps_run * global_batch / seconds
       if first_step == 0:
@@ -361,7 +397,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
       validation_metrics = _means(evaluate(validation_data).numpy())
       writer = writer or (tf.summary.create_file_writer(dirs["logs"]) if chief
                           else tf.summary.create_noop_writer())
-      _log_epoch(writer, optimizer, int(epoch.numpy()), config.epochs, train_metrics,
+      _log_epoch(writer, optimizer, position.epoch, config.epochs, train_metrics,
                  validation_metrics, images_per_second)
 
   # Evaluate. The first epoch of a process includes tracing and compilation: leave it out.
@@ -389,8 +425,12 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   logging.info("test: accuracy %.4f, reconstruction_mse %.4f", metrics["test_accuracy"],
                metrics["test_reconstruction_mse"])
 
-  # Export, and the metrics beside it.
+  # Export, then the metrics beside it: metrics.json is written last, so where it exists the
+  # export is complete, even on file systems (gs://) where renaming a directory is not atomic.
+  metrics_path = os.path.join(config.model_dir, "metrics.json")
+  if chief and tf.io.gfile.exists(metrics_path):
+    tf.io.gfile.remove(metrics_path)
   export_lib.export_saved_model(model, dirs["export"])
   if chief:
-    _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
+    _write_json(metrics_path, metrics)
   return metrics
