@@ -3,7 +3,7 @@
 Keras 3.15's `model.fit` fails under MultiWorkerMirroredStrategy, so this module owns the loop,
 as the Model Garden's trainers do: a `tf.function` runs `steps_per_loop` steps of
 `strategy.run` per call into the device, and returns the summed losses so the host reads
-them once per call. `run` reads top to bottom in stages: outputs, model, restore, data,
+them once per call. `run` reads top to bottom in stages: data, outputs, model, restore,
 train, evaluate, export.
 
 Faults: checkpoints every `checkpoint_every_steps` and at each epoch's end hold the model,
@@ -133,9 +133,9 @@ def make_train_loop(strategy, model, optimizer, loss_weights: Dict[str, float],
                     global_batch_size: int):
   """A `tf.function(iterator, num_steps, stop_requested)` that trains up to `num_steps` steps.
 
-  Returns the SUMS of the steps plus their total loss, and whether any worker's
-  `stop_requested` was true: every worker gets the same answer, so all stop at the same step.
-  It stops early after a step whose loss or metrics are not finite; those sums say so.
+  Returns the SUMS of the steps plus their total loss, how many steps ran, and whether any
+  worker's `stop_requested` was true: every worker gets the same answer, so all stop at the
+  same step. It stops early after a step whose loss or metrics are not finite; the sums say so.
   """
 
   def train_step(inputs):
@@ -158,15 +158,17 @@ def make_train_loop(strategy, model, optimizer, loss_weights: Dict[str, float],
   @tf.function
   def train_loop(iterator, num_steps, stop_requested):
     sums = tf.zeros([len(SUMS) + 1])
+    steps_run = tf.constant(0)
     for _ in tf.range(num_steps):
       step_sums = strategy.reduce(tf.distribute.ReduceOp.SUM,
                                   strategy.run(train_step, args=(next(iterator),)), axis=None)
       sums += step_sums
+      steps_run += 1
       if not tf.reduce_all(tf.math.is_finite(step_sums)):
         break
     requests = strategy.reduce(tf.distribute.ReduceOp.SUM,
                                strategy.run(tf.identity, args=(stop_requested,)), axis=None)
-    return sums, requests > 0
+    return sums, steps_run, requests > 0
 
   return train_loop
 
@@ -306,14 +308,14 @@ def train_epoch(train_loop, iterator, position: Position, config: TrainConfig, t
   while position.step < position.steps_per_epoch:
     steps = min(config.steps_per_loop, position.steps_per_epoch - position.step,
                 every - position.global_step % every)
-    loop_sums, stop = train_loop(iterator, tf.constant(steps),
-                                 tf.constant(float(termination.requested)))
+    loop_sums, steps_run, stop = train_loop(iterator, tf.constant(steps),
+                                            tf.constant(float(termination.requested)))
     loop_sums = loop_sums.numpy()
     if not np.isfinite(loop_sums).all():
       raise UserInputError(
-          f"the training loss became {loop_sums[TOTAL_LOSS]} within steps "
-          f"{position.global_step + 1}-{position.global_step + steps} "
-          f"(epoch {position.epoch + 1}); stopped without saving; the last good checkpoint is "
+          f"the training loss became {loop_sums[TOTAL_LOSS]} at step "
+          f"{position.global_step + int(steps_run)} (epoch {position.epoch + 1}, step "
+          f"{position.step + int(steps_run)}); stopped without saving; the last good checkpoint is "
           f"{manager.latest_checkpoint or 'none (delete --model_dir to start over)'}; "
           "lower --learning_rate or check the data")
     sums += loop_sums
