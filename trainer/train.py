@@ -31,6 +31,7 @@ from trainer import data as data_lib
 from trainer import distribution
 from trainer import export as export_lib
 from trainer import preemption
+from trainer import tuning
 from trainer.config import CLASSIFIER, DECODER, TrainConfig, UserInputError, first_line
 from trainer.model import build_model
 
@@ -340,6 +341,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   own. Resumes from the latest checkpoint when there is one. Raises `UserInputError` for bad
   input and a diverged loss, and `preemption.Preempted` after saving on SIGTERM.
   """
+  if os.environ.get("CLOUD_ML_JOB_ID"):
+    logging.info("Vertex AI job %s.", os.environ["CLOUD_ML_JOB_ID"])
   keras.utils.set_random_seed(config.seed)
   if config.deterministic:
     # Process-wide: the input pipeline is deterministic anyway, this makes the kernels so.
@@ -435,4 +438,5 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   export_lib.export_saved_model(model, dirs["export"])
   if chief:
     _write_json(metrics_path, metrics)
+    tuning.report(metrics["validation_accuracy"], position.global_step)
   return metrics

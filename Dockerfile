@@ -1,0 +1,36 @@
+# The trainer's container image for Vertex AI custom jobs: ENTRYPOINT python -m trainer.task.
+#
+#   CPU: docker build -t IMAGE .
+#   GPU: docker build --build-arg TENSORFLOW='tensorflow[and-cuda]==2.21.0' -t IMAGE .
+#   TPU: docker build --build-arg TENSORFLOW=tpu -t IMAGE .
+#
+# TENSORFLOW is the TensorFlow to install: a pip requirement within setup.py's pin, or `tpu`
+# for TensorFlow's TPU build (tensorflow-tpu 2.20.0 with its libtpu, see launch/requirements.py),
+# under which the package goes in without its own TensorFlow.
+FROM python:3.11.14-slim-bookworm
+
+ARG TENSORFLOW="tensorflow==2.21.0"
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /opt/trainer
+COPY setup.py README.md ./
+COPY trainer ./trainer
+COPY launch ./launch
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# DL3013 reads ".[tuning]" as an unpinned package: it is this package, pinned by setup.py.
+# hadolint ignore=DL3013
+RUN if [ "${TENSORFLOW}" = "tpu" ]; then \
+      pip install --no-cache-dir --no-deps . \
+      && python -m launch.requirements tpu | xargs pip install --no-cache-dir; \
+    else \
+      pip install --no-cache-dir "${TENSORFLOW}" ".[tuning]"; \
+    fi \
+    && useradd --create-home --uid 1000 trainer
+
+# Not root; numeric, so that any host can resolve it.
+USER 1000
+ENTRYPOINT ["python", "-m", "trainer.task"]
