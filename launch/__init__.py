@@ -1,0 +1,1 @@
+"""Launchers that take the trainer to Vertex AI and Cloud TPU VMs."""

@@ -41,6 +41,16 @@ def test_auto_picks_multi_worker_when_tf_config_names_two_workers(monkeypatch):
   assert name == "multi_worker_mirrored" and "2 workers" in why
 
 
+def test_auto_counts_the_chief_of_a_vertex_ai_cluster(monkeypatch):
+  # Vertex AI names worker pool 0 "chief" and pool 1 "worker" in each replica's TF_CONFIG.
+  monkeypatch.setenv("TF_CONFIG", json.dumps({
+      "cluster": {"chief": ["cmle-training-workerpool0-0:2222"],
+                  "worker": [f"cmle-training-workerpool1-{i}:2222" for i in range(3)]},
+      "task": {"type": "worker", "index": 2}}))
+  name, why = distribution.resolve_strategy_name("auto")
+  assert name == "multi_worker_mirrored" and "4 workers" in why
+
+
 def test_auto_picks_tpu_when_one_is_named(monkeypatch):
   monkeypatch.setenv("TPU_NAME", "my-tpu")
   assert distribution.resolve_strategy_name("auto")[0] == "tpu"

@@ -4,7 +4,7 @@ import shlex
 import subprocess
 import sys
 
-from launch import requirements, tpu_vm
+from launch import tpu_vm
 from tests import helpers
 
 
@@ -30,13 +30,6 @@ def test_install_puts_the_package_on_every_host_over_tensorflow_tpu():
                            "https://storage.googleapis.com/libtpu-tf-releases/index.html "
                            "tensorflow-tpu==2.20.0 ")
   assert "--worker=all" in install
-
-
-def test_tpu_hosts_get_every_requirement_but_tensorflow_and_its_tensorboard():
-  arguments = requirements.tpu_pip_arguments()
-  names = {requirements._name(a) for a in arguments if not a.startswith(("-", "http"))}
-  core = {requirements._name(r) for r in requirements.core_requirements("tuning")}
-  assert names == core - {"tensorflow", "tensorboard"} | {"tensorflow-tpu"}
 
 
 def test_train_runs_on_all_hosts_with_the_trainer_flags_and_keeps_a_log():
