@@ -79,3 +79,8 @@ def test_precision_auto_is_float32_on_cpu_and_names_pass_through():
   assert distribution.resolve_precision("mixed_bfloat16", strategy) == "mixed_bfloat16"
   with pytest.raises(UserInputError, match="unknown --precision='half'"):
     distribution.resolve_precision("half", strategy)
+
+
+def test_steps_per_loop_default_is_50_on_cpu(two_replicas):
+  assert distribution.default_steps_per_loop(tf.distribute.get_strategy()) == 50
+  assert distribution.default_steps_per_loop(two_replicas) == 50

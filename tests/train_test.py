@@ -123,6 +123,33 @@ def test_mixed_precision_trains(tmp_path, precision):
   assert np.isfinite(metrics["test_reconstruction_mse"])
 
 
+def test_xla_compiled_steps_train_as_well(tmp_path):
+  # In its own process: other tests turn on op determinism, process-wide, and XLA has no
+  # deterministic max-pool gradient.
+  result = helpers.run_trainer("--dataset=mnist_sample", "--epochs=1", "--jit_compile",
+                               f"--model_dir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert helpers.read_metrics(str(tmp_path))["test_accuracy"] > 0.9
+
+
+def test_xla_and_determinism_together_are_refused(tmp_path):
+  with pytest.raises(config.UserInputError, match="--jit_compile and --deterministic"):
+    _config(tmp_path, jit_compile=True, deterministic=True)
+
+
+def test_evaluation_every_n_steps_reaches_the_hook_with_both_splits(tmp_path):
+  seen = []
+
+  def record(global_step, evaluate):
+    seen.append((global_step, evaluate("test")["accuracy"], evaluate("validation")["accuracy"]))
+
+  train.run(_config(tmp_path, eval_every_steps=6), tf.distribute.get_strategy(),
+            helpers.learnable_splits(), on_evaluation=record)
+  # Every 6 steps, and at each epoch's end (16 steps an epoch).
+  assert [step for step, _, _ in seen] == [6, 12, 16, 18, 24, 30, 32]
+  assert all(0 <= test <= 1 and 0 <= validation <= 1 for _, test, validation in seen)
+
+
 def test_mixed_float16_on_two_replicas_trains(tmp_path, two_replicas):
   strategy = two_replicas
   metrics = train.run(_config(tmp_path, precision="mixed_float16", epochs=1), strategy,

@@ -36,9 +36,11 @@ class TrainConfig:
   learning_rate: float = 2e-3
   loss_weights: Dict[str, float] = dataclasses.field(
       default_factory=lambda: {CLASSIFIER: 1.0, DECODER: 0.2})
-  steps_per_loop: int = 50
+  steps_per_loop: int = 0  # 0: the platform's default (distribution.default_steps_per_loop).
   checkpoint_every_steps: int = 500
   checkpoints_to_keep: int = 3
+  eval_every_steps: int = 0  # 0: evaluate at epoch ends only.
+  jit_compile: bool = False
   latent_dim: int = 256
   shift_pixels: int = 1
   seed: int = 0
@@ -49,14 +51,19 @@ class TrainConfig:
       raise UserInputError(unknown_choice("strategy", self.strategy, STRATEGIES))
     if self.precision not in PRECISIONS:
       raise UserInputError(unknown_choice("precision", self.precision, PRECISIONS))
-    for name in ("batch_size", "steps_per_loop", "latent_dim", "checkpoint_every_steps",
-                 "checkpoints_to_keep"):
+    for name in ("batch_size", "latent_dim", "checkpoint_every_steps", "checkpoints_to_keep"):
       if getattr(self, name) <= 0:
         raise UserInputError(f"--{name}={getattr(self, name)} must be a positive integer")
+    for name in ("steps_per_loop", "eval_every_steps"):
+      if getattr(self, name) < 0:
+        raise UserInputError(f"--{name}={getattr(self, name)} must be zero or more")
     if not 0 <= self.shift_pixels <= 8:
       raise UserInputError(f"--shift_pixels={self.shift_pixels} must be between 0 and 8")
     if self.epochs < 0:
       raise UserInputError(f"--epochs={self.epochs} must be zero or more")
+    if self.jit_compile and self.deterministic:
+      raise UserInputError("--jit_compile and --deterministic cannot go together: XLA has no "
+                           "deterministic max-pool gradient; drop one of them")
     if not self.learning_rate > 0:
       raise UserInputError(f"--learning_rate={self.learning_rate} must be positive")
     if set(self.loss_weights) != set(OUTPUT_NAMES) or any(

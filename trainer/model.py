@@ -12,10 +12,10 @@ from trainer.config import CLASSIFIER, DECODER
 from trainer.data import IMAGE_SHAPE, NUM_CLASSES
 
 
-def build_encoder(latent_dim: int) -> keras.Model:
-  """uint8 (28, 28, 1) images to a `latent_dim` vector."""
-  images = keras.Input(IMAGE_SHAPE, dtype="uint8", name="images")
-  x = keras.layers.Rescaling(1.0 / 255.0, name="scale")(images)
+def build_encoder(latent_dim: int, scaled_inputs: bool = False) -> keras.Model:
+  """uint8 (28, 28, 1) images (or, with `scaled_inputs`, floats in [0, 1]) to a latent vector."""
+  images = keras.Input(IMAGE_SHAPE, dtype="float32" if scaled_inputs else "uint8", name="images")
+  x = keras.layers.Rescaling(1.0 if scaled_inputs else 1.0 / 255.0, name="scale")(images)
   # Full-resolution convolutions with max pooling: on the 4,000-digit sample they classify
   # about one point better than strided convolutions, at twice the compute.
   x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
@@ -49,12 +49,16 @@ def build_decoder_head(latent_dim: int) -> keras.Model:
   return keras.Model(latent, pixels, name=DECODER)
 
 
-def build_model(latent_dim: int) -> keras.Model:
-  """The whole multitask model; call it inside the strategy scope, after setting the policy."""
-  encoder = build_encoder(latent_dim)
+def build_model(latent_dim: int, scaled_inputs: bool = False) -> keras.Model:
+  """The whole multitask model; call it inside the strategy scope, after setting the policy.
+
+  It takes uint8 images; `scaled_inputs` makes it take floats already in [0, 1] instead (the
+  benchmark's Keras `fit` baseline feeds those).
+  """
+  encoder = build_encoder(latent_dim, scaled_inputs)
   classifier = build_classifier_head(latent_dim)
   decoder = build_decoder_head(latent_dim)
-  images = keras.Input(IMAGE_SHAPE, dtype="uint8", name="images")
+  images = keras.Input(IMAGE_SHAPE, dtype="float32" if scaled_inputs else "uint8", name="images")
   latent = encoder(images)
   outputs = {CLASSIFIER: classifier(latent), DECODER: decoder(latent)}
   return keras.Model(images, outputs, name="multitask_autoencoder")

@@ -39,11 +39,17 @@ flags.DEFINE_float("learning_rate", config_lib.TrainConfig.learning_rate,
 flags.DEFINE_string("loss_weights", "classifier=1.0,decoder=0.2",
                     "Weight of each task's loss in the total, as NAME=WEIGHT pairs.")
 flags.DEFINE_integer("steps_per_loop", config_lib.TrainConfig.steps_per_loop,
-                     "Training steps run per call into the device.")
+                     "Training steps run per call into the device; 0: the platform's default "
+                     "(TPU 500, GPU 200, CPU 50).")
 flags.DEFINE_integer("checkpoint_every_steps", config_lib.TrainConfig.checkpoint_every_steps,
                      "Save a checkpoint every this many training steps, and at each epoch's end.")
 flags.DEFINE_integer("checkpoints_to_keep", config_lib.TrainConfig.checkpoints_to_keep,
                      "How many of the latest checkpoints to keep.")
+flags.DEFINE_integer("eval_every_steps", config_lib.TrainConfig.eval_every_steps,
+                     "Also log validation metrics every this many steps; 0: at epoch ends only.")
+flags.DEFINE_bool("jit_compile", config_lib.TrainConfig.jit_compile,
+                  "XLA-compile each replica's forward and backward pass (measured 2.3x slower "
+                  "on CPU; try it on GPU).")
 flags.DEFINE_integer("latent_dim", config_lib.TrainConfig.latent_dim,
                      "Size of the shared encoder's output.")
 flags.DEFINE_integer("shift_pixels", config_lib.TrainConfig.shift_pixels,
@@ -76,7 +82,8 @@ def config_from_flags() -> config_lib.TrainConfig:
       batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate,
       loss_weights=config_lib.parse_loss_weights(FLAGS.loss_weights),
       steps_per_loop=FLAGS.steps_per_loop, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-      checkpoints_to_keep=FLAGS.checkpoints_to_keep, latent_dim=FLAGS.latent_dim,
+      checkpoints_to_keep=FLAGS.checkpoints_to_keep, eval_every_steps=FLAGS.eval_every_steps,
+      jit_compile=FLAGS.jit_compile, latent_dim=FLAGS.latent_dim,
       shift_pixels=FLAGS.shift_pixels, seed=FLAGS.seed, deterministic=FLAGS.deterministic)
 
 

@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import keras
 import numpy as np
@@ -131,16 +131,17 @@ def _agree_on_overflow(gradients):
 
 
 def make_train_loop(strategy, model, optimizer, loss_weights: Dict[str, float],
-                    global_batch_size: int):
+                    global_batch_size: int, jit_compile: bool = False):
   """A `tf.function(iterator, num_steps, stop_requested)` that trains up to `num_steps` steps.
 
   Returns the SUMS of the steps plus their total loss, how many steps ran, and whether any
   worker's `stop_requested` was true: every worker gets the same answer, so all stop at the
   same step. It stops early after a step whose loss or metrics are not finite; the sums say so.
+  With `jit_compile`, XLA compiles each replica's forward and backward pass; the gradients'
+  all-reduce and the update stay outside it, as every strategy needs.
   """
 
-  def train_step(inputs):
-    images, targets = inputs
+  def sums_loss_and_gradients(images, targets):
     with tf.GradientTape() as tape:
       cross_entropy, mse, correct = per_example_losses(model, images, targets, training=True)
       # Averaged over the global batch: the optimizer sums gradients across replicas.
@@ -150,11 +151,18 @@ def make_train_loop(strategy, model, optimizer, loss_weights: Dict[str, float],
               * tf.nn.compute_average_loss(mse, global_batch_size=global_batch_size))
       scaled_loss = optimizer.scale_loss(loss)  # Loss scaling under float16; identity otherwise.
     gradients = tape.gradient(scaled_loss, model.trainable_variables)
+    sums = _weighted_sums(cross_entropy, mse, correct, tf.ones_like(correct))
+    return tf.concat([sums, [loss]], axis=0), gradients
+
+  if jit_compile:
+    sums_loss_and_gradients = tf.function(sums_loss_and_gradients, jit_compile=True)
+
+  def train_step(inputs):
+    sums, gradients = sums_loss_and_gradients(*inputs)
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
       gradients = _agree_on_overflow(gradients)
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-    sums = _weighted_sums(cross_entropy, mse, correct, tf.ones_like(correct))
-    return tf.concat([sums, [loss]], axis=0)
+    return sums
 
   @tf.function
   def train_loop(iterator, num_steps, stop_requested):
@@ -296,19 +304,23 @@ def save_checkpoint(manager: tf.train.CheckpointManager, position: Position) -> 
 
 
 def train_epoch(train_loop, iterator, position: Position, config: TrainConfig, termination,
-                manager: tf.train.CheckpointManager, progress=None) -> np.ndarray:
+                manager: tf.train.CheckpointManager, progress=None,
+                evaluate_mid_epoch: Optional[Callable[[], None]] = None) -> np.ndarray:
   """Trains the rest of the current epoch in calls of up to `steps_per_loop` steps.
 
-  Saves every `checkpoint_every_steps` global steps (not at the epoch's end: the caller does
-  that after it counts the epoch done). Returns the epoch's SUMS plus total loss. Raises
+  Saves every `checkpoint_every_steps` global steps and calls `evaluate_mid_epoch` every
+  `eval_every_steps` (0: never), but not at the epoch's end: the caller does both there after
+  it counts the epoch done. Returns the epoch's SUMS plus total loss. Raises
   `UserInputError` on a non-finite loss, before saving anything, and `preemption.Preempted`
   after saving when any worker's `termination` flag is set.
   """
   sums = np.zeros(len(SUMS) + 1)
   every = config.checkpoint_every_steps
+  eval_every = config.eval_every_steps if evaluate_mid_epoch else 0
   while position.step < position.steps_per_epoch:
     steps = min(config.steps_per_loop, position.steps_per_epoch - position.step,
-                every - position.global_step % every)
+                every - position.global_step % every,
+                eval_every - position.global_step % eval_every if eval_every else every)
     loop_sums, steps_run, stop = train_loop(iterator, tf.constant(steps),
                                             tf.constant(float(termination.requested)))
     loop_sums = loop_sums.numpy()
@@ -328,18 +340,27 @@ def train_epoch(train_loop, iterator, position: Position, config: TrainConfig, t
         position.start_next_epoch()
       raise preemption.Preempted(
           f"checkpoint {save_checkpoint(manager, position)} saved at {position}")
-    if position.global_step % every == 0 and position.step < position.steps_per_epoch:
-      save_checkpoint(manager, position)
+    if position.step < position.steps_per_epoch:
+      if position.global_step % every == 0:
+        save_checkpoint(manager, position)
+      if eval_every and position.global_step % eval_every == 0:
+        evaluate_mid_epoch()
   return sums
 
 
 def run(config: TrainConfig, strategy: tf.distribute.Strategy,
-        splits: Optional[data_lib.Splits] = None) -> Dict[str, object]:
+        splits: Optional[data_lib.Splits] = None,
+        on_evaluation: Optional[Callable[[int, Callable[[str], Dict[str, float]]], None]] = None
+        ) -> Dict[str, object]:
   """Trains, evaluates and exports the multitask model; returns the final metrics.
 
   `splits` defaults to the source `config.dataset` names; tests and notebooks may pass their
   own. Resumes from the latest checkpoint when there is one. Raises `UserInputError` for bad
   input and a diverged loss, and `preemption.Preempted` after saving on SIGTERM.
+
+  `on_evaluation(global_step, evaluate)`, where given, is called every `eval_every_steps` and
+  at each epoch's end; `evaluate("validation")` or `evaluate("test")` returns that split's
+  metrics. Without it, the job logs validation metrics every `eval_every_steps`.
   """
   if os.environ.get("CLOUD_ML_JOB_ID"):
     logging.info("Vertex AI job %s.", os.environ["CLOUD_ML_JOB_ID"])
@@ -347,6 +368,10 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   if config.deterministic:
     # Process-wide: the input pipeline is deterministic anyway, this makes the kernels so.
     tf.config.experimental.enable_op_determinism()
+
+  if not config.steps_per_loop:
+    config = dataclasses.replace(config,
+                                 steps_per_loop=distribution.default_steps_per_loop(strategy))
 
   # Data, checked before anything is written.
   if splits is None:
@@ -378,19 +403,32 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
       start_epoch=position.epoch, start_step=position.step)
   validation_data = data_lib.distribute_evaluation(strategy, splits.validation, global_batch)
   test_data = data_lib.distribute_evaluation(strategy, splits.test, global_batch)
-  train_loop = make_train_loop(strategy, model, optimizer, config.loss_weights, global_batch)
+  train_loop = make_train_loop(strategy, model, optimizer, config.loss_weights, global_batch,
+                               config.jit_compile)
   evaluate = make_evaluate(strategy, model)
   writer = None  # Created at the first epoch's end: a job that stops before writes no logs.
   show_progress = chief and sys.stdout.isatty()
   epoch_timings = []  # (images, seconds) of each whole epoch this process trained.
   validation_metrics = None
   train_iterator = iter(train_data)
+  def evaluate_split(name: str) -> Dict[str, float]:
+    return _means(evaluate({"validation": validation_data, "test": test_data}[name]).numpy())
+
+  def log_validation(global_step: int, evaluate_split) -> None:
+    metrics = evaluate_split("validation")
+    logging.info("step %d: validation accuracy %.4f, reconstruction_mse %.4f", global_step,
+                 metrics["accuracy"], metrics["reconstruction_mse"])
+
+  def evaluate_mid_epoch() -> None:
+    (on_evaluation or log_validation)(position.global_step, evaluate_split)
+
   with preemption.sigterm_flag() as termination:
     while position.epoch < config.epochs:
       first_step = position.step
       started = time.perf_counter()
       sums = train_epoch(train_loop, train_iterator, position, config, termination, manager,
-                         keras.utils.Progbar(steps_per_epoch) if show_progress else None)
+                         keras.utils.Progbar(steps_per_epoch) if show_progress else None,
+                         evaluate_mid_epoch)
       seconds = time.perf_counter() - started
       position.start_next_epoch()
       save_checkpoint(manager, position)
@@ -404,6 +442,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
                           else tf.summary.create_noop_writer())
       _log_epoch(writer, optimizer, position.epoch, config.epochs, train_metrics,
                  validation_metrics, images_per_second)
+      if on_evaluation:
+        on_evaluation(position.global_step, evaluate_split)
 
   # Evaluate. The first epoch of a process includes tracing and compilation: leave it out.
   steady = epoch_timings[1:] or epoch_timings

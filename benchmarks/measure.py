@@ -1,0 +1,212 @@
+"""One benchmark measurement per process: `python -m benchmarks.measure NAME --dataset=...`.
+
+Each measurement runs in a fresh process, so none inherits another's compiled functions or
+threads, and times "from process start" include Python and TensorFlow start-up. The result
+is one line, `RESULT {json}`, on standard output. `benchmarks.run` runs them all.
+
+  pipeline            the training input pipeline alone, images/s
+  package             the package's training loop (train.make_train_loop), steady images/s
+  exercise            the same model the original exercise's way: float64 NumPy arrays / 255
+                      into Keras `model.fit`, batch 128, steady images/s
+  package_tta         wall-clock time until the test metrics reach the bar, package recipe
+  exercise_tta        the same, the exercise's way (test metrics at each epoch's end)
+  startup             time from process start to the package's first training step, by stage
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("dataset", "idx:/usr/share/datasets/fashion-mnist", "Any --dataset source.")
+flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+flags.DEFINE_integer("steps_per_loop", 50, "Package loop: steps per call into the device.")
+flags.DEFINE_integer("measure_steps", 600, "Throughput: steps timed after the warm-up.")
+flags.DEFINE_bool("jit_compile", False, "Package loop: XLA-compile each replica's step.")
+flags.DEFINE_float("target_accuracy", 0.90, "Time to accuracy: test accuracy to reach.")
+flags.DEFINE_float("target_mse", 0.015, "Time to accuracy: test reconstruction MSE to reach.")
+flags.DEFINE_integer("epochs", 3, "Package time to accuracy: --epochs of its recipe.")
+flags.DEFINE_integer("eval_every_steps", 250, "Package time to accuracy: evaluation cadence.")
+flags.DEFINE_integer("shift_pixels", 0, "Package time to accuracy: --shift_pixels.")
+flags.DEFINE_float("learning_rate", 2e-3, "Package time to accuracy: --learning_rate.")
+flags.DEFINE_integer("max_epochs", 20, "Exercise time to accuracy: give up after this many.")
+FLAGS = flags.FLAGS
+
+# Set by benchmarks.run just before it starts this process (time.time(), so comparable here).
+PROCESS_START = float(os.environ.get("BENCHMARK_PROCESS_START", time.time()))
+
+
+def _emit(**result) -> None:
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+def _reached(metrics) -> bool:
+  return (metrics["accuracy"] >= FLAGS.target_accuracy
+          and metrics["reconstruction_mse"] <= FLAGS.target_mse)
+
+
+def measure_pipeline(splits) -> None:
+  from trainer import data
+  dataset = data.training_dataset(splits.train, FLAGS.batch_size,
+                                  data.steps_per_epoch(len(splits.train), FLAGS.batch_size),
+                                  seed=0, shift_pixels=1)
+  batches = iter(dataset)
+  for _ in range(20):
+    next(batches)
+  started = time.perf_counter()
+  count = 2000
+  for _ in range(count):
+    next(batches)
+  _emit(images_per_second=count * FLAGS.batch_size / (time.perf_counter() - started))
+
+
+def measure_package(splits) -> None:
+  import tensorflow as tf
+  from trainer import data, train
+  from trainer.config import TrainConfig
+  strategy = tf.distribute.get_strategy()
+  config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(),
+                       batch_size=FLAGS.batch_size, steps_per_loop=FLAGS.steps_per_loop)
+  steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
+  model, optimizer, _, _ = train.build_training_state(config, strategy, "float32",
+                                                      steps_per_epoch)
+  loop = train.make_train_loop(strategy, model, optimizer, config.loss_weights,
+                               config.batch_size, jit_compile=FLAGS.jit_compile)
+  batches = iter(data.distribute_training(strategy, splits.train, config.batch_size, config.seed,
+                                          config.shift_pixels))
+  calls = max(2, FLAGS.measure_steps // config.steps_per_loop)
+  steps, no_stop = tf.constant(config.steps_per_loop), tf.constant(0.0)
+  for _ in range(2):  # Tracing, compilation and the first steps are left out.
+    loop(batches, steps, no_stop)[0].numpy()
+  started = time.perf_counter()
+  for _ in range(calls):
+    loop(batches, steps, no_stop)[0].numpy()  # The host reads the sums each call, as run() does.
+  seconds = time.perf_counter() - started
+  _emit(images_per_second=calls * config.steps_per_loop * config.batch_size / seconds)
+
+
+def _exercise_model(splits):
+  """The package's model, compiled as the exercise compiles it, and its float64 arrays."""
+  import keras
+  import numpy as np
+  from trainer.config import CLASSIFIER, DECODER
+  from trainer.model import build_model
+  model = build_model(256, scaled_inputs=True)
+  model.compile(optimizer=keras.optimizers.Adam(),
+                loss={CLASSIFIER: "sparse_categorical_crossentropy", DECODER: "mse"},
+                loss_weights={CLASSIFIER: 1.0, DECODER: 0.2})
+
+  def arrays(split):
+    pixels = split.images.astype(np.float64) / 255.0
+    return pixels, {CLASSIFIER: split.labels, DECODER: pixels}
+
+  return model, arrays
+
+
+def measure_exercise(splits) -> None:
+  import keras
+  model, arrays = _exercise_model(splits)
+  batch_ends = []
+  timer = keras.callbacks.LambdaCallback(
+      on_train_batch_end=lambda batch, logs: batch_ends.append(time.perf_counter()))
+  x, y = arrays(splits.train)
+  model.fit(x, y, batch_size=128, epochs=1, verbose=0, callbacks=[timer])
+  warm = 20  # Tracing, compilation and the first steps are left out.
+  _emit(images_per_second=(len(batch_ends) - 1 - warm) * 128 / (batch_ends[-1] - batch_ends[warm]))
+
+
+def measure_exercise_tta(splits) -> None:
+  import keras
+  import numpy as np
+  model, arrays = _exercise_model(splits)
+  x, y = arrays(splits.train)
+  x_test, _ = arrays(splits.test)
+
+  class StopAtTarget(keras.callbacks.Callback):
+
+    def on_epoch_end(self, epoch, logs=None):
+      outputs = self.model.predict(x_test, batch_size=512, verbose=0)
+      metrics = {"accuracy": float(np.mean(np.argmax(outputs["classifier"], -1)
+                                           == splits.test.labels)),
+                 "reconstruction_mse": float(np.mean((outputs["decoder"] - x_test) ** 2))}
+      print(f"epoch {epoch + 1} at {time.time() - PROCESS_START:.1f} s: {metrics}",
+            file=sys.stderr, flush=True)
+      if _reached(metrics):
+        _emit(reached_at=time.time(), epochs=epoch + 1, **metrics)
+        self.model.stop_training = True
+
+  model.fit(x, y, batch_size=128, epochs=FLAGS.max_epochs, verbose=0, callbacks=[StopAtTarget()])
+
+
+class _Reached(Exception):
+  pass
+
+
+def measure_package_tta(splits) -> None:
+  import tensorflow as tf
+  from trainer import train
+  from trainer.config import TrainConfig
+  config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(),
+                       batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
+                       eval_every_steps=FLAGS.eval_every_steps, shift_pixels=FLAGS.shift_pixels,
+                       learning_rate=FLAGS.learning_rate)
+
+  def stop_at_target(global_step, evaluate):
+    metrics = evaluate("test")
+    print(f"step {global_step} at {time.time() - PROCESS_START:.1f} s: {metrics}", file=sys.stderr,
+          flush=True)
+    if _reached(metrics):
+      _emit(reached_at=time.time(), step=global_step, **metrics)
+      raise _Reached
+
+  try:
+    train.run(config, tf.distribute.get_strategy(), splits, on_evaluation=stop_at_target)
+  except _Reached:
+    pass
+
+
+def measure_startup(_) -> None:
+  stages = {}
+  mark = lambda name: stages.setdefault(name, time.time() - PROCESS_START)
+  import tensorflow as tf
+  from trainer import data, distribution, train
+  from trainer.config import TrainConfig
+  mark("python_and_tensorflow_imports")
+  splits = data.load_splits(FLAGS.dataset)
+  mark("data_loaded")
+  strategy = distribution.get_strategy("auto")
+  mark("strategy_ready")
+  config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp())
+  steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
+  model, optimizer, _, _ = train.build_training_state(config, strategy, "float32",
+                                                      steps_per_epoch)
+  mark("model_built")
+  batches = iter(data.distribute_training(strategy, splits.train, config.batch_size, 0, 1))
+  mark("input_pipeline_built")
+  loop = train.make_train_loop(strategy, model, optimizer, config.loss_weights,
+                               config.batch_size)
+  loop(batches, tf.constant(1), tf.constant(0.0))[0].numpy()
+  mark("first_step_done")
+  _emit(**stages)
+
+
+MEASUREMENTS = {"pipeline": measure_pipeline, "package": measure_package,
+                "exercise": measure_exercise, "package_tta": measure_package_tta,
+                "exercise_tta": measure_exercise_tta, "startup": measure_startup}
+
+
+def main(argv) -> None:
+  if len(argv) != 2 or argv[1] not in MEASUREMENTS:
+    sys.exit(f"usage: python -m benchmarks.measure {{{','.join(MEASUREMENTS)}}} [--flags]")
+  splits = None
+  if argv[1] != "startup":
+    from trainer import data
+    splits = data.load_splits(FLAGS.dataset)
+  MEASUREMENTS[argv[1]](splits)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,163 @@
+"""The package against the original exercise's way, in one run on one machine and one dataset.
+
+    python -m benchmarks.run                          # Fashion-MNIST from Debian's package
+    python -m benchmarks.run --dataset=mnist_sample --target_accuracy=0.95 --target_mse=0.02
+
+Every figure comes from its own process (`benchmarks.measure`). Prints a table and writes
+the figures to benchmarks/results.json (--output).
+"""
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("dataset", "idx:/usr/share/datasets/fashion-mnist", "Any --dataset source.")
+flags.DEFINE_float("target_accuracy", 0.90, "Time to accuracy: test accuracy to reach.")
+flags.DEFINE_float("target_mse", 0.015, "Time to accuracy: test reconstruction MSE to reach.")
+flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           "results.json"), "Where to write the figures.")
+FLAGS = flags.FLAGS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXERCISE_BATCH = 128
+# The package's time-to-accuracy recipe: the README's Fashion-MNIST command, evaluated every
+# 250 steps (a quarter epoch) instead of only at epoch ends.
+PACKAGE_TTA_FLAGS = ("--epochs=3", "--shift_pixels=0", "--batch_size=64", "--eval_every_steps=250")
+
+
+def measure(name: str, *flags_: str) -> dict:
+  """Runs one measurement in a fresh process; returns its result, and its process's seconds."""
+  started = time.time()
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.measure", name, f"--dataset={FLAGS.dataset}",
+       f"--target_accuracy={FLAGS.target_accuracy}", f"--target_mse={FLAGS.target_mse}",
+       *flags_],
+      cwd=REPO, capture_output=True, text=True,
+      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "BENCHMARK_PROCESS_START": str(started)})
+  lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+  if result.returncode or not lines:
+    sys.exit(f"error: measurement {name} {' '.join(flags_)} failed:\n{result.stderr[-3000:]}")
+  figures = json.loads(lines[-1][len("RESULT "):])
+  if "reached_at" in figures:
+    figures["seconds"] = figures.pop("reached_at") - started
+  print(f"  {name} {' '.join(flags_)}: {figures}", file=sys.stderr, flush=True)
+  return figures
+
+
+def training_flops_per_image() -> float:
+  """Multiply-adds of the default model's layers, from their shapes, x2 for FLOPs, x3 for
+  training (the backward pass costs about twice the forward: input and weight gradients)."""
+  import keras
+  from trainer.model import build_model
+
+  def layers(model):
+    for layer in model.layers:
+      yield from layers(layer) if isinstance(layer, keras.Model) else [layer]
+
+  multiply_adds = 0
+  for layer in layers(build_model(256)):
+    if isinstance(layer, keras.layers.Conv2DTranspose):
+      _, height, width, channels_in = layer.input.shape
+      multiply_adds += height * width * channels_in * layer.filters * layer.kernel_size[0] ** 2
+    elif isinstance(layer, keras.layers.Conv2D):
+      _, height, width, channels_out = layer.output.shape
+      multiply_adds += (height * width * channels_out * layer.input.shape[-1]
+                        * layer.kernel_size[0] ** 2)
+    elif isinstance(layer, keras.layers.Dense):
+      multiply_adds += layer.input.shape[-1] * layer.units
+  return 2 * 3 * multiply_adds
+
+
+def peak_flops() -> dict:
+  """This machine's float32 peak: logical CPUs x 2 FMA units x 8 lanes (AVX2) x 2 x clock."""
+  with open("/proc/cpuinfo") as f:
+    cpuinfo = f.read()
+  clock_hz = float(re.search(r"cpu MHz\s*:\s*([\d.]+)", cpuinfo).group(1)) * 1e6
+  lanes = 16 if " avx512f" in cpuinfo else 8 if " avx2" in cpuinfo else 4
+  cpus = os.cpu_count()
+  return {"cpus": cpus, "clock_ghz": round(clock_hz / 1e9, 3), "fp32_lanes_per_fma": lanes,
+          "fma_units_per_cpu": 2, "peak_flops": cpus * 2 * lanes * 2 * clock_hz,
+          "cpu": re.search(r"model name\s*:\s*(.+)", cpuinfo).group(1)}
+
+
+def main(_) -> None:
+  print("measuring (each in its own process):", file=sys.stderr)
+  results = {"dataset": FLAGS.dataset, "machine": platform.node(),
+             "bar": {"test_accuracy": FLAGS.target_accuracy,
+                     "test_reconstruction_mse": FLAGS.target_mse}}
+  throughput = {
+      "input_pipeline_alone": measure("pipeline")["images_per_second"],
+      "exercise_fit_batch128": measure("exercise")["images_per_second"],
+      "package_loop_batch128": measure("package", "--batch_size=128")["images_per_second"],
+      "package_loop_batch128_steps_per_loop1": measure(
+          "package", "--batch_size=128", "--steps_per_loop=1", "--measure_steps=300"
+      )["images_per_second"],
+      "package_loop_batch64_default": measure("package", "--batch_size=64")["images_per_second"],
+  }
+  results["images_per_second"] = throughput
+  results["throughput_ratio_vs_exercise"] = (throughput["package_loop_batch128"]
+                                             / throughput["exercise_fit_batch128"])
+
+  flops_per_image = training_flops_per_image()
+  peak = peak_flops()
+  achieved = flops_per_image * throughput["package_loop_batch64_default"]
+  results["flops"] = {"training_flops_per_image": flops_per_image, **peak,
+                      "achieved_flops_package_default": achieved,
+                      "share_of_peak": achieved / peak["peak_flops"]}
+
+  package_tta = measure("package_tta", *PACKAGE_TTA_FLAGS)
+  exercise_tta = measure("exercise_tta")
+  results["time_to_accuracy"] = {"package": package_tta, "package_flags": PACKAGE_TTA_FLAGS,
+                                 "exercise": exercise_tta}
+  results["time_to_accuracy_ratio_vs_exercise"] = package_tta["seconds"] / exercise_tta["seconds"]
+  results["startup_seconds"] = measure("startup")
+
+  with open(FLAGS.output, "w") as f:
+    json.dump(results, f, indent=2)
+    f.write("\n")
+  print(table(results))
+
+
+def table(results: dict) -> str:
+  """The figures as a Markdown table."""
+  ips = results["images_per_second"]
+  tta = results["time_to_accuracy"]
+  flops = results["flops"]
+  rows = [
+      ("input pipeline alone (no model)", f"{ips['input_pipeline_alone']:,.0f} images/s"),
+      ("exercise way: float64 arrays into model.fit, batch 128",
+       f"{ips['exercise_fit_batch128']:,.0f} images/s"),
+      ("package loop, batch 128, 50 steps per call", f"{ips['package_loop_batch128']:,.0f} images/s"),
+      ("package loop, batch 128, 1 step per call",
+       f"{ips['package_loop_batch128_steps_per_loop1']:,.0f} images/s"),
+      ("package loop, batch 64 (default)", f"{ips['package_loop_batch64_default']:,.0f} images/s"),
+      ("**throughput ratio, package / exercise (batch 128)**",
+       f"**{results['throughput_ratio_vs_exercise']:.2f}**"),
+      ("training FLOPs per image (layer shapes, x3 for training)",
+       f"{flops['training_flops_per_image'] / 1e6:.1f} MFLOP"),
+      ("achieved, package default", f"{flops['achieved_flops_package_default'] / 1e9:.1f} GFLOP/s"),
+      (f"peak: {flops['cpus']} CPUs x 2 FMA x {flops['fp32_lanes_per_fma']} lanes x 2 x "
+       f"{flops['clock_ghz']} GHz", f"{flops['peak_flops'] / 1e9:.0f} GFLOP/s "
+       f"({flops['share_of_peak']:.0%} used)"),
+      (f"time to test accuracy {results['bar']['test_accuracy']} and MSE "
+       f"{results['bar']['test_reconstruction_mse']}, package",
+       f"{tta['package']['seconds']:.0f} s (step {tta['package']['step']})"),
+      ("the same, exercise way", f"{tta['exercise']['seconds']:.0f} s "
+       f"(epoch {tta['exercise']['epochs']})"),
+      ("**time-to-accuracy ratio, package / exercise**",
+       f"**{results['time_to_accuracy_ratio_vs_exercise']:.2f}**"),
+      ("start-up to the first training step",
+       f"{results['startup_seconds']['first_step_done']:.1f} s"),
+  ]
+  return "\n".join(["| measure | value |", "|---|---|"]
+                   + [f"| {name} | {value} |" for name, value in rows])
+
+
+if __name__ == "__main__":
+  app.run(main)
