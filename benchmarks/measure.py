@@ -88,7 +88,7 @@ def measure_package(splits) -> None:
   _emit(images_per_second=calls * config.steps_per_loop * config.batch_size / seconds)
 
 
-def _exercise_model(splits):
+def _exercise_model():
   """The package's model, compiled as the exercise compiles it, and its float64 arrays."""
   import keras
   import numpy as np
@@ -108,7 +108,7 @@ def _exercise_model(splits):
 
 def measure_exercise(splits) -> None:
   import keras
-  model, arrays = _exercise_model(splits)
+  model, arrays = _exercise_model()
   batch_ends = []
   timer = keras.callbacks.LambdaCallback(
       on_train_batch_end=lambda batch, logs: batch_ends.append(time.perf_counter()))
@@ -121,7 +121,7 @@ def measure_exercise(splits) -> None:
 def measure_exercise_tta(splits) -> None:
   import keras
   import numpy as np
-  model, arrays = _exercise_model(splits)
+  model, arrays = _exercise_model()
   x, y = arrays(splits.train)
   x_test, _ = arrays(splits.test)
 

@@ -207,10 +207,8 @@ def finished_run(tmp_path_factory):
   dataset = helpers.write_npz(root / "train.npz", X=split.images.reshape(400, 784),
                               y=split.labels)
   model_dir = str(root / "run")
-  run = subprocess.run  # Trained in a subprocess: this process's TensorFlow stays untouched.
-  result = run([sys.executable, "-m", "trainer.task", f"--dataset={dataset}",
-                f"--model_dir={model_dir}", *BASE_FLAGS], cwd=helpers.REPO,
-               capture_output=True, text=True, timeout=600)
+  # Trained in a subprocess: this process's TensorFlow stays untouched.
+  result = helpers.run_trainer(f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS)
   assert result.returncode == 0, result.stderr[-3000:]
   return dataset, model_dir
 

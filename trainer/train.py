@@ -411,6 +411,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   epoch_timings = []  # (images, seconds) of each whole epoch this process trained.
   validation_metrics = None
   train_iterator = iter(train_data)
+
   def evaluate_split(name: str) -> Dict[str, float]:
     return _means(evaluate({"validation": validation_data, "test": test_data}[name]).numpy())
 
@@ -437,7 +438,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
       if first_step == 0:
         epoch_timings.append((steps_run * global_batch, seconds))
       train_metrics = {**_means(sums), "loss": sums[TOTAL_LOSS] / steps_run}
-      validation_metrics = _means(evaluate(validation_data).numpy())
+      validation_metrics = evaluate_split("validation")
       writer = writer or (tf.summary.create_file_writer(dirs["logs"]) if chief
                           else tf.summary.create_noop_writer())
       _log_epoch(writer, optimizer, position.epoch, config.epochs, train_metrics,
@@ -447,9 +448,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
 
   # Evaluate. The first epoch of a process includes tracing and compilation: leave it out.
   steady = epoch_timings[1:] or epoch_timings
-  test_metrics = _means(evaluate(test_data).numpy())
+  test_metrics = evaluate_split("test")
   if validation_metrics is None:  # Nothing left to train: a finished job run again.
-    validation_metrics = _means(evaluate(validation_data).numpy())
+    validation_metrics = evaluate_split("validation")
   metrics = {
       "test_accuracy": test_metrics["accuracy"],
       "test_reconstruction_mse": test_metrics["reconstruction_mse"],
