@@ -20,6 +20,10 @@ def test_defaults_are_valid_and_weight_the_tasks_one_and_point_two():
     ({"learning_rate": float("nan")}, "must be positive"),
     ({"loss_weights": {"classifier": 1.0}}, "must give a non-negative weight to each"),
     ({"model_dir": ""}, "pass --model_dir"),
+    ({"steps_per_loop": -1}, "--steps_per_loop=-1 must be zero or more"),
+    ({"eval_every_steps": -5}, "--eval_every_steps=-5 must be zero or more"),
+    ({"checkpoint_every_steps": 0}, "--checkpoint_every_steps=0 must be a positive integer"),
+    ({"checkpoints_to_keep": 0}, "--checkpoints_to_keep=0 must be a positive integer"),
 ])
 def test_bad_settings_are_refused_with_the_fix(changes, message):
   with pytest.raises(config.UserInputError, match=message.replace("(", r"\(").replace("[", r"\[")):

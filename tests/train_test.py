@@ -179,6 +179,15 @@ def test_checkpoint_of_another_model_shape_is_refused_untouched(tmp_path):
   assert _snapshot(tmp_path) == before
 
 
+def test_unwritable_checkpoint_dir_fails_before_training(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(config.UserInputError, match="cannot write to --checkpoint_dir"):
+    train.run(_config(tmp_path / "run", checkpoint_dir=str(blocker / "ckpt")),
+              tf.distribute.get_strategy(), helpers.learnable_splits())
+  assert blocker.read_text() == "not a directory"
+
+
 def test_unwritable_model_dir_fails_before_training(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
