@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "scikit-learn>=1.3",
     "absl-py>=2.1",
+    "matplotlib>=3.8,<4",  # The report's images.
 ]
 
 setuptools.setup(

@@ -41,8 +41,8 @@ def main(_):
     epoch_seconds = steps_per_epoch * config.batch_size / metrics["train_images_per_second"]
 
     # The trained state, saved again and again as the loop would save it.
-    _, _, _, checkpoint = train.build_training_state(config, strategy, "float32",
-                                                     steps_per_epoch)
+    _, _, _, _, checkpoint = train.build_training_state(config, strategy, "float32",
+                                                        steps_per_epoch)
     train.restore_latest(checkpoint, train.checkpoint_dir(config))
     directory = os.path.join(model_dir, "timed")
     manager = tf.train.CheckpointManager(checkpoint, directory,

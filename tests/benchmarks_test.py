@@ -34,3 +34,18 @@ def test_table_reports_the_two_ratios():
   assert "| **throughput ratio, package / exercise (batch 128)** | **1.50** |" in table
   assert "| **time-to-accuracy ratio, package / exercise** | **0.40** |" in table
   assert "(35% used)" in table and "60 s (step 1500)" in table
+
+
+def test_semi_supervised_table_gives_mean_and_spread_over_seeds():
+  from benchmarks import semi_supervised
+  runs = {}
+  for seed, (alone, multitask) in enumerate([(0.60, 0.70), (0.62, 0.72), (0.64, 0.74)]):
+    for method, accuracy in (("classifier_only", alone), ("multitask_fixed", multitask)):
+      runs[semi_supervised.run_key(100, method, seed)] = {
+          "labeled_examples_flag": 100, "method": method, "test_accuracy": accuracy}
+  runs[semi_supervised.run_key(0, "classifier_only", 0)] = {
+      "labeled_examples_flag": 0, "method": "classifier_only", "test_accuracy": 0.9}
+  lines = semi_supervised.table(runs).splitlines()
+  assert lines[0] == "| labelled examples | classifier_only | multitask_fixed |"
+  assert lines[2] == "| 100 | 0.6200 ± 0.0200 (n=3) | 0.7200 ± 0.0200 (n=3) |"
+  assert lines[3] == "| all | 0.9000 ± 0.0000 (n=1) |  |"

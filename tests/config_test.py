@@ -22,6 +22,9 @@ def test_defaults_are_valid_and_weight_the_tasks_one_and_point_two():
     ({"model_dir": ""}, "pass --model_dir"),
     ({"steps_per_loop": -1}, "--steps_per_loop=-1 must be zero or more"),
     ({"eval_every_steps": -5}, "--eval_every_steps=-5 must be zero or more"),
+    ({"labeled_examples": -100}, "--labeled_examples=-100 must be zero or more"),
+    ({"loss_weighting": "gradnorm"}, "unknown --loss_weighting='gradnorm': choose one of fixed, "
+                                     "uncertainty"),
     ({"checkpoint_every_steps": 0}, "--checkpoint_every_steps=0 must be a positive integer"),
     ({"checkpoints_to_keep": 0}, "--checkpoints_to_keep=0 must be a positive integer"),
 ])

@@ -31,3 +31,21 @@ def two_replicas():
   collectives of one can collide with those of another.
   """
   return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+  """A finished 2-epoch job on learnable data saved as an npz: (model_dir, --dataset value).
+
+  For the tests of what comes after training: the report, evaluate and predict.
+  """
+  from tests import helpers
+  from trainer import config, data, train
+  root = tmp_path_factory.mktemp("finished_run")
+  everything = helpers.learnable_split(640, seed=5)
+  dataset = helpers.write_npz(str(root / "data.npz"), X=everything.images.reshape(-1, 784),
+                              y=everything.labels)
+  model_dir = str(root / "run")
+  train.run(config.TrainConfig(dataset=dataset, model_dir=model_dir, epochs=2, batch_size=32,
+                               latent_dim=16, learning_rate=3e-3), tf.distribute.get_strategy())
+  return model_dir, dataset

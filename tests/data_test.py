@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 
 import numpy as np
 import pytest
@@ -96,13 +97,15 @@ def test_per_replica_batch_must_divide():
 def test_training_pipeline_yields_uint8_images_and_dict_labels():
   split = helpers.learnable_split(50)
   ds = data.training_dataset(split, batch_size=16, steps_per_epoch=3, seed=1, shift_pixels=2)
-  images, targets = next(iter(ds))
+  images, targets, weights = next(iter(ds))
   assert images.dtype == tf.uint8 and images.shape == (16, 28, 28, 1)
   assert set(targets) == {"classifier", "decoder"}
   assert targets["classifier"].dtype == tf.int32 and targets["classifier"].shape == (16,)
   assert targets["decoder"].dtype == tf.uint8
   np.testing.assert_array_equal(targets["decoder"], images)
   assert not np.array_equal(images, split.images[:16])  # Shuffled and shifted.
+  for name in ("classifier", "decoder"):  # Every label counts when none is held back.
+    np.testing.assert_array_equal(weights[name], np.ones(16, np.float32))
 
 
 def _indexed_split(n):
@@ -111,7 +114,7 @@ def _indexed_split(n):
 
 
 def _labels(dataset, batches):
-  return np.stack([targets["classifier"].numpy() for _, targets in dataset.take(batches)])
+  return np.stack([targets["classifier"].numpy() for _, targets, _ in dataset.take(batches)])
 
 
 def test_each_epoch_is_a_new_permutation_of_whole_batches():
@@ -126,7 +129,7 @@ def test_resuming_mid_epoch_reads_exactly_the_batches_an_uninterrupted_run_would
   whole = list(data.training_dataset(split, 8, 12, seed=3, shift_pixels=2).take(36))
   resumed = list(data.training_dataset(split, 8, 12, seed=3, shift_pixels=2, start_epoch=1,
                                        start_step=5).take(19))
-  for (expected, _), (got, _) in zip(whole[12 + 5:], resumed):
+  for (expected, _, _), (got, _, _) in zip(whole[12 + 5:], resumed):
     np.testing.assert_array_equal(got, expected)
 
 
@@ -158,8 +161,9 @@ def test_evaluation_pipeline_pads_to_whole_batches_with_zero_weight():
   split = helpers.learnable_split(50)
   batches = list(data.evaluation_dataset(split, batch_size=16))
   assert [b[0].shape[0] for b in batches] == [16] * 4
-  weights = np.concatenate([b[2] for b in batches])
-  assert weights.sum() == 50 and weights[50:].sum() == 0
+  for name in ("classifier", "decoder"):
+    weights = np.concatenate([b[2][name] for b in batches])
+    assert weights.sum() == 50 and weights[50:].sum() == 0
 
 
 def test_input_pipelines_shard_disjointly():
@@ -168,7 +172,69 @@ def test_input_pipelines_shard_disjointly():
   for pipeline in range(2):
     context = tf.distribute.InputContext(2, pipeline, 2)
     for _, targets, weights in data.evaluation_dataset(split, 4, context):
-      seen.append(targets["classifier"].numpy()[weights.numpy() > 0])
+      seen.append(targets["classifier"].numpy()[weights["classifier"].numpy() > 0])
     train_labels = _labels(data.training_dataset(split, 4, 5, 0, input_context=context), 5)
     assert set(train_labels.ravel() % 2) == {pipeline}  # Training reads its own shard only.
   assert sorted(np.concatenate(seen).tolist()) == list(range(40))
+
+
+def test_labeled_subset_is_balanced_by_class_and_chosen_by_seed():
+  split = _indexed_split(1000)
+  split = data.Split(split.images, split.labels % 10)
+  chosen = data.labeled_subset(split, 100, seed=0)
+  assert len(chosen) == len(set(chosen)) == 100
+  assert np.bincount(split.labels[chosen], minlength=10).tolist() == [10] * 10
+  assert not np.array_equal(chosen, data.labeled_subset(split, 100, seed=1))
+  assert data.labeled_subset(split, 0, seed=0) is None  # 0 and "all" both mean every label.
+  assert data.labeled_subset(split, 1000, seed=0) is None
+  for bad in (5, 1001):
+    with pytest.raises(UserInputError, match=f"--labeled_examples={bad} must be between 10"):
+      data.labeled_subset(split, bad, seed=0)
+
+
+def test_semi_supervised_batches_mark_only_labeled_examples_and_draw_them_every_step():
+  split = _indexed_split(400)  # Labels are indices: a batch shows which examples it holds.
+  labeled = np.arange(0, 400, 40)  # Ten labelled examples.
+  batches = list(data.training_dataset(split, 16, 25, seed=0, labeled_indices=labeled).take(50))
+  for _, targets, weights in batches:
+    indices = targets["classifier"].numpy()
+    np.testing.assert_array_equal(weights["classifier"], np.isin(indices, labeled))
+    np.testing.assert_array_equal(weights["decoder"], np.ones(16))  # The decoder sees all.
+    assert np.isin(indices[:4], labeled).all()  # A quarter of each batch is labelled.
+  unlabeled_seen = np.concatenate([t["classifier"].numpy()[4:] for _, t, _ in batches[:25]])
+  assert len(set(unlabeled_seen)) == 25 * 12  # The rest is an epoch's shuffle of the split.
+
+
+def _image_file(tmp_path, name, content):
+  path = tmp_path / name
+  path.write_bytes(content if isinstance(content, bytes) else tf.io.encode_png(content).numpy())
+  return str(path)
+
+
+def test_read_image_file_takes_28x28_grey_and_grey_saved_as_rgb(tmp_path):
+  grey = np.arange(784, dtype=np.uint32).reshape(28, 28, 1).astype(np.uint8)
+  np.testing.assert_array_equal(data.read_image_file(_image_file(tmp_path, "a.png", grey)), grey)
+  rgb = np.repeat(grey, 3, axis=-1)
+  np.testing.assert_array_equal(data.read_image_file(_image_file(tmp_path, "b.png", rgb)), grey)
+
+
+def test_read_image_file_resizes_only_when_asked(tmp_path):
+  path = _image_file(tmp_path, "big.png", np.full((56, 84, 1), 200, np.uint8))
+  with pytest.raises(UserInputError, match=r"big.png: 84x56 pixels, expected 28x28; pass "
+                                           r"--resize to scale it"):
+    data.read_image_file(path)
+  resized = data.read_image_file(path, resize=True)
+  assert resized.shape == (28, 28, 1) and (resized == 200).all()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("notes.png", b"these are not pixels", "not an image; give a PNG, JPEG, GIF or BMP file"),
+    ("red.png", np.stack([np.full((28, 28), 200, np.uint8)] + [np.zeros((28, 28), np.uint8)] * 2,
+                         axis=-1), "a colour or transparent image; convert it to greyscale"),
+    ("clear.png", np.concatenate([np.zeros((28, 28, 1), np.uint8),
+                                  np.full((28, 28, 1), 100, np.uint8)], axis=-1),
+     "a colour or transparent image"),
+])
+def test_read_image_file_refuses_what_is_not_a_grey_image(tmp_path, name, content, message):
+  with pytest.raises(UserInputError, match=re.escape(f"{name}: {message}")):
+    data.read_image_file(_image_file(tmp_path, name, content))

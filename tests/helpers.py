@@ -69,3 +69,8 @@ def write_idx_dir(directory, gzipped: bool, train: int = 60, test: int = 20, **o
     else:
       (directory / name).write_bytes(raw)
   return f"idx:{directory}"
+
+
+def error_lines(stderr: str) -> list:
+  """The `error: ...` lines of a command's standard error (TensorFlow logs there too)."""
+  return [line for line in stderr.splitlines() if line.startswith("error: ")]

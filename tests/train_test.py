@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -48,6 +49,9 @@ def test_restart_resumes_from_the_latest_checkpoint(tmp_path, caplog):
   assert reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 3
   assert reader.get_tensor("step_in_epoch/.ATTRIBUTES/VARIABLE_VALUE") == 0
   assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 3 * 16
+  # The report's curves cover the whole run, the epochs before the restart included.
+  history = json.loads((tmp_path / "history.json").read_text())["epochs"]
+  assert [entry["epoch"] for entry in history] == [1, 2, 3]
 
 
 def _without_timing(metrics):
@@ -106,6 +110,38 @@ def test_mirrored_over_two_replicas_trains_and_exports(tmp_path, two_replicas):
   assert metrics["num_replicas"] == 2 and metrics["strategy"] == "mirrored"
   assert metrics["test_accuracy"] > 0.9
   assert tf.io.gfile.exists(str(tmp_path / "export" / "saved_model.pb"))
+
+
+def test_semi_supervised_on_two_replicas_learns_from_few_labels(tmp_path, two_replicas):
+  metrics = train.run(_config(tmp_path, labeled_examples=40, epochs=3), two_replicas,
+                      helpers.learnable_splits())
+  assert metrics["labeled_examples"] == 40 and metrics["train_examples"] == 512
+  assert metrics["test_accuracy"] > 0.9  # Four of each class teach these easy classes.
+  assert metrics["test_reconstruction_mse"] < 0.1
+
+
+def test_uncertainty_weighting_on_two_replicas_learns_and_logs_the_weights(tmp_path, two_replicas,
+                                                                            caplog):
+  logging.set_verbosity(logging.INFO)
+  caplog.set_level("INFO")
+  metrics = train.run(_config(tmp_path, loss_weighting="uncertainty"), two_replicas,
+                      helpers.learnable_splits())
+  learned = metrics["loss_weights_final"]
+  # Both start at 1 / c (1 and 0.5); the reconstruction's small loss earns it a larger weight.
+  assert learned["decoder"] > 0.51, learned
+  assert metrics["test_accuracy"] > 0.9
+  assert re.search(r"epoch 2/2: .* loss weights classifier [\d.]+, decoder [\d.]+", caplog.text)
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))
+  log_variances = reader.get_tensor("loss_weighting/log_variances/.ATTRIBUTES/VARIABLE_VALUE")
+  np.testing.assert_allclose([learned["classifier"], learned["decoder"]],
+                             np.exp(-log_variances) / [1.0, 2.0], rtol=1e-6)
+
+
+def test_a_fixed_weight_checkpoint_is_refused_by_an_uncertainty_weighted_job(tmp_path):
+  strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
+  train.run(_config(tmp_path, epochs=1), strategy, splits)
+  with pytest.raises(config.UserInputError, match="does not fit this model"):
+    train.run(_config(tmp_path, loss_weighting="uncertainty"), strategy, splits)
 
 
 def test_global_batch_that_does_not_divide_fails_before_training(tmp_path, two_replicas):
@@ -242,8 +278,8 @@ def test_a_whole_job_on_tensorflows_file_systems_never_writes_with_plain_open(tm
                                          model_dir="ram://run", epochs=1, batch_size=32,
                                          latent_dim=16), tf.distribute.get_strategy())
   monkeypatch.undo()
-  assert sorted(tf.io.gfile.listdir("ram://run")) == ["checkpoints", "export", "logs",
-                                                      "metrics.json"]
+  assert sorted(tf.io.gfile.listdir("ram://run")) == ["checkpoints", "export", "history.json",
+                                                      "logs", "metrics.json", "report"]
   with tf.io.gfile.GFile("ram://run/metrics.json") as f:
     assert json.load(f)["test_accuracy"] == metrics["test_accuracy"]
   assert not os.listdir(work)

@@ -14,6 +14,7 @@ OUTPUT_NAMES = (CLASSIFIER, DECODER)
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+LOSS_WEIGHTINGS = ("fixed", "uncertainty")
 
 
 class UserInputError(ValueError):
@@ -36,6 +37,8 @@ class TrainConfig:
   learning_rate: float = 2e-3
   loss_weights: Dict[str, float] = dataclasses.field(
       default_factory=lambda: {CLASSIFIER: 1.0, DECODER: 0.2})
+  loss_weighting: str = "fixed"  # Or "uncertainty": learned (trainer.losses).
+  labeled_examples: int = 0  # 0: every training label; else the classifier learns from these.
   steps_per_loop: int = 0  # 0: the platform's default (distribution.default_steps_per_loop).
   checkpoint_every_steps: int = 500
   checkpoints_to_keep: int = 3
@@ -45,6 +48,7 @@ class TrainConfig:
   shift_pixels: int = 1
   seed: int = 0
   deterministic: bool = False
+  report: bool = True  # Draw the report under model_dir/report at the end.
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -54,7 +58,9 @@ class TrainConfig:
     for name in ("batch_size", "latent_dim", "checkpoint_every_steps", "checkpoints_to_keep"):
       if getattr(self, name) <= 0:
         raise UserInputError(f"--{name}={getattr(self, name)} must be a positive integer")
-    for name in ("steps_per_loop", "eval_every_steps"):
+    if self.loss_weighting not in LOSS_WEIGHTINGS:
+      raise UserInputError(unknown_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS))
+    for name in ("steps_per_loop", "eval_every_steps", "labeled_examples"):
       if getattr(self, name) < 0:
         raise UserInputError(f"--{name}={getattr(self, name)} must be zero or more")
     if not 0 <= self.shift_pixels <= 8:

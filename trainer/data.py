@@ -2,9 +2,10 @@
 
 Every source returns the same `Splits`: uint8 images of shape (N, 28, 28, 1) and int32 labels
 0-9, for train, validation and test. The pipeline turns a split into batches of
-`(images, {"classifier": labels, "decoder": images})`, all uint8 but the int32 labels (the
-loss scales the decoder's target), sharded per input pipeline so every worker reads only its
-part.
+`(images, {"classifier": labels, "decoder": images}, weights)`, all uint8 but the int32 labels
+(the loss scales the decoder's target) and the per-output float32 weights (which examples
+each task learns from: see `trainer.losses`), sharded per input pipeline so every worker
+reads only its part. `labeled_subset` picks the labelled examples of semi-supervised runs.
 """
 
 import dataclasses
@@ -211,6 +212,38 @@ def _hold_out_validation(train: Split, test: Split) -> Splits:
                 Split(train.images[cut:], train.labels[cut:]), test)
 
 
+def read_image_file(path: str, resize: bool = False) -> np.ndarray:
+  """A (28, 28, 1) uint8 greyscale image from a PNG, JPEG, GIF or BMP file (local or gs://).
+
+  Raises `UserInputError` naming the file and the fix for anything else: not an image, colour
+  or transparency (grey saved as RGB is fine), or another size unless `resize`.
+  """
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      encoded = f.read()
+  except tf.errors.OpError as e:
+    raise UserInputError(f"{path}: cannot read it ({first_line(e)})") from None
+  try:
+    image = tf.io.decode_image(encoded, expand_animations=False).numpy()
+  except (tf.errors.InvalidArgumentError, ValueError):
+    raise UserInputError(f"{path}: not an image; give a PNG, JPEG, GIF or BMP file") from None
+  if image.dtype != np.uint8:
+    raise UserInputError(f"{path}: {image.dtype} pixels; save it with 8-bit pixels")
+  channels = image.shape[-1]
+  grey = image[..., :1]
+  opaque = channels not in (2, 4) or (image[..., -1] == 255).all()
+  if not opaque or (channels >= 3 and not (image[..., :3] == grey).all()):
+    raise UserInputError(
+        f"{path}: a colour or transparent image; convert it to greyscale, white on black")
+  if grey.shape[:2] != IMAGE_SHAPE[:2]:
+    if not resize:
+      raise UserInputError(f"{path}: {grey.shape[1]}x{grey.shape[0]} pixels, expected 28x28; "
+                           "pass --resize to scale it")
+    grey = tf.image.resize(grey, IMAGE_SHAPE[:2], antialias=True).numpy()
+    grey = np.round(np.clip(grey, 0, 255)).astype(np.uint8)
+  return grey
+
+
 def per_replica_batch_size(global_batch_size: int, num_replicas: int) -> int:
   """The batch each replica computes on; the global batch must divide evenly."""
   if global_batch_size <= 0 or global_batch_size % num_replicas:
@@ -260,17 +293,45 @@ def _options(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+def labeled_subset(split: Split, labeled_examples: int, seed: int) -> Optional[np.ndarray]:
+  """Which training examples keep their labels: `labeled_examples` of them, as many of each
+  class as the split's proportions give, chosen by `seed`; None (all) when it is 0."""
+  if not labeled_examples:
+    return None
+  if not NUM_CLASSES <= labeled_examples <= len(split):
+    raise UserInputError(
+        f"--labeled_examples={labeled_examples} must be between {NUM_CLASSES} (one per class) "
+        f"and the {len(split)} training examples; 0 uses every label")
+  if labeled_examples == len(split):
+    return None
+  labeled, _ = model_selection.train_test_split(
+      np.arange(len(split)), train_size=labeled_examples, stratify=split.labels,
+      random_state=seed)
+  return np.sort(labeled)
+
+
+def labeled_per_batch(batch_size: int, labeled_indices: Optional[np.ndarray]) -> int:
+  """Batch slots kept for labelled examples: a quarter when labels are few, so the classifier
+  learns at every step; none when every example is labelled."""
+  return 0 if labeled_indices is None else max(1, batch_size // 4)
+
+
 def training_dataset(split: Split, batch_size: int, steps_per_epoch: int, seed: int,
                      shift_pixels: int = 0, start_epoch: int = 0, start_step: int = 0,
-                     input_context: Optional[tf.distribute.InputContext] = None
-                     ) -> tf.data.Dataset:
+                     input_context: Optional[tf.distribute.InputContext] = None,
+                     labeled_indices: Optional[np.ndarray] = None) -> tf.data.Dataset:
   """One input pipeline's training batches, from (`start_epoch`, `start_step`) on, forever.
+
+  Each element is `(images, targets, weights)`; `weights[CLASSIFIER]` is 1 for examples whose
+  label counts (all of them, unless `labeled_indices` names a subset), `weights[DECODER]` is 1.
 
   Batch `step` of epoch `epoch` is a pure function of (seed, epoch, step): each epoch is a
   stateless shuffle of this pipeline's shard cut to `steps_per_epoch` whole batches, and the
   shifts are keyed by the same three numbers. So a job resumed at any step reads exactly the
   batches an uninterrupted one would, with no iterator state to checkpoint. Every pipeline
-  yields the same number of batches per epoch, whatever its shard's size.
+  yields the same number of batches per epoch, whatever its shard's size. With a labelled
+  subset, the first `labeled_per_batch` slots of each batch are drawn from it (a stateless
+  shuffle of it per epoch, repeated as often as needed) and the rest from the whole shard.
   """
   replicas_here = input_context.num_replicas_in_sync // input_context.num_input_pipelines if (
       input_context) else 1
@@ -280,14 +341,32 @@ def training_dataset(split: Split, batch_size: int, steps_per_epoch: int, seed: 
     shard = shard[input_context.input_pipeline_id::input_context.num_input_pipelines]
   if len(shard) < batches_per_epoch * batch_size:
     raise ValueError(f"shard of {len(shard)} examples is short of {batches_per_epoch} batches")
+  is_labeled = np.ones(len(split), np.float32)
+  labeled_slots = labeled_per_batch(batch_size, labeled_indices)
+  labeled_shard = shard
+  if labeled_indices is not None:
+    is_labeled = np.isin(np.arange(len(split)), labeled_indices).astype(np.float32)
+    labeled_shard = shard[is_labeled[shard] > 0]
+    if not len(labeled_shard):  # More pipelines than labelled examples: share them all.
+      labeled_shard = np.asarray(labeled_indices, np.int64)
   images, labels = tf.constant(split.images), tf.constant(split.labels)
+  is_labeled = tf.constant(is_labeled)
   order_key = tf.constant([seed, 0], tf.int64)
   shift_key = tf.constant([seed, 1], tf.int64)
+  labeled_key = tf.constant([seed, 2], tf.int64)
   fold_in = tf.random.experimental.stateless_fold_in
+  unlabeled_slots = batch_size - labeled_slots
+  repeats = -(-batches_per_epoch * labeled_slots // len(labeled_shard))
 
   def epoch_batches(epoch):
     order = tf.random.experimental.stateless_shuffle(shard, fold_in(order_key, epoch))
-    batches = tf.reshape(order[:batches_per_epoch * batch_size], [batches_per_epoch, batch_size])
+    batches = tf.reshape(order[:batches_per_epoch * unlabeled_slots],
+                         [batches_per_epoch, unlabeled_slots])
+    if labeled_slots:
+      labeled = tf.tile(tf.random.experimental.stateless_shuffle(
+          labeled_shard, fold_in(labeled_key, epoch)), [repeats])
+      batches = tf.concat([tf.reshape(labeled[:batches_per_epoch * labeled_slots],
+                                      [batches_per_epoch, labeled_slots]), batches], axis=1)
     first = tf.cast(epoch == start_epoch, tf.int64) * (start_step * replicas_here)
     return tf.data.Dataset.from_tensor_slices((
         tf.fill([batches_per_epoch - first], epoch),
@@ -298,7 +377,8 @@ def training_dataset(split: Split, batch_size: int, steps_per_epoch: int, seed: 
     if shift_pixels:
       batch_images = random_shift(batch_images, shift_pixels,
                                   fold_in(fold_in(shift_key, epoch), batch))
-    return _to_example(batch_images, tf.gather(labels, indices))
+    weights = {CLASSIFIER: tf.gather(is_labeled, indices), DECODER: tf.ones([batch_size])}
+    return _to_example(batch_images, tf.gather(labels, indices)) + (weights,)
 
   dataset = tf.data.Dataset.counter(start_epoch).flat_map(epoch_batches)
   return _options(dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE))
@@ -307,7 +387,8 @@ def training_dataset(split: Split, batch_size: int, steps_per_epoch: int, seed: 
 def evaluation_dataset(split: Split, batch_size: int,
                        input_context: Optional[tf.distribute.InputContext] = None
                        ) -> tf.data.Dataset:
-  """One input pipeline's evaluation batches, once through: `(images, targets, weights)`.
+  """One input pipeline's evaluation batches, once through: `(images, targets, weights)`,
+  where both outputs' weights are 1 for real examples and 0 for padding.
 
   Padded with zero-weight examples to whole batches on every replica: static shapes
   everywhere, as TPUs need, and the padding counts for nothing.
@@ -321,18 +402,18 @@ def evaluation_dataset(split: Split, batch_size: int,
   if input_context:
     dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
   dataset = dataset.cache().batch(batch_size, drop_remainder=True)
-  return _options(dataset.map(lambda x, y, w: _to_example(x, y) + (w,)))
+  return _options(dataset.map(lambda x, y, w: _to_example(x, y) + ({CLASSIFIER: w, DECODER: w},)))
 
 
 def distribute_training(strategy: tf.distribute.Strategy, split: Split, global_batch_size: int,
                         seed: int, shift_pixels: int = 0, start_epoch: int = 0,
-                        start_step: int = 0):
+                        start_step: int = 0, labeled_indices: Optional[np.ndarray] = None):
   """Training batches as a distributed dataset, from (start_epoch, start_step) on."""
   per_replica = per_replica_batch_size(global_batch_size, strategy.num_replicas_in_sync)
   steps = steps_per_epoch(len(split), global_batch_size)
   return strategy.distribute_datasets_from_function(
       lambda context: training_dataset(split, per_replica, steps, seed, shift_pixels,
-                                       start_epoch, start_step, context))
+                                       start_epoch, start_step, context, labeled_indices))
 
 
 def distribute_evaluation(strategy: tf.distribute.Strategy, split: Split,

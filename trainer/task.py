@@ -38,6 +38,14 @@ flags.DEFINE_float("learning_rate", config_lib.TrainConfig.learning_rate,
                    "Peak learning rate of Adam's cosine decay to zero over the run.")
 flags.DEFINE_string("loss_weights", "classifier=1.0,decoder=0.2",
                     "Weight of each task's loss in the total, as NAME=WEIGHT pairs.")
+flags.DEFINE_enum("loss_weighting", config_lib.TrainConfig.loss_weighting,
+                  list(config_lib.LOSS_WEIGHTINGS),
+                  "fixed: --loss_weights; uncertainty: learned per-task weights (Kendall, Gal and "
+                  "Cipolla, 2018), logged each epoch.")
+flags.DEFINE_integer("labeled_examples", config_lib.TrainConfig.labeled_examples,
+                     "Semi-supervised: the classifier learns from this many training labels "
+                     "(balanced by class, chosen by --seed), the decoder from every image; "
+                     "0: every label.")
 flags.DEFINE_integer("steps_per_loop", config_lib.TrainConfig.steps_per_loop,
                      "Training steps run per call into the device; 0: the platform's default "
                      "(TPU 500, GPU 200, CPU 50).")
@@ -56,6 +64,8 @@ flags.DEFINE_integer("shift_pixels", config_lib.TrainConfig.shift_pixels,
                      "Augmentation: training images move by up to this many pixels each way "
                      "(the decoder rebuilds the moved image); 0 turns it off.")
 flags.DEFINE_integer("seed", config_lib.TrainConfig.seed, "Seed for initialisation and shuffling.")
+flags.DEFINE_bool("report", config_lib.TrainConfig.report,
+                  "Draw the report (images and report.md) under --model_dir/report at the end.")
 flags.DEFINE_bool("deterministic", config_lib.TrainConfig.deterministic,
                   "Deterministic ops (slower): the same flags give the same metrics.")
 
@@ -81,10 +91,12 @@ def config_from_flags() -> config_lib.TrainConfig:
       strategy=FLAGS.strategy, tpu=FLAGS.tpu, precision=FLAGS.precision,
       batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate,
       loss_weights=config_lib.parse_loss_weights(FLAGS.loss_weights),
+      loss_weighting=FLAGS.loss_weighting, labeled_examples=FLAGS.labeled_examples,
       steps_per_loop=FLAGS.steps_per_loop, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
       checkpoints_to_keep=FLAGS.checkpoints_to_keep, eval_every_steps=FLAGS.eval_every_steps,
       jit_compile=FLAGS.jit_compile, latent_dim=FLAGS.latent_dim,
-      shift_pixels=FLAGS.shift_pixels, seed=FLAGS.seed, deterministic=FLAGS.deterministic)
+      shift_pixels=FLAGS.shift_pixels, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
+      report=FLAGS.report)
 
 
 def main(argv):

@@ -4,7 +4,7 @@ Keras 3.15's `model.fit` fails under MultiWorkerMirroredStrategy, so this module
 as the Model Garden's trainers do: a `tf.function` runs `steps_per_loop` steps of
 `strategy.run` per call into the device, and returns the summed losses so the host reads
 them once per call. `run` reads top to bottom in stages: data, outputs, model, restore,
-train, evaluate, export.
+train, evaluate, export and report.
 
 Faults: checkpoints every `checkpoint_every_steps` and at each epoch's end hold the model,
 optimizer and position (epoch, step); the input pipeline is a pure function of that position,
@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import keras
 import numpy as np
@@ -30,14 +30,15 @@ from absl import logging
 from trainer import data as data_lib
 from trainer import distribution
 from trainer import export as export_lib
+from trainer import losses
 from trainer import preemption
+from trainer import report
 from trainer import tuning
-from trainer.config import CLASSIFIER, DECODER, TrainConfig, UserInputError, first_line
+from trainer.config import TrainConfig, UserInputError, first_line
+from trainer.losses import SUMS
 from trainer.model import build_model
 
-# Sums each step returns, in this order; means are taken on the host. Training adds the
-# step's total weighted loss (already a mean over the global batch) as a last element.
-SUMS = ("classifier_loss", "reconstruction_mse", "correct", "examples")
+# Training adds the step's total loss (already a mean over the global batch) after the SUMS.
 TOTAL_LOSS = len(SUMS)
 
 
@@ -86,35 +87,6 @@ def _check_writable(flag: str, directory: str) -> None:
         "give a directory this job may write") from None
 
 
-def _means(sums: np.ndarray) -> Dict[str, float]:
-  totals = dict(zip(SUMS, sums.tolist()))
-  count = max(totals["examples"], 1.0)
-  return {
-      "classifier_loss": totals["classifier_loss"] / count,
-      "reconstruction_mse": totals["reconstruction_mse"] / count,
-      "accuracy": totals["correct"] / count,
-  }
-
-
-def per_example_losses(model: keras.Model, images, targets, training: bool):
-  """Cross-entropy and reconstruction MSE for each example, and whether it was classified right."""
-  outputs = model(images, training=training)
-  cross_entropy = keras.losses.sparse_categorical_crossentropy(
-      targets[CLASSIFIER], outputs[CLASSIFIER])
-  pixels = tf.cast(targets[DECODER], tf.float32) / 255.0
-  squared_error = tf.square(outputs[DECODER] - pixels)
-  mse = tf.reduce_mean(squared_error, axis=[1, 2, 3])
-  correct = tf.cast(tf.equal(tf.argmax(outputs[CLASSIFIER], axis=-1, output_type=tf.int32),
-                             tf.cast(targets[CLASSIFIER], tf.int32)), tf.float32)
-  return cross_entropy, mse, correct
-
-
-def _weighted_sums(cross_entropy, mse, correct, weights):
-  """The SUMS vector of one batch; zero-weight (padding) examples count for nothing."""
-  return tf.stack([tf.reduce_sum(cross_entropy * weights), tf.reduce_sum(mse * weights),
-                   tf.reduce_sum(correct * weights), tf.reduce_sum(weights)])
-
-
 def _agree_on_overflow(gradients):
   """Makes every replica's gradients non-finite when any replica's are.
 
@@ -130,38 +102,43 @@ def _agree_on_overflow(gradients):
           for g in gradients]
 
 
-def make_train_loop(strategy, model, optimizer, loss_weights: Dict[str, float],
-                    global_batch_size: int, jit_compile: bool = False):
+def make_train_loop(strategy, model, optimizer, weighting, jit_compile: bool = False):
   """A `tf.function(iterator, num_steps, stop_requested)` that trains up to `num_steps` steps.
 
-  Returns the SUMS of the steps plus their total loss, how many steps ran, and whether any
-  worker's `stop_requested` was true: every worker gets the same answer, so all stop at the
-  same step. It stops early after a step whose loss or metrics are not finite; the sums say so.
-  With `jit_compile`, XLA compiles each replica's forward and backward pass; the gradients'
-  all-reduce and the update stay outside it, as every strategy needs.
+  `weighting` combines the task losses (a `losses` weighting, or a dict of fixed weights);
+  its own variables, if any, train with the model's. Returns the SUMS of the steps plus their
+  total loss, how many steps ran, and whether any worker's `stop_requested` was true: every
+  worker gets the same answer, so all stop at the same step. It stops early after a step
+  whose loss or metrics are not finite; the sums say so. With `jit_compile`, XLA compiles
+  each replica's forward and backward pass; the gradients' all-reduce and the update stay
+  outside it, as every strategy needs.
   """
+  if isinstance(weighting, dict):
+    weighting = losses.FixedWeighting(weighting)
+  variables = model.trainable_variables + weighting.trainable_variables
 
-  def sums_loss_and_gradients(images, targets):
+  def sums_loss_and_gradients(images, targets, weights, counts):
     with tf.GradientTape() as tape:
-      cross_entropy, mse, correct = per_example_losses(model, images, targets, training=True)
-      # Averaged over the global batch: the optimizer sums gradients across replicas.
-      loss = (loss_weights[CLASSIFIER]
-              * tf.nn.compute_average_loss(cross_entropy, global_batch_size=global_batch_size)
-              + loss_weights[DECODER]
-              * tf.nn.compute_average_loss(mse, global_batch_size=global_batch_size))
+      cross_entropy, mse, correct = losses.per_example_losses(model, images, targets,
+                                                              training=True)
+      loss = weighting.total(losses.task_losses(cross_entropy, mse, weights, counts),
+                             strategy.num_replicas_in_sync)
       scaled_loss = optimizer.scale_loss(loss)  # Loss scaling under float16; identity otherwise.
-    gradients = tape.gradient(scaled_loss, model.trainable_variables)
-    sums = _weighted_sums(cross_entropy, mse, correct, tf.ones_like(correct))
+    gradients = tape.gradient(scaled_loss, variables)
+    sums = losses.batch_sums(cross_entropy, mse, correct, weights)
     return tf.concat([sums, [loss]], axis=0), gradients
 
   if jit_compile:
     sums_loss_and_gradients = tf.function(sums_loss_and_gradients, jit_compile=True)
 
   def train_step(inputs):
-    sums, gradients = sums_loss_and_gradients(*inputs)
+    images, targets, weights = inputs
+    # Counted outside the XLA-compiled part: collectives stay out of it.
+    sums, gradients = sums_loss_and_gradients(images, targets, weights,
+                                              losses.global_counts(weights))
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
       gradients = _agree_on_overflow(gradients)
-    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+    optimizer.apply_gradients(zip(gradients, variables))
     return sums
 
   @tf.function
@@ -187,8 +164,9 @@ def make_evaluate(strategy, model):
 
   def eval_step(inputs):
     images, targets, weights = inputs
-    cross_entropy, mse, correct = per_example_losses(model, images, targets, training=False)
-    return _weighted_sums(cross_entropy, mse, correct, weights)
+    cross_entropy, mse, correct = losses.per_example_losses(model, images, targets,
+                                                            training=False)
+    return losses.batch_sums(cross_entropy, mse, correct, weights)
 
   @tf.function
   def evaluate(dataset):
@@ -242,25 +220,29 @@ class Position:
 
 def build_training_state(config: TrainConfig, strategy: tf.distribute.Strategy, policy: str,
                          steps_per_epoch: int):
-  """Model, optimizer, `Position` and their checkpoint, created inside the strategy scope."""
+  """Model, optimizer, `Position`, task weighting and their checkpoint, created inside the
+  strategy scope."""
   distribution.set_precision(policy)
   with strategy.scope():
     model = build_model(config.latent_dim)
+    weighting = losses.make_weighting(config.loss_weighting, config.loss_weights)
+    variables = model.trainable_variables + weighting.trainable_variables
     # Cosine decay to zero over the whole run: the last epochs settle instead of bouncing.
     schedule = keras.optimizers.schedules.CosineDecay(
         config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch))
     optimizer = keras.optimizers.Adam(schedule)
-    optimizer.build(model.trainable_variables)
+    optimizer.build(variables)
     # The checkpoint holds the inner optimizer, so it restores whatever the precision.
     checkpointed_optimizer = optimizer
     if policy == "mixed_float16":
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-      optimizer.build(model.trainable_variables)
+      optimizer.build(variables)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+    learned = {"loss_weighting": weighting} if weighting.trainable_variables else {}
     checkpoint = tf.train.Checkpoint(model=model, optimizer=checkpointed_optimizer, epoch=epoch,
-                                     step_in_epoch=step)
-  return model, optimizer, Position(epoch, step, steps_per_epoch), checkpoint
+                                     step_in_epoch=step, **learned)
+  return model, optimizer, Position(epoch, step, steps_per_epoch), weighting, checkpoint
 
 
 def restore_latest(checkpoint: tf.train.Checkpoint, directory: str) -> Optional[str]:
@@ -280,19 +262,35 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str) -> Optional[
   return latest
 
 
-def _log_epoch(writer, optimizer, epoch, epochs, train_metrics, validation_metrics,
-               images_per_second):
+def read_history(path: str, epochs_done: int) -> List[Dict]:
+  """The per-epoch metrics of the epochs a restored checkpoint has done (none if no file)."""
+  if not tf.io.gfile.exists(path):
+    return []
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      history = json.load(f)["epochs"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserInputError(f"{path} is not a training history ({first_line(e)}); delete it (the "
+                         "report's curves then start at the resumed epoch)") from None
+  return [entry for entry in history if entry["epoch"] <= epochs_done]
+
+
+def _log_epoch(writer, optimizer, entry: Dict, epochs: int, images_per_second: float) -> None:
+  train_metrics, validation_metrics = entry["train"], entry["validation"]
   logging.info(
       "epoch %d/%d: loss %.4f, classifier_loss %.4f, reconstruction_mse %.4f, accuracy %.4f | "
-      "validation: accuracy %.4f, reconstruction_mse %.4f | %.0f images/s",
-      epoch, epochs, train_metrics["loss"], train_metrics["classifier_loss"],
+      "validation: accuracy %.4f, reconstruction_mse %.4f | loss weights %s | %.0f images/s",
+      entry["epoch"], epochs, train_metrics["loss"], train_metrics["classifier_loss"],
       train_metrics["reconstruction_mse"], train_metrics["accuracy"],
       validation_metrics["accuracy"], validation_metrics["reconstruction_mse"],
+      ", ".join(f"{task} {weight:.4g}" for task, weight in entry["loss_weights"].items()),
       images_per_second)
-  with writer.as_default(step=epoch):
+  with writer.as_default(step=entry["epoch"]):
     for prefix, values in (("train", train_metrics), ("validation", validation_metrics)):
       for name, value in values.items():
         tf.summary.scalar(f"{prefix}/{name}", value)
+    for task, weight in entry["loss_weights"].items():
+      tf.summary.scalar(f"loss_weight/{task}", weight)
     tf.summary.scalar("learning_rate", float(optimizer.learning_rate.numpy()))
     tf.summary.scalar("train/images_per_second", images_per_second)
   writer.flush()
@@ -379,6 +377,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   global_batch = config.batch_size
   data_lib.per_replica_batch_size(global_batch, strategy.num_replicas_in_sync)
   steps_per_epoch = data_lib.steps_per_epoch(len(splits.train), global_batch)
+  labeled = data_lib.labeled_subset(splits.train, config.labeled_examples, config.seed)
 
   # Outputs: checked before any work that could be lost.
   chief = is_chief(strategy)
@@ -386,8 +385,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
 
   # Model.
   policy = distribution.resolve_precision(config.precision, strategy)
-  model, optimizer, position, checkpoint = build_training_state(config, strategy, policy,
-                                                                steps_per_epoch)
+  model, optimizer, position, weighting, checkpoint = build_training_state(
+      config, strategy, policy, steps_per_epoch)
 
   # Restore.
   latest = restore_latest(checkpoint, checkpoint_dir(config))
@@ -396,15 +395,16 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
                  config.epochs, position.step, steps_per_epoch)
   manager = tf.train.CheckpointManager(checkpoint, dirs["checkpoints"],
                                        max_to_keep=config.checkpoints_to_keep)
+  history_path = os.path.join(config.model_dir, "history.json")
+  history = read_history(history_path, position.epoch)
 
   # Train.
   train_data = data_lib.distribute_training(
       strategy, splits.train, global_batch, config.seed, config.shift_pixels,
-      start_epoch=position.epoch, start_step=position.step)
+      start_epoch=position.epoch, start_step=position.step, labeled_indices=labeled)
   validation_data = data_lib.distribute_evaluation(strategy, splits.validation, global_batch)
   test_data = data_lib.distribute_evaluation(strategy, splits.test, global_batch)
-  train_loop = make_train_loop(strategy, model, optimizer, config.loss_weights, global_batch,
-                               config.jit_compile)
+  train_loop = make_train_loop(strategy, model, optimizer, weighting, config.jit_compile)
   evaluate = make_evaluate(strategy, model)
   writer = None  # Created at the first epoch's end: a job that stops before writes no logs.
   show_progress = chief and sys.stdout.isatty()
@@ -413,7 +413,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   train_iterator = iter(train_data)
 
   def evaluate_split(name: str) -> Dict[str, float]:
-    return _means(evaluate({"validation": validation_data, "test": test_data}[name]).numpy())
+    return losses.means(evaluate({"validation": validation_data, "test": test_data}[name]).numpy())
 
   def log_validation(global_step: int, evaluate_split) -> None:
     metrics = evaluate_split("validation")
@@ -432,17 +432,23 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
                          evaluate_mid_epoch)
       seconds = time.perf_counter() - started
       position.start_next_epoch()
-      save_checkpoint(manager, position)
       steps_run = steps_per_epoch - first_step
       images_per_second = steps_run * global_batch / seconds
       if first_step == 0:
         epoch_timings.append((steps_run * global_batch, seconds))
-      train_metrics = {**_means(sums), "loss": sums[TOTAL_LOSS] / steps_run}
+      train_metrics = {**losses.means(sums), "loss": sums[TOTAL_LOSS] / steps_run}
       validation_metrics = evaluate_split("validation")
+      # The history first, then the checkpoint: a job stopped between the two trains this
+      # epoch again and rewrites its entry, where the other order would lose it.
+      history = history[:position.epoch - 1] + [{
+          "epoch": position.epoch, "train": train_metrics, "validation": validation_metrics,
+          "loss_weights": weighting.weights()}]
+      if chief:
+        _write_json(history_path, {"epochs": history})
+      save_checkpoint(manager, position)
       writer = writer or (tf.summary.create_file_writer(dirs["logs"]) if chief
                           else tf.summary.create_noop_writer())
-      _log_epoch(writer, optimizer, position.epoch, config.epochs, train_metrics,
-                 validation_metrics, images_per_second)
+      _log_epoch(writer, optimizer, history[-1], config.epochs, images_per_second)
       if on_evaluation:
         on_evaluation(position.global_step, evaluate_split)
 
@@ -466,17 +472,24 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
                                   if steady else None),
       "dataset": config.dataset,
       "train_examples": len(splits.train),
+      "labeled_examples": len(splits.train) if labeled is None else len(labeled),
+      "loss_weights_final": weighting.weights(),
       "config": dataclasses.asdict(config),
   }
   logging.info("test: accuracy %.4f, reconstruction_mse %.4f", metrics["test_accuracy"],
                metrics["test_reconstruction_mse"])
 
-  # Export, then the metrics beside it: metrics.json is written last, so where it exists the
-  # export is complete, even on file systems (gs://) where renaming a directory is not atomic.
+  # Export and report, then the metrics beside them: metrics.json is written last, so where it
+  # exists the export is complete, even on file systems (gs://) where renaming a directory is not atomic.
   metrics_path = os.path.join(config.model_dir, "metrics.json")
   if chief and tf.io.gfile.exists(metrics_path):
     tf.io.gfile.remove(metrics_path)
   export_lib.export_saved_model(model, dirs["export"])
+  if chief and config.report:
+    report_dir = os.path.join(config.model_dir, "report")
+    report.write_report(dirs["export"], splits.test, history, metrics, report_dir,
+                        writer or tf.summary.create_file_writer(dirs["logs"]))
+    logging.info("report: %s", os.path.join(report_dir, "report.md"))
   if chief:
     _write_json(metrics_path, metrics)
     tuning.report(metrics["validation_accuracy"], position.global_step)

@@ -1,0 +1,53 @@
+"""Tests of `python -m trainer.predict`, run as a user runs it."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from tests import helpers
+
+
+def _predict(*args):
+  return subprocess.run([sys.executable, "-m", "trainer.predict", *args], cwd=helpers.REPO,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True,
+                        text=True, timeout=300)
+
+
+def _write_png(path, image):
+  with open(path, "wb") as f:
+    f.write(tf.io.encode_png(image).numpy())
+  return str(path)
+
+
+def test_predicts_each_image_and_writes_its_reconstruction_beside_it(finished_run, tmp_path):
+  model_dir, _ = finished_run
+  split = helpers.learnable_split(3, seed=9)
+  paths = [_write_png(tmp_path / f"item{i}.png", split.images[i]) for i in range(3)]
+  result = _predict(f"--model_dir={model_dir}", *paths)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 3
+  for path, label, line in zip(paths, split.labels, lines):
+    match = re.fullmatch(rf"{re.escape(path)}: (\d) \(probability (0\.\d+|1\.0+)\), "
+                         rf"reconstruction {re.escape(path[:-4])}_reconstruction\.png", line)
+    assert match, line
+    assert int(match.group(1)) == label  # The learnable classes are easy: all are right.
+    reconstruction = tf.io.decode_png(open(path[:-4] + "_reconstruction.png", "rb").read())
+    assert reconstruction.shape == (28, 28, 1)
+
+
+def test_refuses_a_bad_image_before_writing_anything(finished_run, tmp_path):
+  model_dir, _ = finished_run
+  good = _write_png(tmp_path / "good.png", np.zeros((28, 28, 1), np.uint8))
+  colour = np.zeros((28, 28, 3), np.uint8)
+  colour[..., 0] = 200
+  bad = _write_png(tmp_path / "colour.png", colour)
+  result = _predict(f"--model_dir={model_dir}", good, bad)
+  assert result.returncode == 2
+  assert helpers.error_lines(result.stderr) == [
+      f"error: {bad}: a colour or transparent image; convert it to greyscale, white on black"]
+  assert sorted(os.listdir(tmp_path)) == ["colour.png", "good.png"]

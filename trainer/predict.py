@@ -1,0 +1,72 @@
+"""Entry point: `python -m trainer.predict --model_dir=DIR IMAGE.png [IMAGE.png ...]`.
+
+Prints, for each image file, the predicted class and its probability, and writes the
+reconstruction beside it as NAME_reconstruction.png. Images must be 28x28 greyscale,
+white on black as in MNIST (PNG, JPEG, GIF or BMP); `--resize` scales other sizes to 28x28.
+Every image is checked before any is predicted: a bad one ends the command with one
+`error:` line naming it and exit code 2, and nothing is written.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from trainer import config as config_lib
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model_dir", config_lib.default_model_dir(),
+                    "A finished training job's --model_dir (local or gs://); its export is read.")
+flags.DEFINE_bool("resize", False, "Scale images of another size to 28x28 instead of refusing.")
+
+SUFFIX = "_reconstruction.png"
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e} (see --helpfull)")
+
+
+def reconstruction_path(path: str) -> str:
+  """Where the reconstruction of `path` goes: beside it, NAME_reconstruction.png."""
+  return os.path.splitext(path)[0] + SUFFIX
+
+
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    _fail("no images given: python -m trainer.predict --model_dir=DIR IMAGE.png [...]")
+  if not FLAGS.model_dir:
+    _fail("no --model_dir given and $AIP_MODEL_DIR is not set: pass a finished job's --model_dir")
+  import numpy as np
+  import tensorflow as tf
+  from trainer import data, export
+  clashes = set(paths) & {reconstruction_path(path) for path in paths}
+  if clashes:
+    _fail(f"{sorted(clashes)[0]} is both an input and the reconstruction of another input; "
+          "rename it so that nothing is overwritten")
+  try:
+    images = np.stack([data.read_image_file(path, FLAGS.resize) for path in paths])
+    outputs = export.predict_batches(export.load(f"{FLAGS.model_dir.rstrip('/')}/export"), images)
+  except config_lib.UserInputError as e:
+    _fail(str(e))
+  for path, probabilities, pixels in zip(paths, outputs["classifier"], outputs["decoder"]):
+    label = int(np.argmax(probabilities))
+    target = reconstruction_path(path)
+    png = tf.io.encode_png(np.round(pixels[..., np.newaxis] * 255).astype(np.uint8))
+    with tf.io.gfile.GFile(target, "wb") as f:
+      f.write(png.numpy())
+    print(f"{path}: {label} (probability {probabilities[label]:.4f}), reconstruction {target}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
