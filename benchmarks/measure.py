@@ -32,6 +32,9 @@ flags.DEFINE_integer("epochs", 3, "Package time to accuracy: --epochs of its rec
 flags.DEFINE_integer("eval_every_steps", 250, "Package time to accuracy: evaluation cadence.")
 flags.DEFINE_integer("shift_pixels", 0, "Package time to accuracy: --shift_pixels.")
 flags.DEFINE_float("learning_rate", 2e-3, "Package time to accuracy: --learning_rate.")
+flags.DEFINE_string("loss_weights", "classifier=1.0,decoder=0.2",
+                    "Package time to accuracy: --loss_weights.")
+flags.DEFINE_string("loss_weighting", "fixed", "Package time to accuracy: --loss_weighting.")
 flags.DEFINE_integer("max_epochs", 20, "Exercise time to accuracy: give up after this many.")
 FLAGS = flags.FLAGS
 
@@ -71,10 +74,10 @@ def measure_package(splits) -> None:
   config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(),
                        batch_size=FLAGS.batch_size, steps_per_loop=FLAGS.steps_per_loop)
   steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
-  model, optimizer, _, _ = train.build_training_state(config, strategy, "float32",
-                                                      steps_per_epoch)
-  loop = train.make_train_loop(strategy, model, optimizer, config.loss_weights,
-                               config.batch_size, jit_compile=FLAGS.jit_compile)
+  model, optimizer, _, weighting, _ = train.build_training_state(config, strategy, "float32",
+                                                                 steps_per_epoch)
+  loop = train.make_train_loop(strategy, model, optimizer, weighting,
+                               jit_compile=FLAGS.jit_compile)
   batches = iter(data.distribute_training(strategy, splits.train, config.batch_size, config.seed,
                                           config.shift_pixels))
   calls = max(2, FLAGS.measure_steps // config.steps_per_loop)
@@ -148,11 +151,13 @@ class _Reached(Exception):
 def measure_package_tta(splits) -> None:
   import tensorflow as tf
   from trainer import train
-  from trainer.config import TrainConfig
-  config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(),
+  from trainer.config import TrainConfig, parse_loss_weights
+  config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(), report=False,
                        batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
                        eval_every_steps=FLAGS.eval_every_steps, shift_pixels=FLAGS.shift_pixels,
-                       learning_rate=FLAGS.learning_rate)
+                       learning_rate=FLAGS.learning_rate,
+                       loss_weights=parse_loss_weights(FLAGS.loss_weights),
+                       loss_weighting=FLAGS.loss_weighting)
 
   def stop_at_target(global_step, evaluate):
     metrics = evaluate("test")
@@ -181,13 +186,12 @@ def measure_startup(_) -> None:
   mark("strategy_ready")
   config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp())
   steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
-  model, optimizer, _, _ = train.build_training_state(config, strategy, "float32",
-                                                      steps_per_epoch)
+  model, optimizer, _, weighting, _ = train.build_training_state(config, strategy, "float32",
+                                                                 steps_per_epoch)
   mark("model_built")
   batches = iter(data.distribute_training(strategy, splits.train, config.batch_size, 0, 1))
   mark("input_pipeline_built")
-  loop = train.make_train_loop(strategy, model, optimizer, config.loss_weights,
-                               config.batch_size)
+  loop = train.make_train_loop(strategy, model, optimizer, weighting)
   loop(batches, tf.constant(1), tf.constant(0.0))[0].numpy()
   mark("first_step_done")
   _emit(**stages)

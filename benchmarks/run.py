@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -25,14 +26,19 @@ def _define_flags() -> None:
   flags.DEFINE_string("dataset", "idx:/usr/share/datasets/fashion-mnist", "Any --dataset source.")
   flags.DEFINE_float("target_accuracy", 0.90, "Time to accuracy: test accuracy to reach.")
   flags.DEFINE_float("target_mse", 0.015, "Time to accuracy: test reconstruction MSE to reach.")
+  flags.DEFINE_integer("repeats", 3, "Runs of each of the two throughputs the ratio compares; "
+                       "the median counts (this VM's speed drifts between runs).")
   flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                              "results.json"), "Where to write the figures.")
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The package's time-to-accuracy recipe: the README's Fashion-MNIST command, evaluated every
-# 250 steps (a quarter epoch) instead of only at epoch ends.
-PACKAGE_TTA_FLAGS = ("--epochs=3", "--shift_pixels=0", "--batch_size=64", "--eval_every_steps=250")
+# 250 steps (about a third of an epoch) instead of only at epoch ends. The decoder's weight is
+# 1.0, not 0.2: the MSE bar is the later of the two to fall, and the shared encoder then serves
+# the decoder more (bar at step 1250 instead of 1750, same accuracy).
+PACKAGE_TTA_FLAGS = ("--epochs=3", "--shift_pixels=0", "--batch_size=64", "--eval_every_steps=250",
+                     "--loss_weights=classifier=1.0,decoder=1.0")
 
 
 def measure(name: str, *flags_: str) -> dict:
@@ -95,10 +101,17 @@ def main(_) -> None:
   results = {"dataset": FLAGS.dataset, "machine": platform.node(),
              "bar": {"test_accuracy": FLAGS.target_accuracy,
                      "test_reconstruction_mse": FLAGS.target_mse}}
+  # The ratio's two sides alternate, so a drift in the VM's speed reaches both alike.
+  exercise_runs, package_runs = [], []
+  for _ in range(FLAGS.repeats):
+    exercise_runs.append(measure("exercise")["images_per_second"])
+    package_runs.append(measure("package", "--batch_size=128")["images_per_second"])
+  results["throughput_runs"] = {"exercise_fit_batch128": exercise_runs,
+                                "package_loop_batch128": package_runs}
   throughput = {
       "input_pipeline_alone": measure("pipeline")["images_per_second"],
-      "exercise_fit_batch128": measure("exercise")["images_per_second"],
-      "package_loop_batch128": measure("package", "--batch_size=128")["images_per_second"],
+      "exercise_fit_batch128": statistics.median(exercise_runs),
+      "package_loop_batch128": statistics.median(package_runs),
       "package_loop_batch128_steps_per_loop1": measure(
           "package", "--batch_size=128", "--steps_per_loop=1", "--measure_steps=300"
       )["images_per_second"],
@@ -135,9 +148,10 @@ def table(results: dict) -> str:
   flops = results["flops"]
   rows = [
       ("input pipeline alone (no model)", f"{ips['input_pipeline_alone']:,.0f} images/s"),
-      ("exercise way: float64 arrays into model.fit, batch 128",
+      ("exercise way: float64 arrays into model.fit, batch 128 (median)",
        f"{ips['exercise_fit_batch128']:,.0f} images/s"),
-      ("package loop, batch 128, 50 steps per call", f"{ips['package_loop_batch128']:,.0f} images/s"),
+      ("package loop, batch 128, 50 steps per call (median)",
+       f"{ips['package_loop_batch128']:,.0f} images/s"),
       ("package loop, batch 128, 1 step per call",
        f"{ips['package_loop_batch128_steps_per_loop1']:,.0f} images/s"),
       ("package loop, batch 64 (default)", f"{ips['package_loop_batch64_default']:,.0f} images/s"),
