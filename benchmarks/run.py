@@ -33,12 +33,13 @@ def _define_flags() -> None:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The package's time-to-accuracy recipe: the README's Fashion-MNIST command, evaluated every
-# 250 steps (about a third of an epoch) instead of only at epoch ends. The decoder's weight is
-# 1.0, not 0.2: the MSE bar is the later of the two to fall, and the shared encoder then serves
-# the decoder more (bar at step 1250 instead of 1750, same accuracy).
-PACKAGE_TTA_FLAGS = ("--epochs=3", "--shift_pixels=0", "--batch_size=64", "--eval_every_steps=250",
-                     "--loss_weights=classifier=1.0,decoder=1.0")
+# The package's time-to-accuracy recipe: 2 epochs of batch 64 without shifts, the task weights
+# learned (--loss_weighting=uncertainty: the MSE bar is the later to fall, and the learned
+# weights favour the reconstruction), the test split evaluated every 375 steps (about half an
+# epoch) and at the epoch's end. Measured on Fashion-MNIST, the bar falls at step 1125 this
+# way; at 1250 with fixed weights 1.0 and 1.0 over 3 epochs; at 1750 with 1.0 and 0.2.
+PACKAGE_TTA_FLAGS = ("--epochs=2", "--shift_pixels=0", "--batch_size=64", "--eval_every_steps=375",
+                     "--loss_weighting=uncertainty")
 
 
 def measure(name: str, *flags_: str) -> dict:

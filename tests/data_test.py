@@ -190,6 +190,11 @@ def test_labeled_subset_is_balanced_by_class_and_chosen_by_seed():
   for bad in (5, 1001):
     with pytest.raises(UserInputError, match=f"--labeled_examples={bad} must be between 10"):
       data.labeled_subset(split, bad, seed=0)
+  with pytest.raises(UserInputError, match="--labeled_examples=995: cannot choose that many "
+                                           "class by class .*; choose fewer"):
+    data.labeled_subset(split, 995, seed=0)  # Five left over cannot hold ten classes.
+  with pytest.raises(UserInputError, match="at least 4 examples per replica in a batch, not 2"):
+    data.labeled_per_batch(2, chosen)
 
 
 def test_semi_supervised_batches_mark_only_labeled_examples_and_draw_them_every_step():

@@ -137,6 +137,15 @@ def test_uncertainty_weighting_on_two_replicas_learns_and_logs_the_weights(tmp_p
                              np.exp(-log_variances) / [1.0, 2.0], rtol=1e-6)
 
 
+def test_a_report_that_cannot_be_drawn_costs_a_warning_not_the_job(tmp_path, caplog):
+  logging.set_verbosity(logging.INFO)
+  caplog.set_level("INFO")
+  train.run(_config(tmp_path, latent_dim=1, epochs=1), tf.distribute.get_strategy(),
+            helpers.learnable_splits())  # One latent dimension has no 2-D projection.
+  assert "the report could not be drawn (ValueError" in caplog.text
+  assert (tmp_path / "metrics.json").exists()
+
+
 def test_a_fixed_weight_checkpoint_is_refused_by_an_uncertainty_weighted_job(tmp_path):
   strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
   train.run(_config(tmp_path, epochs=1), strategy, splits)

@@ -304,16 +304,26 @@ def labeled_subset(split: Split, labeled_examples: int, seed: int) -> Optional[n
         f"and the {len(split)} training examples; 0 uses every label")
   if labeled_examples == len(split):
     return None
-  labeled, _ = model_selection.train_test_split(
-      np.arange(len(split)), train_size=labeled_examples, stratify=split.labels,
-      random_state=seed)
+  try:
+    labeled, _ = model_selection.train_test_split(
+        np.arange(len(split)), train_size=labeled_examples, stratify=split.labels,
+        random_state=seed)
+  except ValueError as e:  # A class too rare to stratify, or too few examples left over.
+    raise UserInputError(f"--labeled_examples={labeled_examples}: cannot choose that many "
+                         f"class by class ({first_line(e)}); choose fewer") from None
   return np.sort(labeled)
 
 
 def labeled_per_batch(batch_size: int, labeled_indices: Optional[np.ndarray]) -> int:
   """Batch slots kept for labelled examples: a quarter when labels are few, so the classifier
   learns at every step; none when every example is labelled."""
-  return 0 if labeled_indices is None else max(1, batch_size // 4)
+  if labeled_indices is None:
+    return 0
+  if batch_size < 4:
+    raise UserInputError(
+        f"--labeled_examples needs at least 4 examples per replica in a batch, not {batch_size}: "
+        "raise --batch_size")
+  return batch_size // 4
 
 
 def training_dataset(split: Split, batch_size: int, steps_per_epoch: int, seed: int,

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.config import CLASSIFIER, DECODER, UserInputError
+from trainer.config import CLASSIFIER, DECODER, UserInputError, first_line
 from trainer.data import IMAGE_SHAPE
 
 SERVING_INPUT = tf.TensorSpec([None, *IMAGE_SHAPE[:2]], tf.uint8, name="images")
@@ -60,7 +60,11 @@ def load(path: str):
     raise UserInputError(
         f"no exported model at {path}; train one first with python -m trainer.task "
         "--model_dir=... or point --model_dir at a finished job's directory")
-  return tf.saved_model.load(path)
+  try:
+    return tf.saved_model.load(path)
+  except (tf.errors.OpError, ValueError, OSError) as e:
+    raise UserInputError(f"the export at {path} cannot be read ({first_line(e)[:200]}); train "
+                         "again or point --model_dir at another finished job") from None
 
 
 def predict_batches(exported, images: np.ndarray, signature: str = "serving_default",

@@ -50,10 +50,11 @@ def main(argv):
   import numpy as np
   import tensorflow as tf
   from trainer import data, export
-  clashes = set(paths) & {reconstruction_path(path) for path in paths}
-  if clashes:
-    _fail(f"{sorted(clashes)[0]} is both an input and the reconstruction of another input; "
-          "rename it so that nothing is overwritten")
+  inputs = {os.path.abspath(path) for path in paths}
+  targets = [os.path.abspath(reconstruction_path(path)) for path in paths]
+  if len(set(targets)) < len(targets) or inputs & set(targets):
+    _fail("two images would share a reconstruction file, or one would overwrite an input "
+          "(NAME.png and NAME.jpg, or NAME_reconstruction.png): rename them")
   try:
     images = np.stack([data.read_image_file(path, FLAGS.resize) for path in paths])
     outputs = export.predict_batches(export.load(f"{FLAGS.model_dir.rstrip('/')}/export"), images)
@@ -63,8 +64,11 @@ def main(argv):
     label = int(np.argmax(probabilities))
     target = reconstruction_path(path)
     png = tf.io.encode_png(np.round(pixels[..., np.newaxis] * 255).astype(np.uint8))
-    with tf.io.gfile.GFile(target, "wb") as f:
-      f.write(png.numpy())
+    try:
+      with tf.io.gfile.GFile(target, "wb") as f:
+        f.write(png.numpy())
+    except (tf.errors.OpError, OSError) as e:
+      _fail(f"cannot write {target} ({type(e).__name__}); make its directory writable")
     print(f"{path}: {label} (probability {probabilities[label]:.4f}), reconstruction {target}")
 
 
