@@ -40,7 +40,7 @@ def finished_run(tmp_path_factory):
   For the tests of what comes after training: the report, evaluate and predict.
   """
   from tests import helpers
-  from trainer import config, data, train
+  from trainer import config, train
   root = tmp_path_factory.mktemp("finished_run")
   everything = helpers.learnable_split(640, seed=5)
   dataset = helpers.write_npz(str(root / "data.npz"), X=everything.images.reshape(-1, 784),

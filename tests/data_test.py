@@ -1,7 +1,5 @@
 """Tests of trainer.data: every source, its splits and errors, and the input pipeline."""
 
-import io
-import os
 import re
 
 import numpy as np

@@ -21,7 +21,7 @@ import tensorflow as tf
 from absl import flags
 
 from tests import helpers
-from trainer import preemption, task
+from trainer import cli, preemption, task
 
 SAMPLE_FLAGS = ("--dataset=mnist_sample", "--steps_per_loop=5")
 SAMPLE_STEPS_PER_EPOCH = 4000 // 64
@@ -182,7 +182,7 @@ def _run_task(argv, capsys):
   flags.FLAGS.unparse_flags()
   capsys.readouterr()
   try:
-    task.main(task.parse_flags(["trainer.task", *argv]))
+    task.main(cli.parse_flags(["trainer.task", *argv]))
     code = 0
   except SystemExit as e:
     code = e.code

@@ -6,11 +6,11 @@ own dataset they agree. Bad input ends with one `error:` line and exit code 2.
 """
 
 import json
-import sys
 
 from absl import app
 from absl import flags
 
+from trainer import cli
 from trainer import config as config_lib
 
 FLAGS = flags.FLAGS
@@ -22,34 +22,24 @@ flags.DEFINE_string("data_dir", "", "TFDS data directory; TFDS's default if empt
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Which split to evaluate.")
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(f"{e} (see --helpfull)")
 
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
+    cli.fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
   if not FLAGS.model_dir:
-    _fail("no --model_dir given and $AIP_MODEL_DIR is not set: pass a finished job's --model_dir")
+    cli.fail("no --model_dir given and $AIP_MODEL_DIR is not set: pass a finished job's --model_dir")
   from trainer import data, export, losses
   try:
     split = getattr(data.load_splits(FLAGS.dataset, FLAGS.data_dir), FLAGS.split)
     outputs = export.predict_batches(export.load(f"{FLAGS.model_dir.rstrip('/')}/export"),
                                      split.images)
   except config_lib.UserInputError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   metrics = losses.metrics_from_outputs(outputs["classifier"], outputs["decoder"], split)
   print(json.dumps({"dataset": FLAGS.dataset, "split": FLAGS.split, "examples": len(split),
                     **metrics}, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

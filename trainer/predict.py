@@ -8,11 +8,11 @@ Every image is checked before any is predicted: a bad one ends the command with 
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 
+from trainer import cli
 from trainer import config as config_lib
 
 FLAGS = flags.FLAGS
@@ -24,16 +24,6 @@ flags.DEFINE_bool("resize", False, "Scale images of another size to 28x28 instea
 SUFFIX = "_reconstruction.png"
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(f"{e} (see --helpfull)")
 
 
 def reconstruction_path(path: str) -> str:
@@ -44,22 +34,22 @@ def reconstruction_path(path: str) -> str:
 def main(argv):
   paths = argv[1:]
   if not paths:
-    _fail("no images given: python -m trainer.predict --model_dir=DIR IMAGE.png [...]")
+    cli.fail("no images given: python -m trainer.predict --model_dir=DIR IMAGE.png [...]")
   if not FLAGS.model_dir:
-    _fail("no --model_dir given and $AIP_MODEL_DIR is not set: pass a finished job's --model_dir")
+    cli.fail("no --model_dir given and $AIP_MODEL_DIR is not set: pass a finished job's --model_dir")
   import numpy as np
   import tensorflow as tf
   from trainer import data, export
   inputs = {os.path.abspath(path) for path in paths}
   targets = [os.path.abspath(reconstruction_path(path)) for path in paths]
   if len(set(targets)) < len(targets) or inputs & set(targets):
-    _fail("two images would share a reconstruction file, or one would overwrite an input "
+    cli.fail("two images would share a reconstruction file, or one would overwrite an input "
           "(NAME.png and NAME.jpg, or NAME_reconstruction.png): rename them")
   try:
     images = np.stack([data.read_image_file(path, FLAGS.resize) for path in paths])
     outputs = export.predict_batches(export.load(f"{FLAGS.model_dir.rstrip('/')}/export"), images)
   except config_lib.UserInputError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   for path, probabilities, pixels in zip(paths, outputs["classifier"], outputs["decoder"]):
     label = int(np.argmax(probabilities))
     target = reconstruction_path(path)
@@ -68,9 +58,9 @@ def main(argv):
       with tf.io.gfile.GFile(target, "wb") as f:
         f.write(png.numpy())
     except (tf.errors.OpError, OSError) as e:
-      _fail(f"cannot write {target} ({type(e).__name__}); make its directory writable")
+      cli.fail(f"cannot write {target} ({type(e).__name__}); make its directory writable")
     print(f"{path}: {label} (probability {probabilities[label]:.4f}), reconstruction {target}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

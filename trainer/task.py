@@ -9,6 +9,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from trainer import cli
 from trainer import config as config_lib
 from trainer import preemption
 
@@ -70,17 +71,6 @@ flags.DEFINE_bool("deterministic", config_lib.TrainConfig.deterministic,
                   "Deterministic ops (slower): the same flags give the same metrics.")
 
 
-def _fail(message: str, exit_code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(exit_code)
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with a bad flag reported as one `error:` line like other bad input."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(f"{e} (see --helpfull)")
 
 
 def config_from_flags() -> config_lib.TrainConfig:
@@ -101,11 +91,11 @@ def config_from_flags() -> config_lib.TrainConfig:
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
+    cli.fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
   try:
     config = config_from_flags()
   except config_lib.UserInputError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   # TensorFlow is imported only now: the strategy must be the first thing it sets up.
   from trainer import distribution, train
   try:
@@ -113,16 +103,16 @@ def main(argv):
     train.run(config, strategy)
   except config_lib.UserInputError as e:
     logging.error("%s", e)
-    _fail(str(e))
+    cli.fail(str(e))
   except preemption.Preempted as e:
     print(f"preempted: {e}; run the same command to resume", file=sys.stderr)
     sys.exit(preemption.PREEMPTED_EXIT_CODE)
   except distribution.PEER_FAILURES as e:
     if distribution.cluster_workers() < 2:
       raise
-    _fail(f"lost contact with another worker ({distribution.describe_op_error(e)}); restart "
+    cli.fail(f"lost contact with another worker ({distribution.describe_op_error(e)}); restart "
           "every worker with the same command to resume from the latest checkpoint", exit_code=1)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
