@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import matplotlib
 import numpy as np
 import tensorflow as tf
+from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn import decomposition, metrics as sk_metrics
@@ -88,6 +89,7 @@ def curves_png(history: List[Dict]) -> bytes:
                   label=task)
     axes.set_title(title)
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # No epoch 1.2.
     axes.grid(alpha=0.3)
     axes.legend()
   figure.tight_layout()
