@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 
 from launch import requirements
+from trainer import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("create", "install", "train", "logs", "delete")
@@ -84,17 +85,14 @@ def _define_flags() -> None:
 def main(argv: List[str]) -> None:
   unknown = [step for step in FLAGS.steps if step not in STEPS]
   if unknown:
-    print(f"error: unknown --steps {', '.join(unknown)}: choose from {', '.join(STEPS)}",
-          file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f"unknown --steps {', '.join(unknown)}: choose from {', '.join(STEPS)}")
   for step in FLAGS.steps:
     for command in commands(step, FLAGS.name, FLAGS.zone, FLAGS.project, FLAGS.accelerator_type,
                             FLAGS.package, argv[1:], FLAGS.spot):
       print(shlex.join(command), flush=True)
       if not FLAGS.dry_run and subprocess.run(command).returncode:
-        print(f"error: step {step} failed (the command above); fix it and rerun with "
-              f"--steps from {step} on", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(f"step {step} failed (the command above); fix it and rerun with --steps from "
+                 f"{step} on", exit_code=1)
 
 
 if __name__ == "__main__":

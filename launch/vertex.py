@@ -9,11 +9,12 @@ untouched. `--dry_run` prints the request as JSON and submits nothing.
 """
 
 import dataclasses
-import sys
 from typing import List, Sequence
 
 from absl import app
 from absl import flags
+
+from trainer import cli
 
 # Cloud TPU v2 and v3 come as a "cloud-tpu" machine with 8 cores; a v5e slice is a
 # ct5lp-hightpu-{1,4,8}t machine with its chip topology and no accelerator fields.
@@ -157,19 +158,14 @@ def main(argv: List[str]) -> None:
       raise LaunchError("no --project: give the Google Cloud project to submit to, or --dry_run")
     custom_job = build_custom_job(spec)
   except LaunchError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   except ImportError:
-    _fail("google-cloud-aiplatform is not installed: pip install '.[vertex]'")
+    cli.fail("google-cloud-aiplatform is not installed: pip install '.[vertex]'")
   if FLAGS.dry_run:
     print(to_json(custom_job))
     return
   name, link = submit(custom_job, FLAGS.project, FLAGS.region)
   print(f"submitted {name}\n{link}")
-
-
-def _fail(message: str, exit_code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(exit_code)
 
 
 if __name__ == "__main__":

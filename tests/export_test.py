@@ -36,3 +36,10 @@ def test_export_reloads_with_a_uint8_serving_signature(tmp_path):
 def test_loading_where_there_is_no_export_names_the_fix(tmp_path):
   with pytest.raises(UserInputError, match=f"no exported model at {tmp_path}; train one first"):
     export_lib.load(str(tmp_path))
+
+
+def test_an_unreadable_export_names_the_fix(tmp_path):
+  (tmp_path / "saved_model.pb").write_bytes(b"not a saved model")
+  with pytest.raises(UserInputError, match=f"the export at {tmp_path} cannot be read .*; train "
+                                           "again or point --model_dir at another finished job"):
+    export_lib.load(str(tmp_path))

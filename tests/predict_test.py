@@ -51,3 +51,16 @@ def test_refuses_a_bad_image_before_writing_anything(finished_run, tmp_path):
   assert helpers.error_lines(result.stderr) == [
       f"error: {bad}: a colour or transparent image; convert it to greyscale, white on black"]
   assert sorted(os.listdir(tmp_path)) == ["colour.png", "good.png"]
+
+
+def test_refuses_inputs_whose_reconstructions_would_clash(finished_run, tmp_path):
+  model_dir, _ = finished_run
+  image = np.zeros((28, 28, 1), np.uint8)
+  paths = [_write_png(tmp_path / "a.png", image), str(tmp_path / "a.jpg")]
+  (tmp_path / "a.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
+  result = _predict(f"--model_dir={model_dir}", *paths)
+  assert result.returncode == 2
+  assert helpers.error_lines(result.stderr) == [
+      "error: two images would share a reconstruction file, or one would overwrite an input "
+      "(NAME.png and NAME.jpg, or NAME_reconstruction.png): rename them"]
+  assert sorted(os.listdir(tmp_path)) == ["a.jpg", "a.png"]
