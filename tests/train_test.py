@@ -89,12 +89,37 @@ def test_non_finite_loss_stops_before_saving_and_names_the_step(tmp_path):
   splits = helpers.learnable_splits()
   train.run(_config(tmp_path, epochs=1), strategy, splits)
   before = _snapshot(tmp_path / "checkpoints")
-  # Steps this large take the weights to inf at once: the next step's loss is NaN.
+  # A step this large takes the weights to about 1e30: the next step's activations overflow and
+  # its gradients are not finite, whatever the CPU's kernels do with the NaNs in its loss.
   with pytest.raises(config.UserInputError,
-                     match=r"loss became (inf|nan) at step 18 \(epoch 2, step 2\).*ckpt-16"):
+                     match=r"training diverged: non-finite gradients at step 18 \(epoch 2, step "
+                           r"2\); stopped without saving; the last good checkpoint is .*ckpt-16"):
     train.run(_config(tmp_path, epochs=2, learning_rate=1e30),
               strategy, splits)
   assert _snapshot(tmp_path / "checkpoints") == before
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_a_non_finite_weight_stops_training_before_saving(tmp_path, bad_value):
+  strategy = tf.distribute.get_strategy()
+  splits = helpers.learnable_splits()
+  cfg = _config(tmp_path, epochs=1)
+  model, optimizer, position, weighting, checkpoint = train.build_training_state(
+      cfg, strategy, "float32", steps_per_epoch=16)
+  manager = tf.train.CheckpointManager(checkpoint, str(tmp_path / "checkpoints"), max_to_keep=3)
+  loop = train.make_train_loop(strategy, model, optimizer, weighting)
+  batches = iter(train.data_lib.distribute_training(strategy, splits.train, 32, seed=0))
+  loop(batches, tf.constant(3), tf.constant(0.0))
+  position.advance(3)
+  # One bad weight, as a diverging update leaves it: the step after must stop, whatever the
+  # CPU's kernels make of it in the loss (the weight itself stays non-finite after the update).
+  kernel = model.get_layer("encoder").get_layer("latent").kernel
+  kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0]], [bad_value]))
+  with pytest.raises(config.UserInputError,
+                     match=r"training diverged: non-finite (weights|gradients) at step 4 \(epoch "
+                           r"1, step 4\).*none \(delete --model_dir to start over\)"):
+    train.train_epoch(loop, batches, position, cfg, train.preemption.TerminationFlag(), manager)
+  assert not tf.io.gfile.exists(str(tmp_path / "checkpoints"))
 
 
 def test_checkpoint_dir_can_live_apart_from_model_dir(tmp_path):

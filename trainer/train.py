@@ -9,7 +9,7 @@ train, evaluate, export and report.
 Faults: checkpoints every `checkpoint_every_steps` and at each epoch's end hold the model,
 optimizer and position (epoch, step); the input pipeline is a pure function of that position,
 so a resumed job reads what an uninterrupted one would. SIGTERM saves and raises
-`preemption.Preempted`; a non-finite loss stops the job before it saves bad weights.
+`preemption.Preempted`; a non-finite loss, gradient or weight stops the job before it saves.
 """
 
 import atexit
@@ -37,8 +37,11 @@ from trainer.config import TrainConfig, UserInputError, first_line
 from trainer.losses import SUMS
 from trainer.model import build_model
 
-# Training adds the step's total loss (already a mean over the global batch) after the SUMS.
+# Training adds, after the SUMS: the step's total loss (already a mean over the global batch),
+# then how many replicas saw non-finite gradients and how many hold non-finite weights.
 TOTAL_LOSS = len(SUMS)
+NONFINITE_GRADIENTS = TOTAL_LOSS + 1
+NONFINITE_WEIGHTS = TOTAL_LOSS + 2
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -86,6 +89,10 @@ def _check_writable(flag: str, directory: str) -> None:
         "give a directory this job may write") from None
 
 
+def _all_finite(tensors) -> tf.Tensor:
+  return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
+
+
 def _agree_on_overflow(gradients):
   """Makes every replica's gradients non-finite when any replica's are.
 
@@ -93,7 +100,7 @@ def _agree_on_overflow(gradients):
   gradients before they are summed: another replica's overflow would reach the weights, and
   under multi-worker the workers could take different branches and hang.
   """
-  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
+  finite = _all_finite(gradients)
   replicas_overflowed = tf.distribute.get_replica_context().all_reduce(
       tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
   all_finite = tf.equal(replicas_overflowed, 0.0)
@@ -107,9 +114,12 @@ def make_train_loop(strategy, model, optimizer, weighting, jit_compile: bool = F
 
   `weighting` combines the task losses (a `losses` weighting, or a dict of fixed weights);
   its own variables, if any, train with the model's. Returns the SUMS of the steps plus their
-  total loss, how many steps ran, and whether any worker's `stop_requested` was true: every
-  worker gets the same answer, so all stop at the same step. It stops early after a step
-  whose loss or metrics are not finite; the sums say so. With `jit_compile`, XLA compiles
+  total loss and health counts (see NONFINITE_GRADIENTS), how many steps ran, and whether any
+  worker's `stop_requested` was true: every worker gets the same answer, so all stop at the
+  same step. It stops early after a step whose loss, metrics, gradients or updated weights
+  are not finite; the sums say so (`divergence` reads them). The loss alone is not enough:
+  some CPU kernels turn NaN activations into finite outputs, so weights can go NaN while the
+  loss stays finite. With `jit_compile`, XLA compiles
   each replica's forward and backward pass; the gradients' all-reduce and the update stay
   outside it, as every strategy needs. `semi_supervised` batches have unlabelled examples,
   whose number the replicas must add up each step; otherwise both counts are the global batch.
@@ -141,20 +151,27 @@ def make_train_loop(strategy, model, optimizer, weighting, jit_compile: bool = F
                                     tf.float32))
     sums, gradients = sums_loss_and_gradients(images, targets, weights, counts)
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+      # Overflowing scaled gradients are routine under float16: the optimizer skips the step
+      # and lowers the scale. Divergence then shows in the loss or the weights.
       gradients = _agree_on_overflow(gradients)
+      bad_gradients = tf.constant(0.0)
+    else:
+      bad_gradients = 1.0 - tf.cast(_all_finite(gradients), tf.float32)
     optimizer.apply_gradients(zip(gradients, variables))
-    return sums
+    bad_weights = 1.0 - tf.cast(_all_finite(variables), tf.float32)
+    return tf.concat([sums, [bad_gradients, bad_weights]], axis=0)
 
   @tf.function
   def train_loop(iterator, num_steps, stop_requested):
-    sums = tf.zeros([len(SUMS) + 1])
+    sums = tf.zeros([NONFINITE_WEIGHTS + 1])
     steps_run = tf.constant(0)
     for _ in tf.range(num_steps):
       step_sums = strategy.reduce(tf.distribute.ReduceOp.SUM,
                                   strategy.run(train_step, args=(next(iterator),)), axis=None)
       sums += step_sums
       steps_run += 1
-      if not tf.reduce_all(tf.math.is_finite(step_sums)):
+      if (not tf.reduce_all(tf.math.is_finite(step_sums))
+          or step_sums[NONFINITE_GRADIENTS] + step_sums[NONFINITE_WEIGHTS] > 0):
         break
     requests = strategy.reduce(tf.distribute.ReduceOp.SUM,
                                strategy.run(tf.identity, args=(stop_requested,)), axis=None)
@@ -321,6 +338,17 @@ def _write_report(dirs, test, history, metrics, model_dir, writer) -> None:
                     type(e).__name__, first_line(e))
 
 
+def divergence(loop_sums: np.ndarray) -> Optional[str]:
+  """What went non-finite in a training loop's sums, or None where training is healthy."""
+  if loop_sums[NONFINITE_GRADIENTS]:
+    return "non-finite gradients"
+  if loop_sums[NONFINITE_WEIGHTS]:
+    return "non-finite weights"
+  if not np.isfinite(loop_sums).all():
+    return f"a non-finite loss ({loop_sums[TOTAL_LOSS]})"
+  return None
+
+
 def save_checkpoint(manager: tf.train.CheckpointManager, position: Position) -> str:
   """Saves a checkpoint numbered by global step; returns its path."""
   return manager.save(checkpoint_number=position.global_step)
@@ -334,7 +362,7 @@ def train_epoch(train_loop, iterator, position: Position, config: TrainConfig, t
   Saves every `checkpoint_every_steps` global steps and calls `evaluate_mid_epoch` every
   `eval_every_steps` (0: never), but not at the epoch's end: the caller does both there after
   it counts the epoch done. Returns the epoch's SUMS plus total loss. Raises
-  `UserInputError` on a non-finite loss, before saving anything, and `preemption.Preempted`
+  `UserInputError` on divergence (non-finite loss, gradients or weights), before saving anything, and `preemption.Preempted`
   after saving when any worker's `termination` flag is set.
   """
   sums = np.zeros(len(SUMS) + 1)
@@ -347,14 +375,15 @@ def train_epoch(train_loop, iterator, position: Position, config: TrainConfig, t
     loop_sums, steps_run, stop = train_loop(iterator, tf.constant(steps),
                                             tf.constant(float(termination.requested)))
     loop_sums = loop_sums.numpy()
-    if not np.isfinite(loop_sums).all():
+    problem = divergence(loop_sums)
+    if problem:
       raise UserInputError(
-          f"the training loss became {loop_sums[TOTAL_LOSS]} at step "
-          f"{position.global_step + int(steps_run)} (epoch {position.epoch + 1}, step "
-          f"{position.step + int(steps_run)}); stopped without saving; the last good checkpoint is "
+          f"training diverged: {problem} at step {position.global_step + int(steps_run)} "
+          f"(epoch {position.epoch + 1}, step {position.step + int(steps_run)}); stopped "
+          "without saving; the last good checkpoint is "
           f"{manager.latest_checkpoint or 'none (delete --model_dir to start over)'}; "
           "lower --learning_rate or check the data")
-    sums += loop_sums
+    sums += loop_sums[:TOTAL_LOSS + 1]
     position.advance(steps)
     if progress:
       progress.update(position.step)
