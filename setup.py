@@ -13,6 +13,9 @@ INSTALL_REQUIRES = [
     "tensorflow>=2.21,<2.22",
     "keras>=3.15,<3.16",
     "tensorflow-datasets>=4.9,<5",
+    # tensorflow-datasets 4.9.10 imports it (core/dataset_builder.py) on the download path
+    # without declaring it: without it, --dataset=mnist fails on "No module named ...".
+    "importlib_resources",
     "tensorboard>=2.21,<2.22",
     "numpy>=1.26",
     "scikit-learn>=1.3",
