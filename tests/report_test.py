@@ -55,9 +55,10 @@ def test_reconstruction_grid_puts_each_image_above_its_reconstruction():
 def test_the_report_images_go_to_tensorboard_too(finished_run):
   model_dir, _ = finished_run
   tags = set()
-  for path in tf.io.gfile.glob(os.path.join(model_dir, "logs", "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      tags.update(value.tag for value in event.summary.value)
+  for run in ("train", "report"):
+    for path in tf.io.gfile.glob(os.path.join(model_dir, "logs", run, "events.out.tfevents.*")):
+      for event in tf.compat.v1.train.summary_iterator(path):
+        tags.update(value.tag for value in event.summary.value)
   assert {f"report/{name}" for name in report.IMAGES} <= tags
   assert {"loss_weight/classifier", "loss_weight/decoder"} <= tags
 

@@ -33,8 +33,59 @@ def test_trains_and_writes_every_output(tmp_path):
   assert written["strategy"] == "default" and written["num_replicas"] == 1
   # Numbered by global step: 2 epochs of 512 // 32 steps.
   assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-32")
-  assert tf.io.gfile.glob(str(tmp_path / "logs" / "events.out.tfevents.*"))
   assert tf.io.gfile.exists(str(tmp_path / "export" / "saved_model.pb"))
+
+
+def test_tensorboard_shows_train_and_validation_as_two_runs_of_the_same_tags(tmp_path):
+  from tensorboard.backend.event_processing import event_multiplexer
+  train.run(_config(tmp_path), tf.distribute.get_strategy(), helpers.learnable_splits())
+  logs = event_multiplexer.EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "logs"))
+  logs.Reload()
+  assert set(logs.Runs()) == {"train", "validation", "report"}
+  metrics = {"accuracy", "classifier_loss", "reconstruction_mse"}
+  scalars = {run: set(tags["tensors"]) for run, tags in logs.Runs().items()}
+  assert metrics <= scalars["train"] and metrics == scalars["validation"]
+  assert {"loss", "learning_rate", "images_per_second"} <= scalars["train"]
+  for run in ("train", "validation"):
+    assert [event.step for event in logs.Tensors(run, "accuracy")] == [1, 2]
+
+
+def _fingerprint(directory):
+  """Every file under `directory` with its size and modification time."""
+  return {str(path): (path.stat().st_size, path.stat().st_mtime_ns)
+          for path in directory.rglob("*") if path.is_file()}
+
+
+def test_a_finished_job_run_again_rewrites_nothing_and_says_where_its_results_are(tmp_path,
+                                                                                   caplog):
+  strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
+  metrics = train.run(_config(tmp_path, epochs=1), strategy, splits)
+  before = _fingerprint(tmp_path)
+  logging.set_verbosity(logging.INFO)
+  caplog.set_level("INFO")
+  assert train.run(_config(tmp_path, epochs=1), strategy, splits) == json.loads(
+      json.dumps(metrics))
+  assert _fingerprint(tmp_path) == before
+  assert f"already trained its 1 epochs; its results: test accuracy" in caplog.text
+  assert str(tmp_path / "metrics.json") in caplog.text
+  # Fewer epochs than trained is refused; more extends the job.
+  train.run(_config(tmp_path, epochs=2), strategy, splits)
+  with pytest.raises(config.UserInputError, match=r"--epochs=1 is fewer than the 2 epochs"):
+    train.run(_config(tmp_path, epochs=1), strategy, splits)
+  assert json.loads((tmp_path / "history.json").read_text())["epochs"][-1]["epoch"] == 2
+
+
+def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(tmp_path):
+  strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
+  metrics = train.run(_config(tmp_path, epochs=1), strategy, splits)
+  # As if killed between the last checkpoint and metrics.json: no metrics, half an export.
+  (tmp_path / "metrics.json").unlink()
+  (tmp_path / "export" / "saved_model.pb").unlink()
+  checkpoints = _fingerprint(tmp_path / "checkpoints")
+  completed = train.run(_config(tmp_path, epochs=1), strategy, splits)
+  assert completed["test_accuracy"] == metrics["test_accuracy"]
+  assert (tmp_path / "export" / "saved_model.pb").exists() and (tmp_path / "metrics.json").exists()
+  assert _fingerprint(tmp_path / "checkpoints") == checkpoints  # Nothing trained again.
 
 
 def test_restart_resumes_from_the_latest_checkpoint(tmp_path, caplog):

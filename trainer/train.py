@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional
@@ -32,6 +31,7 @@ from trainer import distribution
 from trainer import export as export_lib
 from trainer import losses
 from trainer import preemption
+from trainer import progress as progress_lib
 from trainer import tuning
 from trainer.config import TrainConfig, UserInputError, first_line
 from trainer.losses import SUMS
@@ -304,7 +304,9 @@ def read_history(path: str, epochs_done: int) -> List[Dict]:
                          "report's curves then start at the resumed epoch)") from None
 
 
-def _log_epoch(writer, optimizer, entry: Dict, epochs: int, images_per_second: float) -> None:
+def _log_epoch(writers, optimizer, entry: Dict, epochs: int, images_per_second: float) -> None:
+  """The epoch's log line, and its scalars in TensorBoard: `writers` has one per split, so
+  train and validation curves share a chart under the same tag."""
   train_metrics, validation_metrics = entry["train"], entry["validation"]
   logging.info(
       "epoch %d/%d: loss %.4f, classifier_loss %.4f, reconstruction_mse %.4f, accuracy %.4f | "
@@ -314,25 +316,30 @@ def _log_epoch(writer, optimizer, entry: Dict, epochs: int, images_per_second: f
       validation_metrics["accuracy"], validation_metrics["reconstruction_mse"],
       ", ".join(f"{task} {weight:.4g}" for task, weight in entry["loss_weights"].items()),
       images_per_second)
-  with writer.as_default(step=entry["epoch"]):
-    for prefix, values in (("train", train_metrics), ("validation", validation_metrics)):
-      for name, value in values.items():
-        tf.summary.scalar(f"{prefix}/{name}", value)
+  with writers["validation"].as_default(step=entry["epoch"]):
+    for name, value in validation_metrics.items():
+      tf.summary.scalar(name, value)
+  with writers["train"].as_default(step=entry["epoch"]):
+    for name, value in train_metrics.items():
+      tf.summary.scalar(name, value)
     for task, weight in entry["loss_weights"].items():
       tf.summary.scalar(f"loss_weight/{task}", weight)
     tf.summary.scalar("learning_rate", float(optimizer.learning_rate.numpy()))
-    tf.summary.scalar("train/images_per_second", images_per_second)
-  writer.flush()
+    tf.summary.scalar("images_per_second", images_per_second)
+  for writer in writers.values():
+    writer.flush()
 
 
-def _write_report(dirs, test, history, metrics, model_dir, writer) -> None:
-  """Draws the report; a failure is logged, not raised: the trained job must not be lost to it."""
+def _write_report(dirs, test, history, metrics, model_dir) -> None:
+  """Draws the report; a failure is logged, not raised: the trained job must not be lost to it.
+
+  Its images go to TensorBoard as a run of their own, `report`, beside `train` and `validation`.
+  """
   from trainer import report  # Here, not at the top: matplotlib takes a second to import.
   report_dir = os.path.join(model_dir, "report")
   try:
     report.write_report(dirs["export"], test, history, metrics, report_dir,
-                        writer or tf.summary.create_file_writer(dirs["logs"]))
-    logging.info("report: %s", os.path.join(report_dir, "report.md"))
+                        tf.summary.create_file_writer(os.path.join(dirs["logs"], "report")))
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("the report could not be drawn (%s: %s); the model and metrics are saved",
                     type(e).__name__, first_line(e))
@@ -386,7 +393,7 @@ def train_epoch(train_loop, iterator, position: Position, config: TrainConfig, t
     sums += loop_sums[:TOTAL_LOSS + 1]
     position.advance(steps)
     if progress:
-      progress.update(position.step)
+      progress.update(position.step, float(loop_sums[TOTAL_LOSS]) / max(int(steps_run), 1))
     if bool(stop):
       if position.step == position.steps_per_epoch:  # Resume at the next epoch's start.
         position.start_next_epoch()
@@ -400,6 +407,47 @@ def train_epoch(train_loop, iterator, position: Position, config: TrainConfig, t
   return sums
 
 
+def results_line(metrics: Dict[str, object], model_dir: str, report: bool) -> str:
+  """The closing line of a job: its test metrics, and where its outputs are."""
+  outputs = [f"metrics {os.path.join(model_dir, 'metrics.json')}",
+             f"export {os.path.join(model_dir, 'export')}"]
+  if report:
+    outputs.append(f"report {os.path.join(model_dir, 'report', 'report.md')}")
+  return (f"test accuracy {metrics['test_accuracy']:.4f}, reconstruction_mse "
+          f"{metrics['test_reconstruction_mse']:.4f}; {', '.join(outputs)}")
+
+
+def finished_metrics(config: TrainConfig) -> Optional[Dict[str, object]]:
+  """The metrics of a finished job in `config.model_dir`, or None where there is work left.
+
+  A job is finished when metrics.json exists beside a checkpoint of its last epoch's end:
+  metrics.json is written last, so a job killed after that checkpoint but before it is not
+  finished, and completes its export and report when run again. A larger --epochs extends a
+  finished job; a smaller one than the epochs a checkpoint holds is refused.
+  """
+  latest = tf.train.latest_checkpoint(checkpoint_dir(config))
+  if not latest:
+    return None
+  try:
+    epochs_done = int(tf.train.load_checkpoint(latest).get_tensor(
+        "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+  except (tf.errors.OpError, ValueError):
+    return None  # Not one of ours: restore_latest says so, with the fix.
+  if epochs_done > config.epochs:
+    raise UserInputError(
+        f"--epochs={config.epochs} is fewer than the {epochs_done} epochs the checkpoint "
+        f"{latest} has trained; pass --epochs={epochs_done} or more, or a new --model_dir")
+  metrics_path = os.path.join(config.model_dir, "metrics.json")
+  if epochs_done < config.epochs or not tf.io.gfile.exists(metrics_path):
+    return None
+  try:
+    with tf.io.gfile.GFile(metrics_path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise UserInputError(f"{metrics_path} is not a job's metrics ({first_line(e)}); delete it "
+                         "and run again to evaluate and export the trained model") from None
+
+
 def run(config: TrainConfig, strategy: tf.distribute.Strategy,
         splits: Optional[data_lib.Splits] = None,
         on_evaluation: Optional[Callable[[int, Callable[[str], Dict[str, float]]], None]] = None
@@ -407,7 +455,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   """Trains, evaluates and exports the multitask model; returns the final metrics.
 
   `splits` defaults to the source `config.dataset` names; tests and notebooks may pass their
-  own. Resumes from the latest checkpoint when there is one. Raises `UserInputError` for bad
+  own. Resumes from the latest checkpoint when there is one; a finished job (see
+  `finished_metrics`) returns its metrics and rewrites nothing. Raises `UserInputError` for bad
   input and a diverged loss, and `preemption.Preempted` after saving on SIGTERM.
 
   `on_evaluation(global_step, evaluate)`, where given, is called every `eval_every_steps` and
@@ -424,6 +473,13 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   if not config.steps_per_loop:
     config = dataclasses.replace(config,
                                  steps_per_loop=distribution.default_steps_per_loop(strategy))
+
+  # A finished job, run again: say where its results are, and touch nothing.
+  finished = finished_metrics(config)
+  if finished is not None:
+    logging.info("This job has already trained its %d epochs; its results: %s", config.epochs,
+                 results_line(finished, config.model_dir, config.report))
+    return finished
 
   # Data, checked before anything is written.
   if splits is None:
@@ -462,8 +518,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   train_loop = make_train_loop(strategy, model, optimizer, weighting, config.jit_compile,
                                semi_supervised=labeled is not None)
   evaluate = make_evaluate(strategy, model)
-  writer = None  # Created at the first epoch's end: a job that stops before writes no logs.
-  show_progress = chief and sys.stdout.isatty()
+  writers = None  # Created at the first epoch's end: a job that stops before writes no logs.
   epoch_timings = []  # (images, seconds) of each whole epoch this process trained.
   validation_metrics = None
   train_iterator = iter(train_data)
@@ -483,9 +538,10 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
     while position.epoch < config.epochs:
       first_step = position.step
       started = time.perf_counter()
+      progress = (progress_lib.Progress(position.epoch + 1, config.epochs, steps_per_epoch,
+                                        global_batch) if chief else None)
       sums = train_epoch(train_loop, train_iterator, position, config, termination, manager,
-                         keras.utils.Progbar(steps_per_epoch) if show_progress else None,
-                         evaluate_mid_epoch)
+                         progress, evaluate_mid_epoch)
       seconds = time.perf_counter() - started
       position.start_next_epoch()
       steps_run = steps_per_epoch - first_step
@@ -502,16 +558,17 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
       if chief:
         _write_json(history_path, {"epochs": history})
       save_checkpoint(manager, position)
-      writer = writer or (tf.summary.create_file_writer(dirs["logs"]) if chief
-                          else tf.summary.create_noop_writer())
-      _log_epoch(writer, optimizer, history[-1], config.epochs, images_per_second)
+      writers = writers or {
+          split: (tf.summary.create_file_writer(os.path.join(dirs["logs"], split)) if chief
+                  else tf.summary.create_noop_writer()) for split in ("train", "validation")}
+      _log_epoch(writers, optimizer, history[-1], config.epochs, images_per_second)
       if on_evaluation:
         on_evaluation(position.global_step, evaluate_split)
 
   # Evaluate. The first epoch of a process includes tracing and compilation: leave it out.
   steady = epoch_timings[1:] or epoch_timings
   test_metrics = evaluate_split("test")
-  if validation_metrics is None:  # Nothing left to train: a finished job run again.
+  if validation_metrics is None:  # Trained to the end before, but stopped before metrics.json.
     validation_metrics = evaluate_split("validation")
   metrics = {
       "test_accuracy": test_metrics["accuracy"],
@@ -532,8 +589,6 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
       "loss_weights_final": weighting.weights(),
       "config": dataclasses.asdict(config),
   }
-  logging.info("test: accuracy %.4f, reconstruction_mse %.4f", metrics["test_accuracy"],
-               metrics["test_reconstruction_mse"])
 
   # Export and report, then the metrics beside them: metrics.json is written last, so where it
   # exists the export is complete, even on file systems (gs://) where renaming a directory is not atomic.
@@ -542,8 +597,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
     tf.io.gfile.remove(metrics_path)
   export_lib.export_saved_model(model, dirs["export"])
   if chief and config.report:
-    _write_report(dirs, splits.test, history, metrics, config.model_dir, writer)
+    _write_report(dirs, splits.test, history, metrics, config.model_dir)
   if chief:
     _write_json(metrics_path, metrics)
     tuning.report(metrics["validation_accuracy"], position.global_step)
+    logging.info("Done: %s", results_line(metrics, config.model_dir, config.report))
   return metrics
