@@ -1,5 +1,7 @@
 """Tests of trainer.config: validation of every setting, and --loss_weights parsing."""
 
+import re
+
 import pytest
 
 from trainer import config
@@ -15,7 +17,13 @@ def test_defaults_are_valid_and_weight_the_tasks_one_and_point_two():
     ({"precision": "float8"}, "unknown --precision='float8'"),
     ({"batch_size": 0}, "--batch_size=0 must be a positive integer"),
     ({"batch_size": -8}, "--batch_size=-8 must be a positive integer"),
-    ({"epochs": -1}, "--epochs=-1 must be zero or more"),
+    ({"epochs": -1}, "--epochs=-1 must be a positive integer"),
+    ({"epochs": 0}, "--epochs=0 must be a positive integer"),
+    ({"dataset": "mnist_smaple"}, "unknown --dataset='mnist_smaple' (did you mean mnist_sample?): "
+                                  "use mnist, mnist_sample, tfds:NAME, idx:DIR or npz:PATH"),
+    ({"dataset": "cifar10"}, "unknown --dataset='cifar10': use mnist"),
+    ({"dataset": "tfds:"}, "unknown --dataset='tfds:'"),
+    ({"dataset": "csv:/data/x.csv"}, "unknown --dataset='csv:/data/x.csv'"),
     ({"learning_rate": -0.1}, "--learning_rate=-0.1 must be positive"),
     ({"learning_rate": float("nan")}, "must be positive"),
     ({"loss_weights": {"classifier": 1.0}}, "must give a non-negative weight to each"),
@@ -29,8 +37,15 @@ def test_defaults_are_valid_and_weight_the_tasks_one_and_point_two():
     ({"checkpoints_to_keep": 0}, "--checkpoints_to_keep=0 must be a positive integer"),
 ])
 def test_bad_settings_are_refused_with_the_fix(changes, message):
-  with pytest.raises(config.UserInputError, match=message.replace("(", r"\(").replace("[", r"\[")):
+  with pytest.raises(config.UserInputError, match=re.escape(message)):
     config.TrainConfig(**{"model_dir": "/tmp/x", **changes})
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "mnist_sample", "tfds:fashion_mnist",
+                                     "idx:/data/fashion", "npz:gs://bucket/mnist.npz"])
+def test_every_kind_of_dataset_name_is_accepted(dataset):
+  config.check_dataset_name(dataset)
+  assert config.TrainConfig(dataset=dataset, model_dir="/tmp/x").dataset == dataset
 
 
 def test_parse_loss_weights():

@@ -249,11 +249,12 @@ BAD_FLAGS = {
     "batch-not-divisible": (["--strategy=mirrored", "--batch_size=33"],
                             "--batch_size=33 is the global batch and must be a positive multiple "
                             "of the 2 replicas; try --batch_size=32"),
-    "negative-epochs": (["--epochs=-1"], "--epochs=-1 must be zero or more"),
+    "no-epochs": (["--epochs=0"], "--epochs=0 must be a positive integer"),
     "negative-learning-rate": (["--learning_rate=-0.1"], "--learning_rate=-0.1 must be positive"),
     "dataset-path-missing": (["--dataset=npz:/nonexistent/data.npz"],
                              "no file at /nonexistent/data.npz"),
     "dataset-dir-missing": (["--dataset=idx:/nonexistent"], "no train-images-idx3-ubyte"),
+    "dataset-name-typo": (["--dataset=mnist_smaple"], "unknown --dataset='mnist_smaple'"),
     "checkpoint-of-another-shape": (["--latent_dim=32"],
                                     "does not fit this model"),
 }

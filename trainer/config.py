@@ -5,6 +5,7 @@ explicit arguments), so tests and notebooks can build one directly.
 """
 
 import dataclasses
+import difflib
 import os
 from typing import Dict
 
@@ -15,6 +16,11 @@ OUTPUT_NAMES = (CLASSIFIER, DECODER)
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
+
+# --dataset is one of DATASETS, or KIND:ARGUMENT with KIND one of DATASET_KINDS
+# (trainer.data.load_splits reads each; this is only the name, checked without TensorFlow).
+DATASETS = ("mnist", "mnist_sample")
+DATASET_KINDS = ("tfds", "idx", "npz")
 
 
 class UserInputError(ValueError):
@@ -51,11 +57,13 @@ class TrainConfig:
   report: bool = True  # Draw the report under model_dir/report at the end.
 
   def __post_init__(self):
+    check_dataset_name(self.dataset)
     if self.strategy not in STRATEGIES:
       raise UserInputError(unknown_choice("strategy", self.strategy, STRATEGIES))
     if self.precision not in PRECISIONS:
       raise UserInputError(unknown_choice("precision", self.precision, PRECISIONS))
-    for name in ("batch_size", "latent_dim", "checkpoint_every_steps", "checkpoints_to_keep"):
+    for name in ("batch_size", "epochs", "latent_dim", "checkpoint_every_steps",
+                 "checkpoints_to_keep"):
       if getattr(self, name) <= 0:
         raise UserInputError(f"--{name}={getattr(self, name)} must be a positive integer")
     if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -65,8 +73,6 @@ class TrainConfig:
         raise UserInputError(f"--{name}={getattr(self, name)} must be zero or more")
     if not 0 <= self.shift_pixels <= 8:
       raise UserInputError(f"--shift_pixels={self.shift_pixels} must be between 0 and 8")
-    if self.epochs < 0:
-      raise UserInputError(f"--epochs={self.epochs} must be zero or more")
     if self.jit_compile and self.deterministic:
       raise UserInputError("--jit_compile and --deterministic cannot go together: XLA has no "
                            "deterministic max-pool gradient; drop one of them")
@@ -79,6 +85,20 @@ class TrainConfig:
           f"{', '.join(OUTPUT_NAMES)}, e.g. --loss_weights=classifier=1.0,decoder=0.2")
     if not self.model_dir:
       raise UserInputError("no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir")
+
+
+def check_dataset_name(dataset: str) -> None:
+  """Raises UserInputError unless `dataset` names a kind of source --dataset takes.
+
+  Only the name: whether the files or the TFDS set exist is for trainer.data to find out.
+  """
+  kind, _, argument = dataset.partition(":")
+  if dataset in DATASETS or (kind in DATASET_KINDS and argument):
+    return
+  close = difflib.get_close_matches(dataset, DATASETS, n=1)
+  hint = f" (did you mean {close[0]}?)" if close else ""
+  raise UserInputError(f"unknown --dataset={dataset!r}{hint}: use mnist, mnist_sample, "
+                       "tfds:NAME, idx:DIR or npz:PATH")
 
 
 def first_line(error: BaseException) -> str:
