@@ -417,26 +417,20 @@ def results_line(metrics: Dict[str, object], model_dir: str, report: bool) -> st
           f"{metrics['test_reconstruction_mse']:.4f}; {', '.join(outputs)}")
 
 
-def finished_metrics(config: TrainConfig) -> Optional[Dict[str, object]]:
+def finished_metrics(config: TrainConfig, epochs_done: int,
+                     checkpoint: Optional[str]) -> Optional[Dict[str, object]]:
   """The metrics of a finished job in `config.model_dir`, or None where there is work left.
 
-  A job is finished when metrics.json exists beside a checkpoint of its last epoch's end:
-  metrics.json is written last, so a job killed after that checkpoint but before it is not
-  finished, and completes its export and report when run again. A larger --epochs extends a
-  finished job; a smaller one than the epochs a checkpoint holds is refused.
+  `epochs_done` is what the restored `checkpoint` holds. A job is finished when metrics.json
+  exists beside a checkpoint of its last epoch's end: metrics.json is written last, so a job
+  killed after that checkpoint but before it is not finished, and completes its export and
+  report when run again. A larger --epochs extends a finished job; a smaller one than the
+  epochs trained is refused.
   """
-  latest = tf.train.latest_checkpoint(checkpoint_dir(config))
-  if not latest:
-    return None
-  try:
-    epochs_done = int(tf.train.load_checkpoint(latest).get_tensor(
-        "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
-  except (tf.errors.OpError, ValueError):
-    return None  # Not one of ours: restore_latest says so, with the fix.
   if epochs_done > config.epochs:
     raise UserInputError(
         f"--epochs={config.epochs} is fewer than the {epochs_done} epochs the checkpoint "
-        f"{latest} has trained; pass --epochs={epochs_done} or more, or a new --model_dir")
+        f"{checkpoint} has trained; pass --epochs={epochs_done} or more, or a new --model_dir")
   metrics_path = os.path.join(config.model_dir, "metrics.json")
   if epochs_done < config.epochs or not tf.io.gfile.exists(metrics_path):
     return None
@@ -456,7 +450,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
 
   `splits` defaults to the source `config.dataset` names; tests and notebooks may pass their
   own. Resumes from the latest checkpoint when there is one; a finished job (see
-  `finished_metrics`) returns its metrics and rewrites nothing. Raises `UserInputError` for bad
+  `finished_metrics`) returns its metrics and writes nothing. Raises `UserInputError` for bad
   input and a diverged loss, and `preemption.Preempted` after saving on SIGTERM.
 
   `on_evaluation(global_step, evaluate)`, where given, is called every `eval_every_steps` and
@@ -473,13 +467,6 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   if not config.steps_per_loop:
     config = dataclasses.replace(config,
                                  steps_per_loop=distribution.default_steps_per_loop(strategy))
-
-  # A finished job, run again: say where its results are, and touch nothing.
-  finished = finished_metrics(config)
-  if finished is not None:
-    logging.info("This job has already trained its %d epochs; its results: %s", config.epochs,
-                 results_line(finished, config.model_dir, config.report))
-    return finished
 
   # Data, checked before anything is written.
   if splits is None:
@@ -501,6 +488,11 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
 
   # Restore.
   latest = restore_latest(checkpoint, checkpoint_dir(config))
+  finished = finished_metrics(config, position.epoch, latest)
+  if finished is not None:  # Run again: say where its results are, and write nothing.
+    logging.info("This job has already trained its %d epochs; its results: %s", config.epochs,
+                 results_line(finished, config.model_dir, config.report))
+    return finished
   if latest:
     logging.info("Resuming from %s: epoch %d of %d, step %d of %d.", latest, position.epoch + 1,
                  config.epochs, position.step, steps_per_epoch)
