@@ -1,5 +1,10 @@
 """Tests of trainer.export: the serving signature, and that the reload predicts as the model does."""
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -25,6 +30,10 @@ def test_export_reloads_with_a_uint8_serving_signature(tmp_path):
   np.testing.assert_allclose(served["classifier"], direct["classifier"], atol=1e-5)
   np.testing.assert_allclose(served["decoder"], direct["decoder"][..., 0], atol=1e-5)
   assert not tf.io.gfile.exists(path + ".partial")
+  # The (N, 28, 28, 1) batches most MNIST code holds get the same answers.
+  served4 = serve(images=tf.constant(images))
+  np.testing.assert_array_equal(served4["classifier"], served["classifier"])
+  np.testing.assert_array_equal(served4["decoder"], served["decoder"])
   # The latent signature gives the encoder's output, for embeddings and the report.
   exported = export_lib.load(path)
   latent = export_lib.predict_batches(exported, images, "latent", batch_size=2)["latent"]
@@ -43,3 +52,72 @@ def test_an_unreadable_export_names_the_fix(tmp_path):
   with pytest.raises(UserInputError, match=f"the export at {tmp_path} cannot be read .*; train "
                                            "again or point --model_dir at another finished job"):
     export_lib.load(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """An export of an untrained model (path), and that model."""
+  model = model_lib.build_model(latent_dim=8)
+  path = str(tmp_path_factory.mktemp("export") / "export")
+  export_lib.export_saved_model(model, path)
+  return path, model
+
+
+@pytest.mark.parametrize("signature", ["serving_default", "latent"])
+@pytest.mark.parametrize("shape", [(2, 32, 32), (2, 28, 28, 3), (784,), (28, 28, 1, 1, 1), ()])
+def test_a_batch_of_another_shape_is_refused_naming_28x28(exported, signature, shape):
+  serve = tf.saved_model.load(exported[0]).signatures[signature]
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=re.escape(export_lib.EXPECTED_INPUT) + r"; got shape\] \[" +
+                           " ".join(map(str, shape)) + r"\]"):
+    serve(images=tf.zeros(shape, tf.uint8))
+
+
+def test_a_batch_of_another_dtype_is_refused(exported):
+  # Only a tensor's dtype can be refused: NumPy arrays are cast to uint8 before the graph runs,
+  # by this signature wrapper and by Session clients such as saved_model_cli alike.
+  serve = tf.saved_model.load(exported[0]).signatures["serving_default"]
+  with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a uint8 tensor"):
+    serve(images=tf.zeros((2, 28, 28), tf.float32))
+
+
+def _saved_model_cli(*args):
+  """Runs TensorFlow's own SavedModel client, as a serving user might; the CompletedProcess."""
+  cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+  return subprocess.run([cli, *args], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                        capture_output=True, text=True, timeout=300)
+
+
+def _run_signature(path, inputs, outdir):
+  return _saved_model_cli("run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                          "serving_default", "--inputs", f"images={inputs}", "--outdir", outdir)
+
+
+@pytest.mark.slow  # About 20 s: four runs of the client, each loading TensorFlow.
+def test_saved_model_cli_gets_the_models_answers_and_refuses_another_shape(exported, tmp_path):
+  path, model = exported
+  images = np.random.default_rng(3).integers(0, 256, (2, 28, 28, 1)).astype(np.uint8)
+  direct = model(images)
+  for name, batch in [("nhwc", images), ("nhw", images[..., 0])]:
+    np.save(tmp_path / f"{name}.npy", batch)
+    result = _run_signature(path, tmp_path / f"{name}.npy", tmp_path / name)
+    assert result.returncode == 0, result.stderr[-2000:]
+    classifier = np.load(tmp_path / name / "classifier.npy")
+    decoder = np.load(tmp_path / name / "decoder.npy")
+    assert classifier.dtype == decoder.dtype == np.float32
+    np.testing.assert_allclose(classifier, direct["classifier"], atol=1e-5)
+    np.testing.assert_allclose(decoder, direct["decoder"][..., 0], atol=1e-5)
+  for output in ["classifier", "decoder"]:
+    np.testing.assert_array_equal(np.load(tmp_path / "nhwc" / f"{output}.npy"),
+                                  np.load(tmp_path / "nhw" / f"{output}.npy"))
+  np.save(tmp_path / "big.npy", np.zeros((2, 32, 32), np.uint8))
+  result = _run_signature(path, tmp_path / "big.npy", tmp_path / "big")
+  assert result.returncode != 0
+  assert ("[images must be uint8 of shape (N, 28, 28) or (N, 28, 28, 1): 28x28 grey, 0-255; "
+          "got shape] [2 32 32]") in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / "big").exists()
+  # What serving systems read from the export: a uint8 input of any rank (checked in the graph).
+  shown = _saved_model_cli("show", "--dir", path, "--tag_set", "serve", "--signature_def",
+                           "serving_default")
+  assert re.search(r"inputs\['images'\] tensor_info:\s+dtype: DT_UINT8\s+shape: unknown_rank",
+                   shown.stdout), shown.stdout

@@ -1,10 +1,12 @@
 """Export: the trained model as a SavedModel that serving systems can load without this package,
 and reading it back (for `trainer.evaluate`, `trainer.predict` and the report).
 
-The `serving_default` signature takes `images`, a batch of 28x28 grey images as uint8 0-255,
-and returns `classifier` (batch x 10 class probabilities) and `decoder` (batch x 28 x 28
-reconstructions in [0, 1]), both float32. The `latent` signature takes the same images and
-returns `latent`, the shared encoder's output (batch x latent_dim, float32), for embeddings.
+The `serving_default` signature takes `images`, a batch of 28x28 grey images as uint8 0-255 of
+shape (N, 28, 28) or (N, 28, 28, 1) (same answers), and returns `classifier` (N x 10 class
+probabilities) and `decoder` (N x 28 x 28 reconstructions in [0, 1]), both float32. The
+`latent` signature takes the same images and returns `latent`, the shared encoder's output
+(N x latent_dim, float32), for embeddings. Any other shape fails with an InvalidArgumentError
+naming the expected one; another dtype is refused by the signature itself.
 """
 
 import os
@@ -17,7 +19,25 @@ import tensorflow as tf
 from trainer.config import CLASSIFIER, DECODER, UserInputError, first_line
 from trainer.data import IMAGE_SHAPE
 
-SERVING_INPUT = tf.TensorSpec([None, *IMAGE_SHAPE[:2]], tf.uint8, name="images")
+# Unknown rank, so that both shapes MNIST code holds get in; `_checked_images` does the check the
+# spec cannot (without it a wrong shape reaches the pooling kernel and fails deep in oneDNN).
+SERVING_INPUT = tf.TensorSpec(None, tf.uint8, name="images")
+EXPECTED_INPUT = "images must be uint8 of shape (N, 28, 28) or (N, 28, 28, 1): 28x28 grey, 0-255"
+
+
+def _checked_images(images: tf.Tensor) -> tf.Tensor:
+  """`images` as (N, 28, 28, 1), after checking in the graph that it is (N, 28, 28[, 1])."""
+  height, width = IMAGE_SHAPE[:2]
+  rank = tf.rank(images)
+  # Padded so that the indexing below is valid for inputs of rank 0 to 2 as well.
+  shape = tf.concat([tf.shape(images), tf.zeros([4], tf.int32)], 0)
+  fits = tf.logical_and(
+      tf.logical_and(tf.equal(shape[1], height), tf.equal(shape[2], width)),
+      tf.logical_or(tf.equal(rank, 3), tf.logical_and(tf.equal(rank, 4), tf.equal(shape[3], 1))))
+  check = tf.debugging.Assert(fits, [EXPECTED_INPUT + "; got shape", tf.shape(images)],
+                              summarize=8)
+  with tf.control_dependencies([check]):
+    return tf.reshape(images, [-1, *IMAGE_SHAPE])
 
 
 def export_saved_model(model: keras.Model, path: str) -> None:
@@ -30,14 +50,14 @@ def export_saved_model(model: keras.Model, path: str) -> None:
   """
 
   def serve(images):
-    outputs = model(images[..., tf.newaxis], training=False)
+    outputs = model(_checked_images(images), training=False)
     return {CLASSIFIER: tf.cast(outputs[CLASSIFIER], tf.float32),
             DECODER: tf.cast(outputs[DECODER][..., 0], tf.float32)}
 
   encoder = model.get_layer("encoder")
 
   def latent(images):
-    return {"latent": tf.cast(encoder(images[..., tf.newaxis], training=False), tf.float32)}
+    return {"latent": tf.cast(encoder(_checked_images(images), training=False), tf.float32)}
 
   archive = keras.export.ExportArchive()
   archive.track(model)
@@ -71,7 +91,6 @@ def predict_batches(exported, images: np.ndarray, signature: str = "serving_defa
                     batch_size: int = 1000) -> Dict[str, np.ndarray]:
   """Runs one of an export's signatures over uint8 images (N, 28, 28[, 1]) in batches; returns
   its outputs (`classifier` and `decoder`, or `latent`) as NumPy arrays."""
-  images = images.reshape((-1,) + IMAGE_SHAPE[:2])
   parts = {}
   for start in range(0, len(images), batch_size):
     batch = tf.constant(images[start:start + batch_size])
