@@ -1,6 +1,12 @@
 """Tests of trainer.cli: what every command does with bad input."""
 
+import importlib.util
+import logging as std_logging
+import os
+
 import pytest
+from absl import flags
+from absl import logging as absl_logging
 
 from trainer import cli
 
@@ -21,3 +27,73 @@ def test_a_flag_that_does_not_parse_is_one_error_line(capsys):
   assert exited.value.code == 2
   (line,) = capsys.readouterr().err.splitlines()
   assert line.startswith("error: ") and "no_such_flag_anywhere" in line and "--helpfull" in line
+
+
+def test_help_lists_the_flags_by_group_and_exits_0(capsys):
+  groups = {"outputs": ["no_such_dir_flag_for_cli_test"]}
+  if "no_such_dir_flag_for_cli_test" not in flags.FLAGS:
+    flags.DEFINE_string("no_such_dir_flag_for_cli_test", "/tmp/out", "Where outputs go.")
+    flags.DEFINE_bool("no_such_bool_flag_for_cli_test", True, "Draws the report.")
+  groups["outputs"].append("no_such_bool_flag_for_cli_test")
+  for argv in (["prog", "-h"], ["prog", "--model_dir=x", "--help"]):
+    with pytest.raises(SystemExit) as exited:
+      cli.parse_flags(argv, description="Trains a model.", groups=groups)
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Trains a model.\n\noutputs:\n")
+    assert "  --no_such_dir_flag_for_cli_test=/tmp/out\n      Where outputs go.\n" in out
+    assert "  --[no]no_such_bool_flag_for_cli_test  (default: on)\n" in out
+
+
+def test_help_is_not_asked_for_after_a_bare_double_dash():
+  assert cli.wants_help(["prog", "-h"]) and cli.wants_help(["prog", "--helpshort"])
+  assert not cli.wants_help(["prog", "--", "-h"])
+  assert not cli.wants_help(["prog", "--helpfull"])  # absl's, listing every module's flags.
+
+
+def test_cpp_records_below_the_level_are_dropped_and_the_rest_kept():
+  text = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+          "I0000 00:00:1795886852.410807    4306 port.cc:153] oneDNN custom operations are on.\n"
+          "W0000 00:00:1795886852.411119    4306 cudart_stub.cc:31] a warning\n"
+          "E0000 00:00:1795886853.260773    4306 cuda_platform.cc:52] failed call to cuInit\n"
+          "/some/module.py:3: UserWarning: ours\n")
+  assert cli._without_quiet_records(text, 2) == (
+      "E0000 00:00:1795886853.260773    4306 cuda_platform.cc:52] failed call to cuInit\n"
+      "/some/module.py:3: UserWarning: ours\n")
+  assert cli._without_quiet_records(text, 1) == "".join(
+      line for line in text.splitlines(keepends=True) if not line.startswith("I0000"))
+
+
+def test_startup_lines_written_to_the_file_descriptor_are_filtered(capfd):
+  with cli.cpp_startup_log_filtered(2):
+    os.write(2, b"I0000 00:00:1795886852.410807    4306 port.cc:153] oneDNN note\n"
+                b"E0000 00:00:1795886853.260773    4306 cuda_platform.cc:52] cuInit failed\n")
+  assert capfd.readouterr().err == (
+      "E0000 00:00:1795886853.260773    4306 cuda_platform.cc:52] cuInit failed\n")
+  with cli.cpp_startup_log_filtered(0):
+    os.write(2, b"I0000 00:00:1795886852.410807    4306 port.cc:153] oneDNN note\n")
+  assert "oneDNN note" in capfd.readouterr().err
+
+
+def test_a_librarys_info_lines_are_dropped_but_not_ours_nor_its_warnings(monkeypatch):
+  # The settings are process-wide: undone after the test.
+  tf_logger = std_logging.getLogger("tensorflow")
+  absl_logger = absl_logging.get_absl_logger()
+  monkeypatch.setattr(cli, "_quiet_filters", {})
+  monkeypatch.setattr(absl_logger, "filters", list(absl_logger.filters))
+  level = tf_logger.level
+  try:
+    cli.quiet_library_info("tensorflow")
+    assert tf_logger.level == std_logging.WARNING
+    tf_dir = os.path.dirname(importlib.util.find_spec("tensorflow").origin)
+    saver = os.path.join(tf_dir, "python", "checkpoint", "functional_saver.py")
+
+    def passes(level, pathname):
+      record = std_logging.LogRecord("absl", level, pathname, 1, "message", (), None)
+      return all(f.filter(record) for f in absl_logger.filters)
+
+    assert not passes(std_logging.INFO, saver)
+    assert passes(std_logging.WARNING, saver)
+    assert passes(std_logging.INFO, cli.__file__)
+  finally:
+    tf_logger.setLevel(level)

@@ -1,13 +1,15 @@
-"""Entry point: `python -m trainer.task --flag=value ...`. Defines the flags and nothing else.
+"""Entry point: `python -m trainer.task --flag=value ...`: the flags, and process-wide settings.
 
-Bad input the user can fix ends the job with one `error:` line and exit code 2.
+Bad input the user can fix ends the job with one `error:` line and exit code 2, found
+before TensorFlow is imported wherever it can be (importing it takes seconds).
 """
 
+import functools
+import os
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from trainer import cli
 from trainer import config as config_lib
@@ -69,8 +71,31 @@ flags.DEFINE_bool("report", config_lib.TrainConfig.report,
                   "Draw the report (images and report.md) under --model_dir/report at the end.")
 flags.DEFINE_bool("deterministic", config_lib.TrainConfig.deterministic,
                   "Deterministic ops (slower): the same flags give the same metrics.")
+flags.DEFINE_bool("verbose", False,
+                  "Also log TensorFlow's own start-up and saving messages (its C++ INFO and "
+                  "WARNING lines, unless $TF_CPP_MIN_LOG_LEVEL says otherwise).")
 
+DESCRIPTION = """\
+Trains a multitask model on 28x28 greyscale digits (or any such images): one encoder shared
+by a classifier and a decoder that rebuilds the image. Writes checkpoints, TensorBoard logs,
+metrics.json, a SavedModel export and a report under --model_dir; runs the same on a laptop,
+several GPUs, several workers or a TPU, and resumes from its latest checkpoint when run again.
 
+usage: python -m trainer.task --dataset=mnist_sample --model_dir=DIR [--flag=value ...]
+"""
+
+# The sections of --help; every flag this module defines is in exactly one.
+FLAG_GROUPS = {
+    "data": ("dataset", "data_dir", "labeled_examples", "shift_pixels"),
+    "distribution": ("strategy", "tpu", "precision", "steps_per_loop", "jit_compile"),
+    "training": ("epochs", "batch_size", "learning_rate", "loss_weights", "loss_weighting",
+                 "latent_dim", "seed", "eval_every_steps"),
+    "outputs": ("model_dir", "report", "verbose"),
+    "faults (checkpoints, resuming, reproducing)": (
+        "checkpoint_dir", "checkpoint_every_steps", "checkpoints_to_keep", "deterministic"),
+}
+
+parse_flags = functools.partial(cli.parse_flags, description=DESCRIPTION, groups=FLAG_GROUPS)
 
 
 def config_from_flags() -> config_lib.TrainConfig:
@@ -89,6 +114,23 @@ def config_from_flags() -> config_lib.TrainConfig:
       report=FLAGS.report)
 
 
+def quiet_tensorflow(verbose: bool) -> int:
+  """Keeps TensorFlow's chatter off the log unless `verbose`; call before importing it.
+
+  Sets $TF_CPP_MIN_LOG_LEVEL to 2 (errors only) unless the user set it, and drops the
+  INFO lines TensorFlow's Python code logs (saver notes: "Assets written to", "Sharding
+  callback duration"). Our own INFO lines (the epochs) still show. Returns the C++ log
+  level in force, for `cli.cpp_startup_log_filtered`.
+  """
+  if not verbose:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli.quiet_library_info("tensorflow")
+  try:
+    return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+  except ValueError:
+    return 0
+
+
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
@@ -96,13 +138,14 @@ def main(argv):
     config = config_from_flags()
   except config_lib.UserInputError as e:
     cli.fail(str(e))
+  min_log_level = quiet_tensorflow(FLAGS.verbose)
   # TensorFlow is imported only now: the strategy must be the first thing it sets up.
-  from trainer import distribution, train
+  with cli.cpp_startup_log_filtered(min_log_level):
+    from trainer import distribution, train
   try:
     strategy = distribution.get_strategy(config.strategy, config.tpu)
     train.run(config, strategy)
   except config_lib.UserInputError as e:
-    logging.error("%s", e)
     cli.fail(str(e))
   except preemption.Preempted as e:
     print(f"preempted: {e}; run the same command to resume", file=sys.stderr)
@@ -115,4 +158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=parse_flags)
