@@ -64,3 +64,32 @@ def test_refuses_inputs_whose_reconstructions_would_clash(finished_run, tmp_path
       "error: two images would share a reconstruction file, or one would overwrite an input "
       "(NAME.png and NAME.jpg, or NAME_reconstruction.png): rename them"]
   assert sorted(os.listdir(tmp_path)) == ["a.jpg", "a.png"]
+
+
+def test_inverts_a_black_on_white_image_with_a_note(finished_run, tmp_path):
+  model_dir, _ = finished_run
+  split = helpers.learnable_split(1, seed=4)
+  white_on_black = _write_png(tmp_path / "mnist.png", split.images[0])
+  black_on_white = _write_png(tmp_path / "paper.png", 255 - split.images[0])
+  result = _predict(f"--model_dir={model_dir}", white_on_black, black_on_white)
+  assert result.returncode == 0, result.stderr[-2000:]
+  labels = [re.search(r": (\d) \(", line).group(1) for line in result.stdout.splitlines()]
+  assert labels == [str(split.labels[0])] * 2
+  notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+  assert notes == [f"note: {black_on_white} looks black on white; inverted it to white on black "
+                   "as MNIST (--invert=never to keep it)"]
+  # The reconstruction is of what the model saw: the inverted, white-on-black image.
+  reconstructions = [open(tmp_path / f"{name}_reconstruction.png", "rb").read()
+                     for name in ["mnist", "paper"]]
+  assert reconstructions[0] == reconstructions[1]
+  assert tf.io.decode_png(reconstructions[1]).numpy().mean() < 127
+
+
+def test_invert_never_keeps_a_black_on_white_image_as_it_is(finished_run, tmp_path):
+  model_dir, _ = finished_run
+  split = helpers.learnable_split(1, seed=4)
+  black_on_white = _write_png(tmp_path / "paper.png", 255 - split.images[0])
+  result = _predict(f"--model_dir={model_dir}", "--invert=never", black_on_white)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "note: " not in result.stderr
+  assert result.stdout.startswith(f"{black_on_white}: ")
