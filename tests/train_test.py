@@ -372,6 +372,7 @@ def test_a_whole_job_on_tensorflows_file_systems_never_writes_with_plain_open(tm
 
 
 def test_reports_validation_accuracy_to_hyperparameter_tuning(tmp_path, monkeypatch):
+  monkeypatch.setenv("CLOUD_ML_TRIAL_ID", "1")  # As in a Vertex AI tuning trial.
   monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(tmp_path / "hypertune.metrics"))
   metrics = train.run(_config(tmp_path / "run", epochs=1), tf.distribute.get_strategy(),
                       helpers.learnable_splits())
