@@ -203,13 +203,7 @@ def test_unknown_dataset_is_an_error():
     data.load_splits("tfds:no_such_set")
 
 
-@pytest.fixture
-def prepared(monkeypatch):
-  """Every TFDS dataset counts as prepared: no reachability probe, no network."""
-  monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
-
-
-def test_a_bug_inside_tfds_keeps_its_traceback(monkeypatch, prepared, tmp_path):
+def test_a_bug_inside_tfds_keeps_its_traceback(monkeypatch, tmp_path):
   def broken_load(*args, **kwargs):
     raise ImportError("No module named 'some_undeclared_dependency'")
   monkeypatch.setattr(tfds, "load", broken_load)
@@ -226,7 +220,7 @@ def test_a_bug_inside_tfds_keeps_its_traceback(monkeypatch, prepared, tmp_path):
     (PermissionError(13, "Permission denied", "/data/downloads"), "writable --data_dir"),
     (OSError(28, "No space left on device"), "writable --data_dir with room"),
 ])
-def test_user_fixable_tfds_failures_are_errors(monkeypatch, prepared, tmp_path, error, message):
+def test_user_fixable_tfds_failures_are_errors(monkeypatch, tmp_path, error, message):
   def failing_load(*args, **kwargs):
     raise error
   monkeypatch.setattr(tfds, "load", failing_load)

@@ -201,21 +201,38 @@ def _load_tfds(name: str, data_dir: str) -> Splits:
         f"--dataset=tfds:{name}: TFDS {name} has no (image, label) pairs; choose an image "
         "classification set such as fashion_mnist or kmnist")
   root = os.fspath(builder.data_dir_root)
-  before = None
-  if not builder.is_prepared():
-    _check_hosts_reachable(builder, root)
-    before = _listing(root)
   try:
-    train, test = tfds.load(name, split=["train", "test"], data_dir=data_dir or None,
-                            as_supervised=True)
-    where = f"TFDS {name}"
-    return _hold_out_validation(_split(*_to_numpy(train), where), _split(*_to_numpy(test), where))
+    # What is already prepared is read without touching the network (nor the probe below).
+    return _read_tfds(name, data_dir, download=False)
+  except AssertionError:  # TFDS's "could not find data": it has to be downloaded.
+    pass
+  except BaseException as e:
+    _raise_if_user_fixable(e, name, root)
+    raise
+  _check_hosts_reachable(builder, root)
+  before = _listing(root)
+  try:
+    return _read_tfds(name, data_dir, download=True)
   except BaseException as e:
     if before is not None:
       _remove_partial_files(root, before)
-    problem = _tfds_user_problem(e)
-    if problem is None:
-      raise
+    _raise_if_user_fixable(e, name, root)
+    raise
+
+
+def _read_tfds(name: str, data_dir: str, download: bool) -> Splits:
+  """TFDS's train and test splits of `name` as `Splits` (validation held out of train)."""
+  import tensorflow_datasets as tfds
+  train, test = tfds.load(name, split=["train", "test"], data_dir=data_dir or None,
+                          as_supervised=True, download=download)
+  where = f"TFDS {name}"
+  return _hold_out_validation(_split(*_to_numpy(train), where), _split(*_to_numpy(test), where))
+
+
+def _raise_if_user_fixable(error: BaseException, name: str, root: str) -> None:
+  """Raises `UserInputError` for a TFDS failure the user can fix; returns for a bug."""
+  problem = _tfds_user_problem(error)
+  if problem is not None:
     raise UserInputError(f"cannot load TFDS {name} into --data_dir={root}: {problem}") from None
 
 
