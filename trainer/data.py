@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn import model_selection
 
-from trainer.config import CLASSIFIER, DECODER, UserInputError, first_line
+from trainer.config import CLASSIFIER, DECODER, UserInputError, check_dataset_name, first_line
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -52,6 +52,7 @@ class Splits:
 
 def load_splits(dataset: str, data_dir: str = "") -> Splits:
   """Loads the source that `--dataset` names (see the README) into train/validation/test."""
+  check_dataset_name(dataset)  # The one list of names, in trainer.config.
   kind, _, argument = dataset.partition(":")
   if dataset == "mnist":
     return _load_tfds("mnist", data_dir)
@@ -68,8 +69,7 @@ def load_splits(dataset: str, data_dir: str = "") -> Splits:
       raise UserInputError(f"--dataset={dataset}: no file at {argument}; give the path of an npz file")
     with tf.io.gfile.GFile(argument, "rb") as f:
       return _splits_from_npz(f, argument)
-  raise UserInputError(
-      f"unknown --dataset={dataset!r}: use mnist, mnist_sample, tfds:NAME, idx:DIR or npz:PATH")
+  raise AssertionError(f"config.DATASETS or DATASET_KINDS names {dataset!r}, which is not read here")
 
 
 def _split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
