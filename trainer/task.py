@@ -118,13 +118,14 @@ def quiet_tensorflow(verbose: bool) -> int:
   """Keeps TensorFlow's chatter off the log unless `verbose`; call before importing it.
 
   Sets $TF_CPP_MIN_LOG_LEVEL to 2 (errors only) unless the user set it, and drops the
-  INFO lines TensorFlow's Python code logs (saver notes: "Assets written to", "Sharding
-  callback duration"). Our own INFO lines (the epochs) still show. Returns the C++ log
+  INFO lines TensorFlow's and TFDS's Python code logs (saver notes: "Assets written to",
+  "Sharding callback duration"; TFDS's "Constructing tf.data.Dataset"). Our own INFO lines (the epochs) still show. Returns the C++ log
   level in force, for `cli.cpp_startup_log_filtered`.
   """
   if not verbose:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    cli.quiet_library_info("tensorflow")
+    for library in ("tensorflow", "tensorflow_datasets"):
+      cli.quiet_library_info(library)
   try:
     return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
   except ValueError:
