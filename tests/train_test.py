@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import tensorflow as tf
 from absl import logging
 
 from tests import helpers
-from trainer import config, train
+from trainer import config, losses, train
 
 
 def _config(model_dir, **changes):
@@ -74,6 +75,21 @@ def test_a_finished_job_run_again_rewrites_nothing_and_says_where_its_results_ar
   with pytest.raises(config.UserInputError, match=r"--epochs=1 is fewer than the 2 epochs"):
     train.run(_config(tmp_path, epochs=1), strategy, splits)
   assert json.loads((tmp_path / "history.json").read_text())["epochs"][-1]["epoch"] == 2
+
+
+def test_metrics_of_a_shorter_run_do_not_make_an_extended_job_finished(tmp_path):
+  strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
+  train.run(_config(tmp_path, epochs=1), strategy, splits)
+  # As if an --epochs=2 run was stopped at its last step: the checkpoint holds 2 epochs, and
+  # metrics.json is still the 1-epoch run's.
+  extended = train.run(_config(tmp_path / "longer", epochs=2), strategy, splits)
+  for name in ("checkpoints", "history.json"):
+    os.rename(tmp_path / "longer" / name, tmp_path / f"{name}.new")
+    shutil.rmtree(tmp_path / name) if name == "checkpoints" else os.remove(tmp_path / name)
+    os.rename(tmp_path / f"{name}.new", tmp_path / name)
+  metrics = train.run(_config(tmp_path, epochs=2), strategy, splits)
+  assert metrics["epochs"] == 2 and helpers.read_metrics(str(tmp_path))["epochs"] == 2
+  assert metrics["test_accuracy"] == extended["test_accuracy"]
 
 
 def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(tmp_path):
@@ -144,11 +160,50 @@ def test_non_finite_loss_stops_before_saving_and_names_the_step(tmp_path):
   # A step this large takes the weights to about 1e30: the next step's activations overflow and
   # its gradients are not finite, whatever the CPU's kernels do with the NaNs in its loss.
   with pytest.raises(config.UserInputError,
-                     match=r"training diverged: non-finite gradients at step 18 \(epoch 2, step "
-                           r"2\); stopped without saving; the last good checkpoint is .*ckpt-16"):
+                     match=r"training diverged: non-finite (gradients|weights) at step 18 \(epoch "
+                           r"2, step 2\); stopped without saving; the last good checkpoint is "
+                           r".*ckpt-16"):
     train.run(_config(tmp_path, epochs=2, learning_rate=1e30),
               strategy, splits)
   assert _snapshot(tmp_path / "checkpoints") == before
+
+
+class _FiniteLossNonFiniteGradients(losses.FixedWeighting):
+  """Adds sqrt(w - w) = 0 to the loss: the loss stays finite, its gradient (inf x 0) does not."""
+
+  def __init__(self, variable):
+    super().__init__({config.CLASSIFIER: 1.0, config.DECODER: 0.2})
+    self._variable = variable
+
+  def total(self, task_losses, num_replicas):
+    weight = self._variable[0, 0]
+    return super().total(task_losses, num_replicas) + tf.sqrt(weight - weight)
+
+
+def test_non_finite_gradients_stop_training_while_the_loss_is_finite(tmp_path):
+  strategy = tf.distribute.get_strategy()
+  cfg = _config(tmp_path, epochs=1)
+  model, optimizer, position, _, checkpoint = train.build_training_state(
+      cfg, strategy, "float32", steps_per_epoch=16)
+  weighting = _FiniteLossNonFiniteGradients(
+      model.get_layer("encoder").get_layer("latent").kernel)
+  loop = train.make_train_loop(strategy, model, optimizer, weighting)
+  batches = iter(train.data_lib.distribute_training(strategy, helpers.learnable_splits().train,
+                                                    32, seed=0))
+  sums, steps_run, _ = loop(batches, tf.constant(5), tf.constant(0.0))
+  assert int(steps_run) == 1 and np.isfinite(sums[train.TOTAL_LOSS])
+  assert train.divergence(sums.numpy()) == "non-finite gradients"
+
+
+def test_divergence_names_what_went_non_finite():
+  healthy = np.zeros(train.NONFINITE_WEIGHTS + 1)
+  assert train.divergence(healthy) is None
+  for index, problem in ((train.NONFINITE_GRADIENTS, "non-finite gradients"),
+                         (train.NONFINITE_WEIGHTS, "non-finite weights"),
+                         (train.TOTAL_LOSS, "a non-finite loss (nan)")):
+    sums = healthy.copy()
+    sums[index] = np.nan if index == train.TOTAL_LOSS else 1.0
+    assert train.divergence(sums) == problem
 
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])

@@ -369,8 +369,8 @@ def train_epoch(train_loop, iterator, position: Position, config: TrainConfig, t
   Saves every `checkpoint_every_steps` global steps and calls `evaluate_mid_epoch` every
   `eval_every_steps` (0: never), but not at the epoch's end: the caller does both there after
   it counts the epoch done. Returns the epoch's SUMS plus total loss. Raises
-  `UserInputError` on divergence (non-finite loss, gradients or weights), before saving anything, and `preemption.Preempted`
-  after saving when any worker's `termination` flag is set.
+  `UserInputError` on divergence (non-finite loss, gradients or weights) before saving
+  anything, and `preemption.Preempted` after saving when any worker's `termination` flag is set.
   """
   sums = np.zeros(len(SUMS) + 1)
   every = config.checkpoint_every_steps
@@ -407,12 +407,14 @@ def train_epoch(train_loop, iterator, position: Position, config: TrainConfig, t
   return sums
 
 
-def results_line(metrics: Dict[str, object], model_dir: str, report: bool) -> str:
-  """The closing line of a job: its test metrics, and where its outputs are."""
+def results_line(metrics: Dict[str, object], model_dir: str) -> str:
+  """The closing line of a job: its test metrics, and where its outputs are (the report
+  where it was drawn: --noreport, or a failure to draw it, leaves none)."""
+  report = os.path.join(model_dir, "report", "report.md")
   outputs = [f"metrics {os.path.join(model_dir, 'metrics.json')}",
              f"export {os.path.join(model_dir, 'export')}"]
-  if report:
-    outputs.append(f"report {os.path.join(model_dir, 'report', 'report.md')}")
+  if tf.io.gfile.exists(report):
+    outputs.append(f"report {report}")
   return (f"test accuracy {metrics['test_accuracy']:.4f}, reconstruction_mse "
           f"{metrics['test_reconstruction_mse']:.4f}; {', '.join(outputs)}")
 
@@ -436,10 +438,13 @@ def finished_metrics(config: TrainConfig, epochs_done: int,
     return None
   try:
     with tf.io.gfile.GFile(metrics_path) as f:
-      return json.load(f)
+      metrics = json.load(f)
   except ValueError as e:
     raise UserInputError(f"{metrics_path} is not a job's metrics ({first_line(e)}); delete it "
                          "and run again to evaluate and export the trained model") from None
+  # Those of the checkpoint's epoch, not left by a shorter run that this one extended and
+  # that stopped (SIGTERM at its last step, say) before replacing them.
+  return metrics if metrics.get("epochs") == epochs_done else None
 
 
 def run(config: TrainConfig, strategy: tf.distribute.Strategy,
@@ -491,7 +496,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   finished = finished_metrics(config, position.epoch, latest)
   if finished is not None:  # Run again: say where its results are, and write nothing.
     logging.info("This job has already trained its %d epochs; its results: %s", config.epochs,
-                 results_line(finished, config.model_dir, config.report))
+                 results_line(finished, config.model_dir))
     return finished
   if latest:
     logging.info("Resuming from %s: epoch %d of %d, step %d of %d.", latest, position.epoch + 1,
@@ -583,7 +588,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   }
 
   # Export and report, then the metrics beside them: metrics.json is written last, so where it
-  # exists the export is complete, even on file systems (gs://) where renaming a directory is not atomic.
+  # exists the export is complete, even on object stores (gs://), where renaming a directory
+  # is not atomic.
   metrics_path = os.path.join(config.model_dir, "metrics.json")
   if chief and tf.io.gfile.exists(metrics_path):
     tf.io.gfile.remove(metrics_path)
@@ -593,5 +599,5 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   if chief:
     _write_json(metrics_path, metrics)
     tuning.report(metrics["validation_accuracy"], position.global_step)
-    logging.info("Done: %s", results_line(metrics, config.model_dir, config.report))
+    logging.info("Done: %s", results_line(metrics, config.model_dir))
   return metrics
