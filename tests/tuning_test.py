@@ -25,9 +25,11 @@ def test_outside_a_tuning_trial_nothing_is_written(tmp_path, monkeypatch):
   assert not list(tmp_path.iterdir())
 
 
-def test_without_cloudml_hypertune_nothing_is_reported(tmp_path, monkeypatch):
+def test_a_trial_without_cloudml_hypertune_says_so_in_its_log(tmp_path, monkeypatch, caplog):
   monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(tmp_path / "output.metrics"))
   monkeypatch.setenv("CLOUD_ML_TRIAL_ID", "3")
   monkeypatch.setitem(sys.modules, "hypertune", None)  # As if it were not installed.
+  caplog.set_level("WARNING")
   assert not tuning.report(0.93, global_step=120)
   assert not (tmp_path / "output.metrics").exists()
+  assert "tuning trial 3, but cloudml-hypertune is not installed" in caplog.text

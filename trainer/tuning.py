@@ -29,6 +29,10 @@ def report(value: float, global_step: int) -> bool:
   try:
     import hypertune  # pylint: disable=import-outside-toplevel
   except ImportError:
+    # A trial that cannot report is a tuning job that learns nothing: say so in its log.
+    logging.warning("this is tuning trial %s, but cloudml-hypertune is not installed: %s is not "
+                    "reported; install the package's [tuning] extra in the image",
+                    os.environ[TRIAL_ID_VARIABLE], METRIC)
     return False
   hypertune.HyperTune().report_hyperparameter_tuning_metric(
       hyperparameter_metric_tag=METRIC, metric_value=value, global_step=global_step)
