@@ -10,8 +10,8 @@ import logging as std_logging
 import os
 import re
 import sys
-import tempfile
 import textwrap
+import threading
 from typing import Dict, Optional, Sequence
 
 from absl import flags
@@ -95,27 +95,34 @@ def cpp_startup_log_filtered(min_level: int):
   TensorFlow's own C++ logging honours $TF_CPP_MIN_LOG_LEVEL, but the lines some of its
   libraries write while they load (oneDNN's note, cudart_stub's "Could not find cuda
   drivers") go through Abseil's logging before it is initialised, which writes everything.
-  So, around `import tensorflow` only, standard error is caught at the file descriptor and
-  written back without those records; every other line comes through, in order, after the block.
+  So, around `import tensorflow` only, standard error goes into a pipe at the file
+  descriptor, and a thread forwards each line as it arrives, without those records: what
+  an import that aborts the process (an unsupported CPU, say) printed before it still shows.
   """
   if min_level <= 0:
     yield
     return
   sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as caught:
-    os.dup2(caught.fileno(), 2)
-    try:
-      yield
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      caught.seek(0)
-      kept = _without_quiet_records(caught.read().decode(errors="replace"), min_level)
-      if kept:
-        sys.stderr.write(kept)
-        sys.stderr.flush()
+  real_stderr = os.dup(2)
+  read_end, write_end = os.pipe()
+  os.dup2(write_end, 2)
+  os.close(write_end)
+
+  def forward():
+    with os.fdopen(read_end, "rb") as pipe:
+      for line in pipe:
+        if _without_quiet_records(line.decode(errors="replace"), min_level):
+          os.write(real_stderr, line)
+
+  forwarder = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+  forwarder.start()
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(real_stderr, 2)  # Closes the pipe's last write end: the thread reads to its end.
+    forwarder.join(timeout=10)
+    os.close(real_stderr)
 
 
 def _without_quiet_records(text: str, min_level: int) -> str:

@@ -119,8 +119,9 @@ def quiet_tensorflow(verbose: bool) -> int:
 
   Sets $TF_CPP_MIN_LOG_LEVEL to 2 (errors only) unless the user set it, and drops the
   INFO lines TensorFlow's and TFDS's Python code logs (saver notes: "Assets written to",
-  "Sharding callback duration"; TFDS's "Constructing tf.data.Dataset"). Our own INFO lines (the epochs) still show. Returns the C++ log
-  level in force, for `cli.cpp_startup_log_filtered`.
+  "Sharding callback duration"; TFDS's "Constructing tf.data.Dataset"). Our own INFO lines
+  (the epochs) still show. Returns the C++ log level in force, for
+  `cli.cpp_startup_log_filtered`.
   """
   if not verbose:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
