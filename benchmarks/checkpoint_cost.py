@@ -16,7 +16,7 @@ import time
 import tensorflow as tf
 from absl import app, flags
 
-from trainer import data, train
+from trainer import data, outputs, train
 from trainer.config import TrainConfig
 
 flags.DEFINE_string("dataset", "mnist_sample", "Any --dataset the trainer takes.")
@@ -41,9 +41,9 @@ def main(_):
     epoch_seconds = steps_per_epoch * config.batch_size / metrics["train_images_per_second"]
 
     # The trained state, saved again and again as the loop would save it.
-    _, _, _, _, checkpoint = train.build_training_state(config, strategy, "float32",
-                                                        steps_per_epoch)
-    train.restore_latest(checkpoint, train.checkpoint_dir(config))
+    checkpoint = train.build_training_state(config, strategy, "float32",
+                                            steps_per_epoch).checkpoint
+    train.restore_latest(checkpoint, outputs.checkpoint_dir(config))
     directory = os.path.join(model_dir, "timed")
     manager = tf.train.CheckpointManager(checkpoint, directory,
                                          max_to_keep=config.checkpoints_to_keep)

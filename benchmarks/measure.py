@@ -77,19 +77,18 @@ def measure_package(splits) -> None:
                        batch_size=FLAGS.batch_size, steps_per_loop=FLAGS.steps_per_loop,
                        shift_pixels=FLAGS.shift_pixels)
   steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
-  model, optimizer, _, weighting, _ = train.build_training_state(config, strategy, "float32",
-                                                                 steps_per_epoch)
-  loop = train.make_train_loop(strategy, model, optimizer, weighting,
+  state = train.build_training_state(config, strategy, "float32", steps_per_epoch)
+  loop = train.make_train_loop(strategy, state.model, state.optimizer, state.weighting,
                                jit_compile=FLAGS.jit_compile)
   batches = iter(data.distribute_training(strategy, splits.train, config.batch_size, config.seed,
                                           config.shift_pixels))
   calls = max(2, FLAGS.measure_steps // config.steps_per_loop)
   steps, no_stop = tf.constant(config.steps_per_loop), tf.constant(0.0)
   for _ in range(2):  # Tracing, compilation and the first steps are left out.
-    loop(batches, steps, no_stop)[0].numpy()
+    loop(batches, steps, no_stop)[0]["loss"].numpy()
   started = time.perf_counter()
   for _ in range(calls):
-    loop(batches, steps, no_stop)[0].numpy()  # The host reads the sums each call, as run() does.
+    loop(batches, steps, no_stop)[0]["loss"].numpy()  # The host reads the sums each call.
   seconds = time.perf_counter() - started
   _emit(images_per_second=calls * config.steps_per_loop * config.batch_size / seconds)
 
@@ -189,13 +188,12 @@ def measure_startup(_) -> None:
   mark("strategy_ready")
   config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp())
   steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
-  model, optimizer, _, weighting, _ = train.build_training_state(config, strategy, "float32",
-                                                                 steps_per_epoch)
+  state = train.build_training_state(config, strategy, "float32", steps_per_epoch)
   mark("model_built")
   batches = iter(data.distribute_training(strategy, splits.train, config.batch_size, 0, 1))
   mark("input_pipeline_built")
-  loop = train.make_train_loop(strategy, model, optimizer, weighting)
-  loop(batches, tf.constant(1), tf.constant(0.0))[0].numpy()
+  loop = train.make_train_loop(strategy, state.model, state.optimizer, state.weighting)
+  loop(batches, tf.constant(1), tf.constant(0.0))[0]["loss"].numpy()
   mark("first_step_done")
   _emit(**stages)
 

@@ -63,7 +63,7 @@ def test_metrics_from_outputs_agree_with_the_jobs_batch_sums(model):
   targets = {CLASSIFIER: tf.constant(split.labels), DECODER: tf.constant(split.images)}
   ones = {CLASSIFIER: tf.ones([50]), DECODER: tf.ones([50])}
   job = losses.means(losses.batch_sums(
-      *losses.per_example_losses(model, split.images, targets, False), ones).numpy())
+      *losses.per_example_losses(model, split.images, targets, False), ones))
   ours = losses.metrics_from_outputs(outputs[CLASSIFIER].numpy(), outputs[DECODER].numpy(), split)
   for name in job:
     np.testing.assert_allclose(ours[name], job[name], rtol=1e-5)

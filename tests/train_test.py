@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -114,8 +116,9 @@ def test_restart_resumes_from_the_latest_checkpoint(tmp_path, caplog):
   train.run(_config(tmp_path, epochs=3), strategy, splits)
   assert "Resuming from" in caplog.text and "epoch 2 of 3, step 0 of 16" in caplog.text
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))
-  assert reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 3
-  assert reader.get_tensor("step_in_epoch/.ATTRIBUTES/VARIABLE_VALUE") == 0
+  # One step counter is the state; the epoch is derived from it.
+  assert reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE") == 3 * 16
+  assert not reader.get_tensor("epoch_sums/.ATTRIBUTES/VARIABLE_VALUE").any()  # Epoch done.
   assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 3 * 16
   # The report's curves cover the whole run, the epochs before the restart included.
   history = json.loads((tmp_path / "history.json").read_text())["epochs"]
@@ -139,9 +142,38 @@ def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog):
   tf.compat.v1.train.update_checkpoint_state(str(checkpoints), str(checkpoints / "ckpt-25"))
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
+  history = (tmp_path / "a" / "history.json").read_text()
   resumed = train.run(_config(tmp_path / "a", **settings), strategy, splits)
   assert "ckpt-25: epoch 2 of 2, step 9 of 16" in caplog.text
   assert _without_timing(resumed) == _without_timing(uninterrupted)
+  # The resumed epoch's train metrics are the whole epoch's, steps before the resume included.
+  assert (tmp_path / "a" / "history.json").read_text() == history
+
+
+def test_sigterm_at_an_epochs_last_step_keeps_that_epochs_history(tmp_path):
+  strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
+
+  def sigterm_midway(step, evaluate):
+    if step == 8:  # Seen by the next call, which ends the epoch at step 16.
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(train.preemption.Preempted, match=r"ckpt-16 saved at epoch 2, step 0"):
+    train.run(_config(tmp_path, epochs=2, eval_every_steps=8, steps_per_loop=8), strategy,
+              splits, on_evaluation=sigterm_midway)
+  history = json.loads((tmp_path / "history.json").read_text())["epochs"]
+  assert [entry["epoch"] for entry in history] == [1]
+  train.run(_config(tmp_path, epochs=2), strategy, splits)
+  history = json.loads((tmp_path / "history.json").read_text())["epochs"]
+  assert [entry["epoch"] for entry in history] == [1, 2]
+
+
+def test_images_per_second_counts_only_time_inside_training_calls(tmp_path):
+  # Evaluations that take a second each, four an epoch: counted, they would bring the
+  # figure under 16 x 32 images / 4 s = 128 images/s.
+  metrics = train.run(_config(tmp_path, eval_every_steps=4), tf.distribute.get_strategy(),
+                      helpers.learnable_splits(),
+                      on_evaluation=lambda step, evaluate: time.sleep(1.0))
+  assert metrics["train_images_per_second"] > 400
 
 
 def test_saves_every_n_steps_and_at_each_epoch_end(tmp_path):
@@ -182,51 +214,46 @@ class _FiniteLossNonFiniteGradients(losses.FixedWeighting):
 
 def test_non_finite_gradients_stop_training_while_the_loss_is_finite(tmp_path):
   strategy = tf.distribute.get_strategy()
-  cfg = _config(tmp_path, epochs=1)
-  model, optimizer, position, _, checkpoint = train.build_training_state(
-      cfg, strategy, "float32", steps_per_epoch=16)
+  state = train.build_training_state(_config(tmp_path, epochs=1), strategy, "float32",
+                                     steps_per_epoch=16)
   weighting = _FiniteLossNonFiniteGradients(
-      model.get_layer("encoder").get_layer("latent").kernel)
-  loop = train.make_train_loop(strategy, model, optimizer, weighting)
+      state.model.get_layer("encoder").get_layer("latent").kernel)
+  loop = train.make_train_loop(strategy, state.model, state.optimizer, weighting)
   batches = iter(train.data_lib.distribute_training(strategy, helpers.learnable_splits().train,
                                                     32, seed=0))
-  sums, steps_run, _ = loop(batches, tf.constant(5), tf.constant(0.0))
-  assert int(steps_run) == 1 and np.isfinite(sums[train.TOTAL_LOSS])
-  assert train.divergence(sums.numpy()) == "non-finite gradients"
+  sums, first_bad, _ = loop(batches, tf.constant(1), tf.constant(0.0))
+  sums = {name: float(value) for name, value in sums.items()}
+  assert int(first_bad) == 0 and np.isfinite(sums["loss"])
+  assert train.divergence(sums) == "non-finite gradients"
 
 
 def test_divergence_names_what_went_non_finite():
-  healthy = np.zeros(train.NONFINITE_WEIGHTS + 1)
+  healthy = dict.fromkeys(train.STEP_SUMS, 0.0)
   assert train.divergence(healthy) is None
-  for index, problem in ((train.NONFINITE_GRADIENTS, "non-finite gradients"),
-                         (train.NONFINITE_WEIGHTS, "non-finite weights"),
-                         (train.TOTAL_LOSS, "a non-finite loss (nan)")):
-    sums = healthy.copy()
-    sums[index] = np.nan if index == train.TOTAL_LOSS else 1.0
-    assert train.divergence(sums) == problem
+  for name, value, problem in (("nonfinite_gradients", 1.0, "non-finite gradients"),
+                               ("nonfinite_weights", 1.0, "non-finite weights"),
+                               ("loss", np.nan, "a non-finite loss (nan)")):
+    assert train.divergence({**healthy, name: value}) == problem
 
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 def test_a_non_finite_weight_stops_training_before_saving(tmp_path, bad_value):
-  strategy = tf.distribute.get_strategy()
-  splits = helpers.learnable_splits()
-  cfg = _config(tmp_path, epochs=1)
-  model, optimizer, position, weighting, checkpoint = train.build_training_state(
-      cfg, strategy, "float32", steps_per_epoch=16)
-  manager = tf.train.CheckpointManager(checkpoint, str(tmp_path / "checkpoints"), max_to_keep=3)
-  loop = train.make_train_loop(strategy, model, optimizer, weighting)
-  batches = iter(train.data_lib.distribute_training(strategy, splits.train, 32, seed=0))
-  loop(batches, tf.constant(3), tf.constant(0.0))
-  position.advance(3)
-  # One bad weight, as a diverging update leaves it: the step after must stop, whatever the
-  # CPU's kernels make of it in the loss (the weight itself stays non-finite after the update).
-  kernel = model.get_layer("encoder").get_layer("latent").kernel
-  kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0]], [bad_value]))
+  job = train.setup(_config(tmp_path, epochs=1, eval_every_steps=4),
+                    tf.distribute.get_strategy(), helpers.learnable_splits())
+  kernel = job.state.model.get_layer("encoder").get_layer("latent").kernel
+
+  def break_a_weight(step, evaluate):
+    # One bad weight, as a diverging update leaves it: the next call must stop, whatever the
+    # CPU's kernels make of it in the loss (the weight stays non-finite after an update).
+    if step == 4:
+      kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0]], [bad_value]))
+
   with pytest.raises(config.UserInputError,
-                     match=r"training diverged: non-finite (weights|gradients) at step 4 \(epoch "
-                           r"1, step 4\).*none \(delete --model_dir to start over\)"):
-    train.train_epoch(loop, batches, position, cfg, train.preemption.TerminationFlag(), manager)
-  assert not tf.io.gfile.exists(str(tmp_path / "checkpoints"))
+                     match=r"training diverged: non-finite (weights|gradients) at step 5 \(epoch "
+                           r"1, step 5\).*none \(delete --model_dir to start over\)"):
+    train.fit(job, on_evaluation=break_a_weight)
+  assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")) is None
+  assert not (tmp_path / "history.json").exists()
 
 
 def test_checkpoint_dir_can_live_apart_from_model_dir(tmp_path):
@@ -332,6 +359,16 @@ def test_mixed_float16_on_two_replicas_trains(tmp_path, two_replicas):
   metrics = train.run(_config(tmp_path, precision="mixed_float16", epochs=1), strategy,
                       helpers.learnable_splits())
   assert metrics["num_replicas"] == 2 and np.isfinite(metrics["test_reconstruction_mse"])
+  # The loss scale and its growth counter are checkpointed: a GPU resume is exact too.
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))
+  scale = reader.get_tensor("loss_scale/scale/.ATTRIBUTES/VARIABLE_VALUE")
+  counter = reader.get_tensor("loss_scale/growth_counter/.ATTRIBUTES/VARIABLE_VALUE")
+  state = train.build_training_state(_config(tmp_path, precision="mixed_float16", epochs=1),
+                                     strategy, "mixed_float16", steps_per_epoch=16)
+  train.restore_latest(state.checkpoint, str(tmp_path / "checkpoints"))
+  assert float(state.optimizer.dynamic_scale.numpy()) == scale
+  assert int(state.optimizer.step_counter.numpy()) == counter
+  assert (scale, counter) != (2.0 ** 15, 0)  # Trained: the scale or its counter moved.
 
 
 def test_one_replicas_overflow_reaches_every_replica(two_replicas):
