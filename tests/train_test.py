@@ -150,6 +150,18 @@ def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog):
   assert (tmp_path / "a" / "history.json").read_text() == history
 
 
+def test_a_run_directory_of_the_older_trainer_is_refused_with_the_way_on(tmp_path):
+  # The older trainer's state: an epoch and a step counter beside the model.
+  old = tf.train.Checkpoint(epoch=tf.Variable(1, dtype=tf.int64),
+                            step_in_epoch=tf.Variable(0, dtype=tf.int64))
+  tf.train.CheckpointManager(old, str(tmp_path / "checkpoints"), max_to_keep=1).save(16)
+  with pytest.raises(config.UserInputError, match=r"ckpt-16 was written by an older version of "
+                                                  r"this trainer .* a new --model_dir"):
+    train.run(_config(tmp_path), tf.distribute.get_strategy(), helpers.learnable_splits())
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == [
+      "checkpoint", "ckpt-16.data-00000-of-00001", "ckpt-16.index"]
+
+
 def test_sigterm_at_an_epochs_last_step_keeps_that_epochs_history(tmp_path):
   strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
 
