@@ -18,9 +18,11 @@ from trainer import config, losses, train
 
 
 def _config(model_dir, **changes):
-  # The splits are passed in; the dataset name is only recorded.
+  # The splits are passed in; the dataset name is only recorded. No report unless it is under
+  # test: drawing it takes a second or two (tests/report_test.py tests it).
   settings = dict(dataset="npz:injected-by-the-test", model_dir=str(model_dir), epochs=2,
-                  batch_size=32, steps_per_loop=5, latent_dim=16, learning_rate=3e-3)
+                  batch_size=32, steps_per_loop=5, latent_dim=16, learning_rate=3e-3,
+                  report=False)
   settings.update(changes)
   return config.TrainConfig(**settings)
 
@@ -42,7 +44,8 @@ def test_trains_and_writes_every_output(tmp_path):
 
 def test_tensorboard_shows_train_and_validation_as_two_runs_of_the_same_tags(tmp_path):
   from tensorboard.backend.event_processing import event_multiplexer
-  train.run(_config(tmp_path), tf.distribute.get_strategy(), helpers.learnable_splits())
+  train.run(_config(tmp_path, report=True), tf.distribute.get_strategy(),
+            helpers.learnable_splits())
   logs = event_multiplexer.EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "logs"))
   logs.Reload()
   assert set(logs.Runs()) == {"train", "validation", "report"}
@@ -311,7 +314,8 @@ def test_uncertainty_weighting_on_two_replicas_learns_and_logs_the_weights(tmp_p
 def test_a_report_that_cannot_be_drawn_costs_a_warning_not_the_job(tmp_path, caplog):
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
-  train.run(_config(tmp_path, latent_dim=1, epochs=1), tf.distribute.get_strategy(),
+  train.run(_config(tmp_path, latent_dim=1, epochs=1, report=True),
+            tf.distribute.get_strategy(),
             helpers.learnable_splits())  # One latent dimension has no 2-D projection.
   assert "the report could not be drawn (ValueError" in caplog.text
   assert (tmp_path / "metrics.json").exists()
