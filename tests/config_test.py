@@ -1,5 +1,6 @@
 """Tests of trainer.config: validation of every setting, and --loss_weights parsing."""
 
+import dataclasses
 import re
 
 import pytest
@@ -63,3 +64,31 @@ def test_model_dir_defaults_to_vertex_ai_model_dir(monkeypatch):
 def test_first_line_of_an_error_message():
   assert config.first_line(ValueError("bad thing\n  details")) == "bad thing"
   assert config.first_line(AssertionError()) == "AssertionError"
+
+
+def test_every_setting_has_a_rule_for_restarts():
+  assert set(config.RESUME_RULES) == {f.name for f in dataclasses.fields(config.TrainConfig)}
+  assert set(config.RESUME_RULES.values()) == {config.REFUSED, config.ALLOWED, config.EXTENDING}
+
+
+def test_a_restart_names_every_refused_change_and_returns_the_allowed_ones():
+  saved = dataclasses.asdict(config.TrainConfig(model_dir="/runs/a", epochs=5))
+  same = config.TrainConfig(model_dir="/runs/a", epochs=5)
+  assert config.resume_changes(saved, same) == []
+  moved = config.TrainConfig(model_dir="/copies/a", epochs=8, learning_rate=1e-3)
+  assert config.resume_changes(saved, moved) == [
+      "--model_dir: /runs/a -> /copies/a", "--learning_rate: 0.002 -> 0.001"]
+  changed = config.TrainConfig(model_dir="/runs/a", epochs=5, latent_dim=8,
+                               loss_weights={"classifier": 1.0, "decoder": 0.5})
+  with pytest.raises(config.UserInputError, match=re.escape(
+      "this run was trained with --loss_weights=classifier=1.0,decoder=0.2 --latent_dim=256, "
+      "not --loss_weights=classifier=1.0,decoder=0.5 --latent_dim=8; ")):
+    config.resume_changes(saved, changed)
+
+
+def test_a_setting_an_older_config_json_lacks_counts_as_its_default():
+  saved = dataclasses.asdict(config.TrainConfig(model_dir="/runs/a"))
+  del saved["shift_pixels"]
+  assert config.resume_changes(saved, config.TrainConfig(model_dir="/runs/a")) == []
+  with pytest.raises(config.UserInputError, match="--shift_pixels=1, not --shift_pixels=2"):
+    config.resume_changes(saved, config.TrainConfig(model_dir="/runs/a", shift_pixels=2))

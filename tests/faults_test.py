@@ -259,8 +259,8 @@ BAD_FLAGS = {
                              "no file at /nonexistent/data.npz"),
     "dataset-dir-missing": (["--dataset=idx:/nonexistent"], "no train-images-idx3-ubyte"),
     "dataset-name-typo": (["--dataset=mnist_smaple"], "unknown --dataset='mnist_smaple'"),
-    "checkpoint-of-another-shape": (["--latent_dim=32"],
-                                    "does not fit this model"),
+    "another-model-shape": (["--latent_dim=32"],
+                            "this run was trained with --latent_dim=16, not --latent_dim=32"),
 }
 
 

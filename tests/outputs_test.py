@@ -72,3 +72,16 @@ def test_an_unwritable_model_dir_is_refused_up_front(tmp_path):
   blocker.write_text("in the way")
   with pytest.raises(config.UserInputError, match=f"cannot write to --model_dir={blocker}/run"):
     outputs.RunOutputs(_config(blocker / "run"), chief=True)
+
+
+def test_the_configuration_is_saved_and_read_back(tmp_path):
+  run = outputs.RunOutputs(_config(tmp_path, loss_weights={"classifier": 1.0, "decoder": 0.5}),
+                           chief=True)
+  assert run.read_config() is None
+  saved = _config(tmp_path, loss_weights={"classifier": 1.0, "decoder": 0.5})
+  run.write_config(saved)
+  assert config.resume_changes(run.read_config(), saved) == []
+  (tmp_path / "config.json").write_text("[1, 2]")
+  with pytest.raises(config.UserInputError, match="is not a run's configuration .* delete it to "
+                                                  "adopt this command's flags"):
+    run.read_config()

@@ -151,8 +151,8 @@ def test_two_workers_on_loopback_train_together(tmp_path):
   assert metrics["strategy"] == "multi_worker_mirrored" and metrics["num_replicas"] == 2
   assert metrics["test_accuracy"] >= 0.97 and metrics["test_reconstruction_mse"] <= 0.02, metrics
   # Only the chief (worker 0) writes shared outputs: one set of them, and no trace of worker 1.
-  assert sorted(os.listdir(model_dir)) == ["checkpoints", "export", "history.json", "logs",
-                                          "metrics.json", "report"]
+  assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "export",
+                                          "history.json", "logs", "metrics.json", "report"]
   assert "Strategy: multi_worker_mirrored" in logs[1]
 
 

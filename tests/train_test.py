@@ -321,11 +321,36 @@ def test_a_report_that_cannot_be_drawn_costs_a_warning_not_the_job(tmp_path, cap
   assert (tmp_path / "metrics.json").exists()
 
 
-def test_a_fixed_weight_checkpoint_is_refused_by_an_uncertainty_weighted_job(tmp_path):
+@pytest.mark.parametrize("trained, restarted", [("fixed", "uncertainty"),
+                                                 ("uncertainty", "fixed")])
+def test_a_restart_may_not_change_the_loss_weighting(tmp_path, trained, restarted):
+  strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
+  train.run(_config(tmp_path, epochs=1, loss_weighting=trained), strategy, splits)
+  before = _snapshot(tmp_path)
+  # Learned weights dropped under fixed ones went through without a word before config.json.
+  with pytest.raises(config.UserInputError, match=f"trained with --loss_weighting={trained}, "
+                                                  f"not --loss_weighting={restarted}; "):
+    train.run(_config(tmp_path, loss_weighting=restarted), strategy, splits)
+  assert _snapshot(tmp_path) == before
+
+
+def test_a_restart_that_changes_the_batch_or_the_data_order_is_refused(tmp_path, caplog):
   strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
   train.run(_config(tmp_path, epochs=1), strategy, splits)
-  with pytest.raises(config.UserInputError, match="does not fit this model"):
-    train.run(_config(tmp_path, loss_weighting="uncertainty"), strategy, splits)
+  before = _snapshot(tmp_path)
+  # A larger batch used to resume past the new epoch's end and record a bogus epoch.
+  with pytest.raises(config.UserInputError,
+                     match=r"^this run was trained with --batch_size=32 --seed=0 "
+                           r"--shift_pixels=1, not --batch_size=64 --seed=3 --shift_pixels=0; "):
+    train.run(_config(tmp_path, epochs=2, batch_size=64, seed=3, shift_pixels=0), strategy,
+              splits)
+  assert _snapshot(tmp_path) == before
+  # A lower learning rate is allowed, logged, and saved with the run.
+  logging.set_verbosity(logging.INFO)
+  caplog.set_level("INFO")
+  train.run(_config(tmp_path, epochs=2, learning_rate=1e-3), strategy, splits)
+  assert "Changed since this run was last started: --learning_rate: 0.003 -> 0.001" in caplog.text
+  assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 1e-3
 
 
 def test_global_batch_that_does_not_divide_fails_before_training(tmp_path, two_replicas):
@@ -404,6 +429,12 @@ def test_checkpoint_of_another_model_shape_is_refused_untouched(tmp_path):
   strategy = tf.distribute.get_strategy()
   train.run(_config(tmp_path, epochs=1, latent_dim=16), strategy, helpers.learnable_splits())
   before = _snapshot(tmp_path)
+  with pytest.raises(config.UserInputError, match="trained with --latent_dim=16, not "):
+    train.run(_config(tmp_path, epochs=2, latent_dim=32), strategy, helpers.learnable_splits())
+  assert _snapshot(tmp_path) == before
+  # Without its config.json (deleted by hand, adopted), the checkpoint itself refuses it.
+  (tmp_path / "config.json").unlink()
+  before = _snapshot(tmp_path)
   with pytest.raises(config.UserInputError, match="does not fit this model.*--latent_dim"):
     train.run(_config(tmp_path, epochs=2, latent_dim=32), strategy, helpers.learnable_splits())
   assert _snapshot(tmp_path) == before
@@ -472,8 +503,8 @@ def test_a_whole_job_on_tensorflows_file_systems_never_writes_with_plain_open(tm
                                          model_dir="ram://run", epochs=1, batch_size=32,
                                          latent_dim=16), tf.distribute.get_strategy())
   monkeypatch.undo()
-  assert sorted(tf.io.gfile.listdir("ram://run")) == ["checkpoints", "export", "history.json",
-                                                      "logs", "metrics.json", "report"]
+  assert sorted(tf.io.gfile.listdir("ram://run")) == [
+      "checkpoints", "config.json", "export", "history.json", "logs", "metrics.json", "report"]
   with tf.io.gfile.GFile("ram://run/metrics.json") as f:
     assert json.load(f)["test_accuracy"] == metrics["test_accuracy"]
   assert not os.listdir(work)

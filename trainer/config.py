@@ -101,6 +101,60 @@ def check_dataset_name(dataset: str) -> None:
                        "tfds:NAME, idx:DIR or npz:PATH")
 
 
+# What a restart may change, setting by setting (the README's table is this one):
+#   refused    changes what the remaining steps compute or the data order: the job stops with
+#              one line naming each change;
+#   allowed    logged and used: paths (a run may be copied), the peak learning rate (lowering it
+#              is what a divergence's message advises), how the steps run (strategy, precision,
+#              XLA, steps per call) and what is saved or logged when. A strategy with another
+#              number of input pipelines (workers) shuffles each pipeline's shard differently:
+#              an epoch boundary resumes exactly, mid-epoch the rest of the epoch is drawn from
+#              another order;
+#   extending  a larger --epochs trains on, its cosine schedule stretched over the new total.
+REFUSED, ALLOWED, EXTENDING = "refused", "allowed", "extending"
+RESUME_RULES = {
+    "dataset": REFUSED, "batch_size": REFUSED, "seed": REFUSED, "shift_pixels": REFUSED,
+    "labeled_examples": REFUSED, "loss_weighting": REFUSED, "loss_weights": REFUSED,
+    "latent_dim": REFUSED,
+    "data_dir": ALLOWED, "model_dir": ALLOWED, "checkpoint_dir": ALLOWED, "tpu": ALLOWED,
+    "strategy": ALLOWED, "precision": ALLOWED, "learning_rate": ALLOWED,
+    "steps_per_loop": ALLOWED, "checkpoint_every_steps": ALLOWED, "checkpoints_to_keep": ALLOWED,
+    "eval_every_steps": ALLOWED, "jit_compile": ALLOWED, "deterministic": ALLOWED,
+    "report": ALLOWED,
+    "epochs": EXTENDING,
+}
+
+
+def _as_flag(name: str, value) -> str:
+  if isinstance(value, dict):
+    value = ",".join(f"{key}={weight}" for key, weight in value.items())
+  return f"--{name}={value}"
+
+
+def resume_changes(saved: Dict, config: "TrainConfig") -> list:
+  """Compares `config` with the one a run saved (`saved`, as `dataclasses.asdict` gave it);
+  returns the allowed changes, as `--name: old -> new` lines to log.
+
+  Raises `UserInputError` naming every refused change with its old and new value. A setting
+  the saved file lacks (added to the trainer later) counts as its default.
+  """
+  current = dataclasses.asdict(config)
+  defaults = dataclasses.asdict(TrainConfig(model_dir="-"))
+  refused, allowed = [], []
+  for name, rule in RESUME_RULES.items():
+    old = saved.get(name, defaults[name])
+    new = current[name]
+    if old == new or (rule == EXTENDING and new > old):
+      continue
+    (refused if rule == REFUSED else allowed).append((name, old, new))
+  if refused:
+    raise UserInputError(
+        "this run was trained with " + " ".join(_as_flag(n, old) for n, old, _ in refused)
+        + ", not " + " ".join(_as_flag(n, new) for n, _, new in refused)
+        + "; run it with its own settings (see --model_dir/config.json), or use a new --model_dir")
+  return [f"--{name}: {old} -> {new}" for name, old, new in allowed]
+
+
 def first_line(error: BaseException) -> str:
   """The first line of an exception's message (its type name if it has none), for error lines."""
   text = str(error).strip()

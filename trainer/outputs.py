@@ -7,6 +7,7 @@ file goes through `tf.io.gfile`, so gs:// works as a local path does.
 """
 
 import atexit
+import dataclasses
 import json
 import os
 import shutil
@@ -82,7 +83,32 @@ class RunOutputs:
     self.export = os.path.join(root, "export")
     self.history_path = os.path.join(config.model_dir, "history.json")
     self.metrics_path = os.path.join(config.model_dir, "metrics.json")
+    self.config_path = os.path.join(config.model_dir, "config.json")
     self._writers = None  # Created at the first epoch's end: a job that stops before logs none.
+
+  def read_config(self) -> Optional[Dict]:
+    """The configuration the run saved when it started or was last resumed; None if none.
+
+    A run directory with checkpoints but no config.json (deleted by hand) adopts the
+    current flags: trainers too old to write one are refused by their checkpoint already.
+    """
+    if not tf.io.gfile.exists(self.config_path):
+      return None
+    try:
+      with tf.io.gfile.GFile(self.config_path) as f:
+        saved = json.load(f)
+      if not isinstance(saved, dict):
+        raise ValueError("not a JSON object")
+      return saved
+    except ValueError as e:
+      raise UserInputError(
+          f"{self.config_path} is not a run's configuration ({first_line(e)}); restore it, or "
+          "delete it to adopt this command's flags") from None
+
+  def write_config(self, config: TrainConfig) -> None:
+    """Saves the configuration (chief only), once every check has passed."""
+    if self.chief:
+      write_json(self.config_path, dataclasses.asdict(config))
 
   def read_history(self, epochs_done: int) -> List[Dict]:
     """The per-epoch entries of the epochs a restored checkpoint has done (none if no file)."""

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer import config as config_lib
 from trainer import data as data_lib
 from trainer import distribution
 from trainer import export as export_lib
@@ -335,6 +336,7 @@ class _Job:
   history: List[Dict]
   evaluate: Evaluate
   images_per_second: Optional[float] = None  # Set by `fit`.
+  config_saved: bool = False  # config.json written by this process.
 
 
 def _configure_process(config: TrainConfig, strategy: tf.distribute.Strategy) -> TrainConfig:
@@ -360,6 +362,11 @@ def setup(config: TrainConfig, strategy: tf.distribute.Strategy,
   # Outputs: checked before any work that could be lost.
   outputs = outputs_lib.RunOutputs(config, is_chief(strategy),
                                    os.environ.get("AIP_TENSORBOARD_LOG_DIR", ""))
+  # The run's own settings: a restart that would change what it computes is refused here,
+  # before the checkpoint is read (its own error would name a symptom, not the change).
+  saved = outputs.read_config()
+  for change in config_lib.resume_changes(saved, config) if saved else []:
+    logging.info("Changed since this run was last started: %s", change)
   policy = distribution.resolve_precision(config.precision, strategy)
   state = build_training_state(config, strategy, policy, plan.steps_per_epoch)
   latest = restore_latest(state.checkpoint, outputs_lib.checkpoint_dir(config))
@@ -386,7 +393,12 @@ def setup(config: TrainConfig, strategy: tf.distribute.Strategy,
 
 
 def _save(job: _Job) -> str:
-  """Saves a checkpoint numbered by global step; returns its path."""
+  """Saves a checkpoint numbered by global step; returns its path. The first save of a process
+  writes the run's configuration first: by then every check has passed and training is sound,
+  so neither refused input nor a divergence at the first steps changes a file."""
+  if not job.config_saved:
+    job.outputs.write_config(job.config)
+    job.config_saved = True
   return job.manager.save(checkpoint_number=int(job.state.global_step.numpy()))
 
 
