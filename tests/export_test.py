@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -29,7 +30,7 @@ def test_export_reloads_with_a_uint8_serving_signature(tmp_path):
   direct = model(images)
   np.testing.assert_allclose(served["classifier"], direct["classifier"], atol=1e-5)
   np.testing.assert_allclose(served["decoder"], direct["decoder"][..., 0], atol=1e-5)
-  assert not tf.io.gfile.exists(path + ".partial")
+  assert not tf.io.gfile.exists(path.replace("/export", "/.export.partial"))
   # The (N, 28, 28, 1) batches most MNIST code holds get the same answers.
   served4 = serve(images=tf.constant(images))
   np.testing.assert_array_equal(served4["classifier"], served["classifier"])
@@ -40,6 +41,44 @@ def test_export_reloads_with_a_uint8_serving_signature(tmp_path):
   np.testing.assert_allclose(latent, model.get_layer("encoder")(images), atol=1e-5)
   outputs = export_lib.predict_batches(exported, images, batch_size=2)  # Batches of 2, 2 and 1.
   np.testing.assert_allclose(outputs["classifier"], direct["classifier"], atol=1e-5)
+
+
+@pytest.mark.parametrize("root", ["local", "ram"])
+def test_a_failed_write_keeps_the_old_export(tmp_path, monkeypatch, root):
+  path = str(tmp_path / "export") if root == "local" else f"ram://{tmp_path.name}/export"
+  old_model, new_model = model_lib.build_model(latent_dim=8), model_lib.build_model(latent_dim=8)
+  images = helpers.learnable_split(4).images
+  export_lib.export_saved_model(old_model, path)
+  old_answers = export_lib.predict_batches(export_lib.load(path), images)["classifier"]
+  archive_class = type(keras.export.ExportArchive())  # The backend's subclass.
+  real_write_out = archive_class.write_out
+
+  def write_half_then_fail(archive, filepath, **kwargs):
+    real_write_out(archive, filepath, **kwargs)
+    tf.io.gfile.remove(f"{filepath}/saved_model.pb")
+    raise OSError("disk full")
+
+  monkeypatch.setattr(archive_class, "write_out", write_half_then_fail)
+  with pytest.raises(OSError):
+    export_lib.export_saved_model(new_model, path)
+  np.testing.assert_array_equal(
+      export_lib.predict_batches(export_lib.load(path), images)["classifier"], old_answers)
+  # The next export clears what the failed one left, and replaces the old one.
+  monkeypatch.undo()
+  export_lib.export_saved_model(new_model, path)
+  np.testing.assert_allclose(export_lib.predict_batches(export_lib.load(path), images)[
+      "classifier"], new_model(images)["classifier"], atol=1e-5)
+  assert not tf.io.gfile.exists(path.replace("/export", "/.export.partial"))
+
+
+def test_an_old_export_left_between_the_renames_comes_back(tmp_path):
+  model = model_lib.build_model(latent_dim=8)
+  path = str(tmp_path / "export")
+  export_lib.export_saved_model(model, path)
+  os.rename(path, tmp_path / ".export.previous")  # Killed between the two renames.
+  (tmp_path / ".export.partial").mkdir()
+  export_lib.export_saved_model(model, path)
+  assert sorted(os.listdir(tmp_path)) == ["export"]
 
 
 def test_loading_where_there_is_no_export_names_the_fix(tmp_path):

@@ -465,15 +465,16 @@ def test_leftovers_of_a_kill_during_saving_are_never_trusted(tmp_path, caplog):
   (tmp_path / "checkpoints" / "ckpt-99_temp").mkdir()
   (tmp_path / "checkpoints" / "ckpt-99_temp" / "part-00000-of-00001.index").write_bytes(b"\0" * 7)
   (tmp_path / "checkpoints" / "ckpt-99.index").write_bytes(b"\0" * 7)
-  (tmp_path / "export.partial").mkdir()
-  (tmp_path / "export.partial" / "saved_model.pb").write_bytes(b"half")
+  (tmp_path / ".export.partial").mkdir()
+  (tmp_path / ".export.partial" / "saved_model.pb").write_bytes(b"half")
   (tmp_path / "metrics.json.tmp").write_text('{"test_accu')
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
   metrics = train.run(_config(tmp_path, epochs=2), strategy, splits)
   assert "checkpoints/ckpt-16: epoch 2 of 2, step 0 of 16" in caplog.text
   assert helpers.read_metrics(str(tmp_path))["test_accuracy"] == metrics["test_accuracy"]
-  assert not (tmp_path / "export.partial").exists() and not (tmp_path / "metrics.json.tmp").exists()
+  assert not (tmp_path / ".export.partial").exists()
+  assert not (tmp_path / "metrics.json.tmp").exists()
   serve = tf.saved_model.load(str(tmp_path / "export")).signatures["serving_default"]
   assert serve(images=tf.zeros([1, 28, 28], tf.uint8))["classifier"].shape == (1, 10)
 

@@ -43,10 +43,14 @@ def _checked_images(images: tf.Tensor) -> tf.Tensor:
 def export_saved_model(model: keras.Model, path: str) -> None:
   """Writes `model` to `path` (local or gs://), replacing what was there.
 
-  On a local file system the export goes to a temporary name and is renamed into place:
-  readers see the old export or the new one, never half of one. Object stores (gs://) have
-  no atomic directory rename (it is a copy, object by object), so there it is written in
-  place; `train.run` writes metrics.json after it, which marks it complete.
+  The new export is written whole beside the old one (`.export.partial`) first: a write that
+  fails leaves the old export as it was. On a local disk it then takes the old one's place
+  by two directory renames, so a reader finds the old export, the new one, or, for the
+  instant between the renames, none, but never half of one; a process killed in that
+  instant leaves the old one at `.export.previous`, put back by the next call. Object stores
+  (gs://) cannot rename a directory (it is a copy, object by object): there the old export is
+  replaced by a copy of the finished new one, which a reader may see half done; the training
+  job writes metrics.json after the export, which marks it complete.
   """
 
   def serve(images):
@@ -63,14 +67,42 @@ def export_saved_model(model: keras.Model, path: str) -> None:
   archive.track(model)
   archive.add_endpoint(name="serving_default", fn=serve, input_signature=[SERVING_INPUT])
   archive.add_endpoint(name="latent", fn=latent, input_signature=[SERVING_INPUT])
-  local = "://" not in path
-  target = path.rstrip("/") + ".partial" if local else path
-  for stale in {target, path}:
-    if tf.io.gfile.exists(stale):
-      tf.io.gfile.rmtree(stale)
-  archive.write_out(target, verbose=False)
-  if local:
-    tf.io.gfile.rename(target, path)
+  path = path.rstrip("/")
+  # Siblings whose names do not start with the export's: ram:// mixes up such paths.
+  parent, name = path.rsplit("/", 1)
+  partial, previous = f"{parent}/.{name}.partial", f"{parent}/.{name}.previous"
+  if tf.io.gfile.exists(previous):  # Killed between the renames: the old export comes back.
+    if tf.io.gfile.exists(path):
+      tf.io.gfile.rmtree(previous)
+    else:
+      tf.io.gfile.rename(previous, path)
+  if tf.io.gfile.exists(partial):  # Leftovers of an attempt that did not finish.
+    tf.io.gfile.rmtree(partial)
+  archive.write_out(partial, verbose=False)
+  if "://" in path:
+    _replace_by_copy(partial, path)
+    return
+  if tf.io.gfile.exists(path):
+    tf.io.gfile.rename(path, previous)
+  tf.io.gfile.rename(partial, path)
+  if tf.io.gfile.exists(previous):
+    tf.io.gfile.rmtree(previous)
+
+
+def _replace_by_copy(source: str, target: str) -> None:
+  """Replaces the export at `target` by a copy of the one at `source`, then deletes `source`.
+
+  Asks for `target`'s saved_model.pb, not `target` itself: some object-store file systems
+  (TensorFlow's ram://) answer that a path exists when another path merely starts with it.
+  """
+  if tf.io.gfile.exists(f"{target}/saved_model.pb"):
+    tf.io.gfile.rmtree(target)
+  for directory, _, files in tf.io.gfile.walk(source):
+    destination = target + directory[len(source):]
+    tf.io.gfile.makedirs(destination)
+    for name in files:
+      tf.io.gfile.copy(f"{directory}/{name}", f"{destination}/{name}", overwrite=True)
+  tf.io.gfile.rmtree(source)
 
 
 def load(path: str):
