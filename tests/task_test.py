@@ -1,5 +1,6 @@
 """End-to-end tests of `python -m trainer.task`, run as users run it: real data, real processes."""
 
+import dataclasses
 import json
 import os
 import re
@@ -168,3 +169,18 @@ def test_fashion_mnist_from_idx_files_three_epochs(tmp_path):
   metrics = helpers.read_metrics(model_dir)
   assert metrics["test_accuracy"] >= 0.90, metrics
   assert metrics["test_reconstruction_mse"] <= 0.015, metrics
+
+
+def test_every_setting_is_a_flag_whose_default_is_the_configurations(monkeypatch):
+  from absl import flags as absl_flags
+  from trainer import config, task
+  monkeypatch.delenv("AIP_MODEL_DIR", raising=False)
+  monkeypatch.delenv("AIP_CHECKPOINT_DIR", raising=False)
+  absl_flags.FLAGS.unparse_flags()
+  absl_flags.FLAGS(["trainer.task", "--model_dir=/runs/a"])
+  try:
+    assert task.config_from_flags() == config.TrainConfig(model_dir="/runs/a")
+  finally:
+    absl_flags.FLAGS.unparse_flags()
+  grouped = {name for names in task.FLAG_GROUPS.values() for name in names}
+  assert {f.name for f in dataclasses.fields(config.TrainConfig)} <= grouped

@@ -16,6 +16,8 @@ OUTPUT_NAMES = (CLASSIFIER, DECODER)
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
+# The classic starting point: cross-entropy at 1.0, the reconstruction's MSE at 0.2.
+DEFAULT_LOSS_WEIGHTS = {CLASSIFIER: 1.0, DECODER: 0.2}
 
 # --dataset is one of DATASETS, or KIND:ARGUMENT with KIND one of DATASET_KINDS
 # (trainer.data.load_splits reads each; this is only the name, checked without TensorFlow).
@@ -42,7 +44,7 @@ class TrainConfig:
   epochs: int = 20
   learning_rate: float = 2e-3
   loss_weights: Dict[str, float] = dataclasses.field(
-      default_factory=lambda: {CLASSIFIER: 1.0, DECODER: 0.2})
+      default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
   loss_weighting: str = "fixed"  # Or "uncertainty": learned (trainer.losses).
   labeled_examples: int = 0  # 0: every training label; else the classifier learns from these.
   steps_per_loop: int = 0  # 0: the platform's default (distribution.default_steps_per_loop).
@@ -125,10 +127,13 @@ RESUME_RULES = {
 }
 
 
+def format_loss_weights(weights: Dict[str, float]) -> str:
+  """`{"classifier": 1.0, "decoder": 0.2}` as --loss_weights writes it."""
+  return ",".join(f"{name}={weight}" for name, weight in weights.items())
+
+
 def _as_flag(name: str, value) -> str:
-  if isinstance(value, dict):
-    value = ",".join(f"{key}={weight}" for key, weight in value.items())
-  return f"--{name}={value}"
+  return f"--{name}={format_loss_weights(value) if isinstance(value, dict) else value}"
 
 
 def resume_changes(saved: Dict, config: "TrainConfig") -> list:

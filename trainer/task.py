@@ -4,6 +4,7 @@ Bad input the user can fix ends the job with one `error:` line and exit code 2, 
 before TensorFlow is imported wherever it can be (importing it takes seconds).
 """
 
+import dataclasses
 import functools
 import os
 import sys
@@ -17,59 +18,64 @@ from trainer import preemption
 
 FLAGS = flags.FLAGS
 
+DEFAULTS = config_lib.TrainConfig  # Every default lives there.
+
 flags.DEFINE_string(
-    "dataset", "mnist",
+    "dataset", DEFAULTS.dataset,
     "mnist (TFDS, downloaded into --data_dir), tfds:NAME (another 28x28 grey TFDS set), "
     "mnist_sample (5,000 real digits shipped with the package), idx:DIR (the four MNIST IDX "
     "files), npz:PATH (X (N, 784) uint8 and y (N,) labels).")
-flags.DEFINE_string("data_dir", "", "TFDS data directory (local or gs://); TFDS's default if empty.")
+flags.DEFINE_string("data_dir", DEFAULTS.data_dir,
+                    "TFDS data directory (local or gs://); TFDS's default if empty.")
 flags.DEFINE_string("model_dir", config_lib.default_model_dir(),
                     "Where checkpoints, logs, the export and metrics.json go (local or gs://); "
                     "defaults to $AIP_MODEL_DIR.")
 flags.DEFINE_string("checkpoint_dir", config_lib.default_checkpoint_dir(),
                     "Where checkpoints go (local or gs://); defaults to $AIP_CHECKPOINT_DIR, "
                     "else --model_dir/checkpoints.")
-flags.DEFINE_enum("strategy", "auto", list(config_lib.STRATEGIES),
+flags.DEFINE_enum("strategy", DEFAULTS.strategy, list(config_lib.STRATEGIES),
                   "Distribution strategy; auto picks TPU, multi-worker, mirrored or default.")
-flags.DEFINE_string("tpu", "", "TPU address or name; empty or 'local' on a Cloud TPU VM.")
-flags.DEFINE_enum("precision", "auto", list(config_lib.PRECISIONS),
+flags.DEFINE_string("tpu", DEFAULTS.tpu,
+                    "TPU address or name; empty or 'local' on a Cloud TPU VM.")
+flags.DEFINE_enum("precision", DEFAULTS.precision, list(config_lib.PRECISIONS),
                   "auto: mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU.")
-flags.DEFINE_integer("batch_size", config_lib.TrainConfig.batch_size,
+flags.DEFINE_integer("batch_size", DEFAULTS.batch_size,
                      "Global batch size, split evenly over the replicas.")
-flags.DEFINE_integer("epochs", config_lib.TrainConfig.epochs, "Passes over the training split.")
-flags.DEFINE_float("learning_rate", config_lib.TrainConfig.learning_rate,
+flags.DEFINE_integer("epochs", DEFAULTS.epochs, "Passes over the training split.")
+flags.DEFINE_float("learning_rate", DEFAULTS.learning_rate,
                    "Peak learning rate of Adam's cosine decay to zero over the run.")
-flags.DEFINE_string("loss_weights", "classifier=1.0,decoder=0.2",
+flags.DEFINE_string("loss_weights",
+                    config_lib.format_loss_weights(config_lib.DEFAULT_LOSS_WEIGHTS),
                     "Weight of each task's loss in the total, as NAME=WEIGHT pairs.")
-flags.DEFINE_enum("loss_weighting", config_lib.TrainConfig.loss_weighting,
+flags.DEFINE_enum("loss_weighting", DEFAULTS.loss_weighting,
                   list(config_lib.LOSS_WEIGHTINGS),
                   "fixed: --loss_weights; uncertainty: learned per-task weights (Kendall, Gal and "
                   "Cipolla, 2018), logged each epoch.")
-flags.DEFINE_integer("labeled_examples", config_lib.TrainConfig.labeled_examples,
+flags.DEFINE_integer("labeled_examples", DEFAULTS.labeled_examples,
                      "Semi-supervised: the classifier learns from this many training labels "
                      "(balanced by class, chosen by --seed), the decoder from every image; "
                      "0: every label.")
-flags.DEFINE_integer("steps_per_loop", config_lib.TrainConfig.steps_per_loop,
+flags.DEFINE_integer("steps_per_loop", DEFAULTS.steps_per_loop,
                      "Training steps run per call into the device; 0: the platform's default "
                      "(TPU 500, GPU 200, CPU 50).")
-flags.DEFINE_integer("checkpoint_every_steps", config_lib.TrainConfig.checkpoint_every_steps,
+flags.DEFINE_integer("checkpoint_every_steps", DEFAULTS.checkpoint_every_steps,
                      "Save a checkpoint every this many training steps, and at each epoch's end.")
-flags.DEFINE_integer("checkpoints_to_keep", config_lib.TrainConfig.checkpoints_to_keep,
+flags.DEFINE_integer("checkpoints_to_keep", DEFAULTS.checkpoints_to_keep,
                      "How many of the latest checkpoints to keep.")
-flags.DEFINE_integer("eval_every_steps", config_lib.TrainConfig.eval_every_steps,
+flags.DEFINE_integer("eval_every_steps", DEFAULTS.eval_every_steps,
                      "Also log validation metrics every this many steps; 0: at epoch ends only.")
-flags.DEFINE_bool("jit_compile", config_lib.TrainConfig.jit_compile,
+flags.DEFINE_bool("jit_compile", DEFAULTS.jit_compile,
                   "XLA-compile each replica's forward and backward pass (measured 2.3x slower "
                   "on CPU; try it on GPU).")
-flags.DEFINE_integer("latent_dim", config_lib.TrainConfig.latent_dim,
+flags.DEFINE_integer("latent_dim", DEFAULTS.latent_dim,
                      "Size of the shared encoder's output.")
-flags.DEFINE_integer("shift_pixels", config_lib.TrainConfig.shift_pixels,
+flags.DEFINE_integer("shift_pixels", DEFAULTS.shift_pixels,
                      "Augmentation: training images move by up to this many pixels each way "
                      "(the decoder rebuilds the moved image); 0 turns it off.")
-flags.DEFINE_integer("seed", config_lib.TrainConfig.seed, "Seed for initialisation and shuffling.")
-flags.DEFINE_bool("report", config_lib.TrainConfig.report,
+flags.DEFINE_integer("seed", DEFAULTS.seed, "Seed for initialisation and shuffling.")
+flags.DEFINE_bool("report", DEFAULTS.report,
                   "Draw the report (images and report.md) under --model_dir/report at the end.")
-flags.DEFINE_bool("deterministic", config_lib.TrainConfig.deterministic,
+flags.DEFINE_bool("deterministic", DEFAULTS.deterministic,
                   "Deterministic ops (slower): the same flags give the same metrics.")
 flags.DEFINE_bool("verbose", False,
                   "Also log TensorFlow's own start-up and saving messages (its C++ INFO and "
@@ -99,19 +105,11 @@ parse_flags = functools.partial(cli.parse_flags, description=DESCRIPTION, groups
 
 
 def config_from_flags() -> config_lib.TrainConfig:
-  """The validated configuration the flags describe."""
-  return config_lib.TrainConfig(
-      dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir,
-      checkpoint_dir=FLAGS.checkpoint_dir,
-      strategy=FLAGS.strategy, tpu=FLAGS.tpu, precision=FLAGS.precision,
-      batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate,
-      loss_weights=config_lib.parse_loss_weights(FLAGS.loss_weights),
-      loss_weighting=FLAGS.loss_weighting, labeled_examples=FLAGS.labeled_examples,
-      steps_per_loop=FLAGS.steps_per_loop, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-      checkpoints_to_keep=FLAGS.checkpoints_to_keep, eval_every_steps=FLAGS.eval_every_steps,
-      jit_compile=FLAGS.jit_compile, latent_dim=FLAGS.latent_dim,
-      shift_pixels=FLAGS.shift_pixels, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
-      report=FLAGS.report)
+  """The validated configuration the flags describe: one flag per field, of the same name."""
+  values = {field.name: FLAGS[field.name].value
+            for field in dataclasses.fields(config_lib.TrainConfig)}
+  values["loss_weights"] = config_lib.parse_loss_weights(values["loss_weights"])
+  return config_lib.TrainConfig(**values)
 
 
 def quiet_tensorflow(verbose: bool) -> int:
