@@ -1,19 +1,14 @@
 """Tests of `python -m trainer.evaluate`, run as a user runs it."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from tests import helpers
 
 
-def _evaluate(*flags):
-  return subprocess.run([sys.executable, "-m", "trainer.evaluate", *flags], cwd=helpers.REPO,
-                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True,
-                        text=True, timeout=300)
+def _evaluate(*args):
+  return helpers.run_module("trainer.evaluate", *args)
 
 
 def test_evaluate_agrees_with_the_jobs_metrics_json(finished_run):

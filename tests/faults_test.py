@@ -6,16 +6,12 @@ exit, and the files of an existing run left byte for byte as they were.
 
 import glob
 import hashlib
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
-import portpicker
 import pytest
 import tensorflow as tf
 from absl import flags
@@ -25,16 +21,6 @@ from trainer import cli, preemption, task
 
 SAMPLE_FLAGS = ("--dataset=mnist_sample", "--steps_per_loop=5")
 SAMPLE_STEPS_PER_EPOCH = 4000 // 64
-
-
-def _start_trainer(log_path, *flags_, env=None):
-  log = open(log_path, "w")
-  process = subprocess.Popen(
-      [sys.executable, "-m", "trainer.task", *flags_], cwd=helpers.REPO,
-      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
-      stdout=log, stderr=subprocess.STDOUT)
-  log.close()
-  return process
 
 
 def _checkpoint_numbers(model_dir):
@@ -56,10 +42,6 @@ def _latest_step(model_dir):
   return latest, int(latest.rsplit("-", 1)[1])
 
 
-def _comparable(metrics):
-  return {k: v for k, v in metrics.items() if k not in ("train_images_per_second", "config")}
-
-
 @pytest.mark.slow
 def test_killed_mid_epoch_resumes_where_it_was_and_ends_as_if_never_killed(tmp_path):
   run_flags = (*SAMPLE_FLAGS, "--epochs=2", "--deterministic", "--checkpoint_every_steps=10")
@@ -67,7 +49,7 @@ def test_killed_mid_epoch_resumes_where_it_was_and_ends_as_if_never_killed(tmp_p
   assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
   model_dir = str(tmp_path / "killed")
-  process = _start_trainer(tmp_path / "killed.log", *run_flags, f"--model_dir={model_dir}")
+  process = helpers.start_trainer(tmp_path / "killed.log", *run_flags, f"--model_dir={model_dir}")
   _wait_for_checkpoint(process, model_dir, at_least=SAMPLE_STEPS_PER_EPOCH + 10)
   process.send_signal(signal.SIGKILL)
   process.wait(timeout=60)
@@ -79,7 +61,7 @@ def test_killed_mid_epoch_resumes_where_it_was_and_ends_as_if_never_killed(tmp_p
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert (f"Resuming from {latest}: epoch 2 of 2, step {epoch_step} of "
           f"{SAMPLE_STEPS_PER_EPOCH}") in resumed.stderr
-  assert _comparable(helpers.read_metrics(model_dir)) == _comparable(
+  assert helpers.without_timing(helpers.read_metrics(model_dir)) == helpers.without_timing(
       helpers.read_metrics(str(tmp_path / "whole")))
 
 
@@ -89,7 +71,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_preempted_then_resumes(tmp_path):
   # Checkpoints only at epoch ends: the one SIGTERM writes is its own.
   run_flags = (*SAMPLE_FLAGS, "--epochs=3", "--checkpoint_every_steps=100000",
                f"--model_dir={model_dir}")
-  process = _start_trainer(tmp_path / "first.log", *run_flags)
+  process = helpers.start_trainer(tmp_path / "first.log", *run_flags)
   _wait_for_checkpoint(process, model_dir, at_least=SAMPLE_STEPS_PER_EPOCH)
   process.send_signal(signal.SIGTERM)
   signalled = time.monotonic()
@@ -107,15 +89,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_preempted_then_resumes(tmp_path):
   assert helpers.read_metrics(model_dir)["test_accuracy"] > 0.9
 
 
-def _start_workers(tmp_path, attempt, *flags_):
-  """Two workers of one cluster on loopback; logs in tmp_path/ATTEMPT-workerN.log."""
-  ports = [portpicker.pick_unused_port() for _ in range(2)]
-  cluster = {"worker": [f"localhost:{port}" for port in ports]}
-  return [_start_trainer(tmp_path / f"{attempt}-worker{index}.log", *flags_, env={
-      "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})})
-          for index in range(2)]
-
-
 def _wait_all(processes, timeout):
   try:
     for process in processes:
@@ -130,7 +103,7 @@ def test_a_lost_worker_stops_the_other_with_a_clear_error_and_a_restart_resumes(
   model_dir = str(tmp_path / "run")
   run_flags = (*SAMPLE_FLAGS, "--epochs=2", "--checkpoint_every_steps=20",
                f"--model_dir={model_dir}")
-  chief, worker = _start_workers(tmp_path, "first", *run_flags)
+  chief, worker = helpers.start_workers(tmp_path, "first", *run_flags)
   try:
     _wait_for_checkpoint(chief, model_dir, at_least=20)
     worker.send_signal(signal.SIGKILL)
@@ -146,7 +119,7 @@ def test_a_lost_worker_stops_the_other_with_a_clear_error_and_a_restart_resumes(
   assert "restart every worker" in errors[0] and "Traceback" not in log
   latest, _ = _latest_step(model_dir)
 
-  workers = _start_workers(tmp_path, "second", *run_flags)
+  workers = helpers.start_workers(tmp_path, "second", *run_flags)
   _wait_all(workers, timeout=900)
   logs = [(tmp_path / f"second-worker{i}.log").read_text() for i in range(2)]
   assert [p.returncode for p in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
@@ -158,7 +131,7 @@ def test_a_lost_worker_stops_the_other_with_a_clear_error_and_a_restart_resumes(
 @pytest.mark.slow
 def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path):
   model_dir = str(tmp_path / "run")
-  workers = _start_workers(tmp_path, "run", *SAMPLE_FLAGS, "--epochs=2",
+  workers = helpers.start_workers(tmp_path, "run", *SAMPLE_FLAGS, "--epochs=2",
                            "--checkpoint_every_steps=100000", f"--model_dir={model_dir}")
   try:
     _wait_for_checkpoint(workers[0], model_dir, at_least=SAMPLE_STEPS_PER_EPOCH)

@@ -30,11 +30,42 @@ def learnable_splits(train: int = 512, validation: int = 100, test: int = 100) -
                      learnable_split(test, 2))
 
 
-def run_trainer(*flags, env=None, timeout=600):
-  """Runs `python -m trainer.task FLAGS` from the repository; returns the CompletedProcess."""
-  return subprocess.run([sys.executable, "-m", "trainer.task", *flags], cwd=REPO,
-                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+def _environment(env=None) -> dict:
+  return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+
+
+def run_module(module: str, *args, env=None, timeout=600):
+  """Runs `python -m MODULE ARGS` from the repository, as a user would; returns the
+  CompletedProcess, with its output as text."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_environment(env),
                         capture_output=True, text=True, timeout=timeout)
+
+
+def run_trainer(*flags, env=None, timeout=600):
+  """Runs `python -m trainer.task FLAGS`; returns the CompletedProcess."""
+  return run_module("trainer.task", *flags, env=env, timeout=timeout)
+
+
+def start_trainer(log_path, *flags, env=None) -> subprocess.Popen:
+  """Starts `python -m trainer.task FLAGS` in the background, its output going to `log_path`."""
+  with open(log_path, "w") as log:
+    return subprocess.Popen([sys.executable, "-m", "trainer.task", *flags], cwd=REPO,
+                            env=_environment(env), stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_workers(log_dir, prefix: str, *flags, workers: int = 2) -> list:
+  """Starts the workers of one multi-worker cluster on loopback, each told its place by
+  $TF_CONFIG; worker N logs to log_dir/PREFIX-workerN.log. Returns their processes."""
+  import portpicker  # Only the multi-worker tests need it.
+  cluster = {"worker": [f"localhost:{portpicker.pick_unused_port()}" for _ in range(workers)]}
+  return [start_trainer(os.path.join(log_dir, f"{prefix}-worker{index}.log"), *flags, env={
+      "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})})
+          for index in range(workers)]
+
+
+def without_timing(metrics: dict) -> dict:
+  """`metrics` less what differs between two runs of the same computation: speed, settings."""
+  return {k: v for k, v in metrics.items() if k not in ("train_images_per_second", "config")}
 
 
 def read_metrics(model_dir: str) -> dict:

@@ -2,8 +2,6 @@
 
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import tensorflow as tf
@@ -11,16 +9,14 @@ import tensorflow as tf
 from tests import helpers
 
 
-def _predict(*args):
-  return subprocess.run([sys.executable, "-m", "trainer.predict", *args], cwd=helpers.REPO,
-                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True,
-                        text=True, timeout=300)
-
-
 def _write_png(path, image):
   with open(path, "wb") as f:
     f.write(tf.io.encode_png(image).numpy())
   return str(path)
+
+
+def _predict(*args):
+  return helpers.run_module("trainer.predict", *args)
 
 
 def test_predicts_each_image_and_writes_its_reconstruction_beside_it(finished_run, tmp_path):

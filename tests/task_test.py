@@ -1,7 +1,6 @@
 """End-to-end tests of `python -m trainer.task`, run as users run it: real data, real processes."""
 
 import dataclasses
-import json
 import os
 import re
 import subprocess
@@ -9,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import portpicker
 import pytest
 import tensorflow as tf
 from absl import flags
@@ -129,25 +127,16 @@ def test_missing_model_dir_is_a_clear_error():
 
 @pytest.mark.slow
 def test_two_workers_on_loopback_train_together(tmp_path):
-  ports = [portpicker.pick_unused_port() for _ in range(2)]
-  cluster = {"worker": [f"localhost:{port}" for port in ports]}
   model_dir = str(tmp_path / "run")
-  workers = []
-  for index in range(2):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-           "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-    log = open(tmp_path / f"worker{index}.log", "w")
-    workers.append((subprocess.Popen(
-        [sys.executable, "-m", "trainer.task", "--dataset=mnist_sample", f"--model_dir={model_dir}"],
-        cwd=helpers.REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-  for process, log in workers:
+  workers = helpers.start_workers(tmp_path, "run", "--dataset=mnist_sample",
+                                  f"--model_dir={model_dir}")
+  for process in workers:
     try:
       process.wait(timeout=900)
     finally:
       process.kill()
-      log.close()
-  logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
-  assert [p.returncode for p, _ in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  logs = [(tmp_path / f"run-worker{i}.log").read_text() for i in range(2)]
+  assert [p.returncode for p in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   metrics = helpers.read_metrics(model_dir)
   assert metrics["strategy"] == "multi_worker_mirrored" and metrics["num_replicas"] == 2
   assert metrics["test_accuracy"] >= 0.97 and metrics["test_reconstruction_mse"] <= 0.02, metrics

@@ -73,7 +73,7 @@ def test_a_finished_job_run_again_rewrites_nothing_and_says_where_its_results_ar
   assert train.run(_config(tmp_path, epochs=1), strategy, splits) == json.loads(
       json.dumps(metrics))
   assert _fingerprint(tmp_path) == before
-  assert f"already trained its 1 epochs; its results: test accuracy" in caplog.text
+  assert "already trained its 1 epochs; its results: test accuracy" in caplog.text
   assert str(tmp_path / "metrics.json") in caplog.text
   # Fewer epochs than trained is refused; more extends the job.
   train.run(_config(tmp_path, epochs=2), strategy, splits)
@@ -128,10 +128,6 @@ def test_restart_resumes_from_the_latest_checkpoint(tmp_path, caplog):
   assert [entry["epoch"] for entry in history] == [1, 2, 3]
 
 
-def _without_timing(metrics):
-  return {k: v for k, v in metrics.items() if k not in ("train_images_per_second", "config")}
-
-
 def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog):
   strategy = tf.distribute.get_strategy()
   splits = helpers.learnable_splits()
@@ -148,7 +144,7 @@ def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog):
   history = (tmp_path / "a" / "history.json").read_text()
   resumed = train.run(_config(tmp_path / "a", **settings), strategy, splits)
   assert "ckpt-25: epoch 2 of 2, step 9 of 16" in caplog.text
-  assert _without_timing(resumed) == _without_timing(uninterrupted)
+  assert helpers.without_timing(resumed) == helpers.without_timing(uninterrupted)
   # The resumed epoch's train metrics are the whole epoch's, steps before the resume included.
   assert (tmp_path / "a" / "history.json").read_text() == history
 
