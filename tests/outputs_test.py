@@ -85,3 +85,11 @@ def test_the_configuration_is_saved_and_read_back(tmp_path):
   with pytest.raises(config.UserInputError, match="is not a run's configuration .* delete it to "
                                                   "adopt this command's flags"):
     run.read_config()
+
+
+def test_tensorboard_logs_go_where_the_configuration_says(tmp_path):
+  run = outputs.RunOutputs(_config(tmp_path / "run", tensorboard_dir=str(tmp_path / "tb")),
+                           chief=True)
+  run.record_epoch([], ENTRY, 1, 1e-3, 10.0)
+  assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["train", "validation"]
+  assert not (tmp_path / "run" / "logs").exists()

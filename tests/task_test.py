@@ -165,6 +165,7 @@ def test_every_setting_is_a_flag_whose_default_is_the_configurations(monkeypatch
   from trainer import config, task
   monkeypatch.delenv("AIP_MODEL_DIR", raising=False)
   monkeypatch.delenv("AIP_CHECKPOINT_DIR", raising=False)
+  monkeypatch.delenv("AIP_TENSORBOARD_LOG_DIR", raising=False)
   absl_flags.FLAGS.unparse_flags()
   absl_flags.FLAGS(["trainer.task", "--model_dir=/runs/a"])
   try:

@@ -37,6 +37,7 @@ class TrainConfig:
   data_dir: str = ""
   model_dir: str = ""
   checkpoint_dir: str = ""  # Empty: model_dir/checkpoints.
+  tensorboard_dir: str = ""  # Empty: model_dir/logs.
   strategy: str = "auto"
   tpu: str = ""
   precision: str = "auto"
@@ -118,7 +119,8 @@ RESUME_RULES = {
     "dataset": REFUSED, "batch_size": REFUSED, "seed": REFUSED, "shift_pixels": REFUSED,
     "labeled_examples": REFUSED, "loss_weighting": REFUSED, "loss_weights": REFUSED,
     "latent_dim": REFUSED,
-    "data_dir": ALLOWED, "model_dir": ALLOWED, "checkpoint_dir": ALLOWED, "tpu": ALLOWED,
+    "data_dir": ALLOWED, "model_dir": ALLOWED, "checkpoint_dir": ALLOWED,
+    "tensorboard_dir": ALLOWED, "tpu": ALLOWED,
     "strategy": ALLOWED, "precision": ALLOWED, "learning_rate": ALLOWED,
     "steps_per_loop": ALLOWED, "checkpoint_every_steps": ALLOWED, "checkpoints_to_keep": ALLOWED,
     "eval_every_steps": ALLOWED, "jit_compile": ALLOWED, "deterministic": ALLOWED,
@@ -198,3 +200,9 @@ def default_checkpoint_dir() -> str:
   Empty when unset, which means model_dir/checkpoints.
   """
   return os.environ.get("AIP_CHECKPOINT_DIR", "")
+
+
+def default_tensorboard_dir() -> str:
+  """Where TensorBoard logs go when --tensorboard_dir is not given: Vertex AI's
+  $AIP_TENSORBOARD_LOG_DIR. Empty when unset, which means model_dir/logs."""
+  return os.environ.get("AIP_TENSORBOARD_LOG_DIR", "")

@@ -69,7 +69,7 @@ class RunOutputs:
   exits however it ends; the rest of what they would write is dropped.
   """
 
-  def __init__(self, config: TrainConfig, chief: bool, tensorboard_dir: str = ""):
+  def __init__(self, config: TrainConfig, chief: bool):
     self.chief, self.model_dir = chief, config.model_dir
     if chief:
       root = config.model_dir
@@ -79,7 +79,7 @@ class RunOutputs:
       root = tempfile.mkdtemp(prefix="trainer-worker-")
       atexit.register(shutil.rmtree, root, ignore_errors=True)
     self.checkpoints = checkpoint_dir(config) if chief else os.path.join(root, "checkpoints")
-    self.logs = (tensorboard_dir if chief else "") or os.path.join(root, "logs")
+    self.logs = (config.tensorboard_dir if chief else "") or os.path.join(root, "logs")
     self.export = os.path.join(root, "export")
     self.history_path = os.path.join(config.model_dir, "history.json")
     self.metrics_path = os.path.join(config.model_dir, "metrics.json")

@@ -33,6 +33,9 @@ flags.DEFINE_string("model_dir", config_lib.default_model_dir(),
 flags.DEFINE_string("checkpoint_dir", config_lib.default_checkpoint_dir(),
                     "Where checkpoints go (local or gs://); defaults to $AIP_CHECKPOINT_DIR, "
                     "else --model_dir/checkpoints.")
+flags.DEFINE_string("tensorboard_dir", config_lib.default_tensorboard_dir(),
+                    "Where TensorBoard logs go (local or gs://); defaults to "
+                    "$AIP_TENSORBOARD_LOG_DIR, else --model_dir/logs.")
 flags.DEFINE_enum("strategy", DEFAULTS.strategy, list(config_lib.STRATEGIES),
                   "Distribution strategy; auto picks TPU, multi-worker, mirrored or default.")
 flags.DEFINE_string("tpu", DEFAULTS.tpu,
@@ -96,7 +99,7 @@ FLAG_GROUPS = {
     "distribution": ("strategy", "tpu", "precision", "steps_per_loop", "jit_compile"),
     "training": ("epochs", "batch_size", "learning_rate", "loss_weights", "loss_weighting",
                  "latent_dim", "seed", "eval_every_steps"),
-    "outputs": ("model_dir", "report", "verbose"),
+    "outputs": ("model_dir", "tensorboard_dir", "report", "verbose"),
     "faults (checkpoints, resuming, reproducing)": (
         "checkpoint_dir", "checkpoint_every_steps", "checkpoints_to_keep", "deterministic"),
 }

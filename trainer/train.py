@@ -16,7 +16,6 @@ saves anything from the call where it happened.
 """
 
 import dataclasses
-import os
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -360,8 +359,7 @@ def setup(config: TrainConfig, strategy: tf.distribute.Strategy,
   splits = splits or data_lib.load_splits(config.dataset, config.data_dir)
   plan = plan_batches(config, strategy.num_replicas_in_sync, splits.train)
   # Outputs: checked before any work that could be lost.
-  outputs = outputs_lib.RunOutputs(config, is_chief(strategy),
-                                   os.environ.get("AIP_TENSORBOARD_LOG_DIR", ""))
+  outputs = outputs_lib.RunOutputs(config, is_chief(strategy))
   # The run's own settings: a restart that would change what it computes is refused here,
   # before the checkpoint is read (its own error would name a symptom, not the change).
   saved = outputs.read_config()
