@@ -36,6 +36,7 @@ def main(_):
   splits = data.load_splits(FLAGS.dataset)
   with tempfile.TemporaryDirectory() as model_dir:
     config = TrainConfig(dataset=FLAGS.dataset, model_dir=model_dir, epochs=2)
+    train.configure_process(config, strategy)
     metrics = train.run(config, strategy, splits)
     steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
     epoch_seconds = steps_per_epoch * config.batch_size / metrics["train_images_per_second"]

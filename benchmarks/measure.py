@@ -169,6 +169,7 @@ def measure_package_tta(splits) -> None:
       _emit(reached_at=time.time(), step=global_step, **metrics)
       raise _Reached
 
+  train.configure_process(config, tf.distribute.get_strategy())
   try:
     train.run(config, tf.distribute.get_strategy(), splits, on_evaluation=stop_at_target)
   except _Reached:

@@ -99,6 +99,7 @@ def main(_) -> None:
           config = TrainConfig(dataset=FLAGS.dataset, model_dir=model_dir, epochs=FLAGS.epochs,
                                batch_size=FLAGS.batch_size, labeled_examples=labeled, seed=seed,
                                shift_pixels=0, report=False, **METHODS[method])
+          train.configure_process(config, strategy)
           metrics = train.run(config, strategy, splits)
         runs[key] = {"labeled_examples_flag": labeled, "method": method, "seed": seed,
                      "labeled_examples": metrics["labeled_examples"],

@@ -46,6 +46,8 @@ def finished_run(tmp_path_factory):
   dataset = helpers.write_npz(str(root / "data.npz"), X=everything.images.reshape(-1, 784),
                               y=everything.labels)
   model_dir = str(root / "run")
-  train.run(config.TrainConfig(dataset=dataset, model_dir=model_dir, epochs=2, batch_size=32,
-                               latent_dim=16, learning_rate=3e-3), tf.distribute.get_strategy())
+  settings = config.TrainConfig(dataset=dataset, model_dir=model_dir, epochs=2, batch_size=32,
+                                latent_dim=16, learning_rate=3e-3)
+  train.configure_process(settings, tf.distribute.get_strategy())
+  train.run(settings, tf.distribute.get_strategy())
   return model_dir, dataset

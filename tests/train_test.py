@@ -17,6 +17,12 @@ from tests import helpers
 from trainer import config, losses, train
 
 
+def _run(settings, strategy, splits=None, **kwargs):
+  """train.run after the process-wide settings, as the entry point makes them."""
+  train.configure_process(settings, strategy)
+  return train.run(settings, strategy, splits, **kwargs)
+
+
 def _config(model_dir, **changes):
   # The splits are passed in; the dataset name is only recorded. No report unless it is under
   # test: drawing it takes a second or two (tests/report_test.py tests it).
@@ -28,7 +34,7 @@ def _config(model_dir, **changes):
 
 
 def test_trains_and_writes_every_output(tmp_path):
-  metrics = train.run(_config(tmp_path), tf.distribute.get_strategy(), helpers.learnable_splits())
+  metrics = _run(_config(tmp_path), tf.distribute.get_strategy(), helpers.learnable_splits())
   assert metrics["test_accuracy"] > 0.9
   assert metrics["test_reconstruction_mse"] < 0.1
   with open(tmp_path / "metrics.json") as f:
@@ -44,7 +50,7 @@ def test_trains_and_writes_every_output(tmp_path):
 
 def test_tensorboard_shows_train_and_validation_as_two_runs_of_the_same_tags(tmp_path):
   from tensorboard.backend.event_processing import event_multiplexer
-  train.run(_config(tmp_path, report=True), tf.distribute.get_strategy(),
+  _run(_config(tmp_path, report=True), tf.distribute.get_strategy(),
             helpers.learnable_splits())
   logs = event_multiplexer.EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "logs"))
   logs.Reload()
@@ -66,45 +72,45 @@ def _fingerprint(directory):
 def test_a_finished_job_run_again_rewrites_nothing_and_says_where_its_results_are(tmp_path,
                                                                                    caplog):
   strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
-  metrics = train.run(_config(tmp_path, epochs=1), strategy, splits)
+  metrics = _run(_config(tmp_path, epochs=1), strategy, splits)
   before = _fingerprint(tmp_path)
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
-  assert train.run(_config(tmp_path, epochs=1), strategy, splits) == json.loads(
+  assert _run(_config(tmp_path, epochs=1), strategy, splits) == json.loads(
       json.dumps(metrics))
   assert _fingerprint(tmp_path) == before
   assert "already trained its 1 epochs; its results: test accuracy" in caplog.text
   assert str(tmp_path / "metrics.json") in caplog.text
   # Fewer epochs than trained is refused; more extends the job.
-  train.run(_config(tmp_path, epochs=2), strategy, splits)
+  _run(_config(tmp_path, epochs=2), strategy, splits)
   with pytest.raises(config.UserInputError, match=r"--epochs=1 is fewer than the 2 epochs"):
-    train.run(_config(tmp_path, epochs=1), strategy, splits)
+    _run(_config(tmp_path, epochs=1), strategy, splits)
   assert json.loads((tmp_path / "history.json").read_text())["epochs"][-1]["epoch"] == 2
 
 
 def test_metrics_of_a_shorter_run_do_not_make_an_extended_job_finished(tmp_path):
   strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
-  train.run(_config(tmp_path, epochs=1), strategy, splits)
+  _run(_config(tmp_path, epochs=1), strategy, splits)
   # As if an --epochs=2 run was stopped at its last step: the checkpoint holds 2 epochs, and
   # metrics.json is still the 1-epoch run's.
-  extended = train.run(_config(tmp_path / "longer", epochs=2), strategy, splits)
+  extended = _run(_config(tmp_path / "longer", epochs=2), strategy, splits)
   for name in ("checkpoints", "history.json"):
     os.rename(tmp_path / "longer" / name, tmp_path / f"{name}.new")
     shutil.rmtree(tmp_path / name) if name == "checkpoints" else os.remove(tmp_path / name)
     os.rename(tmp_path / f"{name}.new", tmp_path / name)
-  metrics = train.run(_config(tmp_path, epochs=2), strategy, splits)
+  metrics = _run(_config(tmp_path, epochs=2), strategy, splits)
   assert metrics["epochs"] == 2 and helpers.read_metrics(str(tmp_path))["epochs"] == 2
   assert metrics["test_accuracy"] == extended["test_accuracy"]
 
 
 def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(tmp_path):
   strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
-  metrics = train.run(_config(tmp_path, epochs=1), strategy, splits)
+  metrics = _run(_config(tmp_path, epochs=1), strategy, splits)
   # As if killed between the last checkpoint and metrics.json: no metrics, half an export.
   (tmp_path / "metrics.json").unlink()
   (tmp_path / "export" / "saved_model.pb").unlink()
   checkpoints = _fingerprint(tmp_path / "checkpoints")
-  completed = train.run(_config(tmp_path, epochs=1), strategy, splits)
+  completed = _run(_config(tmp_path, epochs=1), strategy, splits)
   assert completed["test_accuracy"] == metrics["test_accuracy"]
   assert (tmp_path / "export" / "saved_model.pb").exists() and (tmp_path / "metrics.json").exists()
   assert _fingerprint(tmp_path / "checkpoints") == checkpoints  # Nothing trained again.
@@ -113,10 +119,10 @@ def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(tmp_path):
 def test_restart_resumes_from_the_latest_checkpoint(tmp_path, caplog):
   strategy = tf.distribute.get_strategy()
   splits = helpers.learnable_splits()
-  train.run(_config(tmp_path, epochs=1), strategy, splits)
+  _run(_config(tmp_path, epochs=1), strategy, splits)
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
-  train.run(_config(tmp_path, epochs=3), strategy, splits)
+  _run(_config(tmp_path, epochs=3), strategy, splits)
   assert "Resuming from" in caplog.text and "epoch 2 of 3, step 0 of 16" in caplog.text
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))
   # One step counter is the state; the epoch is derived from it.
@@ -132,7 +138,7 @@ def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog):
   strategy = tf.distribute.get_strategy()
   splits = helpers.learnable_splits()
   settings = dict(epochs=2, checkpoint_every_steps=5, deterministic=True, shift_pixels=1)
-  uninterrupted = train.run(_config(tmp_path / "a", **settings), strategy, splits)
+  uninterrupted = _run(_config(tmp_path / "a", **settings), strategy, splits)
   checkpoints = tmp_path / "a" / "checkpoints"
   # Saved at global steps ..., 25, 30 and 32 (the end); go back to 25: epoch 2, step 9 of 16,
   # as if the job had been killed there.
@@ -142,7 +148,7 @@ def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog):
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
   history = (tmp_path / "a" / "history.json").read_text()
-  resumed = train.run(_config(tmp_path / "a", **settings), strategy, splits)
+  resumed = _run(_config(tmp_path / "a", **settings), strategy, splits)
   assert "ckpt-25: epoch 2 of 2, step 9 of 16" in caplog.text
   assert helpers.without_timing(resumed) == helpers.without_timing(uninterrupted)
   # The resumed epoch's train metrics are the whole epoch's, steps before the resume included.
@@ -156,7 +162,7 @@ def test_a_run_directory_of_the_older_trainer_is_refused_with_the_way_on(tmp_pat
   tf.train.CheckpointManager(old, str(tmp_path / "checkpoints"), max_to_keep=1).save(16)
   with pytest.raises(config.UserInputError, match=r"ckpt-16 was written by an older version of "
                                                   r"this trainer .* a new --model_dir"):
-    train.run(_config(tmp_path), tf.distribute.get_strategy(), helpers.learnable_splits())
+    _run(_config(tmp_path), tf.distribute.get_strategy(), helpers.learnable_splits())
   assert sorted(os.listdir(tmp_path / "checkpoints")) == [
       "checkpoint", "ckpt-16.data-00000-of-00001", "ckpt-16.index"]
 
@@ -169,11 +175,11 @@ def test_sigterm_at_an_epochs_last_step_keeps_that_epochs_history(tmp_path):
       os.kill(os.getpid(), signal.SIGTERM)
 
   with pytest.raises(train.preemption.Preempted, match=r"ckpt-16 saved at epoch 2, step 0"):
-    train.run(_config(tmp_path, epochs=2, eval_every_steps=8, steps_per_loop=8), strategy,
+    _run(_config(tmp_path, epochs=2, eval_every_steps=8, steps_per_loop=8), strategy,
               splits, on_evaluation=sigterm_midway)
   history = json.loads((tmp_path / "history.json").read_text())["epochs"]
   assert [entry["epoch"] for entry in history] == [1]
-  train.run(_config(tmp_path, epochs=2), strategy, splits)
+  _run(_config(tmp_path, epochs=2), strategy, splits)
   history = json.loads((tmp_path / "history.json").read_text())["epochs"]
   assert [entry["epoch"] for entry in history] == [1, 2]
 
@@ -181,14 +187,14 @@ def test_sigterm_at_an_epochs_last_step_keeps_that_epochs_history(tmp_path):
 def test_images_per_second_counts_only_time_inside_training_calls(tmp_path):
   # Evaluations that take a second each, four an epoch: counted, they would bring the
   # figure under 16 x 32 images / 4 s = 128 images/s.
-  metrics = train.run(_config(tmp_path, eval_every_steps=4), tf.distribute.get_strategy(),
+  metrics = _run(_config(tmp_path, eval_every_steps=4), tf.distribute.get_strategy(),
                       helpers.learnable_splits(),
                       on_evaluation=lambda step, evaluate: time.sleep(1.0))
   assert metrics["train_images_per_second"] > 400
 
 
 def test_saves_every_n_steps_and_at_each_epoch_end(tmp_path):
-  train.run(_config(tmp_path, epochs=2, checkpoint_every_steps=7, checkpoints_to_keep=10),
+  _run(_config(tmp_path, epochs=2, checkpoint_every_steps=7, checkpoints_to_keep=10),
             tf.distribute.get_strategy(), helpers.learnable_splits())
   state = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
   numbers = [int(path.rsplit("-", 1)[1]) for path in state.all_model_checkpoint_paths]
@@ -198,7 +204,7 @@ def test_saves_every_n_steps_and_at_each_epoch_end(tmp_path):
 def test_non_finite_loss_stops_before_saving_and_names_the_step(tmp_path):
   strategy = tf.distribute.get_strategy()
   splits = helpers.learnable_splits()
-  train.run(_config(tmp_path, epochs=1), strategy, splits)
+  _run(_config(tmp_path, epochs=1), strategy, splits)
   before = _snapshot(tmp_path / "checkpoints")
   # A step this large takes the weights to about 1e30: the next step's activations overflow and
   # its gradients are not finite, whatever the CPU's kernels do with the NaNs in its loss.
@@ -206,7 +212,7 @@ def test_non_finite_loss_stops_before_saving_and_names_the_step(tmp_path):
                      match=r"training diverged: non-finite (gradients|weights) at step 18 \(epoch "
                            r"2, step 2\); stopped without saving; the last good checkpoint is "
                            r".*ckpt-16"):
-    train.run(_config(tmp_path, epochs=2, learning_rate=1e30),
+    _run(_config(tmp_path, epochs=2, learning_rate=1e30),
               strategy, splits)
   assert _snapshot(tmp_path / "checkpoints") == before
 
@@ -249,8 +255,9 @@ def test_divergence_names_what_went_non_finite():
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 def test_a_non_finite_weight_stops_training_before_saving(tmp_path, bad_value):
-  job = train.setup(_config(tmp_path, epochs=1, eval_every_steps=4),
-                    tf.distribute.get_strategy(), helpers.learnable_splits())
+  settings = _config(tmp_path, epochs=1, eval_every_steps=4)
+  train.configure_process(settings, tf.distribute.get_strategy())
+  job = train.setup(settings, tf.distribute.get_strategy(), helpers.learnable_splits())
   kernel = job.state.model.get_layer("encoder").get_layer("latent").kernel
 
   def break_a_weight(step, evaluate):
@@ -268,7 +275,7 @@ def test_a_non_finite_weight_stops_training_before_saving(tmp_path, bad_value):
 
 
 def test_checkpoint_dir_can_live_apart_from_model_dir(tmp_path):
-  train.run(_config(tmp_path / "model", epochs=1, checkpoint_dir=str(tmp_path / "ckpt")),
+  _run(_config(tmp_path / "model", epochs=1, checkpoint_dir=str(tmp_path / "ckpt")),
             tf.distribute.get_strategy(), helpers.learnable_splits())
   assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-16")
   assert not (tmp_path / "model" / "checkpoints").exists()
@@ -276,14 +283,14 @@ def test_checkpoint_dir_can_live_apart_from_model_dir(tmp_path):
 
 def test_mirrored_over_two_replicas_trains_and_exports(tmp_path, two_replicas):
   strategy = two_replicas
-  metrics = train.run(_config(tmp_path), strategy, helpers.learnable_splits())
+  metrics = _run(_config(tmp_path), strategy, helpers.learnable_splits())
   assert metrics["num_replicas"] == 2 and metrics["strategy"] == "mirrored"
   assert metrics["test_accuracy"] > 0.9
   assert tf.io.gfile.exists(str(tmp_path / "export" / "saved_model.pb"))
 
 
 def test_semi_supervised_on_two_replicas_learns_from_few_labels(tmp_path, two_replicas):
-  metrics = train.run(_config(tmp_path, labeled_examples=40, epochs=3), two_replicas,
+  metrics = _run(_config(tmp_path, labeled_examples=40, epochs=3), two_replicas,
                       helpers.learnable_splits())
   assert metrics["labeled_examples"] == 40 and metrics["train_examples"] == 512
   assert metrics["test_accuracy"] > 0.9  # Four of each class teach these easy classes.
@@ -294,7 +301,7 @@ def test_uncertainty_weighting_on_two_replicas_learns_and_logs_the_weights(tmp_p
                                                                             caplog):
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
-  metrics = train.run(_config(tmp_path, loss_weighting="uncertainty"), two_replicas,
+  metrics = _run(_config(tmp_path, loss_weighting="uncertainty"), two_replicas,
                       helpers.learnable_splits())
   learned = metrics["loss_weights_final"]
   # Both start at 1 / c (1 and 0.5); the reconstruction's small loss earns it a larger weight.
@@ -310,7 +317,7 @@ def test_uncertainty_weighting_on_two_replicas_learns_and_logs_the_weights(tmp_p
 def test_a_report_that_cannot_be_drawn_costs_a_warning_not_the_job(tmp_path, caplog):
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
-  train.run(_config(tmp_path, latent_dim=1, epochs=1, report=True),
+  _run(_config(tmp_path, latent_dim=1, epochs=1, report=True),
             tf.distribute.get_strategy(),
             helpers.learnable_splits())  # One latent dimension has no 2-D projection.
   assert "the report could not be drawn (ValueError" in caplog.text
@@ -321,30 +328,30 @@ def test_a_report_that_cannot_be_drawn_costs_a_warning_not_the_job(tmp_path, cap
                                                  ("uncertainty", "fixed")])
 def test_a_restart_may_not_change_the_loss_weighting(tmp_path, trained, restarted):
   strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
-  train.run(_config(tmp_path, epochs=1, loss_weighting=trained), strategy, splits)
+  _run(_config(tmp_path, epochs=1, loss_weighting=trained), strategy, splits)
   before = _snapshot(tmp_path)
   # Learned weights dropped under fixed ones went through without a word before config.json.
   with pytest.raises(config.UserInputError, match=f"trained with --loss_weighting={trained}, "
                                                   f"not --loss_weighting={restarted}; "):
-    train.run(_config(tmp_path, loss_weighting=restarted), strategy, splits)
+    _run(_config(tmp_path, loss_weighting=restarted), strategy, splits)
   assert _snapshot(tmp_path) == before
 
 
 def test_a_restart_that_changes_the_batch_or_the_data_order_is_refused(tmp_path, caplog):
   strategy, splits = tf.distribute.get_strategy(), helpers.learnable_splits()
-  train.run(_config(tmp_path, epochs=1), strategy, splits)
+  _run(_config(tmp_path, epochs=1), strategy, splits)
   before = _snapshot(tmp_path)
   # A larger batch used to resume past the new epoch's end and record a bogus epoch.
   with pytest.raises(config.UserInputError,
                      match=r"^this run was trained with --batch_size=32 --seed=0 "
                            r"--shift_pixels=1, not --batch_size=64 --seed=3 --shift_pixels=0; "):
-    train.run(_config(tmp_path, epochs=2, batch_size=64, seed=3, shift_pixels=0), strategy,
+    _run(_config(tmp_path, epochs=2, batch_size=64, seed=3, shift_pixels=0), strategy,
               splits)
   assert _snapshot(tmp_path) == before
   # A lower learning rate is allowed, logged, and saved with the run.
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
-  train.run(_config(tmp_path, epochs=2, learning_rate=1e-3), strategy, splits)
+  _run(_config(tmp_path, epochs=2, learning_rate=1e-3), strategy, splits)
   assert "Changed since this run was last started: --learning_rate: 0.003 -> 0.001" in caplog.text
   assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 1e-3
 
@@ -352,13 +359,13 @@ def test_a_restart_that_changes_the_batch_or_the_data_order_is_refused(tmp_path,
 def test_global_batch_that_does_not_divide_fails_before_training(tmp_path, two_replicas):
   strategy = two_replicas
   with pytest.raises(config.UserInputError, match="multiple of the 2 replicas"):
-    train.run(_config(tmp_path, batch_size=33), strategy, helpers.learnable_splits())
+    _run(_config(tmp_path, batch_size=33), strategy, helpers.learnable_splits())
   assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_trains(tmp_path, precision):
-  metrics = train.run(_config(tmp_path, precision=precision, epochs=1),
+  metrics = _run(_config(tmp_path, precision=precision, epochs=1),
                       tf.distribute.get_strategy(), helpers.learnable_splits())
   assert metrics["precision"] == precision
   assert np.isfinite(metrics["test_reconstruction_mse"])
@@ -384,7 +391,7 @@ def test_evaluation_every_n_steps_reaches_the_hook_with_both_splits(tmp_path):
   def record(global_step, evaluate):
     seen.append((global_step, evaluate("test")["accuracy"], evaluate("validation")["accuracy"]))
 
-  train.run(_config(tmp_path, eval_every_steps=6), tf.distribute.get_strategy(),
+  _run(_config(tmp_path, eval_every_steps=6), tf.distribute.get_strategy(),
             helpers.learnable_splits(), on_evaluation=record)
   # Every 6 steps, and at each epoch's end (16 steps an epoch).
   assert [step for step, _, _ in seen] == [6, 12, 16, 18, 24, 30, 32]
@@ -393,7 +400,7 @@ def test_evaluation_every_n_steps_reaches_the_hook_with_both_splits(tmp_path):
 
 def test_mixed_float16_on_two_replicas_trains(tmp_path, two_replicas):
   strategy = two_replicas
-  metrics = train.run(_config(tmp_path, precision="mixed_float16", epochs=1), strategy,
+  metrics = _run(_config(tmp_path, precision="mixed_float16", epochs=1), strategy,
                       helpers.learnable_splits())
   assert metrics["num_replicas"] == 2 and np.isfinite(metrics["test_reconstruction_mse"])
   # The loss scale and its growth counter are checkpointed: a GPU resume is exact too.
@@ -423,16 +430,16 @@ def _snapshot(directory):
 
 def test_checkpoint_of_another_model_shape_is_refused_untouched(tmp_path):
   strategy = tf.distribute.get_strategy()
-  train.run(_config(tmp_path, epochs=1, latent_dim=16), strategy, helpers.learnable_splits())
+  _run(_config(tmp_path, epochs=1, latent_dim=16), strategy, helpers.learnable_splits())
   before = _snapshot(tmp_path)
   with pytest.raises(config.UserInputError, match="trained with --latent_dim=16, not "):
-    train.run(_config(tmp_path, epochs=2, latent_dim=32), strategy, helpers.learnable_splits())
+    _run(_config(tmp_path, epochs=2, latent_dim=32), strategy, helpers.learnable_splits())
   assert _snapshot(tmp_path) == before
   # Without its config.json (deleted by hand, adopted), the checkpoint itself refuses it.
   (tmp_path / "config.json").unlink()
   before = _snapshot(tmp_path)
   with pytest.raises(config.UserInputError, match="does not fit this model.*--latent_dim"):
-    train.run(_config(tmp_path, epochs=2, latent_dim=32), strategy, helpers.learnable_splits())
+    _run(_config(tmp_path, epochs=2, latent_dim=32), strategy, helpers.learnable_splits())
   assert _snapshot(tmp_path) == before
 
 
@@ -440,7 +447,7 @@ def test_unwritable_checkpoint_dir_fails_before_training(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   with pytest.raises(config.UserInputError, match="cannot write to --checkpoint_dir"):
-    train.run(_config(tmp_path / "run", checkpoint_dir=str(blocker / "ckpt")),
+    _run(_config(tmp_path / "run", checkpoint_dir=str(blocker / "ckpt")),
               tf.distribute.get_strategy(), helpers.learnable_splits())
   assert blocker.read_text() == "not a directory"
 
@@ -449,13 +456,13 @@ def test_unwritable_model_dir_fails_before_training(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   with pytest.raises(config.UserInputError, match="cannot write to --model_dir"):
-    train.run(_config(blocker / "run"), tf.distribute.get_strategy(), helpers.learnable_splits())
+    _run(_config(blocker / "run"), tf.distribute.get_strategy(), helpers.learnable_splits())
 
 
 def test_leftovers_of_a_kill_during_saving_are_never_trusted(tmp_path, caplog):
   strategy = tf.distribute.get_strategy()
   splits = helpers.learnable_splits()
-  train.run(_config(tmp_path, epochs=1), strategy, splits)
+  _run(_config(tmp_path, epochs=1), strategy, splits)
   # What a kill leaves mid-save: a checkpoint its state file does not name yet, a half-written
   # export under its temporary name, a half-written metrics file under its temporary name.
   (tmp_path / "checkpoints" / "ckpt-99_temp").mkdir()
@@ -466,7 +473,7 @@ def test_leftovers_of_a_kill_during_saving_are_never_trusted(tmp_path, caplog):
   (tmp_path / "metrics.json.tmp").write_text('{"test_accu')
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
-  metrics = train.run(_config(tmp_path, epochs=2), strategy, splits)
+  metrics = _run(_config(tmp_path, epochs=2), strategy, splits)
   assert "checkpoints/ckpt-16: epoch 2 of 2, step 0 of 16" in caplog.text
   assert helpers.read_metrics(str(tmp_path))["test_accuracy"] == metrics["test_accuracy"]
   assert not (tmp_path / ".export.partial").exists()
@@ -496,7 +503,7 @@ def test_a_whole_job_on_tensorflows_file_systems_never_writes_with_plain_open(tm
   work = tmp_path / "work"
   work.mkdir()
   monkeypatch.chdir(work)
-  metrics = train.run(config.TrainConfig(dataset="npz:ram://data/train.npz",
+  metrics = _run(config.TrainConfig(dataset="npz:ram://data/train.npz",
                                          model_dir="ram://run", epochs=1, batch_size=32,
                                          latent_dim=16), tf.distribute.get_strategy())
   monkeypatch.undo()
@@ -510,9 +517,17 @@ def test_a_whole_job_on_tensorflows_file_systems_never_writes_with_plain_open(tm
 def test_reports_validation_accuracy_to_hyperparameter_tuning(tmp_path, monkeypatch):
   monkeypatch.setenv("CLOUD_ML_TRIAL_ID", "1")  # As in a Vertex AI tuning trial.
   monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(tmp_path / "hypertune.metrics"))
-  metrics = train.run(_config(tmp_path / "run", epochs=1), tf.distribute.get_strategy(),
+  metrics = _run(_config(tmp_path / "run", epochs=1), tf.distribute.get_strategy(),
                       helpers.learnable_splits())
   (line,) = (tmp_path / "hypertune.metrics").read_text().splitlines()
   reported = json.loads(line)
   assert float(reported["validation_accuracy"]) == pytest.approx(metrics["validation_accuracy"])
   assert int(reported["global_step"]) == 16
+
+
+def test_run_checks_the_process_wide_policy_matches_its_configuration(tmp_path):
+  # The policy is float32 here (conftest); the configuration asks for bfloat16.
+  with pytest.raises(RuntimeError, match="call train.configure_process"):
+    train.run(_config(tmp_path, precision="mixed_bfloat16"), tf.distribute.get_strategy(),
+              helpers.learnable_splits())
+  assert not os.listdir(tmp_path)

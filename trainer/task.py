@@ -147,6 +147,7 @@ def main(argv):
     from trainer import distribution, train
   try:
     strategy = distribution.get_strategy(config.strategy, config.tpu)
+    train.configure_process(config, strategy)  # Process-wide settings: here, once.
     train.run(config, strategy)
   except config_lib.UserInputError as e:
     cli.fail(str(e))

@@ -210,8 +210,7 @@ class TrainingState:
 def build_training_state(config: TrainConfig, strategy: tf.distribute.Strategy, policy: str,
                          steps_per_epoch: int) -> TrainingState:
   """The model, optimizer, step and sums, and their checkpoint, created inside the strategy
-  scope under the dtype `policy`."""
-  distribution.set_precision(policy)
+  scope; `policy` is the dtype policy in force (`configure_process` set it)."""
   with strategy.scope():
     model = build_model(config.latent_dim)
     weighting = losses.make_weighting(config.loss_weighting, config.loss_weights)
@@ -338,23 +337,31 @@ class _Job:
   config_saved: bool = False  # config.json written by this process.
 
 
-def _configure_process(config: TrainConfig, strategy: tf.distribute.Strategy) -> TrainConfig:
-  """Seeds and op determinism (process-wide), and the platform's steps per loop."""
+def configure_process(config: TrainConfig, strategy: tf.distribute.Strategy) -> str:
+  """Makes the process-wide settings a job needs, once, before any model is built: the seeds,
+  op determinism and the Keras dtype policy. The entry point calls it, and so do notebooks
+  and tests, before `run`, which checks the policy. Returns the policy."""
   keras.utils.set_random_seed(config.seed)
   if config.deterministic:
-    # Process-wide: the input pipeline is deterministic anyway, this makes the kernels so.
+    # The input pipeline is deterministic anyway; this makes the kernels so.
     tf.config.experimental.enable_op_determinism()
-  if not config.steps_per_loop:
-    config = dataclasses.replace(config,
-                                 steps_per_loop=distribution.default_steps_per_loop(strategy))
-  return config
+  policy = distribution.resolve_precision(config.precision, strategy)
+  distribution.set_precision(policy)
+  return policy
 
 
 def setup(config: TrainConfig, strategy: tf.distribute.Strategy,
           splits: Optional[data_lib.Splits] = None):
   """Checks the data, the outputs and the checkpoint, builds and restores the model; returns
   a `_Job`, or the metrics of a finished job (which writes nothing)."""
-  config = _configure_process(config, strategy)
+  policy = distribution.resolve_precision(config.precision, strategy)
+  if keras.mixed_precision.dtype_policy().name != policy:
+    raise RuntimeError(f"the Keras dtype policy is {keras.mixed_precision.dtype_policy().name}, "
+                       f"but the configuration asks for {policy}: call "
+                       "train.configure_process(config, strategy) before train.run")
+  if not config.steps_per_loop:
+    config = dataclasses.replace(config,
+                                 steps_per_loop=distribution.default_steps_per_loop(strategy))
   # Data, checked before anything is written.
   splits = splits or data_lib.load_splits(config.dataset, config.data_dir)
   plan = plan_batches(config, strategy.num_replicas_in_sync, splits.train)
@@ -365,7 +372,6 @@ def setup(config: TrainConfig, strategy: tf.distribute.Strategy,
   saved = outputs.read_config()
   for change in config_lib.resume_changes(saved, config) if saved else []:
     logging.info("Changed since this run was last started: %s", change)
-  policy = distribution.resolve_precision(config.precision, strategy)
   state = build_training_state(config, strategy, policy, plan.steps_per_epoch)
   latest = restore_latest(state.checkpoint, outputs_lib.checkpoint_dir(config))
   step = int(state.global_step.numpy())
