@@ -17,6 +17,7 @@ import numpy as np
 import portpicker
 import pytest
 import requests
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.download import checksums
@@ -225,6 +226,14 @@ def test_unknown_dataset_is_an_error():
     data.load_splits("tfds:no_such_set")
 
 
+def test_running_out_of_memory_is_not_blamed_on_the_data_dir(monkeypatch, tmp_path):
+  def out_of_memory(*args, **kwargs):
+    raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+  monkeypatch.setattr(tfds, "load", out_of_memory)
+  with pytest.raises(tf.errors.ResourceExhaustedError):
+    data.load_splits("tfds:mnist", str(tmp_path))
+
+
 def test_a_bug_inside_tfds_keeps_its_traceback(monkeypatch, tmp_path):
   def broken_load(*args, **kwargs):
     raise ImportError("No module named 'some_undeclared_dependency'")
@@ -241,6 +250,8 @@ def test_a_bug_inside_tfds_keeps_its_traceback(monkeypatch, tmp_path):
      "HTTP code: 404"),
     (PermissionError(13, "Permission denied", "/data/downloads"), "writable --data_dir"),
     (OSError(28, "No space left on device"), "writable --data_dir with room"),
+    (tf.errors.ResourceExhaustedError(None, None, "No space left on device"),
+     "writable --data_dir with room"),
 ])
 def test_user_fixable_tfds_failures_are_errors(monkeypatch, tmp_path, error, message):
   def failing_load(*args, **kwargs):

@@ -160,9 +160,11 @@ def _tfds_user_problem(error: BaseException) -> Optional[str]:
   if isinstance(error, download_manager.NonMatchingChecksumError):
     return (f"{first_line(error).rstrip(':')} (a truncated download, or a proxy or mirror that "
             "changes files); delete that file and run again")
-  if isinstance(error, (tf.errors.PermissionDeniedError, tf.errors.ResourceExhaustedError)) or (
-      isinstance(error, OSError) and (error.errno in _UNWRITABLE_ERRNOS
-                                      or "Not enough disk space" in str(error))):
+  # ResourceExhaustedError only where it speaks of space: it also means out of memory.
+  if isinstance(error, tf.errors.PermissionDeniedError) or (
+      isinstance(error, tf.errors.ResourceExhaustedError) and "space" in str(error)) or (
+          isinstance(error, OSError) and (error.errno in _UNWRITABLE_ERRNOS
+                                          or "Not enough disk space" in str(error))):
     return f"{first_line(error)}; pass a writable --data_dir with room for the dataset"
   return None
 
