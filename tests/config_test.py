@@ -8,9 +8,10 @@ import pytest
 from trainer import config
 
 
-def test_defaults_are_valid_and_weight_the_tasks_one_and_point_two():
+def test_defaults_are_valid_and_weight_the_reconstruction_eight_times_the_classifier():
   cfg = config.TrainConfig(model_dir="/tmp/x")
-  assert cfg.loss_weights == {"classifier": 1.0, "decoder": 0.2}
+  assert cfg.loss_weighting == "fixed"
+  assert cfg.loss_weights == {"classifier": 1.0, "decoder": 8.0}
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -28,6 +29,12 @@ def test_defaults_are_valid_and_weight_the_tasks_one_and_point_two():
     ({"learning_rate": -0.1}, "--learning_rate=-0.1 must be positive"),
     ({"learning_rate": float("nan")}, "must be positive"),
     ({"loss_weights": {"classifier": 1.0}}, "must give a non-negative weight to each"),
+    ({"loss_weights": {"classifier": 1.0, "decoder": 1.0}, "loss_weighting": "uncertainty"},
+     "--loss_weights applies only to --loss_weighting=fixed (this run's weighting is "
+     "uncertainty, which learns the weights): add --loss_weighting=fixed"),
+    ({"width": 0}, "--width=0 must be a positive integer"),
+    ({"warmup_steps": -1}, "--warmup_steps=-1 must be zero or more"),
+    ({"weight_decay": -0.01}, "--weight_decay=-0.01 must be zero or more"),
     ({"model_dir": ""}, "pass --model_dir"),
     ({"steps_per_loop": -1}, "--steps_per_loop=-1 must be zero or more"),
     ({"eval_every_steps": -5}, "--eval_every_steps=-5 must be zero or more"),
@@ -52,7 +59,7 @@ def test_every_kind_of_dataset_name_is_accepted(dataset):
 def test_parse_loss_weights():
   assert config.parse_loss_weights("classifier=1,decoder=0.5") == {
       "classifier": 1.0, "decoder": 0.5}
-  with pytest.raises(config.UserInputError, match="classifier=1.0,decoder=0.2"):
+  with pytest.raises(config.UserInputError, match="classifier=1.0,decoder=8.0"):
     config.parse_loss_weights("classifier:1")
 
 
@@ -77,11 +84,11 @@ def test_a_restart_names_every_refused_change_and_returns_the_allowed_ones():
   assert config.resume_changes(saved, same) == []
   moved = config.TrainConfig(model_dir="/copies/a", epochs=8, learning_rate=1e-3)
   assert config.resume_changes(saved, moved) == [
-      "--model_dir: /runs/a -> /copies/a", "--learning_rate: 0.002 -> 0.001"]
+      "--model_dir: /runs/a -> /copies/a", "--learning_rate: 0.003 -> 0.001"]
   changed = config.TrainConfig(model_dir="/runs/a", epochs=5, latent_dim=8,
                                loss_weights={"classifier": 1.0, "decoder": 0.5})
   with pytest.raises(config.UserInputError, match=re.escape(
-      "this run was trained with --loss_weights=classifier=1.0,decoder=0.2 --latent_dim=256, "
+      "this run was trained with --loss_weights=classifier=1.0,decoder=8.0 --latent_dim=256, "
       "not --loss_weights=classifier=1.0,decoder=0.5 --latent_dim=8; ")):
     config.resume_changes(saved, changed)
 

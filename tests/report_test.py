@@ -72,4 +72,4 @@ def test_history_holds_every_epochs_train_and_validation_metrics(finished_run):
   for entry in history:
     assert set(entry["train"]) >= {"classifier_loss", "reconstruction_mse", "accuracy", "loss"}
     assert set(entry["validation"]) == {"classifier_loss", "reconstruction_mse", "accuracy"}
-    assert entry["loss_weights"] == {"classifier": 1.0, "decoder": 0.2}
+    assert entry["loss_weights"] == {"classifier": 1.0, "decoder": 8.0}

@@ -109,7 +109,7 @@ def test_readme_command_on_mnist_sample_reaches_the_bar_and_exports(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--epochs=three"], "--epochs"),
     (["--latent_dim=16", "extra"], "unexpected arguments extra"),
-    (["--loss_weights=classifier"], "write it as classifier=1.0,decoder=0.2"),
+    (["--loss_weights=classifier"], "write it as classifier=1.0,decoder=8.0"),
     (["--dataset=npz:/nonexistent/mnist.npz"], "no file at /nonexistent/mnist.npz"),
     (["--strategy=tpu"], "--strategy=tpu but no TPU is reachable"),
 ])

@@ -46,7 +46,13 @@ flags.DEFINE_integer("batch_size", DEFAULTS.batch_size,
                      "Global batch size, split evenly over the replicas.")
 flags.DEFINE_integer("epochs", DEFAULTS.epochs, "Passes over the training split.")
 flags.DEFINE_float("learning_rate", DEFAULTS.learning_rate,
-                   "Peak learning rate of Adam's cosine decay to zero over the run.")
+                   "Peak learning rate of AdamW, reached after --warmup_steps, then cosine "
+                   "decay to zero at the run's end.")
+flags.DEFINE_integer("warmup_steps", DEFAULTS.warmup_steps,
+                     "Steps of linear learning-rate warm-up from zero to --learning_rate (at "
+                     "most a fifth of the run's steps).")
+flags.DEFINE_float("weight_decay", DEFAULTS.weight_decay,
+                   "AdamW's decoupled weight decay (per unit learning rate).")
 flags.DEFINE_string("loss_weights",
                     config_lib.format_loss_weights(config_lib.DEFAULT_LOSS_WEIGHTS),
                     "Weight of each task's loss in the total, as NAME=WEIGHT pairs.")
@@ -72,6 +78,9 @@ flags.DEFINE_bool("jit_compile", DEFAULTS.jit_compile,
                   "on CPU; try it on GPU).")
 flags.DEFINE_integer("latent_dim", DEFAULTS.latent_dim,
                      "Size of the shared encoder's output.")
+flags.DEFINE_integer("width", DEFAULTS.width,
+                     "Channels of the first convolution, doubled at each coarser resolution "
+                     "(the decoder mirrors them); smaller is cheaper.")
 flags.DEFINE_integer("shift_pixels", DEFAULTS.shift_pixels,
                      "Augmentation: training images move by up to this many pixels each way "
                      "(the decoder rebuilds the moved image); 0 turns it off.")
@@ -97,8 +106,9 @@ usage: python -m trainer.task --dataset=mnist_sample --model_dir=DIR [--flag=val
 FLAG_GROUPS = {
     "data": ("dataset", "data_dir", "labeled_examples", "shift_pixels"),
     "distribution": ("strategy", "tpu", "precision", "steps_per_loop", "jit_compile"),
-    "training": ("epochs", "batch_size", "learning_rate", "loss_weights", "loss_weighting",
-                 "latent_dim", "seed", "eval_every_steps"),
+    "training": ("epochs", "batch_size", "learning_rate", "warmup_steps", "weight_decay",
+                 "loss_weights", "loss_weighting", "latent_dim", "width", "seed",
+                 "eval_every_steps"),
     "outputs": ("model_dir", "tensorboard_dir", "report", "verbose"),
     "faults (checkpoints, resuming, reproducing)": (
         "checkpoint_dir", "checkpoint_every_steps", "checkpoints_to_keep", "deterministic"),

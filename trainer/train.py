@@ -207,18 +207,33 @@ class TrainingState:
   checkpoint: tf.train.Checkpoint
 
 
+def default_model(config: TrainConfig) -> keras.Model:
+  """The job's model, shaped by the configuration."""
+  return build_model(config.latent_dim, config.width)
+
+
 def build_training_state(config: TrainConfig, strategy: tf.distribute.Strategy, policy: str,
-                         steps_per_epoch: int) -> TrainingState:
+                         steps_per_epoch: int,
+                         model_fn: Callable[[TrainConfig], keras.Model] = default_model
+                         ) -> TrainingState:
   """The model, optimizer, step and sums, and their checkpoint, created inside the strategy
   scope; `policy` is the dtype policy in force (`configure_process` set it)."""
   with strategy.scope():
-    model = build_model(config.latent_dim)
+    model = model_fn(config)
     weighting = losses.make_weighting(config.loss_weighting, config.loss_weights)
     variables = model.trainable_variables + weighting.trainable_variables
-    # Cosine decay to zero over the whole run: the last epochs settle instead of bouncing.
+    # A linear warm-up, then cosine decay to zero over the rest of the run: the last epochs
+    # settle instead of bouncing.
+    # A run too short for its warm-up warms up over its first fifth instead: otherwise it
+    # would end at the peak rate, untrained by the decay.
+    warmup = min(config.warmup_steps, config.epochs * steps_per_epoch // 5)
     schedule = keras.optimizers.schedules.CosineDecay(
-        config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch))
-    optimizer = keras.optimizers.Adam(schedule)
+        0.0 if warmup else config.learning_rate,
+        decay_steps=max(1, config.epochs * steps_per_epoch - warmup),
+        warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    # Decaying the learned task weights would pull them toward equal weighting.
+    optimizer.exclude_from_weight_decay(var_list=weighting.trainable_variables)
     optimizer.build(variables)
     # The checkpoint holds the inner optimizer and a loss scale under every precision, so a
     # checkpoint restores whatever the precision; under float16 the scale and its growth
@@ -351,7 +366,8 @@ def configure_process(config: TrainConfig, strategy: tf.distribute.Strategy) -> 
 
 
 def setup(config: TrainConfig, strategy: tf.distribute.Strategy,
-          splits: Optional[data_lib.Splits] = None):
+          splits: Optional[data_lib.Splits] = None,
+          model_fn: Callable[[TrainConfig], keras.Model] = default_model):
   """Checks the data, the outputs and the checkpoint, builds and restores the model; returns
   a `_Job`, or the metrics of a finished job (which writes nothing)."""
   policy = distribution.resolve_precision(config.precision, strategy)
@@ -372,7 +388,7 @@ def setup(config: TrainConfig, strategy: tf.distribute.Strategy,
   saved = outputs.read_config()
   for change in config_lib.resume_changes(saved, config) if saved else []:
     logging.info("Changed since this run was last started: %s", change)
-  state = build_training_state(config, strategy, policy, plan.steps_per_epoch)
+  state = build_training_state(config, strategy, policy, plan.steps_per_epoch, model_fn)
   latest = restore_latest(state.checkpoint, outputs_lib.checkpoint_dir(config))
   step = int(state.global_step.numpy())
   epochs_done = step // plan.steps_per_epoch
@@ -526,7 +542,8 @@ def finalize(job: _Job, validation: Optional[Dict[str, float]]) -> Dict[str, obj
 
 def run(config: TrainConfig, strategy: tf.distribute.Strategy,
         splits: Optional[data_lib.Splits] = None,
-        on_evaluation: Optional[Callable[[int, Evaluate], None]] = None) -> Dict[str, object]:
+        on_evaluation: Optional[Callable[[int, Evaluate], None]] = None,
+        model_fn: Callable[[TrainConfig], keras.Model] = default_model) -> Dict[str, object]:
   """Trains, evaluates and exports the multitask model; returns the final metrics.
 
   `splits` defaults to the source `config.dataset` names; tests and notebooks may pass their
@@ -537,8 +554,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   `on_evaluation(global_step, evaluate)`, where given, is called every `eval_every_steps` and
   at each epoch's end; `evaluate("validation")` or `evaluate("test")` returns that split's
   metrics. Without it, the job logs validation metrics every `eval_every_steps`.
+  `model_fn(config)` builds the model (benchmarks/levers.py passes variants of the default).
   """
-  job = setup(config, strategy, splits)
+  job = setup(config, strategy, splits, model_fn)
   if not isinstance(job, _Job):
     return job
   return finalize(job, fit(job, on_evaluation))

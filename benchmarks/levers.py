@@ -1,0 +1,130 @@
+"""Which changes made the default model: each lever's effect on accuracy, MSE and images/s.
+
+    python -m benchmarks.levers                     # every variant, Fashion-MNIST, 5 epochs
+    python -m benchmarks.levers --variants=final --seeds=0,1
+
+Each variant is the trainer's configuration and model with some settings changed (VARIANTS,
+in the order they were tried; each row says what it changes against the current default).
+Every run trains in its own process, with the package's loop, and reports test accuracy,
+reconstruction MSE and the loop's overall images/s. Finished runs are written to --output at
+once; a rerun skips them, so an interrupted one resumes.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+# name: (what it is, TrainConfig overrides, build_model keyword overrides). Against the default.
+VARIANTS = {
+    "final": ("the default", {}, {}),
+    "no_batch_norm": ("without batch normalisation", {}, {"batch_norm": False}),
+    "two_blocks": ("two resolutions in the encoder (28, 14), as before", {}, {"blocks": 2}),
+    "shallow_decoder": ("the old decoder: no convolution between upsamplings", {},
+                        {"deep_decoder": False}),
+    "no_warmup": ("no learning-rate warm-up", {"warmup_steps": 0}, {}),
+    "no_weight_decay": ("Adam, no weight decay", {"weight_decay": 0.0}, {}),
+    "classic_weights": ("fixed loss weights 1.0 and 0.2", {
+        "loss_weights": {"classifier": 1.0, "decoder": 0.2}}, {}),
+    "uncertainty": ("learned loss weights", {"loss_weighting": "uncertainty"}, {}),
+    "decoder_weight1": ("fixed loss weights 1.0 and 1.0", {
+        "loss_weighting": "fixed", "loss_weights": {"classifier": 1.0, "decoder": 1.0}}, {}),
+    "decoder_weight4": ("fixed loss weights 1.0 and 4.0", {
+        "loss_weighting": "fixed", "loss_weights": {"classifier": 1.0, "decoder": 4.0}}, {}),
+    "decoder_weight8": ("fixed loss weights 1.0 and 8.0", {
+        "loss_weighting": "fixed", "loss_weights": {"classifier": 1.0, "decoder": 8.0}}, {}),
+    "learning_rate_5e-3": ("peak learning rate 5e-3", {"learning_rate": 5e-3}, {}),
+    "batch64": ("global batch 64", {"batch_size": 64}, {}),
+    "no_shift": ("no shift augmentation", {"shift_pixels": 0}, {}),
+    "width48": ("width 48", {"width": 48}, {}),
+    "width48_batch64": ("width 48, global batch 64", {"width": 48, "batch_size": 64}, {}),
+    "width48_batch64_no_warmup": ("width 48, global batch 64, no warm-up",
+                                  {"width": 48, "batch_size": 64, "warmup_steps": 0}, {}),
+}
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so that tests may import this module."""
+  flags.DEFINE_string("dataset", "idx:/usr/share/datasets/fashion-mnist", "Any --dataset source.")
+  flags.DEFINE_list("variants", list(VARIANTS), "Which variants to train.")
+  flags.DEFINE_list("seeds", ["0"], "Seeds of each variant.")
+  flags.DEFINE_integer("epochs", 5, "Epochs of every run.")
+  flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                             "levers.json"), "Where the runs go.")
+  flags.DEFINE_string("child", "", "Internal: train one 'variant/seed' and print its RESULT.")
+
+
+def train_one(dataset: str, variant: str, seed: int, epochs: int) -> dict:
+  """Trains one variant in this process; returns its test metrics and images/s."""
+  import tensorflow as tf
+  from trainer import model, train
+  from trainer.config import TrainConfig
+  _, overrides, architecture = VARIANTS[variant]
+  strategy = tf.distribute.get_strategy()
+  with tempfile.TemporaryDirectory() as model_dir:
+    config = TrainConfig(dataset=dataset, model_dir=model_dir, epochs=epochs, seed=seed,
+                         report=False, **overrides)
+    train.configure_process(config, strategy)
+    metrics = train.run(config, strategy, model_fn=lambda c: model.build_model(
+        c.latent_dim, c.width, **architecture))
+  return {"variant": variant, "seed": seed,
+          **{name: metrics[name] for name in ("test_accuracy", "test_reconstruction_mse",
+                                              "train_images_per_second")}}
+
+
+def table(runs: dict) -> str:
+  """Mean (and spread, over seeds) of each variant, as a Markdown table."""
+  lines = ["| variant | change | seeds | test accuracy | test MSE | images/s |",
+           "|---|---|---|---|---|---|"]
+  for variant, (description, _, _) in VARIANTS.items():
+    done = [run for run in runs.values() if run["variant"] == variant]
+    if not done:
+      continue
+    cells = []
+    for name, digits in (("test_accuracy", 4), ("test_reconstruction_mse", 5),
+                         ("train_images_per_second", 0)):
+      values = [run[name] for run in done]
+      cell = f"{statistics.mean(values):.{digits}f}"
+      if len(values) > 1:
+        cell += f" ± {statistics.stdev(values):.{digits}f}"
+      cells.append(cell)
+    lines.append(f"| {variant} | {description} | {len(done)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(_) -> None:
+  if FLAGS.child:
+    variant, seed = FLAGS.child.split("/")
+    print("RESULT " + json.dumps(train_one(FLAGS.dataset, variant, int(seed), FLAGS.epochs)))
+    return
+  runs = {}
+  if os.path.exists(FLAGS.output):
+    with open(FLAGS.output) as f:
+      runs = json.load(f)["runs"]
+  for variant in FLAGS.variants:
+    for seed in FLAGS.seeds:
+      key = f"{variant}/{seed}"
+      if key in runs:
+        continue
+      # Its own process: no compiled function, thread pool or dtype policy carries over.
+      result = subprocess.run(
+          [sys.executable, "-m", "benchmarks.levers", f"--child={key}",
+           f"--dataset={FLAGS.dataset}", f"--epochs={FLAGS.epochs}"],
+          stdout=subprocess.PIPE, text=True, check=True)
+      runs[key] = json.loads(result.stdout.split("RESULT ", 1)[1])
+      print(f"{key}: {runs[key]}", file=sys.stderr, flush=True)
+      with open(FLAGS.output + ".tmp", "w") as f:
+        json.dump({"dataset": FLAGS.dataset, "epochs": FLAGS.epochs, "runs": runs}, f, indent=2)
+      os.replace(FLAGS.output + ".tmp", FLAGS.output)
+  print(table(runs))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
