@@ -33,7 +33,7 @@ def test_report_images_are_pngs_of_the_expected_sizes_and_report_md_links_them(f
   markdown = open(os.path.join(directory, "report.md")).read()
   assert sorted(re.findall(r"!\[\w+\]\((\w+)\.png\)", markdown)) == sorted(expected)
   assert re.search(r"\| test accuracy \| [01]\.\d{4} \|", markdown)
-  assert "| task loss weights (fixed) | classifier 1, decoder 0.2 |" in markdown
+  assert "| task loss weights (fixed) | classifier 1, decoder 8 |" in markdown
 
 
 def test_reconstruction_grid_puts_each_image_above_its_reconstruction():

@@ -353,7 +353,7 @@ def test_a_restart_that_changes_the_batch_or_the_data_order_is_refused(tmp_path,
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
   _run(_config(tmp_path, epochs=2, learning_rate=1e-3), strategy, splits)
-  assert "Changed since this run was last started: --learning_rate: 0.003 -> 0.001" in caplog.text
+  assert "Changed since this run was last started: --learning_rate: 0.01 -> 0.001" in caplog.text
   assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 1e-3
 
 
