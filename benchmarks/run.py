@@ -69,6 +69,7 @@ def training_flops_per_image() -> float:
   """Multiply-adds of the default model's layers, from their shapes, x2 for FLOPs, x3 for
   training (the backward pass costs about twice the forward: input and weight gradients)."""
   import keras
+  from trainer.config import TrainConfig
   from trainer.model import build_model
 
   def layers(model):
@@ -76,7 +77,7 @@ def training_flops_per_image() -> float:
       yield from layers(layer) if isinstance(layer, keras.Model) else [layer]
 
   multiply_adds = 0
-  for layer in layers(build_model(256)):
+  for layer in layers(build_model(TrainConfig.latent_dim, TrainConfig.width)):
     if isinstance(layer, keras.layers.Conv2DTranspose):
       _, height, width, channels_in = layer.input.shape
       multiply_adds += height * width * channels_in * layer.filters * layer.kernel_size[0] ** 2

@@ -4,19 +4,20 @@ from benchmarks import run
 
 
 def test_training_flops_are_counted_from_the_layer_shapes():
-  multiply_adds = (28 * 28 * 32 * 1 * 9        # encoder, full resolution (same padding)
-                   + 14 * 14 * 64 * 32 * 9     # encoder, after pooling: two convolutions
-                   + 14 * 14 * 64 * 64 * 9
-                   + 7 * 7 * 128 * 64 * 9      # encoder, after pooling again: two more
-                   + 7 * 7 * 128 * 128 * 9
-                   + 6272 * 256                # latent
+  # The default model: --width=48, --latent_dim=256.
+  multiply_adds = (28 * 28 * 48 * 1 * 9        # encoder, full resolution (same padding)
+                   + 14 * 14 * 96 * 48 * 9     # encoder, after pooling: two convolutions
+                   + 14 * 14 * 96 * 96 * 9
+                   + 7 * 7 * 192 * 96 * 9      # encoder, after pooling again: two more
+                   + 7 * 7 * 192 * 192 * 9
+                   + 9408 * 256                # latent
                    + 256 * 128 + 128 * 10      # classifier head
-                   + 256 * 3136                # decoder dense, to 7x7x64
-                   + 7 * 7 * 64 * 64 * 9       # decoder convolution at 7x7
-                   + 7 * 7 * 64 * 32 * 9       # transposed convolution, per input pixel
-                   + 14 * 14 * 32 * 32 * 9     # decoder convolution at 14x14
-                   + 14 * 14 * 32 * 32 * 9     # transposed convolution to 28x28
-                   + 28 * 28 * 1 * 32 * 9)     # the pixels
+                   + 256 * 4704                # decoder dense, to 7x7x96
+                   + 7 * 7 * 96 * 96 * 9       # decoder convolution at 7x7
+                   + 7 * 7 * 96 * 48 * 9       # transposed convolution, per input pixel
+                   + 14 * 14 * 48 * 48 * 9     # decoder convolution at 14x14
+                   + 14 * 14 * 48 * 48 * 9     # transposed convolution to 28x28
+                   + 28 * 28 * 1 * 48 * 9)     # the pixels
   assert run.training_flops_per_image() == 2 * 3 * multiply_adds
 
 

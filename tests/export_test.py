@@ -17,7 +17,7 @@ from trainer.config import UserInputError
 
 
 def test_export_reloads_with_a_uint8_serving_signature(tmp_path):
-  model = model_lib.build_model(latent_dim=8)
+  model = model_lib.build_model(latent_dim=8, width=8)
   path = str(tmp_path / "export")
   export_lib.export_saved_model(model, path)
   export_lib.export_saved_model(model, path)  # Replacing an existing export works too.
@@ -46,7 +46,7 @@ def test_export_reloads_with_a_uint8_serving_signature(tmp_path):
 @pytest.mark.parametrize("root", ["local", "ram"])
 def test_a_failed_write_keeps_the_old_export(tmp_path, monkeypatch, root):
   path = str(tmp_path / "export") if root == "local" else f"ram://{tmp_path.name}/export"
-  old_model, new_model = model_lib.build_model(latent_dim=8), model_lib.build_model(latent_dim=8)
+  old_model, new_model = model_lib.build_model(latent_dim=8, width=8), model_lib.build_model(latent_dim=8, width=8)
   images = helpers.learnable_split(4).images
   export_lib.export_saved_model(old_model, path)
   old_answers = export_lib.predict_batches(export_lib.load(path), images)["classifier"]
@@ -72,7 +72,7 @@ def test_a_failed_write_keeps_the_old_export(tmp_path, monkeypatch, root):
 
 
 def test_an_old_export_left_between_the_renames_comes_back(tmp_path):
-  model = model_lib.build_model(latent_dim=8)
+  model = model_lib.build_model(latent_dim=8, width=8)
   path = str(tmp_path / "export")
   export_lib.export_saved_model(model, path)
   os.rename(path, tmp_path / ".export.previous")  # Killed between the two renames.
@@ -96,7 +96,7 @@ def test_an_unreadable_export_names_the_fix(tmp_path):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   """An export of an untrained model (path), and that model."""
-  model = model_lib.build_model(latent_dim=8)
+  model = model_lib.build_model(latent_dim=8, width=8)
   path = str(tmp_path_factory.mktemp("export") / "export")
   export_lib.export_saved_model(model, path)
   return path, model

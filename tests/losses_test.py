@@ -12,7 +12,7 @@ from trainer.model import build_model
 
 @pytest.fixture(scope="module")
 def model():
-  return build_model(16)
+  return build_model(16, width=8)
 
 
 def _task_losses(model, images, labels, labeled):

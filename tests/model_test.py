@@ -7,7 +7,7 @@ from trainer import model as model_lib
 
 
 def test_outputs_are_named_and_shaped():
-  model = model_lib.build_model(latent_dim=16)
+  model = model_lib.build_model(latent_dim=16, width=8)
   outputs = model(np.zeros((3, 28, 28, 1), np.uint8))
   assert set(outputs) == {"classifier", "decoder"}
   assert outputs["classifier"].shape == (3, 10)
@@ -19,7 +19,7 @@ def test_outputs_are_named_and_shaped():
 
 def test_mixed_bfloat16_computes_low_and_ends_in_float32():
   keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-  model = model_lib.build_model(latent_dim=16)
+  model = model_lib.build_model(latent_dim=16, width=8)
   outputs = model(np.zeros((2, 28, 28, 1), np.uint8))
   assert outputs["classifier"].dtype == "float32"
   assert outputs["decoder"].dtype == "float32"
@@ -40,7 +40,7 @@ def _layers(model):
 
 
 def test_batch_normalisation_is_synchronised_across_replicas():
-  norms = [layer for layer in _layers(model_lib.build_model(latent_dim=16))
+  norms = [layer for layer in _layers(model_lib.build_model(latent_dim=16, width=8))
            if isinstance(layer, keras.layers.BatchNormalization)]
   assert norms and all(layer.synchronized for layer in norms)
 

@@ -34,7 +34,7 @@ def _conv(x, filters: int, batch_norm: bool, name: str, transpose: bool = False)
   return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
-def build_encoder(latent_dim: int, width: int = 32, *, scaled_inputs: bool = False,
+def build_encoder(latent_dim: int, width: int, *, scaled_inputs: bool = False,
                   batch_norm: bool = True, blocks: int = 3) -> keras.Model:
   """uint8 (28, 28, 1) images (or, with `scaled_inputs`, floats in [0, 1]) to a latent vector.
 
@@ -66,7 +66,7 @@ def build_classifier_head(latent_dim: int) -> keras.Model:
   return keras.Model(latent, probabilities, name=CLASSIFIER)
 
 
-def build_decoder_head(latent_dim: int, width: int = 32, *, batch_norm: bool = True,
+def build_decoder_head(latent_dim: int, width: int, *, batch_norm: bool = True,
                        deep: bool = True) -> keras.Model:
   """Latent vector back to a (28, 28, 1) image in [0, 1]: the encoder mirrored; `deep` adds a
   convolution at 7x7 and at 14x14, and a full-resolution layer of features."""
@@ -91,14 +91,15 @@ def build_decoder_head(latent_dim: int, width: int = 32, *, batch_norm: bool = T
   return keras.Model(latent, pixels, name=DECODER)
 
 
-def build_model(latent_dim: int, width: int = 32, *, scaled_inputs: bool = False,
+def build_model(latent_dim: int, width: int, *, scaled_inputs: bool = False,
                 batch_norm: bool = True, blocks: int = 3, deep_decoder: bool = True
                 ) -> keras.Model:
   """The whole multitask model; call it inside the strategy scope, after setting the policy.
 
   It takes uint8 images; `scaled_inputs` makes it take floats already in [0, 1] instead (the
-  benchmark's Keras `fit` baseline feeds those). `batch_norm`, `blocks` and `deep_decoder`
-  are the architecture levers benchmarks/levers.py measures; the defaults are the job's.
+  benchmark's Keras `fit` baseline feeds those). `latent_dim` and `width` come from the
+  configuration (`train.default_model`); `batch_norm`, `blocks` and `deep_decoder` are the
+  architecture levers benchmarks/levers.py measures, and their defaults are the job's.
   """
   encoder = build_encoder(latent_dim, width, scaled_inputs=scaled_inputs,
                           batch_norm=batch_norm, blocks=blocks)

@@ -223,13 +223,13 @@ def build_training_state(config: TrainConfig, strategy: tf.distribute.Strategy, 
     weighting = losses.make_weighting(config.loss_weighting, config.loss_weights)
     variables = model.trainable_variables + weighting.trainable_variables
     # A linear warm-up, then cosine decay to zero over the rest of the run: the last epochs
-    # settle instead of bouncing.
-    # A run too short for its warm-up warms up over its first fifth instead: otherwise it
-    # would end at the peak rate, untrained by the decay.
-    warmup = min(config.warmup_steps, config.epochs * steps_per_epoch // 5)
+    # settle instead of bouncing. A run too short for its warm-up warms up over its first
+    # fifth instead: otherwise it would end at the peak rate, untrained by the decay.
+    total_steps = config.epochs * steps_per_epoch
+    warmup = min(config.warmup_steps, total_steps // 5)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0 if warmup else config.learning_rate,
-        decay_steps=max(1, config.epochs * steps_per_epoch - warmup),
+        decay_steps=max(1, total_steps - warmup),
         warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
     optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
     # Decaying the learned task weights would pull them toward equal weighting.
