@@ -59,8 +59,9 @@ def measure(name: str, *flags_: str, bar: Optional[dict] = None) -> dict:
   if result.returncode or not lines:
     sys.exit(f"error: measurement {name} {' '.join(flags_)} failed:\n{result.stderr[-3000:]}")
   figures = json.loads(lines[-1][len("RESULT "):])
-  if "reached_at" in figures:
-    figures["seconds"] = figures.pop("reached_at") - started
+  for moment in ("reached_at", "ended_at"):
+    if moment in figures:
+      figures["seconds"] = figures.pop(moment) - started
   print(f"  {name} {' '.join(flags_)}: {figures}", file=sys.stderr, flush=True)
   return figures
 
@@ -140,7 +141,9 @@ def main(_) -> None:
   exercise_tta = measure("exercise_tta")
   results["time_to_accuracy"] = {"package": package_tta, "package_flags": PACKAGE_TTA_FLAGS,
                                  "exercise": exercise_tta}
+  # If the exercise's way never reaches the bar, its time is a lower bound, the ratio an upper.
   results["time_to_accuracy_ratio_vs_exercise"] = package_tta["seconds"] / exercise_tta["seconds"]
+  results["time_to_accuracy_ratio_is_upper_bound"] = exercise_tta["epochs"] is None
   results["time_to_final_bar"] = {
       "bar": PACKAGE_FINAL_BAR, "package_flags": PACKAGE_FINAL_FLAGS,
       "package": measure("package_tta", *PACKAGE_FINAL_FLAGS, bar=PACKAGE_FINAL_BAR)}
@@ -158,6 +161,14 @@ def reached(figures: dict) -> str:
     return (f"not reached (ended at accuracy {figures['accuracy']:.4f}, "
             f"MSE {figures['reconstruction_mse']:.5f})")
   return f"{figures['seconds']:.0f} s (step {figures['step']})"
+
+
+def exercise_reached(figures: dict) -> str:
+  """The exercise's time-to-accuracy result as a table cell."""
+  if figures["epochs"] is None:
+    return (f"not reached in {figures['seconds']:.0f} s (ended at accuracy "
+            f"{figures['accuracy']:.4f}, MSE {figures['reconstruction_mse']:.5f})")
+  return f"{figures['seconds']:.0f} s (epoch {figures['epochs']})"
 
 
 def table(results: dict) -> str:
@@ -185,10 +196,10 @@ def table(results: dict) -> str:
       (f"time to test accuracy {results['bar']['test_accuracy']} and MSE "
        f"{results['bar']['test_reconstruction_mse']}, package",
        reached(tta["package"])),
-      ("the same, exercise way", f"{tta['exercise']['seconds']:.0f} s "
-       f"(epoch {tta['exercise']['epochs']})"),
+      ("the same, exercise way", exercise_reached(tta["exercise"])),
       ("**time-to-accuracy ratio, package / exercise**",
-       f"**{results['time_to_accuracy_ratio_vs_exercise']:.2f}**"),
+       f"**{'< ' if results.get('time_to_accuracy_ratio_is_upper_bound') else ''}"
+       f"{results['time_to_accuracy_ratio_vs_exercise']:.2f}**"),
       (f"time to test accuracy {final['bar']['test_accuracy']} and MSE "
        f"{final['bar']['test_reconstruction_mse']}, package, default recipe "
        f"({' '.join(final['package_flags'])})", reached(final["package"])),
