@@ -76,3 +76,15 @@ def test_semi_supervised_table_gives_mean_and_spread_over_seeds():
   assert lines[0] == "| labelled examples | classifier_only | multitask_fixed |"
   assert lines[2] == "| 100 | 0.6200 ± 0.0200 (n=3) | 0.7200 ± 0.0200 (n=3) |"
   assert lines[3] == "| all | 0.9000 ± 0.0000 (n=1) |  |"
+
+
+def test_levers_table_gives_each_variants_mean_and_spread_in_the_variants_order():
+  from benchmarks import levers
+  runs = {f"{variant}/{seed}": {"variant": variant, "seed": seed, "test_accuracy": accuracy,
+                                "test_reconstruction_mse": 0.008, "train_images_per_second": 600.0}
+          for variant, seed, accuracy in (("no_warmup", 0, 0.92), ("final", 0, 0.93),
+                                          ("final", 1, 0.934))}
+  lines = levers.table(runs).splitlines()
+  assert lines[2] == ("| final | nothing: the default | 2 | 0.9320 ± 0.0028 | 0.00800 ± 0.00000 "
+                      "| 600 ± 0 |")
+  assert lines[3] == "| no_warmup | no learning-rate warm-up | 1 | 0.9200 | 0.00800 | 600 |"

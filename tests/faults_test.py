@@ -151,7 +151,8 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path):
 # Bad input, run through the entry point in this process (one TensorFlow start-up for all),
 # against a finished run whose files must not change.
 
-BASE_FLAGS = ("--epochs=1", "--batch_size=32", "--latent_dim=16", "--steps_per_loop=4")
+BASE_FLAGS = ("--epochs=1", "--batch_size=32", "--latent_dim=16", "--width=8",
+              "--steps_per_loop=4")
 
 
 def _run_task(argv, capsys):
