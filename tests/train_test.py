@@ -375,8 +375,8 @@ def test_mixed_precision_trains(tmp_path, precision):
 def test_xla_compiled_steps_train_as_well(tmp_path):
   # In its own process: other tests turn on op determinism, process-wide, and XLA has no
   # deterministic max-pool gradient.
-  result = helpers.run_trainer("--dataset=mnist_sample", "--epochs=1", "--jit_compile",
-                               f"--model_dir={tmp_path}")
+  result = helpers.run_trainer("--dataset=mnist_sample", "--epochs=1", "--width=16",
+                               "--jit_compile", f"--model_dir={tmp_path}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert helpers.read_metrics(str(tmp_path))["test_accuracy"] > 0.9
 
