@@ -43,6 +43,14 @@ def test_defaults_are_valid_and_weight_the_reconstruction_eight_times_the_classi
                                      "uncertainty"),
     ({"checkpoint_every_steps": 0}, "--checkpoint_every_steps=0 must be a positive integer"),
     ({"checkpoints_to_keep": 0}, "--checkpoints_to_keep=0 must be a positive integer"),
+    ({"input_noise": 1.5}, "--input_noise=1.5 must be between 0 and 1"),
+    ({"unlabeled_loss": "mixmatch"}, "unknown --unlabeled_loss='mixmatch': choose one of none, "
+                                     "pseudo_label, consistency"),
+    ({"unlabeled_loss": "pseudo_label"}, "--unlabeled_loss=pseudo_label needs unlabelled "
+                                         "images: add --labeled_examples=N"),
+    ({"unlabeled_weight": -1.0}, "--unlabeled_weight=-1.0 must be zero or more"),
+    ({"pseudo_label_threshold": 1.0}, "--pseudo_label_threshold=1.0 must be at least 0 and "
+                                      "below 1"),
 ])
 def test_bad_settings_are_refused_with_the_fix(changes, message):
   with pytest.raises(config.UserInputError, match=re.escape(message)):

@@ -241,3 +241,40 @@ def test_read_image_file_resizes_only_when_asked(tmp_path):
 def test_read_image_file_refuses_what_is_not_a_grey_image(tmp_path, name, content, message):
   with pytest.raises(UserInputError, match=re.escape(f"{name}: {message}")):
     data.read_image_file(_image_file(tmp_path, name, content))
+
+
+def test_denoising_corrupts_the_input_and_keeps_the_decoders_target_clean():
+  split = data.Split(np.full((50, 28, 28, 1), 128, np.uint8), np.arange(50, dtype=np.int32) % 10)
+  clean = data.training_dataset(split, 16, 3, seed=1, shift_pixels=1)
+  noisy = data.training_dataset(split, 16, 3, seed=1, shift_pixels=1, input_noise=0.3)
+  (clean_images, _, _), (noisy_images, noisy_targets, _) = next(iter(clean)), next(iter(noisy))
+  np.testing.assert_array_equal(noisy_targets["decoder"], clean_images)  # The same shifts.
+  assert noisy_images.dtype == tf.uint8
+  # Inside the border that shifts may fill with background (where clipping at 0 trims the
+  # noise), the noise has its standard deviation, less a little clipping at 0 and 255.
+  difference = (noisy_images.numpy().astype(float) - clean_images.numpy())[:, 2:-2, 2:-2]
+  assert 0.27 * 255 < difference.std() < 0.3 * 255
+  assert abs(difference.mean()) < 0.01 * 255
+
+
+def test_the_strong_view_erases_a_square_and_is_drawn_afresh_for_each_batch():
+  split = data.Split(np.full((50, 28, 28, 1), 200, np.uint8), np.zeros(50, np.int32))
+  dataset = data.training_dataset(split, 16, 3, seed=1, shift_pixels=0, second_view=True)
+  batches = list(dataset.take(2))
+  (images, view), targets, _ = batches[0]
+  np.testing.assert_array_equal(images, targets["decoder"])
+  erased = view.numpy()[..., 0] == 0
+  # A 12x12 square, and up to two rows and columns of background shifted in.
+  assert all(144 <= count < 144 + 2 * 2 * 28 for count in erased.sum(axis=(1, 2)))
+  assert not np.array_equal(view, batches[1][0][1])
+
+
+def test_noise_and_views_resume_exactly():
+  split = helpers.learnable_split(100)
+  settings = dict(seed=3, shift_pixels=1, input_noise=0.2, second_view=True)
+  whole = list(data.training_dataset(split, 8, 12, **settings).take(20))
+  resumed = list(data.training_dataset(split, 8, 12, start_epoch=1, start_step=5,
+                                       **settings).take(3))
+  for ((expected, expected_view), _, _), ((got, got_view), _, _) in zip(whole[17:], resumed):
+    np.testing.assert_array_equal(expected, got)
+    np.testing.assert_array_equal(expected_view, got_view)

@@ -98,3 +98,39 @@ def test_uncertainty_weighting_follows_kendall_et_al_and_learns_to_weigh_the_sma
   learned = weighting.weights()
   np.testing.assert_allclose(learned[CLASSIFIER], 1 / (2 * 0.4), rtol=1e-3)
   np.testing.assert_allclose(learned[DECODER], 1 / (2 * 0.02), rtol=1e-3)
+
+
+def _unlabeled(kind, input_probabilities, view_probabilities, labeled, threshold=0.9):
+  weights = {CLASSIFIER: tf.constant(labeled, tf.float32),
+             DECODER: tf.ones([len(labeled)])}
+  return float(losses.unlabeled_loss(kind, tf.constant(input_probabilities, tf.float32),
+                                     tf.constant(view_probabilities, tf.float32), weights,
+                                     losses.global_counts(weights), threshold))
+
+
+def test_pseudo_labels_come_from_confident_answers_on_unlabelled_images_only():
+  sure, unsure = [0.95, 0.05] + [0.0] * 8, [0.6, 0.4] + [0.0] * 8
+  view = [0.5, 0.5] + [0.0] * 8
+  # The labelled first example and the unsure third add nothing, but the third still counts
+  # in the mean over the two unlabelled images, as in FixMatch.
+  loss = _unlabeled("pseudo_label", [sure, sure, unsure], [view] * 3, [1, 0, 0])
+  np.testing.assert_allclose(loss, -np.log(0.5) / 2, rtol=1e-5)
+  assert _unlabeled("pseudo_label", [unsure] * 3, [view] * 3, [1, 0, 0]) == 0.0
+
+
+def test_consistency_is_the_squared_difference_of_the_answers():
+  first, second = [1.0, 0.0] + [0.0] * 8, [0.5, 0.5] + [0.0] * 8
+  np.testing.assert_allclose(_unlabeled("consistency", [first, first], [second, first], [0, 0]),
+                             0.5 / 2, rtol=1e-6)
+
+
+def test_no_gradient_flows_through_the_answers_that_serve_as_targets():
+  answers = tf.Variable([[0.7, 0.3] + [0.0] * 8])
+  view = tf.Variable([[0.5, 0.5] + [0.0] * 8])
+  weights = {CLASSIFIER: tf.zeros([1]), DECODER: tf.ones([1])}
+  for kind in ("pseudo_label", "consistency"):
+    with tf.GradientTape() as tape:
+      loss = losses.unlabeled_loss(kind, answers, view, weights, losses.global_counts(weights),
+                                   0.5)
+    to_answers, to_view = tape.gradient(loss, [answers, view])
+    assert to_answers is None and to_view is not None

@@ -135,10 +135,14 @@ def test_restart_resumes_from_the_latest_checkpoint(tmp_path, caplog):
   assert [entry["epoch"] for entry in history] == [1, 2, 3]
 
 
-def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog):
+@pytest.mark.parametrize("semi_supervised", [
+    {}, {"labeled_examples": 40, "input_noise": 0.2, "unlabeled_loss": "pseudo_label",
+         "pseudo_label_threshold": 0.5}], ids=["supervised", "denoising-pseudo-label"])
+def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog, semi_supervised):
   strategy = tf.distribute.get_strategy()
   splits = helpers.learnable_splits()
-  settings = dict(epochs=2, checkpoint_every_steps=5, deterministic=True, shift_pixels=1)
+  settings = dict(epochs=2, checkpoint_every_steps=5, deterministic=True, shift_pixels=1,
+                  **semi_supervised)
   uninterrupted = _run(_config(tmp_path / "a", **settings), strategy, splits)
   checkpoints = tmp_path / "a" / "checkpoints"
   # Saved at global steps ..., 25, 30 and 32 (the end); go back to 25: epoch 2, step 9 of 16,
@@ -290,9 +294,14 @@ def test_mirrored_over_two_replicas_trains_and_exports(tmp_path, two_replicas):
   assert tf.io.gfile.exists(str(tmp_path / "export" / "saved_model.pb"))
 
 
-def test_semi_supervised_on_two_replicas_learns_from_few_labels(tmp_path, two_replicas):
-  metrics = _run(_config(tmp_path, labeled_examples=40, epochs=3), two_replicas,
-                      helpers.learnable_splits())
+@pytest.mark.parametrize("objectives", [
+    {"input_noise": 0.2, "unlabeled_loss": "pseudo_label", "pseudo_label_threshold": 0.8},
+    pytest.param({"unlabeled_loss": "consistency"}, marks=pytest.mark.slow)],
+    ids=["denoising-pseudo-label", "consistency"])
+def test_semi_supervised_on_two_replicas_learns_from_few_labels(tmp_path, two_replicas,
+                                                                objectives):
+  metrics = _run(_config(tmp_path, labeled_examples=40, epochs=3, **objectives), two_replicas,
+                 helpers.learnable_splits())
   assert metrics["labeled_examples"] == 40 and metrics["train_examples"] == 512
   assert metrics["test_accuracy"] > 0.9  # Four of each class teach these easy classes.
   assert metrics["test_reconstruction_mse"] < 0.1

@@ -16,6 +16,9 @@ OUTPUT_NAMES = (CLASSIFIER, DECODER)
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
+# What the classifier learns from the unlabelled images of a semi-supervised run (trainer.losses):
+# none, the labels of its own confident answers (FixMatch), or agreement between two views.
+UNLABELED_LOSSES = ("none", "pseudo_label", "consistency")
 # Cross-entropy at 1.0, the reconstruction's MSE at 8.0: measured on Fashion-MNIST, the classic
 # starting point's 0.2 leaves the reconstruction well behind a 32-component PCA, and a heavier
 # reconstruction helps the classifier too (benchmarks/README.md).
@@ -52,6 +55,10 @@ class TrainConfig:
       default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
   loss_weighting: str = "fixed"  # Or "uncertainty": learned (trainer.losses).
   labeled_examples: int = 0  # 0: every training label; else the classifier learns from these.
+  input_noise: float = 0.0  # Denoising: noise on the encoder's training input; 0: none.
+  unlabeled_loss: str = "none"  # One of UNLABELED_LOSSES; needs labeled_examples.
+  unlabeled_weight: float = 1.0  # The unlabelled term's weight in the total loss.
+  pseudo_label_threshold: float = 0.95  # pseudo_label: the confidence an answer needs to count.
   steps_per_loop: int = 0  # 0: the platform's default (distribution.default_steps_per_loop).
   checkpoint_every_steps: int = 500
   checkpoints_to_keep: int = 3
@@ -97,6 +104,19 @@ class TrainConfig:
       raise UserInputError(
           f"--loss_weights applies only to --loss_weighting=fixed (this run's weighting is "
           f"{self.loss_weighting}, which learns the weights): add --loss_weighting=fixed")
+    if not 0 <= self.input_noise <= 1:
+      raise UserInputError(f"--input_noise={self.input_noise} must be between 0 and 1 (a "
+                           "standard deviation in pixels scaled to [0, 1])")
+    if self.unlabeled_loss not in UNLABELED_LOSSES:
+      raise UserInputError(unknown_choice("unlabeled_loss", self.unlabeled_loss, UNLABELED_LOSSES))
+    if self.unlabeled_loss != "none" and not self.labeled_examples:
+      raise UserInputError(f"--unlabeled_loss={self.unlabeled_loss} needs unlabelled images: "
+                           "add --labeled_examples=N (the labels kept)")
+    if not self.unlabeled_weight >= 0:
+      raise UserInputError(f"--unlabeled_weight={self.unlabeled_weight} must be zero or more")
+    if not 0 <= self.pseudo_label_threshold < 1:
+      raise UserInputError(f"--pseudo_label_threshold={self.pseudo_label_threshold} must be "
+                           "at least 0 and below 1")
     if not self.model_dir:
       raise UserInputError("no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir")
 
@@ -130,6 +150,8 @@ RESUME_RULES = {
     "dataset": REFUSED, "batch_size": REFUSED, "seed": REFUSED, "shift_pixels": REFUSED,
     "labeled_examples": REFUSED, "loss_weighting": REFUSED, "loss_weights": REFUSED,
     "latent_dim": REFUSED, "width": REFUSED, "warmup_steps": REFUSED, "weight_decay": REFUSED,
+    "input_noise": REFUSED, "unlabeled_loss": REFUSED, "unlabeled_weight": REFUSED,
+    "pseudo_label_threshold": REFUSED,
     "data_dir": ALLOWED, "model_dir": ALLOWED, "checkpoint_dir": ALLOWED,
     "tensorboard_dir": ALLOWED, "tpu": ALLOWED,
     "strategy": ALLOWED, "precision": ALLOWED, "learning_rate": ALLOWED,

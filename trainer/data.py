@@ -22,6 +22,9 @@ from sklearn import model_selection
 from trainer.config import CLASSIFIER, DECODER, UserInputError, check_dataset_name, first_line
 
 IMAGE_SHAPE = (28, 28, 1)
+# The strong view of pseudo-label and consistency training (`strong_view`).
+STRONG_SHIFT_PIXELS = 2
+ERASED_SQUARE = 12
 NUM_CLASSES = 10
 # The original exercise's cache of full MNIST: its rows are 50k train, 10k validation, 10k test.
 EXERCISE_SPLIT = (50_000, 10_000, 10_000)
@@ -266,6 +269,36 @@ def random_shift(images, pixels: int, seed):
   return tf.gather(moved, cols, axis=2, batch_dims=1)
 
 
+def add_noise(images, stddev: float, seed):
+  """uint8 images plus Gaussian noise of `stddev` (in pixels scaled to [0, 1]), rounded and
+  clipped back to uint8. Stateless: a function of `seed` (shape [2]) alone."""
+  noise = tf.random.stateless_normal(tf.shape(images), seed, stddev=stddev * 255.0)
+  return tf.cast(tf.clip_by_value(tf.round(tf.cast(images, tf.float32) + noise), 0.0, 255.0),
+                 tf.uint8)
+
+
+def erase_square(images, size: int, seed):
+  """Sets a `size` x `size` square of each image, placed at random, to background (0)."""
+  corners = tf.random.stateless_uniform([tf.shape(images)[0], 2], seed, minval=0,
+                                        maxval=IMAGE_SHAPE[0] - size + 1, dtype=tf.int32)
+  positions = tf.range(IMAGE_SHAPE[0])
+  rows = (positions >= corners[:, :1]) & (positions < corners[:, :1] + size)
+  cols = (positions >= corners[:, 1:]) & (positions < corners[:, 1:] + size)
+  erased = rows[:, :, None, None] & cols[:, None, :, None]
+  return tf.where(erased, tf.zeros_like(images), images)
+
+
+def strong_view(images, input_noise: float, seed):
+  """The strongly augmented copy that pseudo-label and consistency training compare with the
+  input: a shift of up to STRONG_SHIFT_PIXELS and an ERASED_SQUARE erased (FixMatch's cutout,
+  without its colour operations, which greyscale clothing and digits lack), plus the input's
+  noise. Fixed in advance, not tuned."""
+  fold_in = tf.random.experimental.stateless_fold_in
+  view = erase_square(random_shift(images, STRONG_SHIFT_PIXELS, fold_in(seed, 0)), ERASED_SQUARE,
+                      fold_in(seed, 1))
+  return add_noise(view, input_noise, fold_in(seed, 2)) if input_noise else view
+
+
 def _options(dataset: tf.data.Dataset) -> tf.data.Dataset:
   options = tf.data.Options()
   # We shard by input pipeline ourselves; tf.data must not shard a second time.
@@ -310,11 +343,15 @@ def labeled_per_batch(batch_size: int, labeled_indices: Optional[np.ndarray]) ->
 def training_dataset(split: Split, batch_size: int, steps_per_epoch: int, seed: int,
                      shift_pixels: int = 0, start_epoch: int = 0, start_step: int = 0,
                      input_context: Optional[tf.distribute.InputContext] = None,
-                     labeled_indices: Optional[np.ndarray] = None) -> tf.data.Dataset:
+                     labeled_indices: Optional[np.ndarray] = None, input_noise: float = 0.0,
+                     second_view: bool = False) -> tf.data.Dataset:
   """One input pipeline's training batches, from (`start_epoch`, `start_step`) on, forever.
 
   Each element is `(images, targets, weights)`; `weights[CLASSIFIER]` is 1 for examples whose
   label counts (all of them, unless `labeled_indices` names a subset), `weights[DECODER]` is 1.
+  With `input_noise`, `images` carry that noise (`add_noise`) while the decoder's target stays
+  clean: a denoising autoencoder. With `second_view`, `images` is a pair: the input and its
+  `strong_view`.
 
   Batch `step` of epoch `epoch` is a pure function of (seed, epoch, step): each epoch is a
   stateless shuffle of this pipeline's shard cut to `steps_per_epoch` whole batches, and the
@@ -345,6 +382,8 @@ def training_dataset(split: Split, batch_size: int, steps_per_epoch: int, seed: 
   order_key = tf.constant([seed, 0], tf.int64)
   shift_key = tf.constant([seed, 1], tf.int64)
   labeled_key = tf.constant([seed, 2], tf.int64)
+  noise_key = tf.constant([seed, 3], tf.int64)
+  view_key = tf.constant([seed, 4], tf.int64)
   fold_in = tf.random.experimental.stateless_fold_in
   unlabeled_slots = batch_size - labeled_slots
   repeats = -(-batches_per_epoch * labeled_slots // len(labeled_shard))
@@ -364,12 +403,18 @@ def training_dataset(split: Split, batch_size: int, steps_per_epoch: int, seed: 
         tf.range(first, batches_per_epoch, dtype=tf.int64), batches[first:]))
 
   def load(epoch, batch, indices):
-    batch_images = tf.gather(images, indices)
+    batch_key = lambda key: fold_in(fold_in(key, epoch), batch)
+    originals = tf.gather(images, indices)
+    clean = originals
     if shift_pixels:
-      batch_images = random_shift(batch_images, shift_pixels,
-                                  fold_in(fold_in(shift_key, epoch), batch))
+      clean = random_shift(originals, shift_pixels, batch_key(shift_key))
+    inputs, targets = _to_example(clean, tf.gather(labels, indices))
+    if input_noise:
+      inputs = add_noise(clean, input_noise, batch_key(noise_key))
+    if second_view:
+      inputs = (inputs, strong_view(originals, input_noise, batch_key(view_key)))
     weights = {CLASSIFIER: tf.gather(is_labeled, indices), DECODER: tf.ones([batch_size])}
-    return _to_example(batch_images, tf.gather(labels, indices)) + (weights,)
+    return inputs, targets, weights
 
   dataset = tf.data.Dataset.counter(start_epoch).flat_map(epoch_batches)
   return _options(dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE))
@@ -398,13 +443,15 @@ def evaluation_dataset(split: Split, batch_size: int,
 
 def distribute_training(strategy: tf.distribute.Strategy, split: Split, global_batch_size: int,
                         seed: int, shift_pixels: int = 0, start_epoch: int = 0,
-                        start_step: int = 0, labeled_indices: Optional[np.ndarray] = None):
+                        start_step: int = 0, labeled_indices: Optional[np.ndarray] = None,
+                        input_noise: float = 0.0, second_view: bool = False):
   """Training batches as a distributed dataset, from (start_epoch, start_step) on."""
   per_replica = per_replica_batch_size(global_batch_size, strategy.num_replicas_in_sync)
   steps = steps_per_epoch(len(split), global_batch_size)
   return strategy.distribute_datasets_from_function(
       lambda context: training_dataset(split, per_replica, steps, seed, shift_pixels,
-                                       start_epoch, start_step, context, labeled_indices))
+                                       start_epoch, start_step, context, labeled_indices,
+                                       input_noise, second_view))
 
 
 def distribute_evaluation(strategy: tf.distribute.Strategy, split: Split,

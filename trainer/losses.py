@@ -29,7 +29,11 @@ _LIKELIHOOD_SCALE = {CLASSIFIER: 1.0, DECODER: 2.0}
 
 def per_example_losses(model: keras.Model, images, targets, training: bool):
   """Cross-entropy and reconstruction MSE for each example, and whether it was classified right."""
-  outputs = model(images, training=training)
+  return per_example_losses_of(model(images, training=training), targets)
+
+
+def per_example_losses_of(outputs, targets):
+  """`per_example_losses` from the model's `outputs`."""
   cross_entropy = keras.losses.sparse_categorical_crossentropy(
       targets[CLASSIFIER], outputs[CLASSIFIER])
   pixels = tf.cast(targets[DECODER], tf.float32) / 255.0
@@ -88,6 +92,35 @@ def task_losses(cross_entropy, mse, weights: Dict[str, tf.Tensor],
   """
   return {CLASSIFIER: tf.reduce_sum(cross_entropy * weights[CLASSIFIER]) / tf.maximum(counts[0], 1.0),
           DECODER: tf.reduce_sum(mse * weights[DECODER]) / tf.maximum(counts[1], 1.0)}
+
+
+def unlabeled_loss(kind: str, input_probabilities, view_probabilities, weights, counts,
+                   threshold: float) -> tf.Tensor:
+  """This replica's share of the mean unlabelled loss over the global batch's unlabelled images.
+
+  `input_probabilities` are the classifier's answers on the training input, taken as fixed
+  targets (no gradient flows through them); `view_probabilities` its answers on the strong
+  view of the same images (`trainer.data.strong_view`). `kind`:
+    pseudo_label  FixMatch (Sohn et al., 2020): where the input's answer is at least
+                  `threshold` sure, its class is the label the view learns; the others add 0
+                  but still count in the mean, as in FixMatch;
+    consistency   the Pi-model (Laine and Aila, 2017): the squared difference of the two
+                  answers' probabilities, summed over the classes.
+  The unlabelled images are those whose decoder weight is 1 and classifier weight is 0;
+  `counts` is `global_counts(weights)`.
+  """
+  targets = tf.stop_gradient(tf.cast(input_probabilities, tf.float32))
+  view_probabilities = tf.cast(view_probabilities, tf.float32)
+  if kind == "pseudo_label":
+    confident = tf.cast(tf.reduce_max(targets, axis=-1) >= threshold, tf.float32)
+    per_example = confident * keras.losses.sparse_categorical_crossentropy(
+        tf.argmax(targets, axis=-1), view_probabilities)
+  elif kind == "consistency":
+    per_example = tf.reduce_sum(tf.square(view_probabilities - targets), axis=-1)
+  else:
+    raise ValueError(f"unknown unlabelled loss {kind!r}")
+  unlabeled = weights[DECODER] - weights[CLASSIFIER]
+  return tf.reduce_sum(per_example * unlabeled) / tf.maximum(counts[1] - counts[0], 1.0)
 
 
 class FixedWeighting:

@@ -64,6 +64,19 @@ flags.DEFINE_integer("labeled_examples", DEFAULTS.labeled_examples,
                      "Semi-supervised: the classifier learns from this many training labels "
                      "(balanced by class, chosen by --seed), the decoder from every image; "
                      "0: every label.")
+flags.DEFINE_float("input_noise", DEFAULTS.input_noise,
+                   "Denoising: Gaussian noise of this standard deviation (pixels scaled to "
+                   "[0, 1]) on the encoder's training input; the decoder rebuilds the clean "
+                   "image. 0: none.")
+flags.DEFINE_enum("unlabeled_loss", DEFAULTS.unlabeled_loss, list(config_lib.UNLABELED_LOSSES),
+                  "Semi-supervised: what the classifier learns from unlabelled images. "
+                  "pseudo_label: its confident answers on each image become labels for a "
+                  "strongly augmented copy (FixMatch); consistency: its answers on two "
+                  "augmented copies must agree. Needs --labeled_examples.")
+flags.DEFINE_float("unlabeled_weight", DEFAULTS.unlabeled_weight,
+                   "Weight of --unlabeled_loss in the total loss.")
+flags.DEFINE_float("pseudo_label_threshold", DEFAULTS.pseudo_label_threshold,
+                   "pseudo_label: the probability an answer needs to become a label.")
 flags.DEFINE_integer("steps_per_loop", DEFAULTS.steps_per_loop,
                      "Training steps run per call into the device; 0: the platform's default "
                      "(TPU 500, GPU 200, CPU 50).")
@@ -105,6 +118,8 @@ usage: python -m trainer.task --dataset=mnist_sample --model_dir=DIR [--flag=val
 # The sections of --help; every flag this module defines is in exactly one.
 FLAG_GROUPS = {
     "data": ("dataset", "data_dir", "labeled_examples", "shift_pixels"),
+    "semi-supervised": ("input_noise", "unlabeled_loss", "unlabeled_weight",
+                        "pseudo_label_threshold"),
     "distribution": ("strategy", "tpu", "precision", "steps_per_loop", "jit_compile"),
     "training": ("epochs", "batch_size", "learning_rate", "warmup_steps", "weight_decay",
                  "loss_weights", "loss_weighting", "latent_dim", "width", "seed",

@@ -81,7 +81,8 @@ def _agree_on_overflow(gradients):
 
 
 def make_train_loop(strategy, model, optimizer, weighting, jit_compile: bool = False,
-                    semi_supervised: bool = False):
+                    semi_supervised: bool = False, unlabeled_loss: str = "none",
+                    unlabeled_weight: float = 1.0, pseudo_label_threshold: float = 0.95):
   """A `tf.function(iterator, num_steps, stop_requested)` that trains `num_steps` steps.
 
   `weighting` combines the task losses (a `losses` weighting, or a dict of fixed weights);
@@ -94,7 +95,9 @@ def make_train_loop(strategy, model, optimizer, weighting, jit_compile: bool = F
   finite. With `jit_compile`, XLA compiles each replica's forward and backward pass; the
   gradients' all-reduce and the update stay outside it, as every strategy needs.
   `semi_supervised` batches have unlabelled examples, whose number the replicas must add up
-  each step; otherwise both counts are the global batch.
+  each step; otherwise both counts are the global batch. An `unlabeled_loss` other than
+  "none" (`losses.unlabeled_loss`, weighted by `unlabeled_weight`) takes batches whose images
+  are pairs (input, strong view) and runs the model on both.
   """
   if isinstance(weighting, dict):
     weighting = losses.FixedWeighting(weighting)
@@ -102,10 +105,17 @@ def make_train_loop(strategy, model, optimizer, weighting, jit_compile: bool = F
 
   def sums_loss_and_gradients(images, targets, weights, counts):
     with tf.GradientTape() as tape:
-      cross_entropy, mse, correct = losses.per_example_losses(model, images, targets,
-                                                              training=True)
+      if unlabeled_loss != "none":
+        images, view = images
+      outputs = model(images, training=True)
+      cross_entropy, mse, correct = losses.per_example_losses_of(outputs, targets)
       loss = weighting.total(losses.task_losses(cross_entropy, mse, weights, counts),
                              strategy.num_replicas_in_sync)
+      if unlabeled_loss != "none":
+        loss += unlabeled_weight * losses.unlabeled_loss(
+            unlabeled_loss, outputs[config_lib.CLASSIFIER],
+            model(view, training=True)[config_lib.CLASSIFIER], weights, counts,
+            pseudo_label_threshold)
       scaled_loss = optimizer.scale_loss(loss)  # Loss scaling under float16; identity otherwise.
     gradients = tape.gradient(scaled_loss, variables)
     return {**losses.batch_sums(cross_entropy, mse, correct, weights), "loss": loss}, gradients
@@ -118,8 +128,8 @@ def make_train_loop(strategy, model, optimizer, weighting, jit_compile: bool = F
     if semi_supervised:  # Counted outside the XLA-compiled part: collectives stay out of it.
       counts = losses.global_counts(weights)
     else:
-      counts = tf.fill([2], tf.cast(tf.shape(images)[0] * strategy.num_replicas_in_sync,
-                                    tf.float32))
+      counts = tf.fill([2], tf.cast(tf.shape(weights[config_lib.DECODER])[0]
+                                    * strategy.num_replicas_in_sync, tf.float32))
     sums, gradients = sums_loss_and_gradients(images, targets, weights, counts)
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
       # Overflowing scaled gradients are routine under float16: the optimizer skips the step
@@ -446,10 +456,14 @@ def fit(job: _Job, on_evaluation=None) -> Optional[Dict[str, float]]:
   spe, total = plan.steps_per_epoch, config.epochs * plan.steps_per_epoch
   step = int(state.global_step.numpy())
   train_loop = make_train_loop(job.strategy, state.model, state.optimizer, state.weighting,
-                               config.jit_compile, semi_supervised=plan.labeled is not None)
+                               config.jit_compile, semi_supervised=plan.labeled is not None,
+                               unlabeled_loss=config.unlabeled_loss,
+                               unlabeled_weight=config.unlabeled_weight,
+                               pseudo_label_threshold=config.pseudo_label_threshold)
   iterator = iter(data_lib.distribute_training(
       job.strategy, job.splits.train, plan.global_batch, config.seed, config.shift_pixels,
-      start_epoch=step // spe, start_step=step % spe, labeled_indices=plan.labeled))
+      start_epoch=step // spe, start_step=step % spe, labeled_indices=plan.labeled,
+      input_noise=config.input_noise, second_view=config.unlabeled_loss != "none"))
   throughput, progress, last = _Throughput(), None, {}
 
   def log_validation(global_step: int, evaluate: Evaluate) -> None:
