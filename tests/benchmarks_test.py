@@ -69,13 +69,15 @@ def test_semi_supervised_table_gives_mean_and_spread_over_seeds():
   for seed, (alone, multitask) in enumerate([(0.60, 0.70), (0.62, 0.72), (0.64, 0.74)]):
     for method, accuracy in (("classifier_only", alone), ("multitask_fixed", multitask)):
       runs[semi_supervised.run_key(100, method, seed)] = {
-          "labeled_examples_flag": 100, "method": method, "test_accuracy": accuracy}
+          "labeled_examples_flag": 100, "method": method, "test_accuracy": accuracy,
+          "seconds": 100.0 + seed}
   runs[semi_supervised.run_key(0, "classifier_only", 0)] = {
-      "labeled_examples_flag": 0, "method": "classifier_only", "test_accuracy": 0.9}
+      "labeled_examples_flag": 0, "method": "classifier_only", "test_accuracy": 0.9,
+      "seconds": 90.0}
   lines = semi_supervised.table(runs).splitlines()
   assert lines[0] == "| labelled examples | classifier_only | multitask_fixed |"
-  assert lines[2] == "| 100 | 0.6200 ± 0.0200 (n=3) | 0.7200 ± 0.0200 (n=3) |"
-  assert lines[3] == "| all | 0.9000 ± 0.0000 (n=1) |  |"
+  assert lines[2] == "| 100 | 0.6200 ± 0.0200 (n=3, 101 s) | 0.7200 ± 0.0200 (n=3, 101 s) |"
+  assert lines[3] == "| all | 0.9000 ± 0.0000 (n=1, 90 s) |  |"
 
 
 def test_levers_table_gives_each_variants_mean_and_spread_in_the_variants_order():
