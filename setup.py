@@ -31,7 +31,7 @@ setuptools.setup(
     description="Distributed multitask (classifier + autoencoder) training on MNIST with TensorFlow.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["trainer", "trainer.*"]),
+    packages=setuptools.find_packages(include=["trainer", "trainer.*", "launch", "launch.*"]),
     package_data={"trainer": ["assets/*.npz", "assets/*.md"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,

@@ -1,129 +1,41 @@
-"""Vertex AI custom jobs for the trainer: `python -m launch.vertex [flags] -- [trainer flags]`.
+"""Vertex AI for the trainer: `python -m launch.vertex [COMMAND] [flags] [-- trainer flags]`.
 
-Builds a `CustomJob` with `google-cloud-aiplatform` (the `vertex` extra, imported only here):
-the machine, its GPUs or TPU, and the replicas, as the worker pools from which Vertex AI
-writes each replica's `TF_CONFIG` (pool 0 the chief, pool 1 the other workers); the container
-image; the base output directory, from which Vertex AI sets `AIP_MODEL_DIR`,
-`AIP_CHECKPOINT_DIR` and `AIP_TENSORBOARD_LOG_DIR`. Everything after `--` reaches the trainer
-untouched. `--dry_run` prints the request as JSON and submits nothing.
+    train          (the default) submit a custom job running `python -m trainer.task` with the
+                   flags after `--`; --wait follows it to its end
+    wait           follow a submitted job (--job) to its end
+    cancel         cancel a job (--job)
+    upload         register a finished job's export (--model_dir) in the Model Registry
+    batch_predict  run a registered model (--model) over JSON lines (--instances)
+
+The command comes first. `--dry_run` prints the request as the API's JSON and sends nothing.
+Calls go through `launch.vertex_api` (the `vertex` extra, imported only here); a refused call
+ends with one `error:` line, and a waited-for job's end sets the exit code (see the README).
 """
 
-import dataclasses
-from typing import List, Sequence
+import functools
+import shlex
+import sys
+from typing import List
 
 from absl import app
 from absl import flags
 
+from launch import vertex_api
+from launch.custom_job import JobSpec, LaunchError, build_custom_job
 from trainer import cli
 
-# Cloud TPU v2 and v3 come as a "cloud-tpu" machine with 8 cores; a v5e slice is a
-# ct5lp-hightpu-{1,4,8}t machine with its chip topology and no accelerator fields.
-TPU_V2_V3 = ("TPU_V2", "TPU_V3")
-TPU_V5E_TOPOLOGIES = {"ct5lp-hightpu-1t": "1x1", "ct5lp-hightpu-4t": "2x2",
-                      "ct5lp-hightpu-8t": "2x4"}
-
-
-class LaunchError(ValueError):
-  """A launch request that cannot work: the message names the problem and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class JobSpec:
-  """What to run where: everything a CustomJob needs, validated on construction."""
-
-  image_uri: str
-  base_output_dir: str
-  machine_type: str = "n1-standard-4"
-  accelerator_type: str = ""
-  accelerator_count: int = 0
-  tpu_topology: str = ""
-  replica_count: int = 1
-  trainer_args: Sequence[str] = ()
-  display_name: str = "mnist-multitask"
-
-  def __post_init__(self):
-    if not self.image_uri:
-      raise LaunchError("no --image_uri: give the trainer's container image (see the Dockerfile)")
-    if not self.base_output_dir.startswith("gs://"):
-      raise LaunchError(f"--base_output_dir={self.base_output_dir!r} must be a gs:// path: "
-                        "every replica writes and reads it")
-    if self.replica_count < 1:
-      raise LaunchError(f"--replica_count={self.replica_count} must be 1 or more")
-    if self.accelerator_count < 0 or bool(self.accelerator_type) != (self.accelerator_count > 0):
-      raise LaunchError("give --accelerator_type and a positive --accelerator_count together, "
-                        "or neither")
-    if self.is_tpu and self.replica_count != 1:
-      raise LaunchError(f"--replica_count={self.replica_count}: a TPU job runs on one replica "
-                        "(the TPU slice holds the parallelism)")
-    if self.accelerator_type in TPU_V2_V3 and (self.machine_type != "cloud-tpu"
-                                               or self.accelerator_count != 8):
-      raise LaunchError(f"{self.accelerator_type} needs --machine_type=cloud-tpu and "
-                        "--accelerator_count=8")
-    if self.machine_type.startswith("ct5lp-"):
-      if self.machine_type not in TPU_V5E_TOPOLOGIES:
-        raise LaunchError(f"unknown TPU v5e --machine_type={self.machine_type}: choose one of "
-                          f"{', '.join(TPU_V5E_TOPOLOGIES)}")
-      if self.accelerator_type:
-        raise LaunchError("a TPU v5e machine carries its chips: drop --accelerator_type and "
-                          "--accelerator_count")
-
-  @property
-  def is_tpu(self) -> bool:
-    return self.accelerator_type in TPU_V2_V3 or self.machine_type.startswith("ct5lp-")
-
-  @property
-  def topology(self) -> str:
-    """The TPU v5e topology: the one given, else the only one the machine type has."""
-    return self.tpu_topology or TPU_V5E_TOPOLOGIES.get(self.machine_type, "")
-
-
-def build_custom_job(spec: JobSpec):
-  """The `aiplatform_v1.types.CustomJob` for `spec`."""
-  from google.cloud.aiplatform_v1 import types  # The vertex extra: only the launcher needs it.
-
-  machine = types.MachineSpec(machine_type=spec.machine_type)
-  if spec.accelerator_type:
-    if spec.accelerator_type not in types.AcceleratorType.__members__:
-      raise LaunchError(f"unknown --accelerator_type={spec.accelerator_type}: use Vertex AI's "
-                        "name, e.g. NVIDIA_TESLA_T4, NVIDIA_L4 or TPU_V3")
-    machine.accelerator_type = types.AcceleratorType[spec.accelerator_type]
-    machine.accelerator_count = spec.accelerator_count
-  if spec.topology:
-    machine.tpu_topology = spec.topology
-  container = types.ContainerSpec(image_uri=spec.image_uri, args=list(spec.trainer_args))
-
-  def pool(replicas: int):
-    return types.WorkerPoolSpec(machine_spec=machine, replica_count=replicas,
-                                container_spec=container)
-
-  # Pool 0 is the chief (Vertex AI allows it one replica); pool 1 holds the other workers.
-  pools = [pool(1)] + ([pool(spec.replica_count - 1)] if spec.replica_count > 1 else [])
-  job_spec = types.CustomJobSpec(
-      worker_pool_specs=pools,
-      base_output_directory=types.GcsDestination(output_uri_prefix=spec.base_output_dir))
-  if spec.replica_count > 1:
-    # One worker's restart invalidates every worker's collectives: restart them all, and the
-    # trainer resumes from its latest checkpoint.
-    job_spec.scheduling = types.Scheduling(restart_job_on_worker_restart=True)
-  return types.CustomJob(display_name=spec.display_name, job_spec=job_spec)
-
-
-def to_json(custom_job) -> str:
-  """The job as the REST API's JSON: camelCase fields, enum names, defaults left out."""
-  return type(custom_job).to_json(custom_job, use_integers_for_enums=False,
-                                  always_print_fields_with_no_presence=False, indent=2)
-
-
-def submit(custom_job, project: str, region: str):
-  """Creates the job in Vertex AI; returns its resource name and console link."""
-  from google.cloud.aiplatform.utils import console_utils
-  from google.cloud.aiplatform_v1.services.job_service import JobServiceClient
-
-  client = JobServiceClient(client_options={"api_endpoint": f"{region}-aiplatform.googleapis.com"})
-  created = client.create_custom_job(parent=f"projects/{project}/locations/{region}",
-                                     custom_job=custom_job)
-  return created.name, console_utils.custom_job_console_uri(created.name)
-
+COMMON_FLAGS = {"project", "region", "api_endpoint"}
+COMMAND_FLAGS = {
+    "train": {"image_uri", "machine_type", "accelerator_type", "accelerator_count",
+              "tpu_topology", "replica_count", "base_output_dir", "display_name", "dry_run",
+              "wait", "poll_seconds"},
+    "wait": {"job", "poll_seconds"},
+    "cancel": {"job"},
+    "upload": {"model_dir", "display_name", "serving_image", "dry_run"},
+    "batch_predict": {"model", "instances", "output_dir", "machine_type", "replica_count",
+                      "display_name", "dry_run", "wait", "poll_seconds"},
+}
+COMMANDS = tuple(COMMAND_FLAGS)
 
 FLAGS = flags.FLAGS
 
@@ -132,42 +44,167 @@ def _define_flags() -> None:
   """Defined only when run as a program, so that tests may import this module."""
   flags.DEFINE_string("project", "", "Google Cloud project (not needed with --dry_run).")
   flags.DEFINE_string("region", "us-central1", "Vertex AI region.")
-  flags.DEFINE_string("image_uri", "", "The trainer's container image.")
+  flags.DEFINE_string("api_endpoint", "",
+                      "Vertex AI's address; default REGION-aiplatform.googleapis.com. Give it "
+                      "for a Private Service Connect endpoint. On localhost or 127.0.0.1 it is "
+                      "spoken to without TLS or credentials (local emulators).")
+  flags.DEFINE_string("image_uri", "", "train: the trainer's container image.")
   flags.DEFINE_string("machine_type", JobSpec.machine_type,
-                      "Machine of every replica: n1-standard-8, a2-highgpu-1g, cloud-tpu, "
-                      "ct5lp-hightpu-4t, ...")
+                      "train, batch_predict: machine of every replica: n1-standard-8, "
+                      "a2-highgpu-1g, cloud-tpu, ct5lp-hightpu-4t, ...")
   flags.DEFINE_string("accelerator_type", "",
-                      "GPU or TPU v2/v3 type, as Vertex AI names it: NVIDIA_TESLA_T4, "
+                      "train: GPU or TPU v2/v3 type, as Vertex AI names it: NVIDIA_TESLA_T4, "
                       "NVIDIA_L4, TPU_V3, ... Empty for CPU and for TPU v5e machines.")
-  flags.DEFINE_integer("accelerator_count", 0, "Accelerators per replica (8 for TPU v2/v3).")
-  flags.DEFINE_string("tpu_topology", "", "TPU v5e topology, e.g. 2x2; defaults to the machine's.")
-  flags.DEFINE_integer("replica_count", 1, "Replicas: the chief plus replica_count - 1 workers.")
-  flags.DEFINE_string("base_output_dir", "", "gs:// directory for the model, checkpoints, logs.")
-  flags.DEFINE_string("display_name", JobSpec.display_name, "The job's name in the console.")
-  flags.DEFINE_bool("dry_run", False, "Print the job request as JSON; submit nothing.")
+  flags.DEFINE_integer("accelerator_count", 0, "train: accelerators per replica (8 for TPU v2/v3).")
+  flags.DEFINE_string("tpu_topology", "", "train: TPU v5e topology, e.g. 2x2; default the machine's.")
+  flags.DEFINE_integer("replica_count", 1, "train: the chief plus replica_count - 1 workers; "
+                       "batch_predict: at most this many machines.")
+  flags.DEFINE_string("base_output_dir", "",
+                      "train: gs:// directory for the job's outputs; the trainer's --model_dir "
+                      "is BASE_OUTPUT_DIR/model.")
+  flags.DEFINE_string("display_name", "mnist-multitask", "The job's or model's name in the console.")
+  flags.DEFINE_bool("dry_run", False, "Print the request as JSON; send nothing (upload does not "
+                    "read --model_dir either).")
+  flags.DEFINE_bool("wait", False, "train, batch_predict: follow the job to its end; the exit "
+                    "code says how it ended.")
+  flags.DEFINE_float("poll_seconds", 30.0, "How often --wait asks for the job's state.")
+  flags.DEFINE_string("job", "", "wait, cancel: the job's resource name, or its ID in "
+                      "--project and --region.")
+  flags.DEFINE_string("model_dir", "", "upload: the finished job's --model_dir (gs://), which "
+                      "holds metrics.json and export/.")
+  flags.DEFINE_string("serving_image", vertex_api.SERVING_IMAGE,
+                      "upload: the prediction container that serves the export.")
+  flags.DEFINE_string("model", "", "batch_predict: the registered model's resource name (what "
+                      "upload prints).")
+  flags.DEFINE_string("instances", "", "batch_predict: gs:// JSON lines file, one 28x28 image "
+                      "per line (python -m launch.batch_input makes it).")
+  flags.DEFINE_string("output_dir", "", "batch_predict: gs:// directory for the predictions.")
 
 
-def main(argv: List[str]) -> None:
+def split_command(argv: List[str]):
+  """(command, argv without it): the command is the first argument if it is not a flag."""
+  if len(argv) > 1 and not argv[1].startswith("-"):
+    if argv[1] not in COMMANDS:
+      cli.fail(f"unknown command {argv[1]!r}: choose one of {', '.join(COMMANDS)}, first")
+    return argv[1], [argv[0], *argv[2:]]
+  return "train", argv
+
+
+def main(argv: List[str], command: str) -> None:
+  foreign = sorted(name for name in set().union(*COMMAND_FLAGS.values())
+                   if FLAGS[name].present and name not in COMMAND_FLAGS[command] | COMMON_FLAGS)
+  if foreign:
+    cli.fail(f"--{foreign[0]} is not a flag of {command}: its flags are "
+             f"{', '.join('--' + f for f in sorted(COMMAND_FLAGS[command] | COMMON_FLAGS))}")
+  if command != "train" and argv[1:]:
+    cli.fail(f"{command} takes no arguments, only flags: {shlex.join(argv[1:])}")
+  endpoint = FLAGS.api_endpoint or vertex_api.default_endpoint(FLAGS.region)
   try:
-    spec = JobSpec(image_uri=FLAGS.image_uri, base_output_dir=FLAGS.base_output_dir,
-                   machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
-                   accelerator_count=FLAGS.accelerator_count, tpu_topology=FLAGS.tpu_topology,
-                   replica_count=FLAGS.replica_count, trainer_args=tuple(argv[1:]),
-                   display_name=FLAGS.display_name)
-    if not FLAGS.dry_run and not FLAGS.project:
-      raise LaunchError("no --project: give the Google Cloud project to submit to, or --dry_run")
-    custom_job = build_custom_job(spec)
+    sys.exit(COMMAND_RUNNERS[command](argv[1:], endpoint))
   except LaunchError as e:
     cli.fail(str(e))
   except ImportError:
     cli.fail("google-cloud-aiplatform is not installed: pip install '.[vertex]'")
+  except Exception as e:  # The API's and google-auth's errors, said in one line.
+    line = vertex_api.explain(e, endpoint, FLAGS.region)
+    if line is None:
+      raise
+    from google.api_core import exceptions
+    unreachable = isinstance(getattr(e, "cause", None) or e, exceptions.ServiceUnavailable)
+    cli.fail(line, exit_code=vertex_api.UNREACHABLE_EXIT_CODE if unreachable
+             else cli.BAD_INPUT_EXIT_CODE)
+
+
+def _parent() -> str:
+  if not FLAGS.project:
+    raise LaunchError("no --project: give the Google Cloud project, or --dry_run")
+  return f"projects/{FLAGS.project}/locations/{FLAGS.region}"
+
+
+def _follow_up(verb: str, name: str) -> str:
+  endpoint = f" --api_endpoint={FLAGS.api_endpoint}" if FLAGS.api_endpoint else ""
+  return f"python -m launch.vertex {verb} --job={name}{endpoint}"
+
+
+def _wait(get, name: str, link: str) -> int:
+  """Follows the job; Ctrl-C stops following, not the job."""
+  try:
+    return vertex_api.wait(get, name, link, FLAGS.poll_seconds)
+  except KeyboardInterrupt:
+    print(f"stopped waiting; the job goes on. Follow it again: {_follow_up('wait', name)}\n"
+          f"Cancel it: {_follow_up('cancel', name)}", file=sys.stderr)
+    return vertex_api.INTERRUPTED_EXIT_CODE
+
+
+def train(trainer_args: List[str], endpoint: str) -> int:
+  spec = JobSpec(image_uri=FLAGS.image_uri, base_output_dir=FLAGS.base_output_dir,
+                 machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
+                 accelerator_count=FLAGS.accelerator_count, tpu_topology=FLAGS.tpu_topology,
+                 replica_count=FLAGS.replica_count, trainer_args=tuple(trainer_args),
+                 display_name=FLAGS.display_name)
+  custom_job = build_custom_job(spec)
   if FLAGS.dry_run:
-    print(to_json(custom_job))
-    return
-  name, link = submit(custom_job, FLAGS.project, FLAGS.region)
-  print(f"submitted {name}\n{link}")
+    print(vertex_api.to_json(custom_job))
+    return 0
+  parent = _parent()
+  client = vertex_api.job_client(endpoint)
+  created = vertex_api.submit(client, parent, custom_job)
+  link = vertex_api.console_link(created.name)
+  print(f"submitted {created.name}\n{link}", flush=True)
+  return _wait(client.get_custom_job, created.name, link) if FLAGS.wait else 0
+
+
+def wait(_, endpoint: str) -> int:
+  name = vertex_api.job_name(FLAGS.job, FLAGS.project, FLAGS.region)
+  return _wait(vertex_api.job_client(endpoint).get_custom_job, name,
+               vertex_api.console_link(name))
+
+
+def cancel(_, endpoint: str) -> int:
+  name = vertex_api.job_name(FLAGS.job, FLAGS.project, FLAGS.region)
+  vertex_api.job_client(endpoint).cancel_custom_job(name=name)
+  print(f"asked Vertex AI to cancel {name}; it ends as JOB_STATE_CANCELLED: "
+        f"{_follow_up('wait', name)}")
+  return 0
+
+
+def upload(_, endpoint: str) -> int:
+  if not FLAGS.model_dir:
+    raise LaunchError("no --model_dir: give the finished job's model directory "
+                      "(BASE_OUTPUT_DIR/model for a Vertex AI job)")
+  metrics = {} if FLAGS.dry_run else vertex_api.check_finished(FLAGS.model_dir)
+  if not FLAGS.model_dir.startswith("gs://"):
+    raise LaunchError(f"--model_dir={FLAGS.model_dir!r} must be a gs:// path: Vertex AI reads "
+                      "the export from Cloud Storage (copy it there with gcloud storage cp -r)")
+  model = vertex_api.model_for(FLAGS.model_dir, FLAGS.display_name, FLAGS.serving_image, metrics)
+  if FLAGS.dry_run:
+    print(vertex_api.to_json(model))
+    return 0
+  name = vertex_api.upload(vertex_api.model_client(endpoint), _parent(), model)
+  print(f"uploaded {name}")
+  return 0
+
+
+def batch_predict(_, endpoint: str) -> int:
+  if not FLAGS.model:
+    raise LaunchError("no --model: give the registered model's resource name (upload prints it)")
+  job = vertex_api.batch_prediction_job(FLAGS.model, FLAGS.instances, FLAGS.output_dir,
+                                        FLAGS.machine_type, FLAGS.replica_count,
+                                        FLAGS.display_name)
+  if FLAGS.dry_run:
+    print(vertex_api.to_json(job))
+    return 0
+  client = vertex_api.job_client(endpoint)
+  created = client.create_batch_prediction_job(parent=_parent(), batch_prediction_job=job)
+  print(f"submitted {created.name}\npredictions go to {FLAGS.output_dir}", flush=True)
+  return _wait(client.get_batch_prediction_job, created.name, "") if FLAGS.wait else 0
+
+
+COMMAND_RUNNERS = {"train": train, "wait": wait, "cancel": cancel, "upload": upload,
+                   "batch_predict": batch_predict}
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  command, argv = split_command(sys.argv)
+  app.run(functools.partial(main, command=command), argv=argv)

@@ -1,123 +1,170 @@
-"""Tests of launch.vertex: the CustomJob requests, checked field by field, offline."""
+"""Tests of `python -m launch.vertex`, run as a user runs it, against a stand-in Vertex AI on
+loopback (tests/fake_vertex.py) reached through --api_endpoint."""
 
-import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
+import grpc
 import pytest
 from google.cloud.aiplatform_v1 import types
 
-from launch import vertex
-from tests import helpers
+from launch import vertex_api
+from tests import fake_vertex, helpers
 
 IMAGE = "us-docker.pkg.dev/PROJECT/trainer/mnist:1"
 OUTPUT = "gs://BUCKET/run"
+JOB_FLAGS = ["--replica_count=4", "--machine_type=n1-standard-8",
+             "--accelerator_type=NVIDIA_TESLA_T4", "--accelerator_count=2",
+             f"--image_uri={IMAGE}", f"--base_output_dir={OUTPUT}"]
+TRAINER_ARGS = ["--", "--epochs=3", "--dataset=mnist"]
+State = types.JobState
 
 
-def _request(**changes):
-  """The dry-run JSON of a job, read back through the Vertex AI schema."""
-  spec = vertex.JobSpec(image_uri=IMAGE, base_output_dir=OUTPUT, trainer_args=("--epochs=3",),
-                        **changes)
-  text = vertex.to_json(vertex.build_custom_job(spec))
-  # from_json refuses any field the CustomJob schema does not have.
-  job = types.CustomJob.from_json(text)
-  return json.loads(text), job
+@pytest.fixture
+def server():
+  fake = fake_vertex.FakeVertex().start()
+  yield fake
+  fake.stop()
 
 
-def _check_pool(pool, machine_type, replicas, accelerator=None, count=0, topology=""):
-  assert pool.machine_spec.machine_type == machine_type
-  assert pool.replica_count == replicas
-  assert pool.machine_spec.accelerator_type == (
-      types.AcceleratorType[accelerator] if accelerator else
-      types.AcceleratorType.ACCELERATOR_TYPE_UNSPECIFIED)
-  assert pool.machine_spec.accelerator_count == count
-  assert pool.machine_spec.tpu_topology == topology
-  assert pool.container_spec.image_uri == IMAGE
-  assert list(pool.container_spec.args) == ["--epochs=3"]  # Passed through untouched.
+def _launch(*args, env=None):
+  return helpers.run_module("launch.vertex", *args, env=env, timeout=120)
 
 
-def _check_outputs(job):
-  assert job.job_spec.base_output_directory.output_uri_prefix == OUTPUT
-  assert job.display_name == "mnist-multitask"
+def _error_lines(result):
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
-def test_one_cpu_replica():
-  raw, job = _request(machine_type="n1-standard-4")
-  (pool,) = job.job_spec.worker_pool_specs
-  _check_pool(pool, "n1-standard-4", 1)
-  _check_outputs(job)
-  assert not job.job_spec.scheduling.restart_job_on_worker_restart
-  assert "acceleratorType" not in raw["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]
-
-
-def test_one_machine_with_four_gpus():
-  raw, job = _request(machine_type="n1-standard-16", accelerator_type="NVIDIA_TESLA_T4",
-                      accelerator_count=4)
-  (pool,) = job.job_spec.worker_pool_specs
-  _check_pool(pool, "n1-standard-16", 1, "NVIDIA_TESLA_T4", 4)
-  _check_outputs(job)
-  assert raw["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]["acceleratorType"] == "NVIDIA_TESLA_T4"
-
-
-def test_four_replicas_with_two_gpus_each_are_a_chief_and_three_workers():
-  raw, job = _request(machine_type="n1-standard-8", accelerator_type="NVIDIA_TESLA_T4",
-                      accelerator_count=2, replica_count=4)
-  chief, workers = job.job_spec.worker_pool_specs
-  _check_pool(chief, "n1-standard-8", 1, "NVIDIA_TESLA_T4", 2)
-  _check_pool(workers, "n1-standard-8", 3, "NVIDIA_TESLA_T4", 2)
-  _check_outputs(job)
-  assert job.job_spec.scheduling.restart_job_on_worker_restart
-  assert [p["replicaCount"] for p in raw["jobSpec"]["workerPoolSpecs"]] == ["1", "3"]
-
-
-def test_tpu_v5e_2x2():
-  raw, job = _request(machine_type="ct5lp-hightpu-4t", tpu_topology="2x2")
-  (pool,) = job.job_spec.worker_pool_specs
-  _check_pool(pool, "ct5lp-hightpu-4t", 1, topology="2x2")
-  _check_outputs(job)
-  assert raw["jobSpec"]["workerPoolSpecs"][0]["machineSpec"] == {
-      "machineType": "ct5lp-hightpu-4t", "tpuTopology": "2x2"}
-
-
-def test_tpu_v3_is_a_cloud_tpu_machine_with_eight_cores():
-  _, job = _request(machine_type="cloud-tpu", accelerator_type="TPU_V3", accelerator_count=8)
-  _check_pool(job.job_spec.worker_pool_specs[0], "cloud-tpu", 1, "TPU_V3", 8)
-
-
-@pytest.mark.parametrize("changes, message", [
-    (dict(accelerator_type="NVIDIA_TESLA_T4"), "together, or neither"),
-    (dict(accelerator_type="NVIDIA_T4", accelerator_count=1), "unknown --accelerator_type=NVIDIA_T4"),
-    (dict(machine_type="ct5lp-hightpu-4t", replica_count=2), "a TPU job runs on one replica"),
-    (dict(machine_type="n1-standard-8", accelerator_type="TPU_V3", accelerator_count=8),
-     "TPU_V3 needs --machine_type=cloud-tpu"),
-    (dict(machine_type="ct5lp-hightpu-3t"), "unknown TPU v5e --machine_type"),
-    (dict(base_output_dir="/tmp/run"), "must be a gs:// path"),
-])
-def test_requests_that_cannot_work_are_refused(changes, message):
-  settings = dict(image_uri=IMAGE, base_output_dir=OUTPUT)
-  settings.update(changes)
-  with pytest.raises(vertex.LaunchError, match=message):
-    vertex.build_custom_job(vertex.JobSpec(**settings))
-
-
-def test_command_line_dry_run_prints_the_request_and_passes_trainer_flags_through():
-  result = subprocess.run(
-      [sys.executable, "-m", "launch.vertex", "--dry_run", "--replica_count=4",
-       "--machine_type=n1-standard-8", "--accelerator_type=NVIDIA_TESLA_T4",
-       "--accelerator_count=2", f"--image_uri={IMAGE}", f"--base_output_dir={OUTPUT}", "--",
-       "--epochs=3", "--dataset=mnist"], cwd=helpers.REPO, capture_output=True, text=True,
-      timeout=120)
-  assert result.returncode == 0, result.stderr[-3000:]
-  job = types.CustomJob.from_json(result.stdout)
-  assert [list(p.container_spec.args) for p in job.job_spec.worker_pool_specs] == [
+def test_submit_sends_what_the_dry_run_prints_and_prints_the_job_and_its_link(server):
+  dry_run = _launch("--dry_run", *JOB_FLAGS, *TRAINER_ARGS)
+  assert dry_run.returncode == 0, dry_run.stderr[-3000:]
+  printed = types.CustomJob.from_json(dry_run.stdout)
+  assert [list(p.container_spec.args) for p in printed.job_spec.worker_pool_specs] == [
       ["--epochs=3", "--dataset=mnist"]] * 2
 
+  result = _launch("--project=p", "--region=europe-west4", f"--api_endpoint={server.endpoint}",
+                   *JOB_FLAGS, *TRAINER_ARGS)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (request,) = server.requests_of("CreateCustomJob")
+  assert request.parent == "projects/p/locations/europe-west4"
+  assert request.custom_job == printed
+  name = f"projects/p/locations/europe-west4/customJobs/{fake_vertex.JOB_ID}"
+  assert result.stdout.splitlines() == [f"submitted {name}", vertex_api.console_link(name)]
 
-def test_command_line_refuses_submitting_without_a_project():
-  result = subprocess.run(
-      [sys.executable, "-m", "launch.vertex", f"--image_uri={IMAGE}",
-       f"--base_output_dir={OUTPUT}"], cwd=helpers.REPO, capture_output=True, text=True,
-      timeout=120)
+
+@pytest.mark.parametrize("final, exit_code, message", [
+    (State.JOB_STATE_SUCCEEDED, 0, None),
+    (State.JOB_STATE_FAILED, vertex_api.FAILED_EXIT_CODE,
+     "the job's error: Replica chief exited with a non-zero status of 2."),
+])
+def test_wait_follows_the_job_to_its_end(server, final, exit_code, message):
+  server.states = [State.JOB_STATE_PENDING, State.JOB_STATE_RUNNING, final]
+  server.job_error = "Replica chief exited with a non-zero status of 2."
+  result = _launch("--project=p", f"--api_endpoint={server.endpoint}", "--wait",
+                   "--poll_seconds=0.05", *JOB_FLAGS, *TRAINER_ARGS)
+  assert result.returncode == exit_code, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  link = lines[1]
+  assert [line.split(" ", 2)[2] for line in lines[2:] if "JOB_STATE" in line] == [
+      f"JOB_STATE_PENDING {link}", f"JOB_STATE_RUNNING {link}", f"{final.name} {link}"]
+  assert (lines[-1] == message) if message else lines[-1].endswith(link)
+
+
+def test_ctrl_c_stops_waiting_not_the_job_and_says_how_to_cancel_it(server, tmp_path):
+  server.states = [State.JOB_STATE_RUNNING]
+  with open(tmp_path / "out", "w") as out:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launch.vertex", "wait", "--job=projects/p/locations/r/customJobs/7",
+         f"--api_endpoint={server.endpoint}", "--poll_seconds=0.05"], cwd=helpers.REPO,
+        stdout=out, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while "JOB_STATE_RUNNING" not in (tmp_path / "out").read_text() and time.time() < deadline:
+      time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+  assert process.returncode == vertex_api.INTERRUPTED_EXIT_CODE, stderr[-3000:]
+  assert "Traceback" not in stderr
+  assert stderr.splitlines()[-2:] == [
+      "stopped waiting; the job goes on. Follow it again: python -m launch.vertex wait "
+      f"--job=projects/p/locations/r/customJobs/7 --api_endpoint={server.endpoint}",
+      "Cancel it: python -m launch.vertex cancel --job=projects/p/locations/r/customJobs/7 "
+      f"--api_endpoint={server.endpoint}"]
+  assert not server.requests_of("CancelCustomJob")
+
+
+def test_a_refused_submission_is_one_error_line(server):
+  server.errors["CreateCustomJob"] = [
+      (grpc.StatusCode.PERMISSION_DENIED, "Permission 'aiplatform.customJobs.create' denied")]
+  result = _launch("--project=p", f"--api_endpoint={server.endpoint}", *JOB_FLAGS)
   assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == [
-      "error: no --project: give the Google Cloud project to submit to, or --dry_run"]
+  assert _error_lines(result) == [
+      f"error: {server.endpoint} answered PERMISSION_DENIED: Permission "
+      "'aiplatform.customJobs.create' denied; the account needs the Vertex AI User role "
+      "(roles/aiplatform.user) on the project, and the Vertex AI API enabled"]
+
+
+def test_an_unreachable_endpoint_is_one_error_line_and_its_own_exit_code():
+  result = _launch("--project=p", "--api_endpoint=127.0.0.1:1", *JOB_FLAGS)
+  assert result.returncode == vertex_api.UNREACHABLE_EXIT_CODE
+  (line,) = _error_lines(result)
+  assert line.startswith("error: cannot reach Vertex AI at 127.0.0.1:1 (")
+
+
+def test_no_credentials_says_how_to_get_them(tmp_path):
+  # Nothing of this machine's: no key file, an empty home and gcloud configuration, and
+  # google-auth's metadata server (how it finds a Compute Engine account) on a closed
+  # loopback port, never the real metadata address.
+  env = {key: value for key, value in os.environ.items()
+         if key not in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG",
+                        "GOOGLE_CLOUD_PROJECT", "GCE_METADATA_ROOT")}
+  env.update(HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"), NO_GCE_CHECK="true",
+             GCE_METADATA_HOST="127.0.0.1:1", GCE_METADATA_IP="127.0.0.1:1")
+  result = subprocess.run([sys.executable, "-m", "launch.vertex", "--project=p", *JOB_FLAGS],
+                          cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert _error_lines(result) == [
+      "error: no Google Cloud credentials found: run `gcloud auth application-default login` "
+      "(or set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file)"]
+
+
+def test_cancel_by_id(server):
+  result = _launch("cancel", "--job=7", "--project=p", "--region=asia-east1",
+                   f"--api_endpoint={server.endpoint}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  (request,) = server.requests_of("CancelCustomJob")
+  assert request.name == "projects/p/locations/asia-east1/customJobs/7"
+
+
+def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
+  result = _launch("batch_predict", "--dry_run", "--model=projects/p/locations/r/models/9",
+                   "--instances=gs://b/in.jsonl", "--output_dir=gs://b/out")
+  assert result.returncode == 0, result.stderr[-3000:]
+  job = types.BatchPredictionJob.from_json(result.stdout)
+  assert job.model == "projects/p/locations/r/models/9"
+  result = _launch("upload", "--dry_run", "--model_dir=gs://b/run/model")
+  assert result.returncode == 0, result.stderr[-3000:]
+  model = types.Model.from_json(result.stdout)
+  assert model.artifact_uri == "gs://b/run/model/export"
+  assert model.container_spec.image_uri == vertex_api.SERVING_IMAGE
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image_uri=" + IMAGE, "--base_output_dir=" + OUTPUT],
+     "error: no --project: give the Google Cloud project, or --dry_run"),
+    (["uplaod"], "error: unknown command 'uplaod': choose one of train, wait, cancel, upload, "
+     "batch_predict, first"),
+    (["cancel", "--job=7", "--project=p", "--image_uri=x"],
+     "error: --image_uri is not a flag of cancel: its flags are --api_endpoint, --job, "
+     "--project, --region"),
+    (["upload", "--model_dir=/tmp/no/such/run"], "error: no /tmp/no/such/run/metrics.json: the "
+     "job has not finished (it writes metrics.json last); wait for it, or give the --model_dir "
+     "of a finished job"),
+])
+def test_bad_commands_are_one_error_line(args, message):
+  result = _launch(*args)
+  assert result.returncode == 2
+  assert _error_lines(result) == [message]

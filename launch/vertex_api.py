@@ -1,0 +1,214 @@
+"""Talking to Vertex AI: the clients, the calls the launcher makes, and what their errors mean.
+
+Every call goes through the SDK's own `aiplatform_v1` clients (the `vertex` extra). They reach
+`endpoint`: Vertex AI's regional one, a Private Service Connect one, or one on this machine
+(localhost, 127.0.0.1), which is spoken to in plain gRPC with no credentials, as local
+emulators and the tests' stand-in expect. `explain` turns a failed call into one line a user can
+act on.
+"""
+
+import datetime
+import os
+import time
+from typing import Callable, Optional
+
+from launch.custom_job import LaunchError
+
+# Vertex AI's prebuilt TensorFlow prediction containers; 2.15 is the newest TensorFlow offered.
+SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# Exit codes of a job that `wait` saw end; a job that succeeded gives 0.
+FAILED_EXIT_CODE = 1
+UNREACHABLE_EXIT_CODE = 3
+CANCELLED_EXIT_CODE = 4
+INTERRUPTED_EXIT_CODE = 130
+# An outage while waiting is retried for this long before the launcher gives up.
+UNAVAILABLE_RETRY_SECONDS = 600.0
+
+
+def default_endpoint(region: str) -> str:
+  return f"{region}-aiplatform.googleapis.com"
+
+
+def _is_loopback(endpoint: str) -> bool:
+  return endpoint.rsplit(":", 1)[0] in LOOPBACK_HOSTS
+
+
+def job_client(endpoint: str):
+  """A JobServiceClient for `endpoint`; raises google-auth's DefaultCredentialsError where a
+  remote endpoint needs credentials and there are none."""
+  from google.cloud.aiplatform_v1 import JobServiceClient
+  from google.cloud.aiplatform_v1.services.job_service.transports import JobServiceGrpcTransport
+  return _client(JobServiceClient, JobServiceGrpcTransport, endpoint)
+
+
+def model_client(endpoint: str):
+  """A ModelServiceClient for `endpoint` (as `job_client`)."""
+  from google.cloud.aiplatform_v1 import ModelServiceClient
+  from google.cloud.aiplatform_v1.services.model_service.transports import (
+      ModelServiceGrpcTransport)
+  return _client(ModelServiceClient, ModelServiceGrpcTransport, endpoint)
+
+
+def _client(client_type, transport_type, endpoint: str):
+  if _is_loopback(endpoint):
+    import grpc
+    # A channel given to the transport means no credential lookup and no TLS.
+    return client_type(transport=transport_type(channel=grpc.insecure_channel(endpoint),
+                                                host=endpoint))
+  return client_type(client_options={"api_endpoint": endpoint})
+
+
+def to_json(message) -> str:
+  """A request message as the REST API's JSON: camelCase fields, enum names, defaults left out."""
+  return type(message).to_json(message, use_integers_for_enums=False,
+                               always_print_fields_with_no_presence=False, indent=2)
+
+
+def console_link(custom_job_name: str) -> str:
+  """The Cloud console's page of a custom job."""
+  from google.cloud.aiplatform.utils import console_utils
+  return console_utils.custom_job_console_uri(custom_job_name)
+
+
+def submit(client, parent: str, custom_job):
+  """Creates `custom_job` under `parent` (projects/P/locations/R); returns the created job.
+
+  Never retried: a retry after a lost answer could start the job twice.
+  """
+  return client.create_custom_job(parent=parent, custom_job=custom_job)
+
+
+def job_name(job: str, project: str, region: str, kind: str = "customJobs") -> str:
+  """A job's resource name from `job`: the name itself, or the ID within --project/--region."""
+  if job.startswith("projects/"):
+    return job
+  if not job.isdigit():
+    raise LaunchError(f"--job={job!r} is neither a job's resource name "
+                      f"(projects/P/locations/R/{kind}/ID) nor its numeric ID")
+  if not project:
+    raise LaunchError(f"--job={job} is an ID: give --project too, or the full resource name")
+  return f"projects/{project}/locations/{region}/{kind}/{job}"
+
+
+def wait(get: Callable, name: str, link: str, poll_seconds: float,
+         say: Callable[[str], None] = print) -> int:
+  """Polls the job `name` with `get` (e.g. a JobServiceClient's get_custom_job) until it ends;
+  says each state it enters, with the time and `link`. Returns the exit code for how it ended:
+  0 succeeded, FAILED_EXIT_CODE failed or expired, CANCELLED_EXIT_CODE cancelled.
+
+  UNAVAILABLE answers are retried with exponential backoff for UNAVAILABLE_RETRY_SECONDS: the
+  job goes on whether or not this process can reach the API.
+  """
+  from google.api_core import exceptions, retry
+  from google.cloud.aiplatform_v1 import types
+
+  def on_error(error):
+    say(f"{_now()} Vertex AI unavailable ({error.message}); retrying")
+
+  patient = retry.Retry(predicate=retry.if_exception_type(exceptions.ServiceUnavailable),
+                        initial=poll_seconds, maximum=max(poll_seconds, 60.0), multiplier=2.0,
+                        timeout=UNAVAILABLE_RETRY_SECONDS, on_error=on_error)
+  ended = {types.JobState.JOB_STATE_SUCCEEDED: 0,
+           types.JobState.JOB_STATE_PARTIALLY_SUCCEEDED: 0,
+           types.JobState.JOB_STATE_FAILED: FAILED_EXIT_CODE,
+           types.JobState.JOB_STATE_EXPIRED: FAILED_EXIT_CODE,
+           types.JobState.JOB_STATE_CANCELLED: CANCELLED_EXIT_CODE}
+  state = None
+  while True:
+    job = get(name=name, retry=patient)
+    if job.state != state:
+      state = job.state
+      say(f"{_now()} {state.name} {link}".rstrip())
+    if state in ended:
+      if job.error.message:
+        say(f"the job's error: {job.error.message}")
+      return ended[state]
+    time.sleep(poll_seconds)
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def check_finished(model_dir: str) -> dict:
+  """The metrics of the finished job whose --model_dir is `model_dir` (any path tf.io.gfile
+  reads, gs:// included); LaunchError where the job has not finished or exported."""
+  import json
+  import tensorflow as tf  # Only upload needs it: for gs:// paths.
+  metrics_path = os.path.join(model_dir, "metrics.json")
+  if not tf.io.gfile.exists(metrics_path):
+    raise LaunchError(f"no {metrics_path}: the job has not finished (it writes metrics.json "
+                      "last); wait for it, or give the --model_dir of a finished job")
+  if not tf.io.gfile.exists(os.path.join(model_dir, "export", "saved_model.pb")):
+    raise LaunchError(f"no SavedModel in {os.path.join(model_dir, 'export')}: give the "
+                      "--model_dir of a finished job, with its export/ directory")
+  with tf.io.gfile.GFile(metrics_path) as f:
+    return json.load(f)
+
+
+def model_for(model_dir: str, display_name: str, serving_image: str, metrics: dict):
+  """The Model Registry entry for the export under `model_dir`, served by `serving_image`."""
+  from google.cloud.aiplatform_v1 import types
+  description = (f"test accuracy {metrics['test_accuracy']:.4f}, reconstruction MSE "
+                 f"{metrics['test_reconstruction_mse']:.4f}" if "test_accuracy" in metrics else "")
+  return types.Model(display_name=display_name, description=description,
+                     artifact_uri=os.path.join(model_dir, "export"),
+                     container_spec=types.ModelContainerSpec(image_uri=serving_image))
+
+
+def upload(client, parent: str, model, timeout: float = 1800.0) -> str:
+  """Registers `model` under `parent`; waits for the operation; returns the model's name."""
+  operation = client.upload_model(parent=parent, model=model)
+  return operation.result(timeout=timeout).model
+
+
+def batch_prediction_job(model: str, instances: str, output_dir: str, machine_type: str,
+                         replica_count: int, display_name: str):
+  """A batch prediction job of `model` over the JSON lines at `instances` (gs://, one image per
+  line, see launch.batch_input), writing its predictions under `output_dir`."""
+  from google.cloud.aiplatform_v1 import types
+  for flag, path in (("--instances", instances), ("--output_dir", output_dir)):
+    if not path.startswith("gs://"):
+      raise LaunchError(f"{flag}={path!r} must be a gs:// path: Vertex AI reads and writes "
+                        "batch predictions in Cloud Storage")
+  job = types.BatchPredictionJob
+  return job(display_name=display_name, model=model,
+             input_config=job.InputConfig(instances_format="jsonl",
+                                          gcs_source=types.GcsSource(uris=[instances])),
+             output_config=job.OutputConfig(
+                 predictions_format="jsonl",
+                 gcs_destination=types.GcsDestination(output_uri_prefix=output_dir)),
+             dedicated_resources=types.BatchDedicatedResources(
+                 machine_spec=types.MachineSpec(machine_type=machine_type),
+                 starting_replica_count=1, max_replica_count=replica_count))
+
+
+def explain(error: Exception, endpoint: str, region: str) -> Optional[str]:
+  """One line saying what went wrong in a call to Vertex AI and what to do; None for an error
+  that is not the API's or google-auth's (a defect, which should show its traceback)."""
+  from google.api_core import exceptions
+  from google.auth import exceptions as auth_exceptions
+  if isinstance(error, auth_exceptions.DefaultCredentialsError):
+    return ("no Google Cloud credentials found: run `gcloud auth application-default login` "
+            "(or set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file)")
+  if isinstance(error, exceptions.RetryError) and error.cause is not None:
+    error = error.cause  # UNAVAILABLE for longer than the retries wait.
+  if not isinstance(error, exceptions.GoogleAPICallError):
+    return None
+  status = error.grpc_status_code.name if error.grpc_status_code else str(error.code)
+  said = f"{endpoint} answered {status}: {error.message}"
+  if isinstance(error, exceptions.Unauthenticated):
+    return (f"{said}; the credentials were refused: run `gcloud auth application-default login` "
+            "again")
+  if isinstance(error, exceptions.PermissionDenied):
+    return (f"{said}; the account needs the Vertex AI User role (roles/aiplatform.user) on the "
+            "project, and the Vertex AI API enabled")
+  if isinstance(error, exceptions.NotFound):
+    return f"{said}; check --project, and that --region={region} is a Vertex AI region"
+  if isinstance(error, exceptions.InvalidArgument):
+    return f"{said}; Vertex AI refused the request as it is: fix what it names"
+  if isinstance(error, exceptions.ServiceUnavailable):
+    return (f"cannot reach Vertex AI at {endpoint} ({error.message}): check the network, and "
+            f"--region={region} or --api_endpoint")
+  return said

@@ -1,0 +1,140 @@
+"""A stand-in for Vertex AI on a loopback gRPC port, for the launcher's tests.
+
+It serves the methods the launcher calls (JobService's custom and batch prediction jobs,
+ModelService's UploadModel and the long-running operations it returns) with the SDK's own
+request and response types, so the real `aiplatform_v1` clients talk to it as to Google's. It
+records every request, plays a custom job through scripted states, and answers with a gRPC
+error where a test asks for one.
+"""
+
+import collections
+from concurrent import futures
+from typing import Dict, List, Sequence, Tuple
+
+import grpc
+from google.cloud.aiplatform_v1 import types
+from google.longrunning import operations_pb2
+from google.protobuf import empty_pb2
+from google.rpc import status_pb2
+
+JOB_ID = "4321"
+MODEL_ID = "987"
+BATCH_JOB_ID = "555"
+State = types.JobState
+
+
+class FakeVertex:
+  """Vertex AI's JobService and ModelService on 127.0.0.1; `endpoint` is its address.
+
+  `states` are what successive GetCustomJob (or GetBatchPredictionJob) calls answer (the last one repeats); `job_error`
+  is the failed job's message; `errors[method]` holds (status code, message) pairs that the
+  next calls of `method` answer with instead, in order; `upload_polls` is how many
+  GetOperation calls find the upload still running.
+  """
+
+  def __init__(self, states: Sequence[int] = (State.JOB_STATE_PENDING,
+                                              State.JOB_STATE_RUNNING,
+                                              State.JOB_STATE_SUCCEEDED),
+               job_error: str = "", upload_polls: int = 1):
+    self.states = list(states)
+    self.job_error = job_error
+    self.upload_polls = upload_polls
+    self.errors: Dict[str, List[Tuple[grpc.StatusCode, str]]] = collections.defaultdict(list)
+    self.requests: List[Tuple[str, object]] = []
+    self.metadata: List[dict] = []
+    self._gets = 0
+    self._jobs = {}
+    self._server = None
+    self.endpoint = ""
+
+  def start(self) -> "FakeVertex":
+    def unary(method, request_type, response_serializer):
+      def handle(request, context):
+        self.requests.append((method, request))
+        self.metadata.append(dict(context.invocation_metadata()))
+        if self.errors[method]:
+          context.abort(*self.errors[method].pop(0))
+        return getattr(self, "_" + method)(request)
+      return grpc.unary_unary_rpc_method_handler(
+          handle, request_deserializer=request_type, response_serializer=response_serializer)
+
+    handlers = [
+        grpc.method_handlers_generic_handler("google.cloud.aiplatform.v1.JobService", {
+            "CreateCustomJob": unary("CreateCustomJob", types.CreateCustomJobRequest.deserialize,
+                                     types.CustomJob.serialize),
+            "GetCustomJob": unary("GetCustomJob", types.GetCustomJobRequest.deserialize,
+                                  types.CustomJob.serialize),
+            "CancelCustomJob": unary("CancelCustomJob", types.CancelCustomJobRequest.deserialize,
+                                     empty_pb2.Empty.SerializeToString),
+            "CreateBatchPredictionJob": unary(
+                "CreateBatchPredictionJob", types.CreateBatchPredictionJobRequest.deserialize,
+                types.BatchPredictionJob.serialize),
+            "GetBatchPredictionJob": unary(
+                "GetBatchPredictionJob", types.GetBatchPredictionJobRequest.deserialize,
+                types.BatchPredictionJob.serialize),
+        }),
+        grpc.method_handlers_generic_handler("google.cloud.aiplatform.v1.ModelService", {
+            "UploadModel": unary("UploadModel", types.UploadModelRequest.deserialize,
+                                 operations_pb2.Operation.SerializeToString),
+        }),
+        grpc.method_handlers_generic_handler("google.longrunning.Operations", {
+            "GetOperation": unary("GetOperation", operations_pb2.GetOperationRequest.FromString,
+                                  operations_pb2.Operation.SerializeToString),
+        }),
+    ]
+    self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=handlers)
+    port = self._server.add_insecure_port("127.0.0.1:0")  # Loopback only; the OS picks a port.
+    self._server.start()
+    self.endpoint = f"127.0.0.1:{port}"
+    return self
+
+  def stop(self) -> None:
+    self._server.stop(0)
+
+  def requests_of(self, method: str) -> list:
+    return [request for name, request in self.requests if name == method]
+
+  def _CreateCustomJob(self, request):
+    job = types.CustomJob(request.custom_job)
+    job.name = f"{request.parent}/customJobs/{JOB_ID}"
+    job.state = State.JOB_STATE_QUEUED
+    self._jobs[job.name] = job
+    return job
+
+  def _GetCustomJob(self, request):
+    job = types.CustomJob(self._jobs.get(request.name, types.CustomJob(name=request.name)))
+    job.state = self._next_state()
+    if job.state == State.JOB_STATE_FAILED:
+      job.error = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0],
+                                    message=self.job_error)
+    return job
+
+  def _next_state(self):
+    state = self.states[min(self._gets, len(self.states) - 1)]
+    self._gets += 1
+    return state
+
+  def _CancelCustomJob(self, request):
+    return empty_pb2.Empty()
+
+  def _CreateBatchPredictionJob(self, request):
+    job = types.BatchPredictionJob(request.batch_prediction_job)
+    job.name = f"{request.parent}/batchPredictionJobs/{BATCH_JOB_ID}"
+    job.state = State.JOB_STATE_PENDING
+    return job
+
+  def _GetBatchPredictionJob(self, request):
+    return types.BatchPredictionJob(name=request.name, state=self._next_state())
+
+  def _UploadModel(self, request):
+    return operations_pb2.Operation(name=f"{request.parent}/operations/77", done=False)
+
+  def _GetOperation(self, request):
+    if self.upload_polls > 0:
+      self.upload_polls -= 1
+      return operations_pb2.Operation(name=request.name, done=False)
+    parent = request.name.split("/operations/")[0]
+    operation = operations_pb2.Operation(name=request.name, done=True)
+    operation.response.Pack(types.UploadModelResponse.pb(
+        types.UploadModelResponse(model=f"{parent}/models/{MODEL_ID}")))
+    return operation

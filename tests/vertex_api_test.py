@@ -1,0 +1,178 @@
+"""Tests of launch.vertex_api: the SDK's real clients against a stand-in Vertex AI on loopback."""
+
+import json
+import re
+
+import grpc
+import pytest
+from google.api_core import exceptions
+from google.cloud.aiplatform_v1 import types
+
+from launch import vertex_api
+from launch.custom_job import JobSpec, LaunchError, build_custom_job
+from tests import fake_vertex
+
+State = types.JobState
+PARENT = "projects/p/locations/europe-west4"
+
+
+@pytest.fixture
+def server():
+  fake = fake_vertex.FakeVertex().start()
+  yield fake
+  fake.stop()
+
+
+def _job():
+  return build_custom_job(JobSpec(image_uri="IMAGE", base_output_dir="gs://b/run",
+                                  trainer_args=("--epochs=3",)))
+
+
+def test_submit_sends_the_whole_job_to_the_project_and_region(server):
+  created = vertex_api.submit(vertex_api.job_client(server.endpoint), PARENT, _job())
+  assert created.name == f"{PARENT}/customJobs/{fake_vertex.JOB_ID}"
+  (request,) = server.requests_of("CreateCustomJob")
+  assert request.parent == PARENT
+  assert request.custom_job == _job()
+  # The routing header that sends the call to the region's backend.
+  assert server.metadata[0]["x-goog-request-params"] == f"parent={PARENT}"
+  assert vertex_api.console_link(created.name).endswith(
+      f"/locations/europe-west4/training/{fake_vertex.JOB_ID}?project=p")
+
+
+@pytest.mark.parametrize("states, exit_code", [
+    ([State.JOB_STATE_PENDING, State.JOB_STATE_RUNNING, State.JOB_STATE_SUCCEEDED], 0),
+    ([State.JOB_STATE_RUNNING, State.JOB_STATE_FAILED], vertex_api.FAILED_EXIT_CODE),
+    ([State.JOB_STATE_RUNNING, State.JOB_STATE_CANCELLING, State.JOB_STATE_CANCELLED],
+     vertex_api.CANCELLED_EXIT_CODE),
+])
+def test_wait_says_each_state_once_and_ends_with_the_jobs_outcome(server, states, exit_code):
+  server.states = [states[0], *states]  # The first state is seen twice: said once.
+  server.job_error = "Replica chief exited with a non-zero status of 2."
+  said = []
+  client = vertex_api.job_client(server.endpoint)
+  name = f"{PARENT}/customJobs/{fake_vertex.JOB_ID}"
+  assert vertex_api.wait(client.get_custom_job, name, "LINK", 0.01, said.append) == exit_code
+  assert [line.split(" ", 2)[2] for line in said if "JOB_STATE" in line] == [
+      f"{state.name} LINK" for state in states]
+  assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ JOB_STATE_", line)
+             for line in said if "JOB_STATE" in line)
+  failed = states[-1] == State.JOB_STATE_FAILED
+  assert (said[-1] == f"the job's error: {server.job_error}") == failed
+  assert len(server.requests_of("GetCustomJob")) == len(states) + 1
+
+
+def test_wait_retries_an_unavailable_api_and_goes_on(server):
+  server.errors["GetCustomJob"] = [(grpc.StatusCode.UNAVAILABLE, "backend restarting")] * 2
+  server.states = [State.JOB_STATE_SUCCEEDED]
+  said = []
+  client = vertex_api.job_client(server.endpoint)
+  assert vertex_api.wait(client.get_custom_job, "projects/p/locations/r/customJobs/1", "",
+                         0.01, said.append) == 0
+  assert sum("unavailable (backend restarting); retrying" in line for line in said) == 2
+  assert len(server.requests_of("GetCustomJob")) == 3
+
+
+def test_a_failed_submission_is_not_retried(server):
+  server.errors["CreateCustomJob"] = [(grpc.StatusCode.UNAVAILABLE, "try again")]
+  with pytest.raises(exceptions.ServiceUnavailable):
+    vertex_api.submit(vertex_api.job_client(server.endpoint), PARENT, _job())
+  assert len(server.requests_of("CreateCustomJob")) == 1  # A retry could start two jobs.
+
+
+@pytest.mark.parametrize("code, message, expected", [
+    (grpc.StatusCode.UNAUTHENTICATED, "Request had invalid authentication credentials.",
+     "gcloud auth application-default login"),
+    (grpc.StatusCode.PERMISSION_DENIED,
+     "Permission 'aiplatform.customJobs.create' denied on resource",
+     "roles/aiplatform.user"),
+    (grpc.StatusCode.NOT_FOUND, "Project 'typo' not found", "check --project, and that "
+     "--region=europe-west4 is a Vertex AI region"),
+    (grpc.StatusCode.INVALID_ARGUMENT, "machine type n1-standard-3 is not supported",
+     "Vertex AI refused the request as it is"),
+])
+def test_each_refusal_is_one_line_naming_the_endpoint_the_answer_and_the_fix(
+    server, code, message, expected):
+  server.errors["CreateCustomJob"] = [(code, message)]
+  with pytest.raises(exceptions.GoogleAPICallError) as raised:
+    vertex_api.submit(vertex_api.job_client(server.endpoint), PARENT, _job())
+  line = vertex_api.explain(raised.value, server.endpoint, "europe-west4")
+  assert line.startswith(f"{server.endpoint} answered {code.name}: {message}; ")
+  assert expected in line and "\n" not in line
+
+
+def test_an_unreachable_endpoint_is_explained():
+  client = vertex_api.job_client("127.0.0.1:1")  # Nothing listens on port 1.
+  with pytest.raises(exceptions.ServiceUnavailable) as raised:
+    client.get_custom_job(name="projects/p/locations/r/customJobs/1", timeout=10)
+  line = vertex_api.explain(raised.value, "127.0.0.1:1", "europe-west4")
+  assert line.startswith("cannot reach Vertex AI at 127.0.0.1:1 (")
+  assert line.endswith("check the network, and --region=europe-west4 or --api_endpoint")
+
+
+def test_errors_that_are_not_the_apis_are_left_to_show_their_traceback():
+  assert vertex_api.explain(KeyError("x"), "e", "r") is None
+
+
+def test_job_names_from_ids_or_resource_names():
+  assert vertex_api.job_name("123", "p", "r") == "projects/p/locations/r/customJobs/123"
+  assert vertex_api.job_name("projects/q/locations/s/customJobs/9", "", "r") == (
+      "projects/q/locations/s/customJobs/9")
+  with pytest.raises(LaunchError, match="give --project too"):
+    vertex_api.job_name("123", "", "r")
+  with pytest.raises(LaunchError, match="neither a job's resource name"):
+    vertex_api.job_name("my-job", "p", "r")
+
+
+def _finished_model_dir(path, metrics=True):
+  (path / "export").mkdir(parents=True)
+  (path / "export" / "saved_model.pb").write_bytes(b"")
+  if metrics:
+    (path / "metrics.json").write_text(json.dumps(
+        {"test_accuracy": 0.98, "test_reconstruction_mse": 0.0102}))
+  return str(path)
+
+
+def test_upload_registers_a_finished_export_and_waits_for_the_operation(server, tmp_path):
+  model_dir = _finished_model_dir(tmp_path / "model")
+  model = vertex_api.model_for(model_dir, "mnist", vertex_api.SERVING_IMAGE,
+                               vertex_api.check_finished(model_dir))
+  name = vertex_api.upload(vertex_api.model_client(server.endpoint), PARENT, model, timeout=60)
+  assert name == f"{PARENT}/models/{fake_vertex.MODEL_ID}"
+  (request,) = server.requests_of("UploadModel")
+  assert request.parent == PARENT
+  assert request.model.artifact_uri == f"{model_dir}/export"
+  assert request.model.container_spec.image_uri == vertex_api.SERVING_IMAGE
+  assert request.model.description == "test accuracy 0.9800, reconstruction MSE 0.0102"
+  assert len(server.requests_of("GetOperation")) == 2  # Polled until done.
+
+
+def test_upload_refuses_a_job_that_has_not_finished(tmp_path):
+  with pytest.raises(LaunchError, match="metrics.json: the job has not finished"):
+    vertex_api.check_finished(_finished_model_dir(tmp_path / "model", metrics=False))
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "metrics.json").write_text("{}")
+  with pytest.raises(LaunchError, match="no SavedModel in"):
+    vertex_api.check_finished(str(tmp_path / "empty"))
+
+
+def test_batch_prediction_reads_json_lines_and_writes_predictions_to_cloud_storage(server):
+  job = vertex_api.batch_prediction_job("projects/p/locations/r/models/9", "gs://b/in.jsonl",
+                                        "gs://b/out", "n1-standard-4", 3, "predict")
+  client = vertex_api.job_client(server.endpoint)
+  created = client.create_batch_prediction_job(parent=PARENT, batch_prediction_job=job)
+  assert created.name.startswith(f"{PARENT}/batchPredictionJobs/")
+  (request,) = server.requests_of("CreateBatchPredictionJob")
+  sent = request.batch_prediction_job
+  assert sent.input_config.instances_format == "jsonl"
+  assert list(sent.input_config.gcs_source.uris) == ["gs://b/in.jsonl"]
+  assert sent.output_config.gcs_destination.output_uri_prefix == "gs://b/out"
+  assert sent.dedicated_resources.max_replica_count == 3
+  with pytest.raises(LaunchError, match="--instances='in.jsonl' must be a gs:// path"):
+    vertex_api.batch_prediction_job("m", "in.jsonl", "gs://b/out", "n1-standard-4", 1, "p")
+
+
+def test_cancel_asks_for_the_named_job(server):
+  vertex_api.job_client(server.endpoint).cancel_custom_job(name=f"{PARENT}/customJobs/1")
+  (request,) = server.requests_of("CancelCustomJob")
+  assert request.name == f"{PARENT}/customJobs/1"
