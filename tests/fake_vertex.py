@@ -138,3 +138,35 @@ class FakeVertex:
     operation.response.Pack(types.UploadModelResponse.pb(
         types.UploadModelResponse(model=f"{parent}/models/{MODEL_ID}")))
     return operation
+
+
+def main() -> None:
+  """Serves until Ctrl-C, printing each request as the API's JSON: a way to watch what the
+  launcher sends (`python -m tests.fake_vertex`, then --api_endpoint=THE_ADDRESS)."""
+  import time
+  from launch import vertex_api
+
+  class Printing(FakeVertex):
+    def __init__(self):
+      super().__init__()
+      self.requests = _PrintingList()
+
+  class _PrintingList(list):
+    def append(self, item):
+      method, request = item
+      body = (vertex_api.to_json(request) if hasattr(type(request), "to_json")
+              else str(request).strip())
+      print(f"--- {method}\n{body}", flush=True)
+      super().append(item)
+
+  fake = Printing().start()
+  print(f"listening on {fake.endpoint}", flush=True)
+  try:
+    while True:
+      time.sleep(3600)
+  except KeyboardInterrupt:
+    fake.stop()
+
+
+if __name__ == "__main__":
+  main()
