@@ -4,10 +4,14 @@ Runs `gcloud` step by step: create the TPU VM, build the package and copy it to 
 install it there on TensorFlow's TPU build (see `launch.requirements`), run
 `python -m trainer.task --strategy=tpu` on all hosts at once with their logs streamed here,
 and delete the VM when asked. `--dry_run` prints the exact commands and runs none.
+
+The first step that fails stops the run with one `error:` line that names the `--steps` to
+rerun with, and exit code 1; bad flags, or no `gcloud` on PATH, exit 2 before any step runs.
 """
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from typing import List, Sequence
@@ -21,6 +25,14 @@ from trainer import cli
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("create", "install", "train", "logs", "delete")
 LOG = "~/trainer.log"
+STEP_FAILED_EXIT_CODE = 1
+GCLOUD_MISSING = ("gcloud not found on PATH: install the Google Cloud CLI "
+                  "(https://cloud.google.com/sdk/docs/install), run `gcloud auth login`, and rerun")
+
+
+def source_tree() -> str:
+  """The checkout this launcher runs from, '' when it runs from an installed package."""
+  return REPO if os.path.exists(os.path.join(REPO, "setup.py")) else ""
 
 
 def runtime_version(accelerator_type: str) -> str:
@@ -48,16 +60,19 @@ def commands(step: str, name: str, zone: str, project: str, accelerator_type: st
     remote_package = f"~/{os.path.basename(package)}"
     install = (f"pip install --no-deps {remote_package} && "
                f"pip install {shlex.join(requirements.tpu_pip_arguments())}")
-    return [[sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir",
-             os.path.dirname(package), REPO],
-            [*tpu_vm, "scp", package, f"{name}:", *where, "--worker=all"],
+    # From a checkout, the wheel is built from it; an installed launcher has no source, and
+    # copies the --package given.
+    build = ([[sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir",
+               os.path.dirname(package), source_tree()]] if source_tree() else [])
+    return [*build, [*tpu_vm, "scp", package, f"{name}:", *where, "--worker=all"],
             on_all_hosts(install)]
   if step == "train":
     # On one host the TPU is local; a pod's hosts find their slice by the TPU's name.
     tpu = "local" if is_single_host(accelerator_type) else name
     trainer = shlex.join(["python3", "-m", "trainer.task", "--strategy=tpu", f"--tpu={tpu}",
                           *trainer_args])
-    return [on_all_hosts(f"{trainer} 2>&1 | tee {LOG}")]
+    # Without pipefail the pipeline ends with tee's status, and a failed trainer would pass.
+    return [on_all_hosts(f"set -o pipefail; {trainer} 2>&1 | tee {LOG}")]
   if step == "logs":
     return [on_all_hosts(f"tail -n 100 -f {LOG}")]
   if step == "delete":
@@ -77,24 +92,48 @@ def _define_flags() -> None:
   flags.DEFINE_list("steps", ["create", "install", "train"],
                     f"What to do, in order: any of {', '.join(STEPS)}.")
   flags.DEFINE_bool("spot", False, "Create a Spot TPU VM (preemptible; the trainer resumes).")
-  flags.DEFINE_string("package", os.path.join(REPO, "dist", requirements.wheel_name()),
+  flags.DEFINE_string("package",
+                      os.path.join(source_tree() or os.getcwd(), "dist", requirements.wheel_name()),
                       "The wheel the install step builds and copies to every host.")
   flags.DEFINE_bool("dry_run", False, "Print the commands; run none.")
 
 
+def step_failed_message(steps: Sequence[str], index: int, returncode: int) -> str:
+  """What to say when `steps[index]` failed: its exit status and the `--steps` that resume."""
+  status = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+  return (f"step {steps[index]} failed ({status}, the command above): fix it and rerun with "
+          f"--steps={','.join(steps[index:])}")
+
+
 def main(argv: List[str]) -> None:
+  """Runs (or with --dry_run prints) each step's commands in order; stops at the first failure."""
   unknown = [step for step in FLAGS.steps if step not in STEPS]
   if unknown:
     cli.fail(f"unknown --steps {', '.join(unknown)}: choose from {', '.join(STEPS)}")
-  for step in FLAGS.steps:
+  # Every step calls gcloud: find out before the first one creates or builds anything.
+  if not FLAGS.dry_run and shutil.which("gcloud") is None:
+    cli.fail(GCLOUD_MISSING)
+  if ("install" in FLAGS.steps and not FLAGS.dry_run and not source_tree()
+      and not os.path.exists(FLAGS.package)):
+    cli.fail(f"no wheel at --package={FLAGS.package}: an installed launcher has no source to "
+             "build one; pass the wheel (pip wheel --no-deps A_CLONE), or run from a clone")
+  for index, step in enumerate(FLAGS.steps):
     for command in commands(step, FLAGS.name, FLAGS.zone, FLAGS.project, FLAGS.accelerator_type,
                             FLAGS.package, argv[1:], FLAGS.spot):
       print(shlex.join(command), flush=True)
-      if not FLAGS.dry_run and subprocess.run(command).returncode:
-        cli.fail(f"step {step} failed (the command above); fix it and rerun with --steps from "
-                 f"{step} on", exit_code=1)
+      if FLAGS.dry_run:
+        continue
+      returncode = subprocess.run(command).returncode
+      # gcloud's own code is not passed on: it is 1 for most errors, 2 for its usage errors
+      # (our 2 means bad flags or set-up) and, through ssh, the remote command's or ssh's 255.
+      # The message reports it; the exit code says only "a step failed".
+      if returncode:
+        cli.fail(step_failed_message(FLAGS.steps, index, returncode),
+                 exit_code=STEP_FAILED_EXIT_CODE)
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  # A bad flag is one `error:` line and exit code 2, as elsewhere (absl's own parser exits 1,
+  # which here means a step failed).
+  app.run(main, flags_parser=cli.parse_flags)

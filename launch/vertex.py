@@ -181,7 +181,8 @@ def upload(_, endpoint: str) -> int:
     print(vertex_api.to_json(model))
     return 0
   name = vertex_api.upload(vertex_api.model_client(endpoint), _parent(), model)
-  print(f"uploaded {name}")
+  print(f"uploaded {name}\npredict with it: python -m launch.vertex batch_predict --model={name} "
+        "--instances=gs://... --output_dir=gs://...")
   return 0
 
 
@@ -207,4 +208,5 @@ COMMAND_RUNNERS = {"train": train, "wait": wait, "cancel": cancel, "upload": upl
 if __name__ == "__main__":
   _define_flags()
   command, argv = split_command(sys.argv)
-  app.run(functools.partial(main, command=command), argv=argv)
+  # A bad flag is one `error:` line and exit code 2, as elsewhere.
+  app.run(functools.partial(main, command=command), argv=argv, flags_parser=cli.parse_flags)
