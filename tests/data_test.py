@@ -263,25 +263,10 @@ def test_the_strong_view_erases_a_square_and_is_drawn_afresh_for_each_batch():
   batches = list(dataset.take(2))
   (images, view), targets, _ = batches[0]
   np.testing.assert_array_equal(images, targets["decoder"])
-  background = (view.numpy()[..., 0] == 0).astype(int)
-  # Some 12x12 window of each view is all background: the erased square.
-  windows = np.lib.stride_tricks.sliding_window_view(background, (12, 12), axis=(1, 2))
-  assert (windows.sum(axis=(-2, -1)) == 144).any(axis=(1, 2)).all()
-  # Rotated, scaled and shifted by at most 15 degrees, 10 % and 2 pixels: most is still there.
-  assert ((view.numpy() == 200).mean(axis=(1, 2, 3)) > 0.5).all()
+  erased = view.numpy()[..., 0] == 0
+  # A 12x12 square, and up to two rows and columns of background shifted in.
+  assert all(144 <= count < 144 + 2 * 2 * 28 for count in erased.sum(axis=(1, 2)))
   assert not np.array_equal(view, batches[1][0][1])
-
-
-def test_rotate_and_scale():
-  image = np.zeros((1, 28, 28, 1), np.uint8)
-  image[0, 2:6, 10:20] = 200
-  image[0, 2:26, 3:5] = 100
-  turn = lambda degrees, scale: data.rotate_and_scale(image, tf.constant([degrees]),
-                                                      tf.constant([scale])).numpy()
-  np.testing.assert_array_equal(turn(0.0, 1.0), image)
-  np.testing.assert_array_equal(turn(90.0, 1.0)[0], np.rot90(image[0]))
-  # Scaled by 2 about the centre: the middle 14x14 fills the image, the strokes fall outside.
-  assert not turn(0.0, 2.0).any()
 
 
 def test_noise_and_views_resume_exactly():

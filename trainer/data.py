@@ -24,8 +24,6 @@ from trainer.config import CLASSIFIER, DECODER, UserInputError, check_dataset_na
 IMAGE_SHAPE = (28, 28, 1)
 # The strong view of pseudo-label and consistency training (`strong_view`).
 STRONG_SHIFT_PIXELS = 2
-STRONG_ROTATION_DEGREES = 15.0
-STRONG_SCALE_CHANGE = 0.1
 ERASED_SQUARE = 12
 NUM_CLASSES = 10
 # The original exercise's cache of full MNIST: its rows are 50k train, 10k validation, 10k test.
@@ -290,37 +288,13 @@ def erase_square(images, size: int, seed):
   return tf.where(erased, tf.zeros_like(images), images)
 
 
-def rotate_and_scale(images, degrees, scales):
-  """Each uint8 image of a batch rotated by its `degrees` and scaled by its `scales` about the
-  centre (bilinear, background filled in)."""
-  radians = tf.cast(degrees, tf.float32) * (3.141592653589793 / 180.0)
-  cos, sin = tf.cos(radians) / scales, tf.sin(radians) / scales
-  centre = (IMAGE_SHAPE[0] - 1) / 2.0
-  # Each output pixel reads the input at A (p - centre) + centre.
-  transforms = tf.stack([cos, -sin, centre - cos * centre + sin * centre,
-                         sin, cos, centre - sin * centre - cos * centre,
-                         tf.zeros_like(cos), tf.zeros_like(cos)], axis=1)
-  moved = tf.raw_ops.ImageProjectiveTransformV3(
-      images=tf.cast(images, tf.float32), transforms=transforms,
-      output_shape=IMAGE_SHAPE[:2], fill_value=0.0, interpolation="BILINEAR",
-      fill_mode="CONSTANT")
-  return tf.cast(tf.clip_by_value(tf.round(moved), 0.0, 255.0), tf.uint8)
-
-
 def strong_view(images, input_noise: float, seed):
   """The strongly augmented copy that pseudo-label and consistency training compare with the
-  input: a rotation of up to STRONG_ROTATION_DEGREES and a scaling by up to
-  STRONG_SCALE_CHANGE (FixMatch's geometric operations), a shift of up to STRONG_SHIFT_PIXELS
-  and an ERASED_SQUARE erased (its cutout; its colour operations do not apply to greyscale
-  clothing and digits), plus the input's noise."""
+  input: a shift of up to STRONG_SHIFT_PIXELS and an ERASED_SQUARE erased (FixMatch's cutout,
+  without its colour operations, which greyscale clothing and digits lack), plus the input's
+  noise. Fixed in advance, not tuned."""
   fold_in = tf.random.experimental.stateless_fold_in
-  count = tf.shape(images)[0]
-  degrees = tf.random.stateless_uniform([count], fold_in(seed, 3), -STRONG_ROTATION_DEGREES,
-                                        STRONG_ROTATION_DEGREES)
-  scales = tf.random.stateless_uniform([count], fold_in(seed, 4), 1.0 - STRONG_SCALE_CHANGE,
-                                       1.0 + STRONG_SCALE_CHANGE)
-  view = rotate_and_scale(images, degrees, scales)
-  view = erase_square(random_shift(view, STRONG_SHIFT_PIXELS, fold_in(seed, 0)), ERASED_SQUARE,
+  view = erase_square(random_shift(images, STRONG_SHIFT_PIXELS, fold_in(seed, 0)), ERASED_SQUARE,
                       fold_in(seed, 1))
   return add_noise(view, input_noise, fold_in(seed, 2)) if input_noise else view
 
