@@ -59,11 +59,6 @@ METHODS = {
                            unlabeled_weight=30.0),
     "consistency_100": dict(FIXED, loss_weights=TASKS, unlabeled_loss="consistency",
                             unlabeled_weight=100.0),
-    # The Pi-model's ramp-up (over 80 of 300 epochs there; 2,000 of 8,600 steps here).
-    "consistency_10_rampup": dict(FIXED, loss_weights=TASKS, unlabeled_loss="consistency",
-                                  unlabeled_weight=10.0, unlabeled_rampup_steps=2000),
-    "consistency_30_rampup": dict(FIXED, loss_weights=TASKS, unlabeled_loss="consistency",
-                                  unlabeled_weight=30.0, unlabeled_rampup_steps=2000),
     "consistency_decoder_1": dict(FIXED, loss_weights={"classifier": 1.0, "decoder": 1.0},
                                   unlabeled_loss="consistency", unlabeled_weight=1.0),
     "denoising_0.1_consistency": dict(FIXED, loss_weights=TASKS, input_noise=0.1,

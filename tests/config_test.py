@@ -49,8 +49,6 @@ def test_defaults_are_valid_and_weight_the_reconstruction_eight_times_the_classi
     ({"unlabeled_loss": "pseudo_label"}, "--unlabeled_loss=pseudo_label needs unlabelled "
                                          "images: add --labeled_examples=N"),
     ({"unlabeled_weight": -1.0}, "--unlabeled_weight=-1.0 must be zero or more"),
-    ({"unlabeled_rampup_steps": -1}, "--unlabeled_rampup_steps=-1 must be zero (no ramp-up) "
-                                     "or more"),
     ({"pseudo_label_threshold": 1.0}, "--pseudo_label_threshold=1.0 must be at least 0 and "
                                       "below 1"),
 ])

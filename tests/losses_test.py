@@ -124,12 +124,6 @@ def test_consistency_is_the_squared_difference_of_the_answers():
                              0.5 / 2, rtol=1e-6)
 
 
-def test_the_unlabelled_weight_ramps_up_then_stays():
-  shares = [float(losses.rampup(step, 100)) for step in (0, 50, 100, 1000)]
-  np.testing.assert_allclose(shares, [np.exp(-5.0), np.exp(-1.25), 1.0, 1.0], rtol=1e-6)
-  assert float(losses.rampup(0, 0)) == 1.0  # No ramp-up.
-
-
 def test_no_gradient_flows_through_the_answers_that_serve_as_targets():
   answers = tf.Variable([[0.7, 0.3] + [0.0] * 8])
   view = tf.Variable([[0.5, 0.5] + [0.0] * 8])

@@ -137,8 +137,7 @@ def test_restart_resumes_from_the_latest_checkpoint(tmp_path, caplog):
 
 @pytest.mark.parametrize("semi_supervised", [
     {}, {"labeled_examples": 40, "input_noise": 0.2, "unlabeled_loss": "pseudo_label",
-         "pseudo_label_threshold": 0.5, "unlabeled_rampup_steps": 12}],
-    ids=["supervised", "denoising-pseudo-label"])
+         "pseudo_label_threshold": 0.5}], ids=["supervised", "denoising-pseudo-label"])
 def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog, semi_supervised):
   strategy = tf.distribute.get_strategy()
   splits = helpers.learnable_splits()

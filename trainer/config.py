@@ -59,7 +59,6 @@ class TrainConfig:
   unlabeled_loss: str = "none"  # One of UNLABELED_LOSSES; needs labeled_examples.
   unlabeled_weight: float = 1.0  # The unlabelled term's weight in the total loss.
   pseudo_label_threshold: float = 0.95  # pseudo_label: the confidence an answer needs to count.
-  unlabeled_rampup_steps: int = 0  # Steps over which the unlabelled weight rises to its value.
   steps_per_loop: int = 0  # 0: the platform's default (distribution.default_steps_per_loop).
   checkpoint_every_steps: int = 500
   checkpoints_to_keep: int = 3
@@ -115,9 +114,6 @@ class TrainConfig:
                            "add --labeled_examples=N (the labels kept)")
     if not self.unlabeled_weight >= 0:
       raise UserInputError(f"--unlabeled_weight={self.unlabeled_weight} must be zero or more")
-    if self.unlabeled_rampup_steps < 0:
-      raise UserInputError(f"--unlabeled_rampup_steps={self.unlabeled_rampup_steps} must be "
-                           "zero (no ramp-up) or more")
     if not 0 <= self.pseudo_label_threshold < 1:
       raise UserInputError(f"--pseudo_label_threshold={self.pseudo_label_threshold} must be "
                            "at least 0 and below 1")
@@ -155,7 +151,7 @@ RESUME_RULES = {
     "labeled_examples": REFUSED, "loss_weighting": REFUSED, "loss_weights": REFUSED,
     "latent_dim": REFUSED, "width": REFUSED, "warmup_steps": REFUSED, "weight_decay": REFUSED,
     "input_noise": REFUSED, "unlabeled_loss": REFUSED, "unlabeled_weight": REFUSED,
-    "pseudo_label_threshold": REFUSED, "unlabeled_rampup_steps": REFUSED,
+    "pseudo_label_threshold": REFUSED,
     "data_dir": ALLOWED, "model_dir": ALLOWED, "checkpoint_dir": ALLOWED,
     "tensorboard_dir": ALLOWED, "tpu": ALLOWED,
     "strategy": ALLOWED, "precision": ALLOWED, "learning_rate": ALLOWED,

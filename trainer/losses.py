@@ -123,16 +123,6 @@ def unlabeled_loss(kind: str, input_probabilities, view_probabilities, weights, 
   return tf.reduce_sum(per_example * unlabeled) / tf.maximum(counts[1] - counts[0], 1.0)
 
 
-def rampup(step, rampup_steps: int) -> tf.Tensor:
-  """The unlabelled weight's share at `step`: exp(-5 (1 - t)^2) with t = step / rampup_steps,
-  1 from then on (Laine and Aila, 2017): the term waits until the answers it compares mean
-  something. 1 throughout when `rampup_steps` is 0."""
-  if not rampup_steps:
-    return tf.constant(1.0)
-  t = tf.minimum(tf.cast(step, tf.float32) / float(rampup_steps), 1.0)
-  return tf.exp(-5.0 * tf.square(1.0 - t))
-
-
 class FixedWeighting:
   """The total loss as a fixed weighted sum of the task losses."""
 

@@ -75,9 +75,6 @@ flags.DEFINE_enum("unlabeled_loss", DEFAULTS.unlabeled_loss, list(config_lib.UNL
                   "augmented copies must agree. Needs --labeled_examples.")
 flags.DEFINE_float("unlabeled_weight", DEFAULTS.unlabeled_weight,
                    "Weight of --unlabeled_loss in the total loss.")
-flags.DEFINE_integer("unlabeled_rampup_steps", DEFAULTS.unlabeled_rampup_steps,
-                     "Steps over which --unlabeled_weight rises from almost 0 to its value "
-                     "(exp(-5 (1 - t)^2), as the Pi-model and Mean Teacher papers). 0: none.")
 flags.DEFINE_float("pseudo_label_threshold", DEFAULTS.pseudo_label_threshold,
                    "pseudo_label: the probability an answer needs to become a label.")
 flags.DEFINE_integer("steps_per_loop", DEFAULTS.steps_per_loop,
@@ -122,7 +119,7 @@ usage: python -m trainer.task --dataset=mnist_sample --model_dir=DIR [--flag=val
 FLAG_GROUPS = {
     "data": ("dataset", "data_dir", "labeled_examples", "shift_pixels"),
     "semi-supervised": ("input_noise", "unlabeled_loss", "unlabeled_weight",
-                        "unlabeled_rampup_steps", "pseudo_label_threshold"),
+                        "pseudo_label_threshold"),
     "distribution": ("strategy", "tpu", "precision", "steps_per_loop", "jit_compile"),
     "training": ("epochs", "batch_size", "learning_rate", "warmup_steps", "weight_decay",
                  "loss_weights", "loss_weighting", "latent_dim", "width", "seed",

@@ -82,8 +82,7 @@ def _agree_on_overflow(gradients):
 
 def make_train_loop(strategy, model, optimizer, weighting, jit_compile: bool = False,
                     semi_supervised: bool = False, unlabeled_loss: str = "none",
-                    unlabeled_weight: float = 1.0, pseudo_label_threshold: float = 0.95,
-                    unlabeled_rampup_steps: int = 0):
+                    unlabeled_weight: float = 1.0, pseudo_label_threshold: float = 0.95):
   """A `tf.function(iterator, num_steps, stop_requested)` that trains `num_steps` steps.
 
   `weighting` combines the task losses (a `losses` weighting, or a dict of fixed weights);
@@ -97,9 +96,8 @@ def make_train_loop(strategy, model, optimizer, weighting, jit_compile: bool = F
   gradients' all-reduce and the update stay outside it, as every strategy needs.
   `semi_supervised` batches have unlabelled examples, whose number the replicas must add up
   each step; otherwise both counts are the global batch. An `unlabeled_loss` other than
-  "none" (`losses.unlabeled_loss`, weighted by `unlabeled_weight`, ramped up over
-  `unlabeled_rampup_steps` of the optimizer's step counter) takes batches whose images are
-  pairs (input, strong view) and runs the model on both.
+  "none" (`losses.unlabeled_loss`, weighted by `unlabeled_weight`) takes batches whose images
+  are pairs (input, strong view) and runs the model on both.
   """
   if isinstance(weighting, dict):
     weighting = losses.FixedWeighting(weighting)
@@ -114,8 +112,7 @@ def make_train_loop(strategy, model, optimizer, weighting, jit_compile: bool = F
       loss = weighting.total(losses.task_losses(cross_entropy, mse, weights, counts),
                              strategy.num_replicas_in_sync)
       if unlabeled_loss != "none":
-        ramp = losses.rampup(optimizer.iterations, unlabeled_rampup_steps)
-        loss += unlabeled_weight * ramp * losses.unlabeled_loss(
+        loss += unlabeled_weight * losses.unlabeled_loss(
             unlabeled_loss, outputs[config_lib.CLASSIFIER],
             model(view, training=True)[config_lib.CLASSIFIER], weights, counts,
             pseudo_label_threshold)
@@ -462,8 +459,7 @@ def fit(job: _Job, on_evaluation=None) -> Optional[Dict[str, float]]:
                                config.jit_compile, semi_supervised=plan.labeled is not None,
                                unlabeled_loss=config.unlabeled_loss,
                                unlabeled_weight=config.unlabeled_weight,
-                               pseudo_label_threshold=config.pseudo_label_threshold,
-                               unlabeled_rampup_steps=config.unlabeled_rampup_steps)
+                               pseudo_label_threshold=config.pseudo_label_threshold)
   iterator = iter(data_lib.distribute_training(
       job.strategy, job.splits.train, plan.global_batch, config.seed, config.shift_pixels,
       start_epoch=step // spe, start_step=step % spe, labeled_indices=plan.labeled,
