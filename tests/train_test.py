@@ -189,6 +189,7 @@ def test_sigterm_at_an_epochs_last_step_keeps_that_epochs_history(tmp_path):
   assert [entry["epoch"] for entry in history] == [1, 2]
 
 
+@pytest.mark.slow  # Eleven seconds of timed training; keeps the fast tier under five minutes.
 def test_images_per_second_counts_only_time_inside_training_calls(tmp_path):
   # Evaluations that take a second each, four an epoch: counted, they would bring the
   # figure under 16 x 32 images / 4 s = 128 images/s.
@@ -381,6 +382,7 @@ def test_mixed_precision_trains(tmp_path, precision):
   assert np.isfinite(metrics["test_reconstruction_mse"])
 
 
+@pytest.mark.slow  # XLA compiles for twelve seconds; keeps the fast tier under five minutes.
 def test_xla_compiled_steps_train_as_well(tmp_path):
   # In its own process: other tests turn on op determinism, process-wide, and XLA has no
   # deterministic max-pool gradient.
