@@ -157,6 +157,11 @@ def read_png(path: str) -> np.ndarray:
   raw = _read_bytes(path)
   if not raw.startswith(PNG_SIGNATURE):
     raise UserInputError(f"{path}: not a PNG file; save it as PNG, or put the images in an npz")
+  # The bit depth is byte 24 of every PNG (in its IHDR chunk); decoding 16-bit pixels as uint8
+  # would rescale them.
+  if len(raw) > 24 and raw[24] > 8:
+    raise UserInputError(f"{path}: {raw[24]}-bit pixels; save it as 8-bit greyscale (0-255), "
+                         "nothing is rescaled here")
   try:
     image = tf.io.decode_png(raw, channels=0, dtype=tf.uint8).numpy()
   except tf.errors.InvalidArgumentError as e:

@@ -10,6 +10,7 @@ rerun with, and exit code 1; bad flags, or no `gcloud` on PATH, exit 2 before an
 """
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("create", "install", "train", "logs", "delete")
 LOG = "~/trainer.log"
 STEP_FAILED_EXIT_CODE = 1
+INTERRUPTED_EXIT_CODE = 130
 GCLOUD_MISSING = ("gcloud not found on PATH: install the Google Cloud CLI "
                   "(https://cloud.google.com/sdk/docs/install), run `gcloud auth login`, and rerun")
 
@@ -110,6 +112,9 @@ def main(argv: List[str]) -> None:
   unknown = [step for step in FLAGS.steps if step not in STEPS]
   if unknown:
     cli.fail(f"unknown --steps {', '.join(unknown)}: choose from {', '.join(STEPS)}")
+  if not re.fullmatch(r"v\d+[a-z]*-\d+", FLAGS.accelerator_type):
+    cli.fail(f"--accelerator_type={FLAGS.accelerator_type!r} is not a TPU type: give the "
+             "generation and the cores or chips, e.g. v3-8, v5litepod-8, v5litepod-16")
   # Every step calls gcloud: find out before the first one creates or builds anything.
   if not FLAGS.dry_run and shutil.which("gcloud") is None:
     cli.fail(GCLOUD_MISSING)
@@ -123,7 +128,12 @@ def main(argv: List[str]) -> None:
       print(shlex.join(command), flush=True)
       if FLAGS.dry_run:
         continue
-      returncode = subprocess.run(command).returncode
+      try:
+        returncode = subprocess.run(command).returncode
+      except KeyboardInterrupt:
+        print(f"interrupted in step {step}: rerun with --steps={','.join(FLAGS.steps[index:])} "
+              "to go on from it", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
       # gcloud's own code is not passed on: it is 1 for most errors, 2 for its usage errors
       # (our 2 means bad flags or set-up) and, through ssh, the remote command's or ssh's 255.
       # The message reports it; the exit code says only "a step failed".

@@ -91,6 +91,7 @@ def split_command(argv: List[str]):
 
 
 def main(argv: List[str], command: str) -> None:
+  """Runs `command` with the parsed flags; exits with its code, or one `error:` line."""
   foreign = sorted(name for name in set().union(*COMMAND_FLAGS.values())
                    if FLAGS[name].present and name not in COMMAND_FLAGS[command] | COMMON_FLAGS)
   if foreign:
@@ -98,21 +99,47 @@ def main(argv: List[str], command: str) -> None:
              f"{', '.join('--' + f for f in sorted(COMMAND_FLAGS[command] | COMMON_FLAGS))}")
   if command != "train" and argv[1:]:
     cli.fail(f"{command} takes no arguments, only flags: {shlex.join(argv[1:])}")
-  endpoint = FLAGS.api_endpoint or vertex_api.default_endpoint(FLAGS.region)
+  if FLAGS.poll_seconds <= 0:  # Checked before anything is sent.
+    cli.fail(f"--poll_seconds={FLAGS.poll_seconds} must be more than 0")
+  # A job's full name carries its region, and only that region's endpoint knows it.
+  region = vertex_api.region_of(FLAGS.job) or FLAGS.region
+  endpoint = FLAGS.api_endpoint or vertex_api.default_endpoint(region)
   try:
     sys.exit(COMMAND_RUNNERS[command](argv[1:], endpoint))
+  except KeyboardInterrupt:
+    print(INTERRUPTED[command].format(project=FLAGS.project or "PROJECT", region=region),
+          file=sys.stderr)
+    sys.exit(vertex_api.INTERRUPTED_EXIT_CODE)
   except LaunchError as e:
     cli.fail(str(e))
-  except ImportError:
+  except ImportError as e:
+    if not (e.name or "").startswith("google"):
+      raise
     cli.fail("google-cloud-aiplatform is not installed: pip install '.[vertex]'")
   except Exception as e:  # The API's and google-auth's errors, said in one line.
-    line = vertex_api.explain(e, endpoint, FLAGS.region)
+    line = vertex_api.explain(e, endpoint, region)
     if line is None:
       raise
     from google.api_core import exceptions
-    unreachable = isinstance(getattr(e, "cause", None) or e, exceptions.ServiceUnavailable)
-    cli.fail(line, exit_code=vertex_api.UNREACHABLE_EXIT_CODE if unreachable
-             else cli.BAD_INPUT_EXIT_CODE)
+    cause = getattr(e, "cause", None) or e
+    if isinstance(e, exceptions.RetryError) and WAITED_FOR:
+      line += f"; the job goes on: {_follow_up('wait', WAITED_FOR[-1])}"
+    cli.fail(line, exit_code=vertex_api.UNREACHABLE_EXIT_CODE
+             if vertex_api.is_transient(cause) else cli.BAD_INPUT_EXIT_CODE)
+
+
+# What Ctrl-C outside waiting leaves behind: a request may have reached Vertex AI.
+INTERRUPTED = {
+    "train": "interrupted while submitting: the job may have been created; look before "
+             "submitting again: gcloud ai custom-jobs list --project={project} --region={region}",
+    "batch_predict": "interrupted while submitting: the job may have been created; look before "
+                     "submitting again: gcloud ai batch-prediction-jobs list "
+                     "--project={project} --region={region}",
+    "upload": "interrupted while registering: the model may have been registered; look before "
+              "uploading again: gcloud ai models list --project={project} --region={region}",
+    "cancel": "interrupted: the job may or may not have been asked to cancel; run cancel again",
+    "wait": "stopped waiting; the job goes on",
+}
 
 
 def _parent() -> str:
@@ -122,12 +149,19 @@ def _parent() -> str:
 
 
 def _follow_up(verb: str, name: str) -> str:
+  """The command that does `verb` (wait, cancel) to the job `name` from here."""
   endpoint = f" --api_endpoint={FLAGS.api_endpoint}" if FLAGS.api_endpoint else ""
   return f"python -m launch.vertex {verb} --job={name}{endpoint}"
 
 
-def _wait(get, name: str, link: str) -> int:
-  """Follows the job; Ctrl-C stops following, not the job."""
+WAITED_FOR: List[str] = []  # The job being waited for, for the give-up message.
+
+
+def _wait(client, name: str, link: str) -> int:
+  """Follows the job `name` (custom or batch prediction); Ctrl-C stops following, not the job."""
+  get = (client.get_batch_prediction_job if vertex_api.collection_of(name) ==
+         "batchPredictionJobs" else client.get_custom_job)
+  WAITED_FOR.append(name)
   try:
     return vertex_api.wait(get, name, link, FLAGS.poll_seconds)
   except KeyboardInterrupt:
@@ -136,7 +170,13 @@ def _wait(get, name: str, link: str) -> int:
     return vertex_api.INTERRUPTED_EXIT_CODE
 
 
+def _link(name: str) -> str:
+  """The console page of a custom job; '' for other jobs (the SDK builds no link for them)."""
+  return vertex_api.console_link(name) if vertex_api.collection_of(name) == "customJobs" else ""
+
+
 def train(trainer_args: List[str], endpoint: str) -> int:
+  """Submits the custom job; with --wait, follows it to its end."""
   spec = JobSpec(image_uri=FLAGS.image_uri, base_output_dir=FLAGS.base_output_dir,
                  machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
                  accelerator_count=FLAGS.accelerator_count, tpu_topology=FLAGS.tpu_topology,
@@ -149,44 +189,53 @@ def train(trainer_args: List[str], endpoint: str) -> int:
   parent = _parent()
   client = vertex_api.job_client(endpoint)
   created = vertex_api.submit(client, parent, custom_job)
-  link = vertex_api.console_link(created.name)
-  print(f"submitted {created.name}\n{link}", flush=True)
-  return _wait(client.get_custom_job, created.name, link) if FLAGS.wait else 0
+  print(f"submitted {created.name}", flush=True)  # First: the link's import takes seconds.
+  link = _link(created.name)
+  print(link, flush=True)
+  return _wait(client, created.name, link) if FLAGS.wait else 0
 
 
 def wait(_, endpoint: str) -> int:
+  """Follows --job to its end."""
   name = vertex_api.job_name(FLAGS.job, FLAGS.project, FLAGS.region)
-  return _wait(vertex_api.job_client(endpoint).get_custom_job, name,
-               vertex_api.console_link(name))
+  return _wait(vertex_api.job_client(endpoint), name, _link(name))
 
 
 def cancel(_, endpoint: str) -> int:
+  """Asks Vertex AI to cancel --job (custom or batch prediction)."""
   name = vertex_api.job_name(FLAGS.job, FLAGS.project, FLAGS.region)
-  vertex_api.job_client(endpoint).cancel_custom_job(name=name)
+  client = vertex_api.job_client(endpoint)
+  if vertex_api.collection_of(name) == "batchPredictionJobs":
+    client.cancel_batch_prediction_job(name=name)
+  else:
+    client.cancel_custom_job(name=name)
   print(f"asked Vertex AI to cancel {name}; it ends as JOB_STATE_CANCELLED: "
         f"{_follow_up('wait', name)}")
   return 0
 
 
 def upload(_, endpoint: str) -> int:
+  """Registers the export of a finished job's --model_dir in the Model Registry."""
   if not FLAGS.model_dir:
     raise LaunchError("no --model_dir: give the finished job's model directory "
                       "(BASE_OUTPUT_DIR/model for a Vertex AI job)")
-  metrics = {} if FLAGS.dry_run else vertex_api.check_finished(FLAGS.model_dir)
   if not FLAGS.model_dir.startswith("gs://"):
     raise LaunchError(f"--model_dir={FLAGS.model_dir!r} must be a gs:// path: Vertex AI reads "
                       "the export from Cloud Storage (copy it there with gcloud storage cp -r)")
+  parent = "" if FLAGS.dry_run else _parent()
+  metrics = {} if FLAGS.dry_run else vertex_api.check_finished(FLAGS.model_dir)
   model = vertex_api.model_for(FLAGS.model_dir, FLAGS.display_name, FLAGS.serving_image, metrics)
   if FLAGS.dry_run:
     print(vertex_api.to_json(model))
     return 0
-  name = vertex_api.upload(vertex_api.model_client(endpoint), _parent(), model)
+  name = vertex_api.upload(vertex_api.model_client(endpoint), parent, model)
   print(f"uploaded {name}\npredict with it: python -m launch.vertex batch_predict --model={name} "
         "--instances=gs://... --output_dir=gs://...")
   return 0
 
 
 def batch_predict(_, endpoint: str) -> int:
+  """Submits a batch prediction job of --model over --instances; with --wait, follows it."""
   if not FLAGS.model:
     raise LaunchError("no --model: give the registered model's resource name (upload prints it)")
   job = vertex_api.batch_prediction_job(FLAGS.model, FLAGS.instances, FLAGS.output_dir,
@@ -195,10 +244,11 @@ def batch_predict(_, endpoint: str) -> int:
   if FLAGS.dry_run:
     print(vertex_api.to_json(job))
     return 0
+  parent = _parent()
   client = vertex_api.job_client(endpoint)
-  created = client.create_batch_prediction_job(parent=_parent(), batch_prediction_job=job)
+  created = client.create_batch_prediction_job(parent=parent, batch_prediction_job=job)
   print(f"submitted {created.name}\npredictions go to {FLAGS.output_dir}", flush=True)
-  return _wait(client.get_batch_prediction_job, created.name, "") if FLAGS.wait else 0
+  return _wait(client, created.name, "") if FLAGS.wait else 0
 
 
 COMMAND_RUNNERS = {"train": train, "wait": wait, "cancel": cancel, "upload": upload,

@@ -8,11 +8,13 @@ act on.
 """
 
 import datetime
+import functools
 import os
 import time
 from typing import Callable, Optional
 
 from launch.custom_job import LaunchError
+from trainer.config import first_line
 
 # Vertex AI's prebuilt TensorFlow prediction containers; 2.15 is the newest TensorFlow offered.
 SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
@@ -22,12 +24,38 @@ FAILED_EXIT_CODE = 1
 UNREACHABLE_EXIT_CODE = 3
 CANCELLED_EXIT_CODE = 4
 INTERRUPTED_EXIT_CODE = 130
-# An outage while waiting is retried for this long before the launcher gives up.
+# An outage while waiting is retried for this long before the launcher gives up; each poll
+# may take this long before it counts as failed (the API sets no deadline of its own).
 UNAVAILABLE_RETRY_SECONDS = 600.0
+POLL_TIMEOUT_SECONDS = 60.0
+# How gRPC reports google-auth failing to refresh the credentials (an expired login): as
+# UNAVAILABLE, though no retry can mend it.
+CREDENTIALS_REFRESH_FAILED = "Getting metadata from plugin failed"
+JOB_COLLECTIONS = ("customJobs", "batchPredictionJobs")
 
 
 def default_endpoint(region: str) -> str:
+  """Vertex AI's regional endpoint: a resource of REGION is reachable only there."""
   return f"{region}-aiplatform.googleapis.com"
+
+
+def region_of(name: str) -> str:
+  """The region of a resource name (projects/P/locations/R/...), '' for another string."""
+  parts = name.split("/")
+  return parts[3] if len(parts) > 3 and parts[0] == "projects" and parts[2] == "locations" else ""
+
+
+def collection_of(name: str) -> str:
+  """The collection of a resource name's ID: customJobs, batchPredictionJobs, models, ..."""
+  parts = name.split("/")
+  return parts[4] if len(parts) > 5 else ""
+
+
+def is_transient(error) -> bool:
+  """Whether retrying `error` can help: UNAVAILABLE or a missed deadline, not credentials."""
+  from google.api_core import exceptions
+  return (isinstance(error, (exceptions.ServiceUnavailable, exceptions.DeadlineExceeded))
+          and CREDENTIALS_REFRESH_FAILED not in str(error.message))
 
 
 def _is_loopback(endpoint: str) -> bool:
@@ -79,9 +107,14 @@ def submit(client, parent: str, custom_job):
   return client.create_custom_job(parent=parent, custom_job=custom_job)
 
 
-def job_name(job: str, project: str, region: str, kind: str = "customJobs") -> str:
-  """A job's resource name from `job`: the name itself, or the ID within --project/--region."""
+def job_name(job: str, project: str, region: str) -> str:
+  """A job's resource name from `job`: the name itself (of a custom or batch prediction job),
+  or a custom job's ID within --project/--region."""
+  kind = "customJobs"
   if job.startswith("projects/"):
+    if not region_of(job) or collection_of(job) not in JOB_COLLECTIONS:
+      raise LaunchError(f"--job={job!r} is not a job's resource name: projects/P/locations/R/"
+                        f"customJobs/ID or .../batchPredictionJobs/ID")
     return job
   if not job.isdigit():
     raise LaunchError(f"--job={job!r} is neither a job's resource name "
@@ -92,13 +125,15 @@ def job_name(job: str, project: str, region: str, kind: str = "customJobs") -> s
 
 
 def wait(get: Callable, name: str, link: str, poll_seconds: float,
-         say: Callable[[str], None] = print) -> int:
+         say: Callable[[str], None] = functools.partial(print, flush=True)) -> int:
   """Polls the job `name` with `get` (e.g. a JobServiceClient's get_custom_job) until it ends;
   says each state it enters, with the time and `link`. Returns the exit code for how it ended:
-  0 succeeded, FAILED_EXIT_CODE failed or expired, CANCELLED_EXIT_CODE cancelled.
+  0 succeeded (or, a batch job, partly succeeded), FAILED_EXIT_CODE failed or expired,
+  CANCELLED_EXIT_CODE cancelled.
 
-  UNAVAILABLE answers are retried with exponential backoff for UNAVAILABLE_RETRY_SECONDS: the
-  job goes on whether or not this process can reach the API.
+  Transient failures (UNAVAILABLE, a poll past POLL_TIMEOUT_SECONDS) are retried with
+  exponential backoff for UNAVAILABLE_RETRY_SECONDS: the job goes on whether or not this
+  process can reach the API. The first poll is not retried: a wrong endpoint shows at once.
   """
   from google.api_core import exceptions, retry
   from google.cloud.aiplatform_v1 import types
@@ -106,8 +141,9 @@ def wait(get: Callable, name: str, link: str, poll_seconds: float,
   def on_error(error):
     say(f"{_now()} Vertex AI unavailable ({error.message}); retrying")
 
-  patient = retry.Retry(predicate=retry.if_exception_type(exceptions.ServiceUnavailable),
-                        initial=poll_seconds, maximum=max(poll_seconds, 60.0), multiplier=2.0,
+  if poll_seconds <= 0:
+    raise LaunchError(f"--poll_seconds={poll_seconds} must be more than 0")
+  patient = retry.Retry(predicate=is_transient, initial=poll_seconds, maximum=max(poll_seconds, 60.0), multiplier=2.0,
                         timeout=UNAVAILABLE_RETRY_SECONDS, on_error=on_error)
   ended = {types.JobState.JOB_STATE_SUCCEEDED: 0,
            types.JobState.JOB_STATE_PARTIALLY_SUCCEEDED: 0,
@@ -116,13 +152,16 @@ def wait(get: Callable, name: str, link: str, poll_seconds: float,
            types.JobState.JOB_STATE_CANCELLED: CANCELLED_EXIT_CODE}
   state = None
   while True:
-    job = get(name=name, retry=patient)
+    job = get(name=name, retry=patient if state is not None else None,
+              timeout=POLL_TIMEOUT_SECONDS)
     if job.state != state:
       state = job.state
       say(f"{_now()} {state.name} {link}".rstrip())
     if state in ended:
       if job.error.message:
         say(f"the job's error: {job.error.message}")
+      for failure in getattr(job, "partial_failures", ())[:5]:  # Batch prediction only.
+        say(f"a partial failure: {failure.message}")
       return ended[state]
     time.sleep(poll_seconds)
 
@@ -137,6 +176,18 @@ def check_finished(model_dir: str) -> dict:
   import json
   import tensorflow as tf  # Only upload needs it: for gs:// paths.
   metrics_path = os.path.join(model_dir, "metrics.json")
+  try:
+    return _read_metrics(tf, json, model_dir, metrics_path)
+  except tf.errors.OpError as e:
+    raise LaunchError(f"cannot read {model_dir}: {first_line(e.message)}; check the path and "
+                      "that these credentials may read it (gcloud storage ls "
+                      f"{model_dir})") from None
+  except ValueError as e:
+    raise LaunchError(f"{metrics_path} is not the JSON a finished job writes ({e}): give the "
+                      "--model_dir of a finished job") from None
+
+
+def _read_metrics(tf, json, model_dir: str, metrics_path: str) -> dict:
   if not tf.io.gfile.exists(metrics_path):
     raise LaunchError(f"no {metrics_path}: the job has not finished (it writes metrics.json "
                       "last); wait for it, or give the --model_dir of a finished job")
@@ -144,23 +195,37 @@ def check_finished(model_dir: str) -> dict:
     raise LaunchError(f"no SavedModel in {os.path.join(model_dir, 'export')}: give the "
                       "--model_dir of a finished job, with its export/ directory")
   with tf.io.gfile.GFile(metrics_path) as f:
-    return json.load(f)
+    metrics = json.load(f)
+  if not isinstance(metrics, dict):
+    raise ValueError("not an object")
+  return metrics
 
 
 def model_for(model_dir: str, display_name: str, serving_image: str, metrics: dict):
   """The Model Registry entry for the export under `model_dir`, served by `serving_image`."""
   from google.cloud.aiplatform_v1 import types
-  description = (f"test accuracy {metrics['test_accuracy']:.4f}, reconstruction MSE "
-                 f"{metrics['test_reconstruction_mse']:.4f}" if "test_accuracy" in metrics else "")
+  description = ""
+  if isinstance(metrics.get("test_accuracy"), float) and isinstance(
+      metrics.get("test_reconstruction_mse"), float):
+    description = (f"test accuracy {metrics['test_accuracy']:.4f}, reconstruction MSE "
+                   f"{metrics['test_reconstruction_mse']:.4f}")
   return types.Model(display_name=display_name, description=description,
                      artifact_uri=os.path.join(model_dir, "export"),
                      container_spec=types.ModelContainerSpec(image_uri=serving_image))
 
 
-def upload(client, parent: str, model, timeout: float = 1800.0) -> str:
-  """Registers `model` under `parent`; waits for the operation; returns the model's name."""
+def upload(client, parent: str, model, timeout: float = 1800.0,
+           say: Callable[[str], None] = functools.partial(print, flush=True)) -> str:
+  """Registers `model` under `parent`; says the operation's name, waits for it; returns the
+  model's name."""
+  import concurrent.futures
   operation = client.upload_model(parent=parent, model=model)
-  return operation.result(timeout=timeout).model
+  say(f"registering: operation {operation.operation.name}")
+  try:
+    return operation.result(timeout=timeout).model
+  except concurrent.futures.TimeoutError:
+    raise LaunchError(f"still registering after {timeout:.0f} s: see operation "
+                      f"{operation.operation.name} in the console's Model Registry") from None
 
 
 def batch_prediction_job(model: str, instances: str, output_dir: str, machine_type: str,
@@ -168,6 +233,11 @@ def batch_prediction_job(model: str, instances: str, output_dir: str, machine_ty
   """A batch prediction job of `model` over the JSON lines at `instances` (gs://, one image per
   line, see launch.batch_input), writing its predictions under `output_dir`."""
   from google.cloud.aiplatform_v1 import types
+  if replica_count < 1:
+    raise LaunchError(f"--replica_count={replica_count} must be 1 or more")
+  if not region_of(model) or collection_of(model) != "models":
+    raise LaunchError(f"--model={model!r} is not a model's resource name "
+                      "(projects/P/locations/R/models/ID, as upload prints it)")
   for flag, path in (("--instances", instances), ("--output_dir", output_dir)):
     if not path.startswith("gs://"):
       raise LaunchError(f"{flag}={path!r} must be a gs:// path: Vertex AI reads and writes "
@@ -208,6 +278,9 @@ def explain(error: Exception, endpoint: str, region: str) -> Optional[str]:
     return f"{said}; check --project, and that --region={region} is a Vertex AI region"
   if isinstance(error, exceptions.InvalidArgument):
     return f"{said}; Vertex AI refused the request as it is: fix what it names"
+  if CREDENTIALS_REFRESH_FAILED in str(error.message):
+    return (f"the credentials could not be refreshed ({error.message}): run `gcloud auth "
+            "application-default login` again")
   if isinstance(error, exceptions.ServiceUnavailable):
     return (f"cannot reach Vertex AI at {endpoint} ({error.message}): check the network, and "
             f"--region={region} or --api_endpoint")

@@ -139,6 +139,10 @@ def test_a_png_of_another_size_colour_or_format_is_refused_with_the_fix(tmp_path
   jpeg.write_bytes(tf.io.encode_jpeg(np.zeros((28, 28, 1), np.uint8)).numpy())
   with pytest.raises(UserInputError, match=f"^{re.escape(str(jpeg))}: not a PNG file"):
     batch_input.read_png(str(jpeg))
+  deep = tmp_path / "deep.png"
+  deep.write_bytes(tf.io.encode_png(np.full((28, 28, 1), 1000, np.uint16)).numpy())
+  with pytest.raises(UserInputError, match=f"^{re.escape(str(deep))}: 16-bit pixels; save it"):
+    batch_input.read_png(str(deep))
 
 
 def test_inputs_of_other_kinds_or_without_images_are_refused(tmp_path):

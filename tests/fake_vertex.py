@@ -9,7 +9,8 @@ error where a test asks for one.
 
 import collections
 from concurrent import futures
-from typing import Dict, List, Sequence, Tuple
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import grpc
 from google.cloud.aiplatform_v1 import types
@@ -27,9 +28,10 @@ class FakeVertex:
   """Vertex AI's JobService and ModelService on 127.0.0.1; `endpoint` is its address.
 
   `states` are what successive GetCustomJob (or GetBatchPredictionJob) calls answer (the last one repeats); `job_error`
-  is the failed job's message; `errors[method]` holds (status code, message) pairs that the
-  next calls of `method` answer with instead, in order; `upload_polls` is how many
-  GetOperation calls find the upload still running.
+  is the failed job's message; `errors[method]` holds what the next calls of `method` answer
+  with, in order: a (status code, message) pair, or None for the usual answer; `delays[method]`
+  is how long each call of `method` takes, in seconds; `upload_polls` is how many GetOperation
+  calls find the upload still running.
   """
 
   def __init__(self, states: Sequence[int] = (State.JOB_STATE_PENDING,
@@ -39,7 +41,9 @@ class FakeVertex:
     self.states = list(states)
     self.job_error = job_error
     self.upload_polls = upload_polls
-    self.errors: Dict[str, List[Tuple[grpc.StatusCode, str]]] = collections.defaultdict(list)
+    self.errors: Dict[str, List[Optional[Tuple[grpc.StatusCode, str]]]] = (
+        collections.defaultdict(list))
+    self.delays: Dict[str, float] = {}
     self.requests: List[Tuple[str, object]] = []
     self.metadata: List[dict] = []
     self._gets = 0
@@ -48,12 +52,15 @@ class FakeVertex:
     self.endpoint = ""
 
   def start(self) -> "FakeVertex":
+    """Serves on a free loopback port, named by `endpoint`; returns self."""
     def unary(method, request_type, response_serializer):
       def handle(request, context):
         self.requests.append((method, request))
         self.metadata.append(dict(context.invocation_metadata()))
-        if self.errors[method]:
-          context.abort(*self.errors[method].pop(0))
+        time.sleep(self.delays.get(method, 0.0))
+        error = self.errors[method].pop(0) if self.errors[method] else None
+        if error:
+          context.abort(*error)
         return getattr(self, "_" + method)(request)
       return grpc.unary_unary_rpc_method_handler(
           handle, request_deserializer=request_type, response_serializer=response_serializer)
@@ -69,6 +76,9 @@ class FakeVertex:
             "CreateBatchPredictionJob": unary(
                 "CreateBatchPredictionJob", types.CreateBatchPredictionJobRequest.deserialize,
                 types.BatchPredictionJob.serialize),
+            "CancelBatchPredictionJob": unary(
+                "CancelBatchPredictionJob", types.CancelBatchPredictionJobRequest.deserialize,
+                empty_pb2.Empty.SerializeToString),
             "GetBatchPredictionJob": unary(
                 "GetBatchPredictionJob", types.GetBatchPredictionJobRequest.deserialize,
                 types.BatchPredictionJob.serialize),
@@ -89,9 +99,11 @@ class FakeVertex:
     return self
 
   def stop(self) -> None:
+    """Stops serving at once."""
     self._server.stop(0)
 
   def requests_of(self, method: str) -> list:
+    """The requests `method` received, in order."""
     return [request for name, request in self.requests if name == method]
 
   def _CreateCustomJob(self, request):
@@ -123,6 +135,9 @@ class FakeVertex:
     job.state = State.JOB_STATE_PENDING
     return job
 
+  def _CancelBatchPredictionJob(self, request):
+    return empty_pb2.Empty()
+
   def _GetBatchPredictionJob(self, request):
     return types.BatchPredictionJob(name=request.name, state=self._next_state())
 
@@ -143,7 +158,6 @@ class FakeVertex:
 def main() -> None:
   """Serves until Ctrl-C, printing each request as the API's JSON: a way to watch what the
   launcher sends (`python -m tests.fake_vertex`, then --api_endpoint=THE_ADDRESS)."""
-  import time
   from launch import vertex_api
 
   class Printing(FakeVertex):

@@ -182,7 +182,9 @@ def test_without_gcloud_on_path_nothing_runs_and_the_error_says_where_to_get_it(
 
 def test_bad_flags_are_one_error_line_and_exit_code_2(gcloud):
   for flag, message in [("--no_such_flag", "error: Unknown command line flag 'no_such_flag'"),
-                        ("--steps=create,deploy", "error: unknown --steps deploy: choose from")]:
+                        ("--steps=create,deploy", "error: unknown --steps deploy: choose from"),
+                        ("--accelerator_type=v5e", "error: --accelerator_type='v5e' is not a "
+                                                   "TPU type")]:
     result, calls = gcloud(flag)
     assert result.returncode == 2 and not calls
     assert "Traceback" not in result.stderr

@@ -63,14 +63,33 @@ def test_wait_says_each_state_once_and_ends_with_the_jobs_outcome(server, states
 
 
 def test_wait_retries_an_unavailable_api_and_goes_on(server):
-  server.errors["GetCustomJob"] = [(grpc.StatusCode.UNAVAILABLE, "backend restarting")] * 2
-  server.states = [State.JOB_STATE_SUCCEEDED]
+  server.errors["GetCustomJob"] = [None] + [(grpc.StatusCode.UNAVAILABLE, "backend restarting")] * 2
+  server.states = [State.JOB_STATE_RUNNING, State.JOB_STATE_SUCCEEDED]
   said = []
   client = vertex_api.job_client(server.endpoint)
   assert vertex_api.wait(client.get_custom_job, "projects/p/locations/r/customJobs/1", "",
                          0.01, said.append) == 0
   assert sum("unavailable (backend restarting); retrying" in line for line in said) == 2
+  assert len(server.requests_of("GetCustomJob")) == 4
+
+
+def test_wait_does_not_retry_its_first_poll_nor_expired_credentials(server):
+  # A wrong endpoint or job shows at once; an expired login, which gRPC reports as
+  # UNAVAILABLE, is no outage either.
+  refresh = "Getting metadata from plugin failed with error: Reauthentication is needed."
+  server.errors["GetCustomJob"] = [(grpc.StatusCode.UNAVAILABLE, "no route")]
+  client = vertex_api.job_client(server.endpoint)
+  name = "projects/p/locations/r/customJobs/1"
+  with pytest.raises(exceptions.ServiceUnavailable):
+    vertex_api.wait(client.get_custom_job, name, "", 0.01, [].append)
+  server.errors["GetCustomJob"] = [None, (grpc.StatusCode.UNAVAILABLE, refresh)]
+  server.states = [State.JOB_STATE_RUNNING]
+  with pytest.raises(exceptions.ServiceUnavailable) as raised:
+    vertex_api.wait(client.get_custom_job, name, "", 0.01, [].append)
   assert len(server.requests_of("GetCustomJob")) == 3
+  assert vertex_api.explain(raised.value, server.endpoint, "r") == (
+      f"the credentials could not be refreshed ({refresh}): run `gcloud auth "
+      "application-default login` again")
 
 
 def test_a_failed_submission_is_not_retried(server):
@@ -122,6 +141,9 @@ def test_job_names_from_ids_or_resource_names():
     vertex_api.job_name("123", "", "r")
   with pytest.raises(LaunchError, match="neither a job's resource name"):
     vertex_api.job_name("my-job", "p", "r")
+  with pytest.raises(LaunchError, match="is not a job's resource name"):
+    vertex_api.job_name("projects/p/locations/r/models/9", "p", "r")
+  assert vertex_api.region_of("projects/p/locations/asia-east1/customJobs/7") == "asia-east1"
 
 
 def _finished_model_dir(path, metrics=True):
@@ -137,8 +159,11 @@ def test_upload_registers_a_finished_export_and_waits_for_the_operation(server, 
   model_dir = _finished_model_dir(tmp_path / "model")
   model = vertex_api.model_for(model_dir, "mnist", vertex_api.SERVING_IMAGE,
                                vertex_api.check_finished(model_dir))
-  name = vertex_api.upload(vertex_api.model_client(server.endpoint), PARENT, model, timeout=60)
+  said = []
+  name = vertex_api.upload(vertex_api.model_client(server.endpoint), PARENT, model, timeout=60,
+                           say=said.append)
   assert name == f"{PARENT}/models/{fake_vertex.MODEL_ID}"
+  assert said == [f"registering: operation {PARENT}/operations/77"]
   (request,) = server.requests_of("UploadModel")
   assert request.parent == PARENT
   assert request.model.artifact_uri == f"{model_dir}/export"
@@ -154,6 +179,10 @@ def test_upload_refuses_a_job_that_has_not_finished(tmp_path):
   (tmp_path / "empty" / "metrics.json").write_text("{}")
   with pytest.raises(LaunchError, match="no SavedModel in"):
     vertex_api.check_finished(str(tmp_path / "empty"))
+  broken = _finished_model_dir(tmp_path / "broken", metrics=False)
+  (tmp_path / "broken" / "metrics.json").write_text("{not json")
+  with pytest.raises(LaunchError, match="is not the JSON a finished job writes"):
+    vertex_api.check_finished(broken)
 
 
 def test_batch_prediction_reads_json_lines_and_writes_predictions_to_cloud_storage(server):
@@ -167,9 +196,14 @@ def test_batch_prediction_reads_json_lines_and_writes_predictions_to_cloud_stora
   assert sent.input_config.instances_format == "jsonl"
   assert list(sent.input_config.gcs_source.uris) == ["gs://b/in.jsonl"]
   assert sent.output_config.gcs_destination.output_uri_prefix == "gs://b/out"
-  assert sent.dedicated_resources.max_replica_count == 3
+  assert sent == job  # Everything the dry run prints reached the server.
+  model = "projects/p/locations/r/models/9"
   with pytest.raises(LaunchError, match="--instances='in.jsonl' must be a gs:// path"):
-    vertex_api.batch_prediction_job("m", "in.jsonl", "gs://b/out", "n1-standard-4", 1, "p")
+    vertex_api.batch_prediction_job(model, "in.jsonl", "gs://b/out", "n1-standard-4", 1, "p")
+  with pytest.raises(LaunchError, match="--model='9' is not a model's resource name"):
+    vertex_api.batch_prediction_job("9", "gs://b/i", "gs://b/out", "n1-standard-4", 1, "p")
+  with pytest.raises(LaunchError, match="--replica_count=0 must be 1 or more"):
+    vertex_api.batch_prediction_job(model, "gs://b/i", "gs://b/out", "n1-standard-4", 0, "p")
 
 
 def test_cancel_asks_for_the_named_job(server):

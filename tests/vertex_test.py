@@ -74,19 +74,29 @@ def test_wait_follows_the_job_to_its_end(server, final, exit_code, message):
   assert (lines[-1] == message) if message else lines[-1].endswith(link)
 
 
-def test_ctrl_c_stops_waiting_not_the_job_and_says_how_to_cancel_it(server, tmp_path):
-  server.states = [State.JOB_STATE_RUNNING]
+def _interrupt(tmp_path, args, ready):
+  """Runs `python -m launch.vertex ARGS` as a user would (output not unbuffered), sends it
+  Ctrl-C once `ready(stdout so far)`; returns (exit code, stderr)."""
+  env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
   with open(tmp_path / "out", "w") as out:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "launch.vertex", "wait", "--job=projects/p/locations/r/customJobs/7",
-         f"--api_endpoint={server.endpoint}", "--poll_seconds=0.05"], cwd=helpers.REPO,
-        stdout=out, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "launch.vertex", *args], cwd=helpers.REPO,
+                               env=env, stdout=out, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while "JOB_STATE_RUNNING" not in (tmp_path / "out").read_text() and time.time() < deadline:
+    while not ready((tmp_path / "out").read_text()) and time.time() < deadline:
       time.sleep(0.1)
+    assert ready((tmp_path / "out").read_text()), "the launcher never got there"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
-  assert process.returncode == vertex_api.INTERRUPTED_EXIT_CODE, stderr[-3000:]
+  return process.returncode, stderr
+
+
+def test_ctrl_c_stops_waiting_not_the_job_and_says_how_to_cancel_it(server, tmp_path):
+  server.states = [State.JOB_STATE_RUNNING]
+  returncode, stderr = _interrupt(
+      tmp_path, ["wait", "--job=projects/p/locations/r/customJobs/7",
+                 f"--api_endpoint={server.endpoint}", "--poll_seconds=0.05"],
+      lambda out: "JOB_STATE_RUNNING" in out)
+  assert returncode == vertex_api.INTERRUPTED_EXIT_CODE, stderr[-3000:]
   assert "Traceback" not in stderr
   assert stderr.splitlines()[-2:] == [
       "stopped waiting; the job goes on. Follow it again: python -m launch.vertex wait "
@@ -94,6 +104,30 @@ def test_ctrl_c_stops_waiting_not_the_job_and_says_how_to_cancel_it(server, tmp_
       "Cancel it: python -m launch.vertex cancel --job=projects/p/locations/r/customJobs/7 "
       f"--api_endpoint={server.endpoint}"]
   assert not server.requests_of("CancelCustomJob")
+
+
+def test_ctrl_c_during_submission_says_the_job_may_exist(server, tmp_path):
+  server.delays["CreateCustomJob"] = 30.0
+  returncode, stderr = _interrupt(
+      tmp_path, ["--project=p", "--region=europe-west4", f"--api_endpoint={server.endpoint}",
+                 *JOB_FLAGS], lambda _: bool(server.requests_of("CreateCustomJob")))
+  assert returncode == vertex_api.INTERRUPTED_EXIT_CODE, stderr[-3000:]
+  assert "Traceback" not in stderr
+  assert stderr.splitlines()[-1] == (
+      "interrupted while submitting: the job may have been created; look before submitting "
+      "again: gcloud ai custom-jobs list --project=p --region=europe-west4")
+
+
+def test_batch_predict_submits_and_waits_for_the_batch_job(server):
+  result = _launch("batch_predict", "--project=p", f"--api_endpoint={server.endpoint}",
+                   "--model=projects/p/locations/us-central1/models/9",
+                   "--instances=gs://b/in.jsonl", "--output_dir=gs://b/out", "--wait",
+                   "--poll_seconds=0.05")
+  assert result.returncode == 0, result.stderr[-3000:]
+  (request,) = server.requests_of("CreateBatchPredictionJob")
+  assert request.batch_prediction_job.model == "projects/p/locations/us-central1/models/9"
+  assert len(server.requests_of("GetBatchPredictionJob")) == 3
+  assert result.stdout.splitlines()[-1].endswith(" JOB_STATE_SUCCEEDED")
 
 
 def test_a_refused_submission_is_one_error_line(server):
@@ -160,9 +194,11 @@ def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
     (["cancel", "--job=7", "--project=p", "--image_uri=x"],
      "error: --image_uri is not a flag of cancel: its flags are --api_endpoint, --job, "
      "--project, --region"),
-    (["upload", "--model_dir=/tmp/no/such/run"], "error: no /tmp/no/such/run/metrics.json: the "
-     "job has not finished (it writes metrics.json last); wait for it, or give the --model_dir "
-     "of a finished job"),
+    (["upload", "--model_dir=/tmp/run/model"], "error: --model_dir='/tmp/run/model' must be a "
+     "gs:// path: Vertex AI reads the export from Cloud Storage (copy it there with gcloud "
+     "storage cp -r)"),
+    (["wait", "--job=7", "--project=p", "--poll_seconds=0"],
+     "error: --poll_seconds=0.0 must be more than 0"),
 ])
 def test_bad_commands_are_one_error_line(args, message):
   result = _launch(*args)
