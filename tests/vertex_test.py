@@ -78,15 +78,24 @@ def _interrupt(tmp_path, args, ready):
   """Runs `python -m launch.vertex ARGS` as a user would (output not unbuffered), sends it
   Ctrl-C once `ready(stdout so far)`; returns (exit code, stderr)."""
   env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+  # Started in the background (as CI may start the tests), a process inherits SIGINT ignored,
+  # and Python then never raises KeyboardInterrupt: give it a terminal's Ctrl-C, then run the
+  # module as `-m` does.
+  as_in_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, "
+                      "signal.default_int_handler); sys.argv[0] = 'launch.vertex'; "
+                      "runpy.run_module('launch.vertex', run_name='__main__', alter_sys=True)")
   with open(tmp_path / "out", "w") as out:
-    process = subprocess.Popen([sys.executable, "-m", "launch.vertex", *args], cwd=helpers.REPO,
+    process = subprocess.Popen([sys.executable, "-c", as_in_a_terminal, *args], cwd=helpers.REPO,
                                env=env, stdout=out, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not ready((tmp_path / "out").read_text()) and time.time() < deadline:
-      time.sleep(0.1)
-    assert ready((tmp_path / "out").read_text()), "the launcher never got there"
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+      deadline = time.time() + 60
+      while not ready((tmp_path / "out").read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+      assert ready((tmp_path / "out").read_text()), "the launcher never got there"
+      process.send_signal(signal.SIGINT)
+      _, stderr = process.communicate(timeout=60)
+    finally:
+      process.kill()
   return process.returncode, stderr
 
 
