@@ -187,6 +187,7 @@ def test_an_interrupted_write_keeps_the_earlier_output_and_leaves_no_partial_fil
   assert os.listdir(tmp_path) == ["instances.jsonl"]
 
 
+@pytest.mark.slow  # A converter process end to end; keeps the fast tier under five minutes.
 def test_cli_converts_npz_and_png_inputs_in_order(tmp_path):
   images = _images(4)
   npz = str(tmp_path / "digits.npz")
@@ -204,6 +205,7 @@ def test_cli_converts_npz_and_png_inputs_in_order(tmp_path):
   assert os.listdir(tmp_path / "out") == ["instances.jsonl"]
 
 
+@pytest.mark.slow  # A converter process end to end; keeps the fast tier under five minutes.
 def test_cli_bad_input_is_one_error_line_exit_2_and_no_output(tmp_path):
   good = _write_png(tmp_path / "good.png", np.zeros((28, 28, 1), np.uint8))
   bad = _write_png(tmp_path / "small.png", np.zeros((14, 14, 1), np.uint8))

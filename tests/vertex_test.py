@@ -56,6 +56,7 @@ def test_submit_sends_what_the_dry_run_prints_and_prints_the_job_and_its_link(se
   assert result.stdout.splitlines() == [f"submitted {name}", vertex_api.console_link(name)]
 
 
+@pytest.mark.slow  # A launcher process end to end; keeps the fast tier under five minutes.
 @pytest.mark.parametrize("final, exit_code, message", [
     (State.JOB_STATE_SUCCEEDED, 0, None),
     (State.JOB_STATE_FAILED, vertex_api.FAILED_EXIT_CODE,
@@ -99,6 +100,7 @@ def _interrupt(tmp_path, args, ready):
   return process.returncode, stderr
 
 
+@pytest.mark.slow  # A launcher process end to end; keeps the fast tier under five minutes.
 def test_ctrl_c_stops_waiting_not_the_job_and_says_how_to_cancel_it(server, tmp_path):
   server.states = [State.JOB_STATE_RUNNING]
   returncode, stderr = _interrupt(
@@ -115,6 +117,7 @@ def test_ctrl_c_stops_waiting_not_the_job_and_says_how_to_cancel_it(server, tmp_
   assert not server.requests_of("CancelCustomJob")
 
 
+@pytest.mark.slow  # A launcher process end to end; keeps the fast tier under five minutes.
 def test_ctrl_c_during_submission_says_the_job_may_exist(server, tmp_path):
   server.delays["CreateCustomJob"] = 30.0
   returncode, stderr = _interrupt(
@@ -127,6 +130,7 @@ def test_ctrl_c_during_submission_says_the_job_may_exist(server, tmp_path):
       "again: gcloud ai custom-jobs list --project=p --region=europe-west4")
 
 
+@pytest.mark.slow  # A launcher process end to end; keeps the fast tier under five minutes.
 def test_batch_predict_submits_and_waits_for_the_batch_job(server):
   result = _launch("batch_predict", "--project=p", f"--api_endpoint={server.endpoint}",
                    "--model=projects/p/locations/us-central1/models/9",
