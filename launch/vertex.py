@@ -28,12 +28,12 @@ COMMON_FLAGS = {"project", "region", "api_endpoint"}
 COMMAND_FLAGS = {
     "train": {"image_uri", "machine_type", "accelerator_type", "accelerator_count",
               "tpu_topology", "replica_count", "base_output_dir", "display_name", "dry_run",
-              "wait", "poll_seconds"},
-    "wait": {"job", "poll_seconds"},
+              "wait", "poll_seconds", "retry_seconds"},
+    "wait": {"job", "poll_seconds", "retry_seconds"},
     "cancel": {"job"},
     "upload": {"model_dir", "display_name", "serving_image", "dry_run"},
     "batch_predict": {"model", "instances", "output_dir", "machine_type", "replica_count",
-                      "display_name", "dry_run", "wait", "poll_seconds"},
+                      "display_name", "dry_run", "wait", "poll_seconds", "retry_seconds"},
 }
 COMMANDS = tuple(COMMAND_FLAGS)
 
@@ -68,6 +68,9 @@ def _define_flags() -> None:
   flags.DEFINE_bool("wait", False, "train, batch_predict: follow the job to its end; the exit "
                     "code says how it ended.")
   flags.DEFINE_float("poll_seconds", 30.0, "How often --wait asks for the job's state.")
+  flags.DEFINE_float("retry_seconds", vertex_api.UNAVAILABLE_RETRY_SECONDS,
+                     "How long --wait goes on asking while Vertex AI cannot be reached, before "
+                     "it gives up (the job goes on either way).")
   flags.DEFINE_string("job", "", "wait, cancel: the job's resource name, or its ID in "
                       "--project and --region.")
   flags.DEFINE_string("model_dir", "", "upload: the finished job's --model_dir (gs://), which "
@@ -99,8 +102,9 @@ def main(argv: List[str], command: str) -> None:
              f"{', '.join('--' + f for f in sorted(COMMAND_FLAGS[command] | COMMON_FLAGS))}")
   if command != "train" and argv[1:]:
     cli.fail(f"{command} takes no arguments, only flags: {shlex.join(argv[1:])}")
-  if FLAGS.poll_seconds <= 0:  # Checked before anything is sent.
-    cli.fail(f"--poll_seconds={FLAGS.poll_seconds} must be more than 0")
+  for name in ("poll_seconds", "retry_seconds"):  # Checked before anything is sent.
+    if FLAGS[name].value <= 0:
+      cli.fail(f"--{name}={FLAGS[name].value} must be more than 0")
   # A job's full name carries its region, and only that region's endpoint knows it.
   region = vertex_api.region_of(FLAGS.job) or FLAGS.region
   endpoint = FLAGS.api_endpoint or vertex_api.default_endpoint(region)
@@ -122,8 +126,7 @@ def main(argv: List[str], command: str) -> None:
       raise
     from google.api_core import exceptions
     cause = getattr(e, "cause", None) or e
-    if isinstance(e, exceptions.RetryError) and WAITED_FOR:
-      line += f"; the job goes on: {_follow_up('wait', WAITED_FOR[-1])}"
+    line += "".join(f"; {note}" for note in getattr(e, "__notes__", ()))
     cli.fail(line, exit_code=vertex_api.UNREACHABLE_EXIT_CODE
              if vertex_api.is_transient(cause) else cli.BAD_INPUT_EXIT_CODE)
 
@@ -154,16 +157,17 @@ def _follow_up(verb: str, name: str) -> str:
   return f"python -m launch.vertex {verb} --job={name}{endpoint}"
 
 
-WAITED_FOR: List[str] = []  # The job being waited for, for the give-up message.
-
-
 def _wait(client, name: str, link: str) -> int:
   """Follows the job `name` (custom or batch prediction); Ctrl-C stops following, not the job."""
   get = (client.get_batch_prediction_job if vertex_api.collection_of(name) ==
          "batchPredictionJobs" else client.get_custom_job)
-  WAITED_FOR.append(name)
+  from google.api_core import exceptions
   try:
-    return vertex_api.wait(get, name, link, FLAGS.poll_seconds)
+    return vertex_api.wait(get, name, link, FLAGS.poll_seconds,
+                           retry_seconds=FLAGS.retry_seconds)
+  except exceptions.RetryError as e:  # Gave up on an unreachable API: the job is not lost.
+    e.add_note(f"the job goes on: {_follow_up('wait', name)}")
+    raise
   except KeyboardInterrupt:
     print(f"stopped waiting; the job goes on. Follow it again: {_follow_up('wait', name)}\n"
           f"Cancel it: {_follow_up('cancel', name)}", file=sys.stderr)

@@ -125,15 +125,17 @@ def job_name(job: str, project: str, region: str) -> str:
 
 
 def wait(get: Callable, name: str, link: str, poll_seconds: float,
-         say: Callable[[str], None] = functools.partial(print, flush=True)) -> int:
+         say: Callable[[str], None] = functools.partial(print, flush=True),
+         retry_seconds: float = UNAVAILABLE_RETRY_SECONDS) -> int:
   """Polls the job `name` with `get` (e.g. a JobServiceClient's get_custom_job) until it ends;
   says each state it enters, with the time and `link`. Returns the exit code for how it ended:
   0 succeeded (or, a batch job, partly succeeded), FAILED_EXIT_CODE failed or expired,
   CANCELLED_EXIT_CODE cancelled.
 
   Transient failures (UNAVAILABLE, a poll past POLL_TIMEOUT_SECONDS) are retried with
-  exponential backoff for UNAVAILABLE_RETRY_SECONDS: the job goes on whether or not this
-  process can reach the API. The first poll is not retried: a wrong endpoint shows at once.
+  exponential backoff for `retry_seconds`, then raise `google.api_core.exceptions.RetryError`:
+  the job goes on whether or not this process can reach the API. The first poll is not
+  retried: a wrong endpoint shows at once.
   """
   from google.api_core import exceptions, retry
   from google.cloud.aiplatform_v1 import types
@@ -144,7 +146,7 @@ def wait(get: Callable, name: str, link: str, poll_seconds: float,
   if poll_seconds <= 0:
     raise LaunchError(f"--poll_seconds={poll_seconds} must be more than 0")
   patient = retry.Retry(predicate=is_transient, initial=poll_seconds, maximum=max(poll_seconds, 60.0), multiplier=2.0,
-                        timeout=UNAVAILABLE_RETRY_SECONDS, on_error=on_error)
+                        timeout=retry_seconds, on_error=on_error)
   ended = {types.JobState.JOB_STATE_SUCCEEDED: 0,
            types.JobState.JOB_STATE_PARTIALLY_SUCCEEDED: 0,
            types.JobState.JOB_STATE_FAILED: FAILED_EXIT_CODE,

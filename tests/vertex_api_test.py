@@ -73,6 +73,18 @@ def test_wait_retries_an_unavailable_api_and_goes_on(server):
   assert len(server.requests_of("GetCustomJob")) == 4
 
 
+def test_wait_gives_up_after_retry_seconds_of_an_unavailable_api(server):
+  server.errors["GetCustomJob"] = [None] + [(grpc.StatusCode.UNAVAILABLE, "backend down")] * 500
+  server.states = [State.JOB_STATE_RUNNING]
+  client = vertex_api.job_client(server.endpoint)
+  with pytest.raises(exceptions.RetryError) as raised:
+    vertex_api.wait(client.get_custom_job, "projects/p/locations/r/customJobs/1", "", 0.05,
+                    [].append, retry_seconds=1.0)
+  assert isinstance(raised.value.cause, exceptions.ServiceUnavailable)
+  assert vertex_api.explain(raised.value, server.endpoint, "r").startswith(
+      f"cannot reach Vertex AI at {server.endpoint} (")
+
+
 def test_wait_does_not_retry_its_first_poll_nor_expired_credentials(server):
   # A wrong endpoint or job shows at once; an expired login, which gRPC reports as
   # UNAVAILABLE, is no outage either.

@@ -118,6 +118,22 @@ def test_ctrl_c_stops_waiting_not_the_job_and_says_how_to_cancel_it(server, tmp_
 
 
 @pytest.mark.slow  # A launcher process end to end; keeps the fast tier under five minutes.
+def test_an_outage_longer_than_retry_seconds_gives_up_and_says_how_to_follow_the_job(server):
+  server.states = [State.JOB_STATE_RUNNING]
+  server.errors["GetCustomJob"] = [None] + [(grpc.StatusCode.UNAVAILABLE, "backend down")] * 500
+  name = "projects/p/locations/r/customJobs/7"
+  result = _launch("wait", f"--job={name}", f"--api_endpoint={server.endpoint}",
+                   "--poll_seconds=0.05", "--retry_seconds=1")
+  assert result.returncode == vertex_api.UNREACHABLE_EXIT_CODE, result.stderr[-3000:]
+  (line,) = _error_lines(result)
+  assert line.startswith(f"error: cannot reach Vertex AI at {server.endpoint} (")
+  assert line.endswith(f"; the job goes on: python -m launch.vertex wait --job={name} "
+                       f"--api_endpoint={server.endpoint}")
+  assert "unavailable (backend down); retrying" in result.stdout
+  assert 2 < len(server.requests_of("GetCustomJob")) < 100  # Retried, with backoff.
+
+
+@pytest.mark.slow  # A launcher process end to end; keeps the fast tier under five minutes.
 def test_ctrl_c_during_submission_says_the_job_may_exist(server, tmp_path):
   server.delays["CreateCustomJob"] = 30.0
   returncode, stderr = _interrupt(
