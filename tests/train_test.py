@@ -137,8 +137,9 @@ def test_restart_resumes_from_the_latest_checkpoint(tmp_path, caplog):
 
 @pytest.mark.parametrize("semi_supervised", [
     # Supervised resume is the semi-supervised case's subset: slow tier, for the fast one's budget.
-    pytest.param({}, marks=pytest.mark.slow), {"labeled_examples": 40, "input_noise": 0.2, "unlabeled_loss": "pseudo_label",
-         "pseudo_label_threshold": 0.5}], ids=["supervised", "denoising-pseudo-label"])
+    pytest.param({}, marks=pytest.mark.slow),
+    {"labeled_examples": 40, "input_noise": 0.2, "unlabeled_loss": "pseudo_label",
+     "pseudo_label_threshold": 0.5}], ids=["supervised", "denoising-pseudo-label"])
 def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog, semi_supervised):
   strategy = tf.distribute.get_strategy()
   splits = helpers.learnable_splits()

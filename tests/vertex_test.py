@@ -228,6 +228,8 @@ def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
      "storage cp -r)"),
     (["wait", "--job=7", "--project=p", "--poll_seconds=0"],
      "error: --poll_seconds=0.0 must be more than 0"),
+    (["wait", "--job=7", "--project=p", "--retry_seconds=-5"],
+     "error: --retry_seconds=-5.0 must be more than 0"),
 ])
 def test_bad_commands_are_one_error_line(args, message):
   result = _launch(*args)
