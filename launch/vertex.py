@@ -103,7 +103,7 @@ def main(argv: List[str], command: str) -> None:
   if command != "train" and argv[1:]:
     cli.fail(f"{command} takes no arguments, only flags: {shlex.join(argv[1:])}")
   for name in ("poll_seconds", "retry_seconds"):  # Checked before anything is sent.
-    if FLAGS[name].value <= 0:
+    if not FLAGS[name].value > 0:  # NaN too: absl's float flags take "nan".
       cli.fail(f"--{name}={FLAGS[name].value} must be more than 0")
   # A job's full name carries its region, and only that region's endpoint knows it.
   region = vertex_api.region_of(FLAGS.job) or FLAGS.region

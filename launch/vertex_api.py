@@ -143,10 +143,12 @@ def wait(get: Callable, name: str, link: str, poll_seconds: float,
   def on_error(error):
     say(f"{_now()} Vertex AI unavailable ({error.message}); retrying")
 
-  if poll_seconds <= 0:
-    raise LaunchError(f"--poll_seconds={poll_seconds} must be more than 0")
-  patient = retry.Retry(predicate=is_transient, initial=poll_seconds, maximum=max(poll_seconds, 60.0), multiplier=2.0,
-                        timeout=retry_seconds, on_error=on_error)
+  for name, seconds in (("poll_seconds", poll_seconds), ("retry_seconds", retry_seconds)):
+    if not seconds > 0:  # A zero or negative deadline would give up at the first outage.
+      raise LaunchError(f"--{name}={seconds} must be more than 0")
+  patient = retry.Retry(predicate=is_transient, initial=poll_seconds,
+                        maximum=max(poll_seconds, 60.0), multiplier=2.0, timeout=retry_seconds,
+                        on_error=on_error)
   ended = {types.JobState.JOB_STATE_SUCCEEDED: 0,
            types.JobState.JOB_STATE_PARTIALLY_SUCCEEDED: 0,
            types.JobState.JOB_STATE_FAILED: FAILED_EXIT_CODE,

@@ -85,6 +85,19 @@ def test_wait_gives_up_after_retry_seconds_of_an_unavailable_api(server):
       f"cannot reach Vertex AI at {server.endpoint} (")
 
 
+@pytest.mark.parametrize("seconds, message", [
+    (dict(poll_seconds=0.0), "--poll_seconds=0.0 must be more than 0"),
+    (dict(retry_seconds=-5.0), "--retry_seconds=-5.0 must be more than 0"),
+    (dict(retry_seconds=float("nan")), "--retry_seconds=nan must be more than 0")])
+def test_wait_refuses_a_poll_or_retry_time_that_is_not_positive(server, seconds, message):
+  # Callers other than the command line (a notebook, a script) get the same check.
+  client = vertex_api.job_client(server.endpoint)
+  with pytest.raises(LaunchError, match=re.escape(message)):
+    vertex_api.wait(client.get_custom_job, "projects/p/locations/r/customJobs/1", "",
+                    **{"poll_seconds": 0.01, **seconds})
+  assert not server.requests_of("GetCustomJob")
+
+
 def test_wait_does_not_retry_its_first_poll_nor_expired_credentials(server):
   # A wrong endpoint or job shows at once; an expired login, which gRPC reports as
   # UNAVAILABLE, is no outage either.

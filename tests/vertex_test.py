@@ -230,6 +230,8 @@ def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
      "error: --poll_seconds=0.0 must be more than 0"),
     (["wait", "--job=7", "--project=p", "--retry_seconds=-5"],
      "error: --retry_seconds=-5.0 must be more than 0"),
+    (["wait", "--job=7", "--project=p", "--retry_seconds=nan"],
+     "error: --retry_seconds=nan must be more than 0"),
 ])
 def test_bad_commands_are_one_error_line(args, message):
   result = _launch(*args)
