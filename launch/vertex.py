@@ -102,13 +102,11 @@ def main(argv: List[str], command: str) -> None:
              f"{', '.join('--' + f for f in sorted(COMMAND_FLAGS[command] | COMMON_FLAGS))}")
   if command != "train" and argv[1:]:
     cli.fail(f"{command} takes no arguments, only flags: {shlex.join(argv[1:])}")
-  for name in ("poll_seconds", "retry_seconds"):  # Checked before anything is sent.
-    if not FLAGS[name].value > 0:  # NaN too: absl's float flags take "nan".
-      cli.fail(f"--{name}={FLAGS[name].value} must be more than 0")
   # A job's full name carries its region, and only that region's endpoint knows it.
   region = vertex_api.region_of(FLAGS.job) or FLAGS.region
   endpoint = FLAGS.api_endpoint or vertex_api.default_endpoint(region)
   try:
+    vertex_api.check_wait_seconds(FLAGS.poll_seconds, FLAGS.retry_seconds)  # Before any request.
     sys.exit(COMMAND_RUNNERS[command](argv[1:], endpoint))
   except KeyboardInterrupt:
     print(INTERRUPTED[command].format(project=FLAGS.project or "PROJECT", region=region),

@@ -124,6 +124,15 @@ def job_name(job: str, project: str, region: str) -> str:
   return f"projects/{project}/locations/{region}/{kind}/{job}"
 
 
+def check_wait_seconds(poll_seconds: float, retry_seconds: float) -> None:
+  """Raises LaunchError unless `wait`'s two times are above 0 (NaN is not): a zero or negative
+  deadline would give up at the first outage. The command line calls it before sending
+  anything, `wait` for every other caller."""
+  for name, seconds in (("poll_seconds", poll_seconds), ("retry_seconds", retry_seconds)):
+    if not seconds > 0:
+      raise LaunchError(f"--{name}={seconds} must be more than 0")
+
+
 def wait(get: Callable, name: str, link: str, poll_seconds: float,
          say: Callable[[str], None] = functools.partial(print, flush=True),
          retry_seconds: float = UNAVAILABLE_RETRY_SECONDS) -> int:
@@ -143,9 +152,7 @@ def wait(get: Callable, name: str, link: str, poll_seconds: float,
   def on_error(error):
     say(f"{_now()} Vertex AI unavailable ({error.message}); retrying")
 
-  for name, seconds in (("poll_seconds", poll_seconds), ("retry_seconds", retry_seconds)):
-    if not seconds > 0:  # A zero or negative deadline would give up at the first outage.
-      raise LaunchError(f"--{name}={seconds} must be more than 0")
+  check_wait_seconds(poll_seconds, retry_seconds)
   patient = retry.Retry(predicate=is_transient, initial=poll_seconds,
                         maximum=max(poll_seconds, 60.0), multiplier=2.0, timeout=retry_seconds,
                         on_error=on_error)
