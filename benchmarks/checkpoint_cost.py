@@ -16,7 +16,7 @@ import time
 import tensorflow as tf
 from absl import app, flags
 
-from trainer import data, outputs, train
+from trainer import controller, data, multitask, outputs, train
 from trainer.config import TrainConfig
 
 flags.DEFINE_string("dataset", "mnist_sample", "Any --dataset the trainer takes.")
@@ -41,13 +41,17 @@ def main(_):
     steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
     epoch_seconds = steps_per_epoch * config.batch_size / metrics["train_images_per_second"]
 
-    # The trained state, saved again and again as the loop would save it.
-    checkpoint = train.build_training_state(config, strategy, "float32",
-                                            steps_per_epoch).checkpoint
-    train.restore_latest(checkpoint, outputs.checkpoint_dir(config))
+    # The trained state, saved again and again as the controller would save it.
+    plan = multitask.plan_batches(config, 1, splits.train)
+    task = multitask.MultitaskTask(config, strategy, splits, plan, "float32")
+    schedule = controller.Schedule(config.epochs * steps_per_epoch, steps_per_epoch,
+                                   config.steps_per_loop or 50, config.checkpoint_every_steps,
+                                   config.batch_size)
     directory = os.path.join(model_dir, "timed")
-    manager = tf.train.CheckpointManager(checkpoint, directory,
-                                         max_to_keep=config.checkpoints_to_keep)
+    saver = controller.Controller(strategy, task, schedule, outputs.checkpoint_dir(config),
+                                  config.checkpoints_to_keep, save_dir=directory)
+    saver.restore()
+    manager = saver.manager
     seconds = []
     for number in range(FLAGS.saves):
       started = time.perf_counter()

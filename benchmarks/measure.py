@@ -5,7 +5,7 @@ threads, and times "from process start" include Python and TensorFlow start-up. 
 is one line, `RESULT {json}`, on standard output. `benchmarks.run` runs them all.
 
   pipeline            the training input pipeline alone, images/s
-  package             the package's training loop (train.make_train_loop), steady images/s,
+  package             the package's training loop (controller.make_train_loop), steady images/s,
                       without shift augmentation unless --shift_pixels (the exercise has none)
   exercise            the same model the original exercise's way: float64 NumPy arrays / 255
                       into Keras `model.fit`, batch 128, steady images/s
@@ -76,27 +76,29 @@ def measure_pipeline(splits) -> None:
   _emit(images_per_second=count * FLAGS.batch_size / (time.perf_counter() - started))
 
 
+def _package_loop(config, splits, strategy):
+  """The package's task and the controller's loop over it, as `trainer.train` builds them."""
+  from trainer import controller, multitask
+  plan = multitask.plan_batches(config, strategy.num_replicas_in_sync, splits.train)
+  task = multitask.MultitaskTask(config, strategy, splits, plan, "float32")
+  return controller.make_train_loop(strategy, task), iter(task.train_dataset(0))
+
+
 def measure_package(splits) -> None:
   import tensorflow as tf
-  from trainer import data, train
   from trainer.config import TrainConfig
   strategy = tf.distribute.get_strategy()
   config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(),
                        batch_size=FLAGS.batch_size, steps_per_loop=FLAGS.steps_per_loop,
-                       shift_pixels=FLAGS.shift_pixels)
-  steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
-  state = train.build_training_state(config, strategy, "float32", steps_per_epoch)
-  loop = train.make_train_loop(strategy, state.model, state.optimizer, state.weighting,
-                               jit_compile=FLAGS.jit_compile)
-  batches = iter(data.distribute_training(strategy, splits.train, config.batch_size, config.seed,
-                                          config.shift_pixels))
+                       shift_pixels=FLAGS.shift_pixels, jit_compile=FLAGS.jit_compile)
+  loop, batches = _package_loop(config, splits, strategy)
   calls = max(2, FLAGS.measure_steps // config.steps_per_loop)
   steps, no_stop = tf.constant(config.steps_per_loop), tf.constant(0.0)
   for _ in range(2):  # Tracing, compilation and the first steps are left out.
-    loop(batches, steps, no_stop)[0]["loss"].numpy()
+    loop(batches, steps, no_stop)[0].numpy()
   started = time.perf_counter()
   for _ in range(calls):
-    loop(batches, steps, no_stop)[0]["loss"].numpy()  # The host reads the sums each call.
+    loop(batches, steps, no_stop)[0].numpy()  # The host reads the sums each call.
   seconds = time.perf_counter() - started
   _emit(images_per_second=calls * config.steps_per_loop * config.batch_size / seconds)
 
@@ -197,7 +199,7 @@ def measure_startup(_) -> None:
   stages = {}
   mark = lambda name: stages.setdefault(name, time.time() - PROCESS_START)
   import tensorflow as tf
-  from trainer import data, distribution, train
+  from trainer import data, distribution
   from trainer.config import TrainConfig
   mark("python_and_tensorflow_imports")
   splits = data.load_splits(FLAGS.dataset)
@@ -205,13 +207,9 @@ def measure_startup(_) -> None:
   strategy = distribution.get_strategy("auto")
   mark("strategy_ready")
   config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp())
-  steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
-  state = train.build_training_state(config, strategy, "float32", steps_per_epoch)
-  mark("model_built")
-  batches = iter(data.distribute_training(strategy, splits.train, config.batch_size, 0, 1))
-  mark("input_pipeline_built")
-  loop = train.make_train_loop(strategy, state.model, state.optimizer, state.weighting)
-  loop(batches, tf.constant(1), tf.constant(0.0))[0]["loss"].numpy()
+  loop, batches = _package_loop(config, splits, strategy)
+  mark("model_and_input_pipeline_built")
+  loop(batches, tf.constant(1), tf.constant(0.0))[0].numpy()
   mark("first_step_done")
   _emit(**stages)
 

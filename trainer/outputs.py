@@ -19,7 +19,6 @@ from absl import logging
 
 from trainer.config import TrainConfig, UserInputError, first_line
 
-SPLIT_RUNS = ("train", "validation")  # TensorBoard runs, one per split, with the same tags.
 
 
 def checkpoint_dir(config: TrainConfig) -> str:
@@ -84,7 +83,10 @@ class RunOutputs:
     self.history_path = os.path.join(config.model_dir, "history.json")
     self.metrics_path = os.path.join(config.model_dir, "metrics.json")
     self.config_path = os.path.join(config.model_dir, "config.json")
-    self._writers = None  # Created at the first epoch's end: a job that stops before logs none.
+    # The controller's TensorBoard run of training scalars; none on other workers.
+    self.train_logs = os.path.join(self.logs, "train") if chief else None
+    # Created at the first epoch's end: a job that stops before logs no validation.
+    self._validation_writer = None
 
   def read_config(self) -> Optional[Dict]:
     """The configuration the run saved when it started or was last resumed; None if none.
@@ -122,10 +124,11 @@ class RunOutputs:
           f"{self.history_path} is not a training history ({first_line(e)}); delete it (the "
           "report's curves then start at the resumed epoch)") from None
 
-  def record_epoch(self, history: List[Dict], entry: Dict, epochs: int, learning_rate: float,
+  def record_epoch(self, history: List[Dict], entry: Dict, epochs: int, global_step: int,
                    images_per_second: Optional[float]) -> List[Dict]:
-    """Logs an epoch's line and writes its entry to history.json and TensorBoard (train and
-    validation as two runs of the same tags, so they share a chart); returns the history."""
+    """Logs an epoch's line and writes its entry to history.json, and its validation metrics
+    to TensorBoard at `global_step` (the controller writes the train run at every call, under
+    the same tags, so the two share a chart); returns the history."""
     history = [old for old in history if old["epoch"] < entry["epoch"]] + [entry]
     train, validation = entry["train"], entry["validation"]
     logging.info(
@@ -139,21 +142,12 @@ class RunOutputs:
     if not self.chief:
       return history
     write_json(self.history_path, {"epochs": history})
-    self._writers = self._writers or {
-        run: tf.summary.create_file_writer(os.path.join(self.logs, run)) for run in SPLIT_RUNS}
-    with self._writers["validation"].as_default(step=entry["epoch"]):
+    self._validation_writer = self._validation_writer or tf.summary.create_file_writer(
+        os.path.join(self.logs, "validation"))
+    with self._validation_writer.as_default(step=global_step):
       for name, value in validation.items():
         tf.summary.scalar(name, value)
-    with self._writers["train"].as_default(step=entry["epoch"]):
-      for name, value in train.items():
-        tf.summary.scalar(name, value)
-      for task, weight in entry["loss_weights"].items():
-        tf.summary.scalar(f"loss_weight/{task}", weight)
-      tf.summary.scalar("learning_rate", learning_rate)
-      if images_per_second is not None:
-        tf.summary.scalar("images_per_second", images_per_second)
-    for writer in self._writers.values():
-      writer.flush()
+    self._validation_writer.flush()
     return history
 
   def finished_metrics(self, epochs: int, epochs_done: int,

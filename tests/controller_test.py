@@ -1,0 +1,281 @@
+"""Tests of trainer.controller, driven by a stand-in task: one variable, a toy step, no model.
+
+The stand-in's state after N steps depends on the order of the steps it saw, so an exact
+resume and the alignment of calls to actions both show in a single number.
+"""
+
+import os
+import re
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import helpers
+from trainer import controller as controller_lib
+from trainer import preemption
+
+STEPS_PER_EPOCH = 10
+
+
+class StandInTask:
+  """A task of one variable: each step halves it and adds the step's global index, which
+  the step reads from its batch; its outputs are the index (as "loss") and the steps taken.
+  At `diverge_at` (a global index), the step reports a non-finite `health` output."""
+  train_outputs = ("loss", "steps", "nonfinite_values")
+
+  def __init__(self, strategy, diverge_at=-1, health="nonfinite_values"):
+    self.strategy, self.diverge_at, self.health = strategy, diverge_at, health
+    with strategy.scope():
+      self.value = tf.Variable(0.0, dtype=tf.float64, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self.datasets_from = []
+
+  def checkpoint_items(self):
+    return {"value": self.value}
+
+  def train_dataset(self, start_step):
+    self.datasets_from.append(start_step)
+    replicas = self.strategy.num_replicas_in_sync
+    # One element per replica and step, each the step's global index.
+    return self.strategy.distribute_datasets_from_function(
+        lambda context: tf.data.Dataset.range(start_step * replicas, 10 ** 9).map(
+            lambda i: tf.reshape(i // replicas, [1])))
+
+  def train_step(self, inputs):
+    replicas = self.strategy.num_replicas_in_sync
+    self.value.assign(self.value * 0.5 + tf.cast(inputs[0], tf.float64))
+    index = tf.cast(inputs[0], tf.float32)
+    outputs = {"loss": index / replicas, "steps": 1.0 / replicas, "nonfinite_values": 0.0}
+    bad = tf.cast(tf.equal(index, float(self.diverge_at)), tf.float32)
+    if self.health == "loss":
+      outputs["loss"] = tf.where(bad > 0, float("inf"), outputs["loss"])
+    else:
+      outputs["nonfinite_values"] = bad / replicas
+    return outputs
+
+  def train_logs(self, sums, steps):
+    return {"loss": sums["loss"] / steps, "steps": sums["steps"]}
+
+  def summaries(self):
+    return {"value": float(self.value.numpy())}
+
+
+def _controller(tmp_path, strategy=None, total_steps=25, steps_per_loop=4,
+                checkpoint_every_steps=7, task=None, **kwargs):
+  strategy = strategy or tf.distribute.get_strategy()
+  task = task or StandInTask(strategy)
+  schedule = controller_lib.Schedule(total_steps=total_steps, steps_per_epoch=STEPS_PER_EPOCH,
+                                     steps_per_loop=steps_per_loop,
+                                     checkpoint_every_steps=checkpoint_every_steps,
+                                     examples_per_step=8)
+  return controller_lib.Controller(strategy, task, schedule, str(tmp_path / "checkpoints"),
+                                   checkpoints_to_keep=100, **kwargs)
+
+
+class Recorder:
+  """Records epoch ends and action calls as they happen."""
+
+  def __init__(self, controller=None):
+    self.events, self.controller = [], controller
+
+  def epoch_end(self, step, logs, examples_per_second):
+    self.events.append(("epoch", step, logs["loss"], logs["steps"]))
+
+  def action(self, name):
+    return lambda step: self.events.append((name, step))
+
+
+def _saved_steps(tmp_path):
+  state = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
+  return [int(path.rsplit("-", 1)[1]) for path in state.all_model_checkpoint_paths]
+
+
+def _expected_value(steps):
+  value = 0.0
+  for index in range(steps):
+    value = value * 0.5 + index
+  return value
+
+
+def test_actions_fire_exactly_at_their_steps_where_calls_do_not_divide_the_epoch(tmp_path):
+  calls = []
+  controller = _controller(tmp_path, steps_per_loop=4)
+  real_call = controller._call
+  controller._call = lambda loop, it, steps, stop: (calls.append(steps),
+                                                    real_call(loop, it, steps, stop))[1]
+  recorder = Recorder()
+  controller.train(recorder.epoch_end, [controller_lib.Action(3, recorder.action("every3"))])
+  assert controller.step == 25
+  assert float(controller.task.value.numpy()) == _expected_value(25)
+  # Epoch ends at 10 and 20, with the mean of the epoch's step indices; actions every 3 steps.
+  assert recorder.events == [
+      ("every3", 3), ("every3", 6), ("every3", 9), ("epoch", 10, 4.5, 10), ("every3", 12),
+      ("every3", 15), ("every3", 18), ("epoch", 20, 14.5, 10), ("every3", 21),
+      ("every3", 24)]
+  # Each call ends at the next action's step (every 3, the checkpoint's 7, the epoch's 10).
+  assert np.cumsum(calls).tolist() == [3, 6, 7, 9, 10, 12, 14, 15, 18, 20, 21, 24, 25]
+  # Saved every 7 steps and at each epoch's end: at 20 the epoch's save is the only one.
+  assert _saved_steps(tmp_path) == [7, 10, 14, 20, 21]
+
+
+def test_calls_run_steps_per_loop_steps_cut_at_each_checkpoint_and_epoch_end(tmp_path):
+  calls = []
+  controller = _controller(tmp_path, steps_per_loop=4, checkpoint_every_steps=7)
+  real_call = controller._call
+  controller._call = lambda loop, it, steps, stop: (calls.append(steps),
+                                                    real_call(loop, it, steps, stop))[1]
+  controller.train(Recorder().epoch_end)
+  assert np.cumsum(calls).tolist() == [4, 7, 10, 14, 18, 20, 21, 25]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """A run saved at every step, and what it recorded: (its directory, controller, events)."""
+  directory = tmp_path_factory.mktemp("uninterrupted")
+  controller, recorder = _controller(directory, checkpoint_every_steps=1), Recorder()
+  controller.train(recorder.epoch_end)
+  return directory, controller, recorder.events
+
+
+@pytest.mark.parametrize("resume_at", [1, 3, 9, 10, 11, 19, 24])
+def test_resuming_from_any_step_ends_as_the_uninterrupted_run(tmp_path, uninterrupted,
+                                                             resume_at):
+  source, finished, events = uninterrupted
+  shutil.copytree(source, tmp_path / "run")
+  checkpoints = tmp_path / "run" / "checkpoints"
+  # As if killed right after step `resume_at`'s checkpoint.
+  tf.compat.v1.train.update_checkpoint_state(str(checkpoints), str(checkpoints / f"ckpt-{resume_at}"))
+  resumed, recorder = _controller(tmp_path / "run", checkpoint_every_steps=1), Recorder()
+  assert resumed.restore().endswith(f"ckpt-{resume_at}") and resumed.step == resume_at
+  resumed.train(recorder.epoch_end)
+  assert resumed.task.datasets_from == [resume_at]
+  assert float(resumed.task.value.numpy()) == float(finished.task.value.numpy())
+  # An epoch ended after the resume has the whole epoch's sums, steps before it included.
+  assert recorder.events == [event for event in events if event[1] > resume_at]
+  assert len(recorder.events) == len([end for end in (10, 20) if end > resume_at])
+
+
+def test_sigterm_stops_every_replica_at_one_step_saves_there_and_resumes(tmp_path,
+                                                                         two_replicas):
+  def sigterm(step):
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  controller = _controller(tmp_path, strategy=two_replicas, checkpoint_every_steps=100)
+  # Sent at step 5; the next call (5 to 9) carries the flag, and all replicas stop at its end.
+  with pytest.raises(preemption.Preempted, match=r"ckpt-9 saved at epoch 1, step 9$"):
+    controller.train(Recorder().epoch_end, [controller_lib.Action(5, sigterm)])
+  assert _saved_steps(tmp_path) == [9]
+  resumed = _controller(tmp_path, strategy=two_replicas, checkpoint_every_steps=100)
+  resumed.restore()
+  resumed.train(Recorder().epoch_end)
+  assert float(resumed.task.value.numpy()) == _expected_value(25)
+
+
+def test_sigterm_at_a_saving_step_saves_once(tmp_path):
+  def sigterm(step):
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  controller = _controller(tmp_path, steps_per_loop=3, checkpoint_every_steps=100)
+  # Sent at step 9; the next call ends at the epoch's end (10), whose checkpoint is the stop's.
+  with pytest.raises(preemption.Preempted, match=r"ckpt-10 saved at epoch 2, step 0$"):
+    controller.train(Recorder().epoch_end, [controller_lib.Action(9, sigterm)])
+  assert _saved_steps(tmp_path) == [10]
+
+
+@pytest.mark.parametrize("health, problem", [("nonfinite_values", "non-finite values"),
+                                             ("loss", "a non-finite loss (inf)")])
+def test_divergence_stops_at_its_step_before_saving_anything_of_that_call(tmp_path, health,
+                                                                          problem):
+  task = StandInTask(tf.distribute.get_strategy(), diverge_at=12, health=health)
+  controller = _controller(tmp_path, task=task, steps_per_loop=5, checkpoint_every_steps=100,
+                           summary_dir=str(tmp_path / "logs"))
+  recorder = Recorder()
+  with pytest.raises(controller_lib.Diverged,
+                     match=rf"training diverged: {re.escape(problem)} at step 13 \(epoch 2, step 3\); "
+                           r"stopped without saving; the last good checkpoint is .*ckpt-10;"):
+    controller.train(recorder.epoch_end)
+  assert controller.step == 10  # The call of steps 10 to 15 counts for nothing.
+  assert _saved_steps(tmp_path) == [10]
+  assert [step for _, step, *_ in recorder.events] == [10]
+  assert _logged_steps(tmp_path / "logs", "loss") == [5, 10]
+
+
+def test_divergence_before_any_checkpoint_says_there_is_none(tmp_path):
+  task = StandInTask(tf.distribute.get_strategy(), diverge_at=2)
+  first_saves = []
+  controller = _controller(tmp_path, task=task, on_first_save=lambda: first_saves.append(1))
+  with pytest.raises(controller_lib.Diverged, match=r"at step 3 \(epoch 1, step 3\).*none "
+                                                    r"\(delete --model_dir to start over\)"):
+    controller.train(Recorder().epoch_end)
+  assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+  assert not first_saves
+
+
+def test_a_finished_run_trains_and_writes_nothing(tmp_path):
+  _controller(tmp_path, summary_dir=str(tmp_path / "logs")).train(Recorder().epoch_end)
+  before = helpers.directory_state(str(tmp_path))
+  finished, recorder = _controller(tmp_path, summary_dir=str(tmp_path / "logs")), Recorder()
+  finished.restore()
+  finished.train(recorder.epoch_end, [controller_lib.Action(1, recorder.action("any"))])
+  assert finished.step == 25 and not recorder.events
+  assert helpers.directory_state(str(tmp_path)) == before
+
+
+def test_on_first_save_runs_once_before_the_first_checkpoint(tmp_path):
+  seen = []
+  controller = _controller(tmp_path, on_first_save=lambda: seen.append(
+      tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))))
+  controller.train(Recorder().epoch_end)
+  assert seen == [None]
+
+
+def _logged_steps(directory, tag):
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(directory))
+  events.Reload()
+  return [event.step for event in events.Tensors(tag)]
+
+
+def test_tensorboard_gets_every_calls_logs_at_the_global_step(tmp_path):
+  controller = _controller(tmp_path, steps_per_loop=4, checkpoint_every_steps=100,
+                           summary_dir=str(tmp_path / "logs"))
+  controller.train(Recorder().epoch_end)
+  # Calls end at 4, 8, 10 (the epoch), 14, 18, 20, 24, 25.
+  expected = [4, 8, 10, 14, 18, 20, 24, 25]
+  for tag in ("loss", "steps_per_second", "value"):
+    assert _logged_steps(tmp_path / "logs", tag) == expected, tag
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(tmp_path / "logs"))
+  events.Reload()
+  losses = [float(tf.make_ndarray(event.tensor_proto)) for event in events.Tensors("loss")]
+  assert losses == [1.5, 5.5, 8.5, 11.5, 15.5, 18.5, 21.5, 24.0]  # Each call's mean index.
+
+
+def test_throughput_leaves_out_the_first_call_and_time_between_calls(tmp_path):
+  import time
+  controller = _controller(tmp_path, total_steps=20, steps_per_loop=5)
+  controller.train(Recorder().epoch_end,
+                   [controller_lib.Action(5, lambda step: time.sleep(0.5))])
+  examples, seconds = controller.throughput.run
+  assert examples == 15 * 8  # Three calls of 5 steps of 8 examples after the first.
+  assert seconds < 0.5  # The sleeps between calls are not counted.
+  assert controller.throughput.overall() == examples / seconds
+
+
+def test_a_checkpoint_without_a_global_step_is_refused_with_the_way_on(tmp_path):
+  old = tf.train.Checkpoint(epoch=tf.Variable(1, dtype=tf.int64))
+  tf.train.CheckpointManager(old, str(tmp_path / "checkpoints"), max_to_keep=1).save(16)
+  with pytest.raises(controller_lib.UserInputError,
+                     match=r"ckpt-16 was written by an older version of this trainer"):
+    _controller(tmp_path).restore()
+
+
+def test_divergence_names_what_went_non_finite():
+  healthy = {"loss": 1.0, "nonfinite_gradients": 0.0, "nonfinite_weights": 0.0}
+  assert controller_lib.divergence(healthy) is None
+  for name, value, problem in (("nonfinite_gradients", 1.0, "non-finite gradients"),
+                               ("nonfinite_weights", 1.0, "non-finite weights"),
+                               ("loss", np.nan, "a non-finite loss (nan)")):
+    assert controller_lib.divergence({**healthy, name: value}) == problem

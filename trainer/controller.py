@@ -1,0 +1,324 @@
+"""The controller: the training loop of any task, under any tf.distribute strategy.
+
+After Orbit's `Controller` driving a `StandardTrainer`: the controller owns the schedule and
+the task owns the computation. The controller keeps one checkpointed global step (the epoch is
+derived from it) and the running sums of the epoch in progress, so that a resumed epoch's
+metrics are whole. Each call into the device runs `min(steps_per_loop, steps to the next
+action)` steps of the task's `train_step` in one `tf.function`, keeping their sums on the
+device; then the host asks each periodic action whether it is its time (big_vision's
+`itstime`): the epoch's end, the caller's actions, a checkpoint, a preemption stop.
+
+It imports nothing of the model, the data or the losses: tests drive it with a stand-in task
+of a few variables (tests/controller_test.py).
+
+Faults: a step whose outputs are not finite, or whose `nonfinite_*` counters are not zero,
+stops the job before anything from that call is saved (`Diverged`). SIGTERM is agreed on by
+every worker inside the call, so all stop at the same step, save, and raise `Preempted`.
+"""
+
+import dataclasses
+import time
+from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer import preemption
+from trainer import progress as progress_lib
+from trainer.config import UserInputError, first_line
+
+# A task's step output whose name starts so counts the replicas where something went
+# non-finite (gradients, weights): any count above zero is a divergence.
+HEALTH_PREFIX = "nonfinite_"
+
+
+class Task(Protocol):
+  """What the controller trains (after Orbit's StandardTrainer and Model Garden's Task).
+
+  `train_outputs` names, in a fixed order, the scalars `train_step` returns; each is summed
+  over the replicas and the steps of a call, so a replica returns its share of a global value.
+  """
+  train_outputs: Tuple[str, ...]
+
+  def checkpoint_items(self) -> Dict[str, tf.Module]:
+    """What the checkpoint holds besides the controller's step and sums, by name."""
+
+  def train_dataset(self, start_step: int):
+    """The distributed training batches from global step `start_step` on, without end."""
+
+  def train_step(self, inputs) -> Dict[str, tf.Tensor]:
+    """One replica's step on its batch: updates the state, returns `train_outputs`."""
+
+  def train_logs(self, sums: Dict[str, float], steps: int) -> Dict[str, float]:
+    """The metrics to log for `steps` steps whose outputs summed to `sums`."""
+
+  def summaries(self) -> Dict[str, float]:
+    """Scalars of the task's state to log with the metrics (a learning rate, say)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """When things happen, in global steps."""
+  total_steps: int
+  steps_per_epoch: int
+  steps_per_loop: int
+  checkpoint_every_steps: int
+  examples_per_step: int  # The global batch: for images per second.
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+  """`run(global_step)` every `every` steps (0: never), after the step's epoch end, if any."""
+  every: int
+  run: Callable[[int], None]
+
+
+class Diverged(UserInputError):
+  """Training went non-finite; nothing from the call where it happened was saved."""
+
+
+def itstime(step: int, every: int) -> bool:
+  """Whether a periodic action of period `every` steps (0: never) is due at `step`."""
+  return every > 0 and step > 0 and step % every == 0
+
+
+def steps_to_next(step: int, every: int) -> Optional[int]:
+  """Steps from `step` to the next multiple of `every` (None for 0: never)."""
+  return every - step % every if every > 0 else None
+
+
+def divergence(sums: Dict[str, float]) -> Optional[str]:
+  """What went non-finite in a call's summed outputs, or None where training is healthy."""
+  for name, value in sums.items():
+    if name.startswith(HEALTH_PREFIX) and value:
+      return f"non-finite {name[len(HEALTH_PREFIX):]}"
+  for name, value in sums.items():
+    if not np.isfinite(value):
+      return f"a non-finite {name} ({value})"
+  return None
+
+
+def describe_step(step: int, steps_per_epoch: int) -> str:
+  """'step N (epoch E, step S)' for the N-th training step of the run, counted from 1."""
+  return (f"step {step} (epoch {(step - 1) // steps_per_epoch + 1}, step "
+          f"{(step - 1) % steps_per_epoch + 1})")
+
+
+class Throughput:
+  """Examples per second inside training calls only: not evaluation, checkpoints, or a
+  process's first call (tracing and compilation)."""
+
+  def __init__(self):
+    self._first_call_done = False
+    self.run = [0, 0.0]  # Examples and seconds.
+    self.epoch = [0, 0.0]
+
+  def add(self, examples: int, seconds: float) -> None:
+    if not self._first_call_done:
+      self._first_call_done = True
+      return
+    for totals in (self.run, self.epoch):
+      totals[0] += examples
+      totals[1] += seconds
+
+  def end_epoch(self) -> Optional[float]:
+    """The epoch's examples/s (None if only its first call ran in this process)."""
+    examples, seconds = self.epoch
+    self.epoch = [0, 0.0]
+    return examples / seconds if seconds else None
+
+  def overall(self) -> Optional[float]:
+    return self.run[0] / self.run[1] if self.run[1] else None
+
+
+def make_train_loop(strategy: tf.distribute.Strategy, task: Task):
+  """A `tf.function(iterator, num_steps, stop_requested)` that runs `num_steps` task steps.
+
+  Returns the summed `train_outputs` (a vector in that order, kept on the device across the
+  call), the index of the first step whose outputs were not healthy (-1 if none), and whether
+  any worker's `stop_requested` was true: every worker gets the same answer, so all stop at
+  the same step. There is no data-dependent exit: the host reads the sums once per call.
+  """
+  names = task.train_outputs
+  health = [index for index, name in enumerate(names) if name.startswith(HEALTH_PREFIX)]
+
+  def replica_step(inputs):
+    outputs = task.train_step(inputs)
+    # One vector: MultiWorkerMirroredStrategy's reduce takes no dicts.
+    return tf.stack([tf.cast(outputs[name], tf.float32) for name in names])
+
+  @tf.function
+  def train_loop(iterator, num_steps, stop_requested):
+    sums = tf.zeros([len(names)])
+    first_bad = tf.constant(-1)
+    for index in tf.range(num_steps):
+      step = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                             strategy.run(replica_step, args=(next(iterator),)), axis=None)
+      bad = tf.logical_not(tf.reduce_all(tf.math.is_finite(step)))
+      if health:
+        bad = tf.logical_or(bad, tf.reduce_sum(tf.gather(step, health)) > 0)
+      first_bad = tf.where(tf.logical_and(first_bad < 0, bad), index, first_bad)
+      sums += step
+    requests = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                               strategy.run(tf.identity, args=(stop_requested,)), axis=None)
+    return sums, first_bad, requests > 0
+
+  return train_loop
+
+
+class Controller:
+  """Trains `task` to `schedule.total_steps`, checkpointing into `save_dir`.
+
+  `checkpoint_dir` is where every worker restores from; `save_dir` where this worker saves
+  (a non-chief worker saves into scratch: saving is collective under multi-worker). With a
+  `summary_dir` (the chief's), the task's logs go to TensorBoard at every call, at the global
+  step. `on_first_save()` runs once, before this process's first checkpoint: by then every
+  check has passed and training has proven sound.
+  """
+
+  def __init__(self, strategy: tf.distribute.Strategy, task: Task, schedule: Schedule,
+               checkpoint_dir: str, checkpoints_to_keep: int, save_dir: Optional[str] = None,
+               summary_dir: Optional[str] = None, show_progress: bool = False,
+               on_first_save: Optional[Callable[[], None]] = None):
+    self.strategy, self.task, self.schedule = strategy, task, schedule
+    self.checkpoint_dir = checkpoint_dir
+    self._summary_dir, self._show_progress = summary_dir, show_progress
+    self._on_first_save, self._writer = on_first_save, None
+    self._epoch_names = [n for n in task.train_outputs if not n.startswith(HEALTH_PREFIX)]
+    with strategy.scope():
+      self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+      self.epoch_sums = tf.Variable(tf.zeros([len(self._epoch_names)], tf.float64),
+                                    trainable=False, name="epoch_sums")
+    self.checkpoint = tf.train.Checkpoint(global_step=self.global_step,
+                                          epoch_sums=self.epoch_sums, **task.checkpoint_items())
+    self.manager = tf.train.CheckpointManager(self.checkpoint, save_dir or checkpoint_dir,
+                                              max_to_keep=checkpoints_to_keep)
+    self.throughput = Throughput()
+
+  @property
+  def step(self) -> int:
+    return int(self.global_step.numpy())
+
+  @property
+  def epochs_done(self) -> int:
+    return self.step // self.schedule.steps_per_epoch
+
+  def restore(self) -> Optional[str]:
+    """Restores the latest checkpoint in `checkpoint_dir`, if any; returns its path.
+
+    Only checkpoints that the CheckpointManager's state file names count: it names a
+    checkpoint after all its files are written, so a save cut short is never trusted.
+    Raises `UserInputError` for a checkpoint of another trainer or another model.
+    """
+    latest = tf.train.latest_checkpoint(self.checkpoint_dir)
+    if not latest:
+      return None
+    saved = {name for name, _ in tf.train.list_variables(latest)}
+    if "global_step/.ATTRIBUTES/VARIABLE_VALUE" not in saved:
+      raise UserInputError(
+          f"the checkpoint {latest} was written by an older version of this trainer (an epoch "
+          "and a step counter, no global step); finish that run with the version that "
+          "started it, or start this one in a new --model_dir")
+    try:
+      self.checkpoint.restore(latest).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+      raise UserInputError(
+          f"the checkpoint {latest} does not fit this model ({first_line(e)[:200]}); use the "
+          "flags it was trained with (e.g. --latent_dim) or a new --model_dir") from None
+    return latest
+
+  def save(self) -> str:
+    """Saves a checkpoint numbered by the global step; returns its path."""
+    if self._on_first_save:
+      self._on_first_save()
+      self._on_first_save = None
+    return self.manager.save(checkpoint_number=self.step)
+
+  def train(self, on_epoch_end: Callable[[int, Dict[str, float], Optional[float]], None],
+            actions: Sequence[Action] = ()) -> None:
+    """Trains to `total_steps`. At each epoch's end, `on_epoch_end(global_step, the epoch's
+    train logs, its examples/s or None)` runs, then a checkpoint is saved; then `actions`,
+    in order; then the periodic checkpoint, unless one was saved at that step.
+
+    Raises `Diverged` and, after saving, `preemption.Preempted` on SIGTERM.
+    """
+    schedule = self.schedule
+    train_loop = make_train_loop(self.strategy, self.task)
+    iterator = iter(self.task.train_dataset(self.step))
+    periods = [schedule.steps_per_epoch, schedule.checkpoint_every_steps]
+    periods += [action.every for action in actions]
+    progress = None
+    with preemption.sigterm_flag() as termination:
+      while self.step < schedule.total_steps:
+        step = self.step
+        steps = min([schedule.steps_per_loop, schedule.total_steps - step]
+                    + [s for s in (steps_to_next(step, every) for every in periods) if s])
+        if step % schedule.steps_per_epoch == 0 or progress is None:
+          progress = self._progress()
+        sums, stop = self._call(train_loop, iterator, steps, termination.requested)
+        if progress:
+          progress.update((self.step - 1) % schedule.steps_per_epoch + 1,
+                          self.task.train_logs(sums, steps).get("loss", float("nan")))
+        saved = self._after_call(on_epoch_end, actions)
+        if stop:
+          raise preemption.Preempted(
+              f"checkpoint {saved or self.save()} saved at epoch {self.epochs_done + 1}, "
+              f"step {self.step % schedule.steps_per_epoch}")
+
+  def _call(self, train_loop, iterator, steps: int, stop_requested: bool):
+    """One call into the device: `steps` steps, checked, counted and logged."""
+    started = time.perf_counter()
+    sums, first_bad, stop = train_loop(iterator, tf.constant(steps),
+                                       tf.constant(float(stop_requested)))
+    sums = dict(zip(self.task.train_outputs, sums.numpy().tolist()))
+    seconds = time.perf_counter() - started
+    if int(first_bad) >= 0:
+      bad_step = describe_step(self.step + int(first_bad) + 1, self.schedule.steps_per_epoch)
+      raise Diverged(
+          f"training diverged: {divergence(sums)} at {bad_step}; stopped without saving; the "
+          "last good checkpoint is "
+          f"{self.manager.latest_checkpoint or 'none (delete --model_dir to start over)'}; "
+          "lower --learning_rate or check the data")
+    self.throughput.add(steps * self.schedule.examples_per_step, seconds)
+    self.global_step.assign_add(steps)
+    self.epoch_sums.assign_add([sums[name] for name in self._epoch_names])
+    self._write_summaries({**self.task.train_logs(sums, steps), **self.task.summaries(),
+                           "steps_per_second": steps / seconds})
+    return sums, bool(stop)
+
+  def _after_call(self, on_epoch_end, actions) -> Optional[str]:
+    """Runs what is due at the step reached; returns the checkpoint saved there, if any."""
+    step, schedule, saved = self.step, self.schedule, None
+    if itstime(step, schedule.steps_per_epoch):
+      sums = dict(zip(self._epoch_names, self.epoch_sums.numpy().tolist()))
+      # The caller records the epoch before the checkpoint: a job stopped between the two
+      # trains the epoch again and rewrites its record, where the other order would lose it.
+      on_epoch_end(step, self.task.train_logs(sums, schedule.steps_per_epoch),
+                   self.throughput.end_epoch())
+      self.epoch_sums.assign(tf.zeros_like(self.epoch_sums))
+      saved = self.save()
+    for action in actions:
+      if itstime(step, action.every):
+        action.run(step)
+    if saved is None and itstime(step, schedule.checkpoint_every_steps):
+      saved = self.save()
+    return saved
+
+  def _progress(self) -> Optional[progress_lib.Progress]:
+    if not self._show_progress:
+      return None
+    schedule = self.schedule
+    return progress_lib.Progress(self.epochs_done + 1,
+                                 schedule.total_steps // schedule.steps_per_epoch,
+                                 schedule.steps_per_epoch, schedule.examples_per_step)
+
+  def _write_summaries(self, scalars: Dict[str, float]) -> None:
+    """The scalars of one call, at the global step it reached (chief only)."""
+    if not self._summary_dir:
+      return
+    self._writer = self._writer or tf.summary.create_file_writer(self._summary_dir)
+    with self._writer.as_default(step=self.step):
+      for name, value in scalars.items():
+        tf.summary.scalar(name, value)
+    self._writer.flush()
