@@ -1,12 +1,16 @@
-"""Tests of trainer.config: validation of every setting, and --loss_weights parsing."""
+"""Tests of trainer.config: validation of every setting, the restart rules and the README's
+table of them, and --loss_weights parsing."""
 
 import dataclasses
+import difflib
+import os
 import re
 
 import pytest
 
 from trainer import config
 
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 def test_defaults_are_valid_and_weight_the_reconstruction_eight_times_the_classifier():
   cfg = config.TrainConfig(model_dir="/tmp/x")
@@ -57,6 +61,17 @@ def test_bad_settings_are_refused_with_the_fix(changes, message):
     config.TrainConfig(**{"model_dir": "/tmp/x", **changes})
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"shift_pixels": 9}, "--shift_pixels=9 must be between 0 and 8"),
+    ({"weight_decay": float("nan")}, "--weight_decay=nan must be zero or more"),
+    ({"jit_compile": True, "deterministic": True},
+     "--jit_compile and --deterministic cannot go together"),
+])
+def test_each_kind_of_check_refuses_with_its_message(changes, message):
+  with pytest.raises(config.UserInputError, match=re.escape(message)):
+    config.TrainConfig(**{"model_dir": "/tmp/x", **changes})
+
+
 @pytest.mark.parametrize("dataset", ["mnist", "mnist_sample", "tfds:fashion_mnist",
                                      "idx:/data/fashion", "npz:gs://bucket/mnist.npz"])
 def test_every_kind_of_dataset_name_is_accepted(dataset):
@@ -76,14 +91,54 @@ def test_model_dir_defaults_to_vertex_ai_model_dir(monkeypatch):
   assert config.default_model_dir() == "gs://bucket/model"
 
 
+@pytest.mark.parametrize("name, variable", [("model_dir", "AIP_MODEL_DIR"),
+                                            ("checkpoint_dir", "AIP_CHECKPOINT_DIR"),
+                                            ("tensorboard_dir", "AIP_TENSORBOARD_LOG_DIR")])
+def test_a_flag_default_comes_from_vertex_ais_variable_where_it_is_set(monkeypatch, name,
+                                                                        variable):
+  monkeypatch.delenv(variable, raising=False)
+  assert config.flag_default(name) == ""
+  monkeypatch.setenv(variable, "gs://bucket/run")
+  assert config.flag_default(name) == "gs://bucket/run"
+  assert config.flag_default("batch_size") == 64
+
+
 def test_first_line_of_an_error_message():
   assert config.first_line(ValueError("bad thing\n  details")) == "bad thing"
   assert config.first_line(AssertionError()) == "AssertionError"
 
 
-def test_every_setting_has_a_rule_for_restarts():
-  assert set(config.RESUME_RULES) == {f.name for f in dataclasses.fields(config.TrainConfig)}
+def test_every_setting_has_a_rule_for_restarts_and_a_help_group():
+  names = [f.name for f in dataclasses.fields(config.TrainConfig)]
+  assert list(config.RESUME_RULES) == names
   assert set(config.RESUME_RULES.values()) == {config.REFUSED, config.ALLOWED, config.EXTENDING}
+  groups = config.settings_by_group()
+  assert list(groups) == list(config.HELP_GROUPS)
+  assert sorted(name for group in groups.values() for name in group) == sorted(names)
+
+
+def test_a_setting_with_an_unknown_group_or_restart_rule_is_refused_where_it_is_written():
+  with pytest.raises(ValueError, match="unknown group 'train'"):
+    config.setting(1, "train", config.REFUSED, help="A typo in its group.")
+  with pytest.raises(ValueError, match="restart rule 'refuse'"):
+    config.setting(1, config.TRAINING, "refuse", help="A typo in its rule.")
+
+
+def test_the_readmes_restart_table_is_the_one_the_settings_give():
+  with open(README) as readme:
+    lines = readme.read().splitlines(keepends=True)
+  header = "| on restart | settings |\n"
+  assert header in lines, f"README.md has no restart table starting {header!r}"
+  start = lines.index(header)
+  end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+  in_readme, generated = "".join(lines[start:end]), config.restart_table_markdown()
+  diff = "".join(difflib.unified_diff(in_readme.splitlines(keepends=True),
+                                      generated.splitlines(keepends=True),
+                                      "README.md", "config.restart_table_markdown()"))
+  assert in_readme == generated, (
+      "README.md's restart table is not the one the settings give: replace it with the output "
+      "of\n  python -c 'from trainer import config; print(config.restart_table_markdown(), "
+      "end=\"\")'\n" + diff)
 
 
 def test_a_restart_names_every_refused_change_and_returns_the_allowed_ones():

@@ -44,6 +44,29 @@ def test_every_flag_of_the_job_is_in_one_help_group():
   assert sorted(grouped) == sorted(defined)
 
 
+def test_each_flag_has_its_fields_type_help_and_choices():
+  from trainer import config
+  flag_types = {str: "string", int: "int", float: "float", bool: "bool"}
+  for field in dataclasses.fields(config.TrainConfig):
+    flag, choices = flags.FLAGS[field.name], field.metadata["choices"]
+    if choices:
+      assert flag.flag_type() == "string enum" and flag.parser.enum_values == list(choices)
+      assert flag.help == f"<{'|'.join(choices)}>: {field.metadata['help']}"
+    else:
+      assert flag.flag_type() == flag_types.get(field.type, "string"), field.name
+      assert flag.help == field.metadata["help"]
+
+
+def test_the_directory_flags_default_to_vertex_ais_variables():
+  result = helpers.run_trainer("--help", timeout=60, env={
+      "AIP_MODEL_DIR": "gs://b/model", "AIP_CHECKPOINT_DIR": "gs://b/checkpoints",
+      "AIP_TENSORBOARD_LOG_DIR": "gs://b/logs"})
+  assert result.returncode == 0, result.stderr
+  for line in ("--model_dir=gs://b/model", "--checkpoint_dir=gs://b/checkpoints",
+               "--tensorboard_dir=gs://b/logs"):
+    assert f"\n  {line}\n" in result.stdout, result.stdout
+
+
 def test_a_typo_in_the_dataset_is_refused_before_tensorflow_is_imported(tmp_path):
   started = time.monotonic()
   result = helpers.run_trainer("--dataset=mnist_smaple", f"--model_dir={tmp_path}", timeout=60)

@@ -1,13 +1,14 @@
 """The job's configuration: one validated dataclass, and the error type for bad input.
 
-Flags live in `trainer.task`; everything below it takes a `TrainConfig` (or
-explicit arguments), so tests and notebooks can build one directly.
+Each setting is one field, made by `setting()` with its help, `--help` group, check and rule on
+restart; the flags (`trainer.task`), `RESUME_RULES` and the README's restart table come from
+them. Below the entry point all takes a `TrainConfig`: tests and notebooks can build one.
 """
 
 import dataclasses
 import difflib
 import os
-from typing import Dict
+from typing import Callable, Dict, Optional, Sequence
 
 CLASSIFIER = "classifier"
 DECODER = "decoder"
@@ -29,99 +30,54 @@ DEFAULT_LOSS_WEIGHTS = {CLASSIFIER: 1.0, DECODER: 8.0}
 DATASETS = ("mnist", "mnist_sample")
 DATASET_KINDS = ("tfds", "idx", "npz")
 
+# The sections of --help, in the order it shows them; each setting names its own.
+DATA, SEMI_SUPERVISED, DISTRIBUTION, TRAINING, OUTPUTS, FAULTS = (
+    "data", "semi-supervised", "distribution", "training", "outputs",
+    "faults (checkpoints, resuming, reproducing)")
+HELP_GROUPS = (DATA, SEMI_SUPERVISED, DISTRIBUTION, TRAINING, OUTPUTS, FAULTS)
+
+# What a restart may change: RESTART_ROWS is the README's table, a row per rule, what a change
+# does and what the rule's settings share. Another number of input pipelines (workers) shuffles
+# each one's shard differently: an epoch boundary resumes exactly, mid-epoch the rest of the
+# epoch is drawn from another order (the README says so below the table).
+REFUSED, ALLOWED, EXTENDING = "refused", "allowed", "extending"
+RESTART_ROWS = {
+    REFUSED: ("refused, one `error:` line naming each change, no file touched",
+              "they change what the remaining steps compute or the order of the data"),
+    ALLOWED: ("allowed, logged",
+              "paths (a run may be copied), the peak learning rate (a divergence's message "
+              "advises lowering it), how the steps run and what is saved or logged when"),
+    EXTENDING: ("extending",
+                "a larger value trains on, the cosine schedule stretched over the new total, so "
+                "the rate rises again (20 to 30 epochs resumes at a quarter of the peak); fewer "
+                "epochs than trained are refused"),
+}
+
 
 class UserInputError(ValueError):
   """Bad input the user can fix: the message names the problem and the fix."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything one training job needs to know, validated on construction."""
-
-  dataset: str = "mnist"
-  data_dir: str = ""
-  model_dir: str = ""
-  checkpoint_dir: str = ""  # Empty: model_dir/checkpoints.
-  tensorboard_dir: str = ""  # Empty: model_dir/logs.
-  strategy: str = "auto"
-  tpu: str = ""
-  precision: str = "auto"
-  batch_size: int = 64
-  epochs: int = 10
-  learning_rate: float = 3e-3  # The peak, reached after warmup_steps; cosine decay to zero.
-  warmup_steps: int = 200
-  weight_decay: float = 0.05  # AdamW's decoupled decay; the task weighting's own are exempt.
-  loss_weights: Dict[str, float] = dataclasses.field(
-      default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
-  loss_weighting: str = "fixed"  # Or "uncertainty": learned (trainer.losses).
-  labeled_examples: int = 0  # 0: every training label; else the classifier learns from these.
-  input_noise: float = 0.0  # Denoising: noise on the encoder's training input; 0: none.
-  unlabeled_loss: str = "none"  # One of UNLABELED_LOSSES; needs labeled_examples.
-  unlabeled_weight: float = 1.0  # The unlabelled term's weight in the total loss.
-  pseudo_label_threshold: float = 0.95  # pseudo_label: the confidence an answer needs to count.
-  steps_per_loop: int = 0  # 0: the platform's default (distribution.default_steps_per_loop).
-  checkpoint_every_steps: int = 500
-  checkpoints_to_keep: int = 3
-  eval_every_steps: int = 0  # 0: evaluate at epoch ends only.
-  jit_compile: bool = False
-  latent_dim: int = 256
-  width: int = 48  # Channels of the first convolution; each coarser resolution doubles them.
-  shift_pixels: int = 1
-  seed: int = 0
-  deterministic: bool = False
-  report: bool = True  # Draw the report under model_dir/report at the end.
-
-  def __post_init__(self):
-    check_dataset_name(self.dataset)
-    if self.strategy not in STRATEGIES:
-      raise UserInputError(unknown_choice("strategy", self.strategy, STRATEGIES))
-    if self.precision not in PRECISIONS:
-      raise UserInputError(unknown_choice("precision", self.precision, PRECISIONS))
-    for name in ("batch_size", "epochs", "latent_dim", "width", "checkpoint_every_steps",
-                 "checkpoints_to_keep"):
-      if getattr(self, name) <= 0:
-        raise UserInputError(f"--{name}={getattr(self, name)} must be a positive integer")
-    if self.loss_weighting not in LOSS_WEIGHTINGS:
-      raise UserInputError(unknown_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS))
-    for name in ("steps_per_loop", "eval_every_steps", "labeled_examples", "warmup_steps"):
-      if getattr(self, name) < 0:
-        raise UserInputError(f"--{name}={getattr(self, name)} must be zero or more")
-    if not 0 <= self.shift_pixels <= 8:
-      raise UserInputError(f"--shift_pixels={self.shift_pixels} must be between 0 and 8")
-    if self.jit_compile and self.deterministic:
-      raise UserInputError("--jit_compile and --deterministic cannot go together: XLA has no "
-                           "deterministic max-pool gradient; drop one of them")
-    if not self.learning_rate > 0:
-      raise UserInputError(f"--learning_rate={self.learning_rate} must be positive")
-    if not self.weight_decay >= 0:
-      raise UserInputError(f"--weight_decay={self.weight_decay} must be zero or more")
-    if set(self.loss_weights) != set(OUTPUT_NAMES) or any(
-        w < 0 for w in self.loss_weights.values()):
-      raise UserInputError(
-          f"--loss_weights={self.loss_weights} must give a non-negative weight to each of "
-          f"{', '.join(OUTPUT_NAMES)}, e.g. --loss_weights=classifier=1.0,decoder=8.0")
-    if self.loss_weighting != "fixed" and self.loss_weights != DEFAULT_LOSS_WEIGHTS:
-      raise UserInputError(
-          f"--loss_weights applies only to --loss_weighting=fixed (this run's weighting is "
-          f"{self.loss_weighting}, which learns the weights): add --loss_weighting=fixed")
-    if not 0 <= self.input_noise <= 1:
-      raise UserInputError(f"--input_noise={self.input_noise} must be between 0 and 1 (a "
-                           "standard deviation in pixels scaled to [0, 1])")
-    if self.unlabeled_loss not in UNLABELED_LOSSES:
-      raise UserInputError(unknown_choice("unlabeled_loss", self.unlabeled_loss, UNLABELED_LOSSES))
-    if self.unlabeled_loss != "none" and not self.labeled_examples:
-      raise UserInputError(f"--unlabeled_loss={self.unlabeled_loss} needs unlabelled images: "
-                           "add --labeled_examples=N (the labels kept)")
-    if not self.unlabeled_weight >= 0:
-      raise UserInputError(f"--unlabeled_weight={self.unlabeled_weight} must be zero or more")
-    if not 0 <= self.pseudo_label_threshold < 1:
-      raise UserInputError(f"--pseudo_label_threshold={self.pseudo_label_threshold} must be "
-                           "at least 0 and below 1")
-    if not self.model_dir:
-      raise UserInputError("no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir")
+def requirement(holds: Callable[[object], bool], wording: str) -> Callable[[object, str], None]:
+  """A setting's check: `check(value, name)` raises UserInputError unless `holds(value)`,
+  saying "--name=value WORDING"."""
+  def check(value, name: str) -> None:
+    if not holds(value):  # `not`: a NaN holds nothing.
+      raise UserInputError(f"--{name}={value} {wording}")
+  return check
 
 
-def check_dataset_name(dataset: str) -> None:
+POSITIVE = requirement(lambda value: value > 0, "must be positive")
+POSITIVE_INTEGER = requirement(lambda value: value > 0, "must be a positive integer")
+ZERO_OR_MORE = requirement(lambda value: value >= 0, "must be zero or more")
+
+
+def between(low, high, note: str = "") -> Callable[[object, str], None]:
+  """A check accepting `low <= value <= high`; `note` follows the refusal, e.g. the unit."""
+  return requirement(lambda value: low <= value <= high, f"must be between {low} and {high}{note}")
+
+
+def check_dataset_name(dataset: str, name: str = "dataset") -> None:
   """Raises UserInputError unless `dataset` names a kind of source --dataset takes.
 
   Only the name: whether the files or the TFDS set exist is for trainer.data to find out.
@@ -131,35 +87,199 @@ def check_dataset_name(dataset: str) -> None:
     return
   close = difflib.get_close_matches(dataset, DATASETS, n=1)
   hint = f" (did you mean {close[0]}?)" if close else ""
-  raise UserInputError(f"unknown --dataset={dataset!r}{hint}: use mnist, mnist_sample, "
+  raise UserInputError(f"unknown --{name}={dataset!r}{hint}: use mnist, mnist_sample, "
                        "tfds:NAME, idx:DIR or npz:PATH")
 
 
-# What a restart may change, setting by setting (the README's table is this one):
-#   refused    changes what the remaining steps compute or the data order: the job stops with
-#              one line naming each change;
-#   allowed    logged and used: paths (a run may be copied), the peak learning rate (lowering it
-#              is what a divergence's message advises), how the steps run (strategy, precision,
-#              XLA, steps per call) and what is saved or logged when. A strategy with another
-#              number of input pipelines (workers) shuffles each pipeline's shard differently:
-#              an epoch boundary resumes exactly, mid-epoch the rest of the epoch is drawn from
-#              another order;
-#   extending  a larger --epochs trains on, its cosine schedule stretched over the new total.
-REFUSED, ALLOWED, EXTENDING = "refused", "allowed", "extending"
-RESUME_RULES = {
-    "dataset": REFUSED, "batch_size": REFUSED, "seed": REFUSED, "shift_pixels": REFUSED,
-    "labeled_examples": REFUSED, "loss_weighting": REFUSED, "loss_weights": REFUSED,
-    "latent_dim": REFUSED, "width": REFUSED, "warmup_steps": REFUSED, "weight_decay": REFUSED,
-    "input_noise": REFUSED, "unlabeled_loss": REFUSED, "unlabeled_weight": REFUSED,
-    "pseudo_label_threshold": REFUSED,
-    "data_dir": ALLOWED, "model_dir": ALLOWED, "checkpoint_dir": ALLOWED,
-    "tensorboard_dir": ALLOWED, "tpu": ALLOWED,
-    "strategy": ALLOWED, "precision": ALLOWED, "learning_rate": ALLOWED,
-    "steps_per_loop": ALLOWED, "checkpoint_every_steps": ALLOWED, "checkpoints_to_keep": ALLOWED,
-    "eval_every_steps": ALLOWED, "jit_compile": ALLOWED, "deterministic": ALLOWED,
-    "report": ALLOWED,
-    "epochs": EXTENDING,
-}
+def setting(default, group: str, restart: str, *, help: str,  # pylint: disable=redefined-builtin
+            check: Optional[Callable] = None, choices: Sequence[str] = (), env: str = ""):
+  """A field of TrainConfig that is one setting: a flag of its name, shown under `group`.
+
+  `group` is one of HELP_GROUPS, `restart` one of REFUSED, ALLOWED, EXTENDING. Construction
+  refuses a value outside `choices` (when given; the flag is then an enum) or one `check`
+  refuses (`check(value, name)` raises UserInputError: see `requirement`). Where `env` names
+  an environment variable that is set, its value is the flag's default. A dict default is
+  copied for each configuration.
+  """
+  if group not in HELP_GROUPS or restart not in RESTART_ROWS:
+    raise ValueError(f"setting: unknown group {group!r} or restart rule {restart!r}")
+  metadata = {"help": help, "group": group, "restart": restart, "check": check,
+              "choices": tuple(choices), "env": env}
+  if isinstance(default, dict):
+    return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything one training job needs to know, validated on construction; a field per flag."""
+
+  # The fields' order is the order of --help within a group and of a restart's list of changes.
+  dataset: str = setting(
+      "mnist", DATA, REFUSED, check=check_dataset_name,
+      help="mnist (TFDS, downloaded into --data_dir), tfds:NAME (another 28x28 grey TFDS set), "
+           "mnist_sample (5,000 real digits shipped with the package), idx:DIR (the four MNIST "
+           "IDX files), npz:PATH (X (N, 784) uint8 and y (N,) labels).")
+  data_dir: str = setting("", DATA, ALLOWED,
+                          help="TFDS data directory (local or gs://); TFDS's default if empty.")
+  model_dir: str = setting(
+      "", OUTPUTS, ALLOWED, env="AIP_MODEL_DIR",
+      help="Where checkpoints, logs, the export and metrics.json go (local or gs://); defaults "
+           "to $AIP_MODEL_DIR.")
+  checkpoint_dir: str = setting(
+      "", FAULTS, ALLOWED, env="AIP_CHECKPOINT_DIR",
+      help="Where checkpoints go (local or gs://); defaults to $AIP_CHECKPOINT_DIR, else "
+           "--model_dir/checkpoints.")
+  tensorboard_dir: str = setting(
+      "", OUTPUTS, ALLOWED, env="AIP_TENSORBOARD_LOG_DIR",
+      help="Where TensorBoard logs go (local or gs://); defaults to $AIP_TENSORBOARD_LOG_DIR, "
+           "else --model_dir/logs.")
+  tpu: str = setting("", DISTRIBUTION, ALLOWED,
+                     help="TPU address or name; empty or 'local' on a Cloud TPU VM.")
+  strategy: str = setting(
+      "auto", DISTRIBUTION, ALLOWED, choices=STRATEGIES,
+      help="Distribution strategy; auto picks TPU, multi-worker, mirrored or default.")
+  precision: str = setting(
+      "auto", DISTRIBUTION, ALLOWED, choices=PRECISIONS,
+      help="auto: mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU.")
+  batch_size: int = setting(64, TRAINING, REFUSED, check=POSITIVE_INTEGER,
+                            help="Global batch size, split evenly over the replicas.")
+  epochs: int = setting(10, TRAINING, EXTENDING, check=POSITIVE_INTEGER,
+                        help="Passes over the training split.")
+  learning_rate: float = setting(
+      3e-3, TRAINING, ALLOWED, check=POSITIVE,
+      help="Peak learning rate of AdamW, reached after --warmup_steps, then cosine decay to "
+           "zero at the run's end.")
+  seed: int = setting(0, TRAINING, REFUSED, help="Seed for initialisation and shuffling.")
+  shift_pixels: int = setting(
+      1, DATA, REFUSED, check=between(0, 8),
+      help="Augmentation: training images move by up to this many pixels each way (the decoder "
+           "rebuilds the moved image); 0 turns it off.")
+  labeled_examples: int = setting(
+      0, DATA, REFUSED, check=ZERO_OR_MORE,
+      help="Semi-supervised: the classifier learns from this many training labels (balanced by "
+           "class, chosen by --seed), the decoder from every image; 0: every label.")
+  loss_weighting: str = setting(
+      "fixed", TRAINING, REFUSED, choices=LOSS_WEIGHTINGS,
+      help="fixed: --loss_weights; uncertainty: learned per-task weights (Kendall, Gal and "
+           "Cipolla, 2018), logged each epoch.")
+  loss_weights: Dict[str, float] = setting(
+      DEFAULT_LOSS_WEIGHTS, TRAINING, REFUSED,
+      check=requirement(
+          lambda weights: set(weights) == set(OUTPUT_NAMES) and not any(
+              weight < 0 for weight in weights.values()),
+          f"must give a non-negative weight to each of {', '.join(OUTPUT_NAMES)}, e.g. "
+          "--loss_weights=classifier=1.0,decoder=8.0"),
+      help="Weight of each task's loss in the total, as NAME=WEIGHT pairs.")
+  latent_dim: int = setting(256, TRAINING, REFUSED, check=POSITIVE_INTEGER,
+                            help="Size of the shared encoder's output.")
+  width: int = setting(
+      48, TRAINING, REFUSED, check=POSITIVE_INTEGER,
+      help="Channels of the first convolution, doubled at each coarser resolution (the decoder "
+           "mirrors them); smaller is cheaper.")
+  warmup_steps: int = setting(
+      200, TRAINING, REFUSED, check=ZERO_OR_MORE,
+      help="Steps of linear learning-rate warm-up from zero to --learning_rate (at most a fifth "
+           "of the run's steps).")
+  weight_decay: float = setting(  # The task weighting's own variables are exempt.
+      0.05, TRAINING, REFUSED, check=ZERO_OR_MORE,
+      help="AdamW's decoupled weight decay (per unit learning rate).")
+  input_noise: float = setting(
+      0.0, SEMI_SUPERVISED, REFUSED,
+      check=between(0, 1, " (a standard deviation in pixels scaled to [0, 1])"),
+      help="Denoising: Gaussian noise of this standard deviation (pixels scaled to [0, 1]) on "
+           "the encoder's training input; the decoder rebuilds the clean image. 0: none.")
+  unlabeled_loss: str = setting(
+      "none", SEMI_SUPERVISED, REFUSED, choices=UNLABELED_LOSSES,
+      help="Semi-supervised: what the classifier learns from unlabelled images. pseudo_label: "
+           "its confident answers on each image become labels for a strongly augmented copy "
+           "(FixMatch); consistency: its answers on two augmented copies must agree. Needs "
+           "--labeled_examples.")
+  unlabeled_weight: float = setting(1.0, SEMI_SUPERVISED, REFUSED, check=ZERO_OR_MORE,
+                                    help="Weight of --unlabeled_loss in the total loss.")
+  pseudo_label_threshold: float = setting(
+      0.95, SEMI_SUPERVISED, REFUSED,
+      check=requirement(lambda value: 0 <= value < 1, "must be at least 0 and below 1"),
+      help="pseudo_label: the probability an answer needs to become a label.")
+  steps_per_loop: int = setting(  # 0: distribution.default_steps_per_loop.
+      0, DISTRIBUTION, ALLOWED, check=ZERO_OR_MORE,
+      help="Training steps run per call into the device; 0: the platform's default (TPU 500, "
+           "GPU 200, CPU 50).")
+  checkpoint_every_steps: int = setting(
+      500, FAULTS, ALLOWED, check=POSITIVE_INTEGER,
+      help="Save a checkpoint every this many training steps, and at each epoch's end.")
+  checkpoints_to_keep: int = setting(3, FAULTS, ALLOWED, check=POSITIVE_INTEGER,
+                                     help="How many of the latest checkpoints to keep.")
+  eval_every_steps: int = setting(
+      0, TRAINING, ALLOWED, check=ZERO_OR_MORE,
+      help="Also log validation metrics every this many steps; 0: at epoch ends only.")
+  jit_compile: bool = setting(
+      False, DISTRIBUTION, ALLOWED,
+      help="XLA-compile each replica's forward and backward pass (measured 2.3x slower on CPU; "
+           "try it on GPU).")
+  deterministic: bool = setting(
+      False, FAULTS, ALLOWED,
+      help="Deterministic ops (slower): the same flags give the same metrics.")
+  report: bool = setting(
+      True, OUTPUTS, ALLOWED,
+      help="Draw the report (images and report.md) under --model_dir/report at the end.")
+  verbose: bool = setting(
+      False, OUTPUTS, ALLOWED,
+      help="Also log TensorFlow's own start-up and saving messages (its C++ INFO and WARNING "
+           "lines, unless $TF_CPP_MIN_LOG_LEVEL says otherwise).")
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value, choices, check = (getattr(self, field.name), field.metadata["choices"],
+                               field.metadata["check"])
+      if choices and value not in choices:
+        raise UserInputError(unknown_choice(field.name, value, choices))
+      if check:
+        check(value, field.name)
+    if self.jit_compile and self.deterministic:
+      raise UserInputError("--jit_compile and --deterministic cannot go together: XLA has no "
+                           "deterministic max-pool gradient; drop one of them")
+    if self.loss_weighting != "fixed" and self.loss_weights != DEFAULT_LOSS_WEIGHTS:
+      raise UserInputError(
+          f"--loss_weights applies only to --loss_weighting=fixed (this run's weighting is "
+          f"{self.loss_weighting}, which learns the weights): add --loss_weighting=fixed")
+    if self.unlabeled_loss != "none" and not self.labeled_examples:
+      raise UserInputError(f"--unlabeled_loss={self.unlabeled_loss} needs unlabelled images: "
+                           "add --labeled_examples=N (the labels kept)")
+    if not self.model_dir:
+      raise UserInputError("no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir")
+
+
+_SETTINGS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+RESUME_RULES = {name: field.metadata["restart"] for name, field in _SETTINGS.items()}
+
+
+def settings_by_group() -> Dict[str, tuple]:
+  """The names of the settings in each of HELP_GROUPS, in that order: the sections of --help."""
+  return {group: tuple(name for name, field in _SETTINGS.items()
+                       if field.metadata["group"] == group) for group in HELP_GROUPS}
+
+
+def flag_default(name: str):
+  """The default of setting `name`'s flag: the value of its environment variable where it has
+  one that is set ($AIP_MODEL_DIR on Vertex AI, say), else the field's default."""
+  field = _SETTINGS[name]
+  default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+  return os.environ.get(field.metadata["env"], default) if field.metadata["env"] else default
+
+
+def default_model_dir() -> str:
+  """Where outputs go when --model_dir is not given: Vertex AI's $AIP_MODEL_DIR, if set."""
+  return flag_default("model_dir")
+
+
+def restart_table_markdown() -> str:
+  """The README's table of what a restart may change: a row per rule, its settings as flags."""
+  lines = ["| on restart | settings |", "|---|---|"]
+  for rule, (effect, common) in RESTART_ROWS.items():
+    names = ", ".join(f"`--{name}`" for name, named in RESUME_RULES.items() if named == rule)
+    lines.append(f"| {effect} | {names}: {common} |")
+  return "\n".join(lines) + "\n"
 
 
 def format_loss_weights(weights: Dict[str, float]) -> str:
@@ -220,22 +340,3 @@ def parse_loss_weights(text: str) -> Dict[str, float]:
           f"--loss_weights={text!r} is not NAME=NUMBER pairs: "
           "write it as classifier=1.0,decoder=8.0") from None
   return weights
-
-
-def default_model_dir() -> str:
-  """Where outputs go when --model_dir is not given: Vertex AI's $AIP_MODEL_DIR, if set."""
-  return os.environ.get("AIP_MODEL_DIR", "")
-
-
-def default_checkpoint_dir() -> str:
-  """Where checkpoints go when --checkpoint_dir is not given: Vertex AI's $AIP_CHECKPOINT_DIR.
-
-  Empty when unset, which means model_dir/checkpoints.
-  """
-  return os.environ.get("AIP_CHECKPOINT_DIR", "")
-
-
-def default_tensorboard_dir() -> str:
-  """Where TensorBoard logs go when --tensorboard_dir is not given: Vertex AI's
-  $AIP_TENSORBOARD_LOG_DIR. Empty when unset, which means model_dir/logs."""
-  return os.environ.get("AIP_TENSORBOARD_LOG_DIR", "")
