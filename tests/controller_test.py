@@ -116,8 +116,9 @@ def test_actions_fire_exactly_at_their_steps_where_calls_do_not_divide_the_epoch
       ("every3", 24)]
   # Each call ends at the next action's step (every 3, the checkpoint's 7, the epoch's 10).
   assert np.cumsum(calls).tolist() == [3, 6, 7, 9, 10, 12, 14, 15, 18, 20, 21, 24, 25]
-  # Saved every 7 steps and at each epoch's end: at 20 the epoch's save is the only one.
-  assert _saved_steps(tmp_path) == [7, 10, 14, 20, 21]
+  # Saved every 7 steps, at each epoch's end (at 20 the epoch's save is the only one) and at
+  # the last step.
+  assert _saved_steps(tmp_path) == [7, 10, 14, 20, 21, 25]
 
 
 def test_calls_run_steps_per_loop_steps_cut_at_each_checkpoint_and_epoch_end(tmp_path):
@@ -146,7 +147,8 @@ def test_resuming_from_any_step_ends_as_the_uninterrupted_run(tmp_path, uninterr
   shutil.copytree(source, tmp_path / "run")
   checkpoints = tmp_path / "run" / "checkpoints"
   # As if killed right after step `resume_at`'s checkpoint.
-  tf.compat.v1.train.update_checkpoint_state(str(checkpoints), str(checkpoints / f"ckpt-{resume_at}"))
+  tf.compat.v1.train.update_checkpoint_state(str(checkpoints),
+                                             str(checkpoints / f"ckpt-{resume_at}"))
   resumed, recorder = _controller(tmp_path / "run", checkpoint_every_steps=1), Recorder()
   assert resumed.restore().endswith(f"ckpt-{resume_at}") and resumed.step == resume_at
   resumed.train(recorder.epoch_end)

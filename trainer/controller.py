@@ -239,7 +239,8 @@ class Controller:
             actions: Sequence[Action] = ()) -> None:
     """Trains to `total_steps`. At each epoch's end, `on_epoch_end(global_step, the epoch's
     train logs, its examples/s or None)` runs, then a checkpoint is saved; then `actions`,
-    in order; then the periodic checkpoint, unless one was saved at that step.
+    in order; then the periodic checkpoint, unless one was saved at that step; and one at
+    the last step in any case.
 
     Raises `Diverged` and, after saving, `preemption.Preempted` on SIGTERM.
     """
@@ -261,6 +262,8 @@ class Controller:
           progress.update((self.step - 1) % schedule.steps_per_epoch + 1,
                           self.task.train_logs(sums, steps).get("loss", float("nan")))
         saved = self._after_call(on_epoch_end, actions)
+        if saved is None and self.step == schedule.total_steps:
+          saved = self.save()  # The end: a run again finds it finished.
         if stop:
           raise preemption.Preempted(
               f"checkpoint {saved or self.save()} saved at epoch {self.epochs_done + 1}, "
