@@ -212,11 +212,9 @@ def test_cli_bad_input_is_one_error_line_exit_2_and_no_output(tmp_path):
   output = tmp_path / "instances.jsonl"
   output.write_text("the previous lines\n")
   result = helpers.run_module("launch.batch_input", f"--output={output}", good, bad)
-  assert result.returncode == 2
-  assert helpers.error_lines(result.stderr) == [
-      f"error: {bad}: 14x14 pixels, expected 28x28; resize it to 28x28 first (nothing is "
-      "resized here)"]
-  assert "Traceback" not in result.stderr
+  helpers.assert_one_error_line(
+      result, f"{bad}: 14x14 pixels, expected 28x28; resize it to 28x28 first (nothing is "
+      "resized here)", whole=True)
   assert result.stdout == ""
   assert output.read_text() == "the previous lines\n"  # Untouched, and no partial file beside it.
   assert sorted(os.listdir(tmp_path)) == ["good.png", "instances.jsonl", "small.png"]
@@ -224,10 +222,9 @@ def test_cli_bad_input_is_one_error_line_exit_2_and_no_output(tmp_path):
 
 def test_cli_without_inputs_says_how_to_call_it(tmp_path):
   result = helpers.run_module("launch.batch_input", f"--output={tmp_path / 'out.jsonl'}")
-  assert result.returncode == 2
-  assert helpers.error_lines(result.stderr) == [
-      "error: no inputs given (.npz or .png files): python -m launch.batch_input "
-      "--output=gs://BUCKET/instances.jsonl INPUT [INPUT ...]"]
+  helpers.assert_one_error_line(
+      result, "no inputs given (.npz or .png files): python -m launch.batch_input "
+      "--output=gs://BUCKET/instances.jsonl INPUT [INPUT ...]", whole=True)
   assert os.listdir(tmp_path) == []
 
 

@@ -8,25 +8,23 @@ import pytest
 from absl import flags
 from absl import logging as absl_logging
 
+from tests import helpers
 from trainer import cli
 
 
 def test_fail_prints_one_error_line_and_exits_with_the_code(capsys):
-  with pytest.raises(SystemExit) as exited:
-    cli.fail("no --model_dir given")
-  assert exited.value.code == 2
-  assert capsys.readouterr().err == "error: no --model_dir given\n"
-  with pytest.raises(SystemExit) as exited:
-    cli.fail("lost a worker", exit_code=1)
-  assert exited.value.code == 1
+  result = helpers.run_in_process(capsys, cli.fail, "no --model_dir given")
+  helpers.assert_one_error_line(result, "no --model_dir given", whole=True)
+  assert (result.stdout, result.stderr) == ("", "error: no --model_dir given\n")
+  result = helpers.run_in_process(capsys, lambda: cli.fail("lost a worker", exit_code=1))
+  helpers.assert_one_error_line(result, "lost a worker", exit_code=1, whole=True)
+  assert result.stderr == "error: lost a worker\n"
 
 
 def test_a_flag_that_does_not_parse_is_one_error_line(capsys):
-  with pytest.raises(SystemExit) as exited:
-    cli.parse_flags(["prog", "--no_such_flag_anywhere=1"])
-  assert exited.value.code == 2
-  (line,) = capsys.readouterr().err.splitlines()
-  assert line.startswith("error: ") and "no_such_flag_anywhere" in line and "--helpfull" in line
+  result = helpers.run_in_process(capsys, cli.parse_flags, ["prog", "--no_such_flag_anywhere=1"])
+  line = helpers.assert_one_error_line(result, "no_such_flag_anywhere")
+  assert result.stderr.splitlines() == [line] and "--helpfull" in line
 
 
 def test_help_lists_the_flags_by_group_and_exits_0(capsys):

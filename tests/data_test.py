@@ -127,8 +127,10 @@ def test_resuming_mid_epoch_reads_exactly_the_batches_an_uninterrupted_run_would
   whole = list(data.training_dataset(split, 8, 12, seed=3, shift_pixels=2).take(36))
   resumed = list(data.training_dataset(split, 8, 12, seed=3, shift_pixels=2, start_epoch=1,
                                        start_step=5).take(19))
-  for (expected, _, _), (got, _, _) in zip(whole[12 + 5:], resumed):
+  assert len(resumed) == len(whole[12 + 5:]) == 19
+  for (expected, expected_targets, _), (got, targets, _) in zip(whole[12 + 5:], resumed):
     np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(targets["classifier"], expected_targets["classifier"])
 
 
 def test_resuming_counts_steps_in_global_batches_when_a_pipeline_feeds_two_replicas():
@@ -275,6 +277,7 @@ def test_noise_and_views_resume_exactly():
   whole = list(data.training_dataset(split, 8, 12, **settings).take(20))
   resumed = list(data.training_dataset(split, 8, 12, start_epoch=1, start_step=5,
                                        **settings).take(3))
+  assert len(resumed) == len(whole[17:]) == 3
   for ((expected, expected_view), _, _), ((got, got_view), _, _) in zip(whole[17:], resumed):
     np.testing.assert_array_equal(expected, got)
     np.testing.assert_array_equal(expected_view, got_view)

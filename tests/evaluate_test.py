@@ -28,7 +28,7 @@ def test_evaluate_agrees_with_the_jobs_metrics_json(finished_run):
 
 def test_evaluate_without_an_export_says_so(tmp_path):
   result = _evaluate(f"--model_dir={tmp_path}", "--dataset=mnist_sample")
-  assert result.returncode == 2
-  assert helpers.error_lines(result.stderr) == [
-      f"error: no exported model at {tmp_path}/export; train one first with python -m "
-      "trainer.task --model_dir=... or point --model_dir at a finished job's directory"]
+  helpers.assert_one_error_line(
+      result, f"no exported model at {tmp_path}/export; train one first with python -m "
+      "trainer.task --model_dir=... or point --model_dir at a finished job's directory",
+      whole=True)

@@ -5,10 +5,10 @@ exit, and the files of an existing run left byte for byte as they were.
 """
 
 import glob
-import hashlib
 import os
 import re
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -113,10 +113,10 @@ def test_a_lost_worker_stops_the_other_with_a_clear_error_and_a_restart_resumes(
   finally:
     _wait_all([chief, worker], timeout=0)
   log = (tmp_path / "first-worker0.log").read_text()
-  assert chief.returncode == 1, log[-3000:]
-  errors = [line for line in log.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1 and "lost contact with another worker" in errors[0], log[-3000:]
-  assert "restart every worker" in errors[0] and "Traceback" not in log
+  line = helpers.assert_one_error_line(
+      subprocess.CompletedProcess(chief.args, chief.returncode, "", log),
+      "lost contact with another worker", exit_code=1)
+  assert "restart every worker" in line
   latest, _ = _latest_step(model_dir)
 
   workers = helpers.start_workers(tmp_path, "second", *run_flags)
@@ -155,26 +155,11 @@ BASE_FLAGS = ("--epochs=1", "--batch_size=32", "--latent_dim=16", "--width=8",
               "--steps_per_loop=4")
 
 
-def _run_task(argv, capsys):
-  """Runs `python -m trainer.task ARGV` in this process; returns (exit code, stderr)."""
+def _run_task(argv, capsys) -> subprocess.CompletedProcess:
+  """Runs `python -m trainer.task ARGV` in this process; returns its exit code and output."""
   flags.FLAGS.unparse_flags()
-  capsys.readouterr()
-  try:
-    task.main(cli.parse_flags(["trainer.task", *argv]))
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  return code, capsys.readouterr().err
-
-
-def _fingerprint(directory):
-  files = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return files
+  return helpers.run_in_process(
+      capsys, lambda: task.main(cli.parse_flags(["trainer.task", *argv])))
 
 
 @pytest.fixture(scope="module")
@@ -242,11 +227,11 @@ BAD_FLAGS = {
 def test_bad_flag_is_refused_and_the_run_is_untouched(case, finished_run, capsys):
   dataset, model_dir = finished_run
   argv, message = BAD_FLAGS[case]
-  before = _fingerprint(model_dir)
-  code, stderr = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS,
-                            *argv], capsys)
-  _assert_refused(code, stderr, message)
-  assert _fingerprint(model_dir) == before
+  before = helpers.directory_state(model_dir)
+  result = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS, *argv],
+                     capsys)
+  helpers.assert_one_error_line(result, message)
+  assert helpers.directory_state(model_dir) == before
 
 
 BAD_FILES = ("idx-wrong-magic", "idx-truncated", "idx-counts-differ", "npz-missing-array",
@@ -257,36 +242,30 @@ BAD_FILES = ("idx-wrong-magic", "idx-truncated", "idx-counts-differ", "npz-missi
 def test_bad_data_file_is_refused_and_the_run_is_untouched(case, finished_run, tmp_path, capsys):
   _, model_dir = finished_run
   dataset, message = _bad_data_files(tmp_path)[case]
-  before = _fingerprint(model_dir)
-  code, stderr = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS],
-                           capsys)
-  _assert_refused(code, stderr, message)
-  assert _fingerprint(model_dir) == before
+  before = helpers.directory_state(model_dir)
+  result = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS], capsys)
+  helpers.assert_one_error_line(result, message)
+  assert helpers.directory_state(model_dir) == before
 
 
 def test_unwritable_model_dir_is_refused(finished_run, tmp_path, capsys):
   dataset, _ = finished_run
   blocker = tmp_path / "a-file"
   blocker.write_text("in the way")
-  code, stderr = _run_task([f"--dataset={dataset}", f"--model_dir={blocker}/run", *BASE_FLAGS],
-                           capsys)
-  _assert_refused(code, stderr, f"cannot write to --model_dir={blocker}/run")
+  before = helpers.directory_state(tmp_path)
+  result = _run_task([f"--dataset={dataset}", f"--model_dir={blocker}/run", *BASE_FLAGS],
+                     capsys)
+  helpers.assert_one_error_line(result, f"cannot write to --model_dir={blocker}/run")
   assert blocker.read_text() == "in the way"
+  assert helpers.directory_state(tmp_path) == before  # Nothing written beside it either.
 
 
 def test_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(finished_run, capsys):
   dataset, model_dir = finished_run
-  before = _fingerprint(model_dir)
-  code, stderr = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS,
-                            "--epochs=2", "--learning_rate=1e30"], capsys)
+  before = helpers.directory_state(model_dir)
+  result = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS,
+                      "--epochs=2", "--learning_rate=1e30"], capsys)
   # 400 examples split 80/10/10 give 320 to train: 10 steps of 32 per epoch.
-  _assert_refused(code, stderr, "training diverged: non-finite ")
-  assert re.search(r"at step 12 \(epoch 2, step 2\).*last good checkpoint is .*ckpt-10", stderr)
-  assert _fingerprint(model_dir) == before
-
-
-def _assert_refused(code, stderr, message):
-  assert code not in (0, None), stderr[-3000:]
-  errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1 and message in errors[0], stderr[-3000:]
-  assert "Traceback" not in stderr
+  line = helpers.assert_one_error_line(result, "training diverged: non-finite ")
+  assert re.search(r"at step 12 \(epoch 2, step 2\).*last good checkpoint is .*ckpt-10", line)
+  assert helpers.directory_state(model_dir) == before

@@ -1,6 +1,7 @@
 """Helpers shared by the tests: small learnable data, and running the job as a user would."""
 
 import gzip
+import hashlib
 import json
 import os
 import subprocess
@@ -103,5 +104,78 @@ def write_idx_dir(directory, gzipped: bool, train: int = 60, test: int = 20, **o
 
 
 def error_lines(stderr: str) -> list:
-  """The `error: ...` lines of a command's standard error (TensorFlow logs there too)."""
-  return [line for line in stderr.splitlines() if line.startswith("error: ")]
+  """The lines of a command's standard error that start with `error:` (TensorFlow logs there
+  too); `error:` without its space counts, so that a malformed error line is not missed."""
+  return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, message: str, exit_code: int = 2,
+                          *, whole: bool = False, last: bool = True) -> str:
+  """Asserts that `result` (text output) is a refusal: one `error: ` line, no traceback.
+
+  That is: the exit code is `exit_code`; of the lines of standard error, exactly one starts
+  with `error:`, and it starts with `error: ` and contains `message` (is `error: {message}` if
+  `whole`); `message` occurs once in standard error (it is not logged as well); with `last`, the
+  error line is the last line of standard error (pass `last=False` only where other processes
+  write to the same log); and neither standard error nor standard output holds a
+  `Traceback`. Returns the error line, for further checks. For a command run in this process,
+  `run_in_process` gives the `result`.
+  """
+  stderr, shown = result.stderr or "", (result.stderr or "")[-3000:]
+  assert result.returncode == exit_code, f"exit code {result.returncode}, not {exit_code}: {shown}"
+  assert "Traceback" not in stderr, shown
+  assert "Traceback" not in (result.stdout or ""), result.stdout[-3000:]
+  errors = error_lines(stderr)
+  assert len(errors) == 1, f"{len(errors)} error lines: {shown}"
+  (line,) = errors
+  assert line.startswith("error: "), line
+  if whole:
+    assert line == f"error: {message}", line
+  else:
+    assert message in line, f"{message!r} not in {line!r}"
+  assert stderr.count(message) == 1, f"{message!r} {stderr.count(message)} times: {shown}"
+  if last:
+    assert stderr.rstrip("\n").splitlines()[-1] == line, f"not the last line: {shown}"
+  return line
+
+
+def run_in_process(capsys, function, *args) -> subprocess.CompletedProcess:
+  """Calls `function(*args)` as a command run in this process: returns a CompletedProcess with
+  the exit code it ended with (0 if it returned, its `SystemExit` code otherwise: 0 for None,
+  1 for a message) and what it wrote to standard output and error (read through pytest's
+  `capsys`, whose earlier output is dropped first). Other exceptions propagate."""
+  capsys.readouterr()
+  try:
+    function(*args)
+    code = 0
+  except SystemExit as e:
+    code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+  captured = capsys.readouterr()
+  return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def directory_state(path) -> dict:
+  """What is under the local directory `path`, to compare before and after a command: a test
+  asserts `directory_state(d) == before` for "nothing written, nothing removed".
+
+  Maps the path, relative to `path` with `/` between names, of every file at any depth to the
+  sha256 hex digest of its content, and of every directory below `path` (empty or not) to
+  None, under its relative path with a trailing `/`. So a file added, removed, renamed or with
+  a byte changed, and a directory added or removed (an empty `checkpoints/` included), all
+  make the states differ; modification times and permissions do not. A symbolic link to a
+  directory is listed as a directory, not followed. `path` itself need not exist: a missing
+  directory's state is {}, as is an empty one's (check `os.path.exists` if that matters).
+  """
+  state = {}
+  for root, directories, files in os.walk(path):
+    relative = os.path.relpath(root, path)
+    prefix = "" if relative == os.curdir else relative.replace(os.sep, "/") + "/"
+    for name in directories:
+      state[f"{prefix}{name}/"] = None
+    for name in files:
+      digest = hashlib.sha256()
+      with open(os.path.join(root, name), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+      state[prefix + name] = digest.hexdigest()
+  return state

@@ -43,9 +43,9 @@ def test_refuses_a_bad_image_before_writing_anything(finished_run, tmp_path):
   colour[..., 0] = 200
   bad = _write_png(tmp_path / "colour.png", colour)
   result = _predict(f"--model_dir={model_dir}", good, bad)
-  assert result.returncode == 2
-  assert helpers.error_lines(result.stderr) == [
-      f"error: {bad}: a colour or transparent image; convert it to greyscale, white on black"]
+  helpers.assert_one_error_line(
+      result, f"{bad}: a colour or transparent image; convert it to greyscale, white on black",
+      whole=True)
   assert sorted(os.listdir(tmp_path)) == ["colour.png", "good.png"]
 
 
@@ -55,10 +55,9 @@ def test_refuses_inputs_whose_reconstructions_would_clash(finished_run, tmp_path
   paths = [_write_png(tmp_path / "a.png", image), str(tmp_path / "a.jpg")]
   (tmp_path / "a.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
   result = _predict(f"--model_dir={model_dir}", *paths)
-  assert result.returncode == 2
-  assert helpers.error_lines(result.stderr) == [
-      "error: two images would share a reconstruction file, or one would overwrite an input "
-      "(NAME.png and NAME.jpg, or NAME_reconstruction.png): rename them"]
+  helpers.assert_one_error_line(
+      result, "two images would share a reconstruction file, or one would overwrite an input "
+      "(NAME.png and NAME.jpg, or NAME_reconstruction.png): rename them", whole=True)
   assert sorted(os.listdir(tmp_path)) == ["a.jpg", "a.png"]
 
 

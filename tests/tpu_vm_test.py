@@ -73,12 +73,6 @@ def _expected(steps, package):
                                          **WHERE)]
 
 
-def _assert_one_error_line_last(stderr, expected):
-  assert "Traceback" not in stderr, stderr
-  assert helpers.error_lines(stderr) == [expected], stderr
-  assert stderr.rstrip("\n").splitlines()[-1] == expected
-
-
 def _commands(step, accelerator_type="v5litepod-8", args=("--epochs=3",)):
   return [shlex.join(c) for c in tpu_vm.commands(step, "mnist", "us-west4-a", "proj",
                                                  accelerator_type, "/tmp/dist/pkg.whl", args)]
@@ -147,12 +141,12 @@ def test_a_failed_step_stops_the_run_and_says_how_to_resume(gcloud, tmp_path):
   package = str(tmp_path / "dist" / "pkg.whl")
   result, calls = gcloud(*_where_flags(), "--steps=create,train,delete", f"--package={package}",
                          "--", *TRAINER_ARGS, env={"FAKE_GCLOUD_FAIL": "ssh"})
-  assert result.returncode == tpu_vm.STEP_FAILED_EXIT_CODE == 1
+  assert tpu_vm.STEP_FAILED_EXIT_CODE == 1
   assert calls == _expected(["create", "train"], package)  # The VM is not deleted.
   assert "ERROR: (gcloud.compute.tpus.tpu-vm.ssh) [/usr/bin/ssh] exited" in result.stderr
-  _assert_one_error_line_last(
-      result.stderr, "error: step train failed (exit code 1, the command above): fix it and "
-      "rerun with --steps=train,delete")
+  helpers.assert_one_error_line(
+      result, "step train failed (exit code 1, the command above): fix it and rerun with "
+      "--steps=train,delete", exit_code=tpu_vm.STEP_FAILED_EXIT_CODE, whole=True)
   assert result.stdout.splitlines()[-1] == shlex.join(calls[-1])  # "The command above".
 
 
@@ -160,12 +154,11 @@ def test_the_first_step_failing_keeps_gclouds_code_in_the_message_only(gcloud, t
   result, calls = gcloud(*_where_flags(), "--steps=create,train",
                          env={"FAKE_GCLOUD_FAIL": "create", "FAKE_GCLOUD_EXIT_CODE": "2"})
   # gcloud's 2 (say, its usage error) must not read as the launcher's "bad flags".
-  assert result.returncode == 1
   assert [c[4] for c in calls] == ["create"]
   assert "RESOURCE_EXHAUSTED" in result.stderr
-  _assert_one_error_line_last(
-      result.stderr, "error: step create failed (exit code 2, the command above): fix it and "
-      "rerun with --steps=create,train")
+  helpers.assert_one_error_line(
+      result, "step create failed (exit code 2, the command above): fix it and rerun with "
+      "--steps=create,train", exit_code=1, whole=True)
 
 
 def test_without_gcloud_on_path_nothing_runs_and_the_error_says_where_to_get_it(tmp_path):
@@ -174,22 +167,19 @@ def test_without_gcloud_on_path_nothing_runs_and_the_error_says_where_to_get_it(
   package = tmp_path / "dist" / "pkg.whl"
   result = helpers.run_module("launch.tpu_vm", "--steps=install,train", f"--package={package}",
                               env={"PATH": str(empty)}, timeout=120)
-  assert result.returncode == 2
-  _assert_one_error_line_last(result.stderr, f"error: {tpu_vm.GCLOUD_MISSING}")
+  helpers.assert_one_error_line(result, tpu_vm.GCLOUD_MISSING, whole=True)
   assert "https://cloud.google.com/sdk/docs/install" in tpu_vm.GCLOUD_MISSING
   assert result.stdout == "" and not package.parent.exists()  # Not even the wheel was built.
 
 
 def test_bad_flags_are_one_error_line_and_exit_code_2(gcloud):
-  for flag, message in [("--no_such_flag", "error: Unknown command line flag 'no_such_flag'"),
-                        ("--steps=create,deploy", "error: unknown --steps deploy: choose from"),
-                        ("--accelerator_type=v5e", "error: --accelerator_type='v5e' is not a "
-                                                   "TPU type")]:
+  for flag, message in [("--no_such_flag", "Unknown command line flag 'no_such_flag'"),
+                        ("--steps=create,deploy", "unknown --steps deploy: choose from"),
+                        ("--accelerator_type=v5e", "--accelerator_type='v5e' is not a TPU type")]:
     result, calls = gcloud(flag)
-    assert result.returncode == 2 and not calls
-    assert "Traceback" not in result.stderr
-    (line,) = helpers.error_lines(result.stderr)
-    assert line.startswith(message)
+    assert not calls
+    line = helpers.assert_one_error_line(result, message)
+    assert line.startswith(f"error: {message}")
 
 
 @pytest.mark.slow

@@ -34,11 +34,6 @@ def _launch(*args, env=None):
   return helpers.run_module("launch.vertex", *args, env=env, timeout=120)
 
 
-def _error_lines(result):
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  return [line for line in result.stderr.splitlines() if line.startswith("error:")]
-
-
 def test_submit_sends_what_the_dry_run_prints_and_prints_the_job_and_its_link(server):
   dry_run = _launch("--dry_run", *JOB_FLAGS, *TRAINER_ARGS)
   assert dry_run.returncode == 0, dry_run.stderr[-3000:]
@@ -124,8 +119,8 @@ def test_an_outage_longer_than_retry_seconds_gives_up_and_says_how_to_follow_the
   name = "projects/p/locations/r/customJobs/7"
   result = _launch("wait", f"--job={name}", f"--api_endpoint={server.endpoint}",
                    "--poll_seconds=0.05", "--retry_seconds=1")
-  assert result.returncode == vertex_api.UNREACHABLE_EXIT_CODE, result.stderr[-3000:]
-  (line,) = _error_lines(result)
+  line = helpers.assert_one_error_line(result, f"cannot reach Vertex AI at {server.endpoint} (",
+                                       vertex_api.UNREACHABLE_EXIT_CODE)
   assert line.startswith(f"error: cannot reach Vertex AI at {server.endpoint} (")
   assert line.endswith(f"; the job goes on: python -m launch.vertex wait --job={name} "
                        f"--api_endpoint={server.endpoint}")
@@ -163,17 +158,16 @@ def test_a_refused_submission_is_one_error_line(server):
   server.errors["CreateCustomJob"] = [
       (grpc.StatusCode.PERMISSION_DENIED, "Permission 'aiplatform.customJobs.create' denied")]
   result = _launch("--project=p", f"--api_endpoint={server.endpoint}", *JOB_FLAGS)
-  assert result.returncode == 2
-  assert _error_lines(result) == [
-      f"error: {server.endpoint} answered PERMISSION_DENIED: Permission "
+  helpers.assert_one_error_line(
+      result, f"{server.endpoint} answered PERMISSION_DENIED: Permission "
       "'aiplatform.customJobs.create' denied; the account needs the Vertex AI User role "
-      "(roles/aiplatform.user) on the project, and the Vertex AI API enabled"]
+      "(roles/aiplatform.user) on the project, and the Vertex AI API enabled", whole=True)
 
 
 def test_an_unreachable_endpoint_is_one_error_line_and_its_own_exit_code():
   result = _launch("--project=p", "--api_endpoint=127.0.0.1:1", *JOB_FLAGS)
-  assert result.returncode == vertex_api.UNREACHABLE_EXIT_CODE
-  (line,) = _error_lines(result)
+  line = helpers.assert_one_error_line(result, "cannot reach Vertex AI at 127.0.0.1:1 (",
+                                       vertex_api.UNREACHABLE_EXIT_CODE)
   assert line.startswith("error: cannot reach Vertex AI at 127.0.0.1:1 (")
 
 
@@ -188,10 +182,9 @@ def test_no_credentials_says_how_to_get_them(tmp_path):
              GCE_METADATA_HOST="127.0.0.1:1", GCE_METADATA_IP="127.0.0.1:1")
   result = subprocess.run([sys.executable, "-m", "launch.vertex", "--project=p", *JOB_FLAGS],
                           cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 2
-  assert _error_lines(result) == [
-      "error: no Google Cloud credentials found: run `gcloud auth application-default login` "
-      "(or set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file)"]
+  helpers.assert_one_error_line(
+      result, "no Google Cloud credentials found: run `gcloud auth application-default login` "
+      "(or set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file)", whole=True)
 
 
 def test_cancel_by_id(server):
@@ -217,23 +210,21 @@ def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
 
 @pytest.mark.parametrize("args, message", [
     (["--image_uri=" + IMAGE, "--base_output_dir=" + OUTPUT],
-     "error: no --project: give the Google Cloud project, or --dry_run"),
-    (["uplaod"], "error: unknown command 'uplaod': choose one of train, wait, cancel, upload, "
+     "no --project: give the Google Cloud project, or --dry_run"),
+    (["uplaod"], "unknown command 'uplaod': choose one of train, wait, cancel, upload, "
      "batch_predict, first"),
     (["cancel", "--job=7", "--project=p", "--image_uri=x"],
-     "error: --image_uri is not a flag of cancel: its flags are --api_endpoint, --job, "
+     "--image_uri is not a flag of cancel: its flags are --api_endpoint, --job, "
      "--project, --region"),
-    (["upload", "--model_dir=/tmp/run/model"], "error: --model_dir='/tmp/run/model' must be a "
+    (["upload", "--model_dir=/tmp/run/model"], "--model_dir='/tmp/run/model' must be a "
      "gs:// path: Vertex AI reads the export from Cloud Storage (copy it there with gcloud "
      "storage cp -r)"),
     (["wait", "--job=7", "--project=p", "--poll_seconds=0"],
-     "error: --poll_seconds=0.0 must be more than 0"),
+     "--poll_seconds=0.0 must be more than 0"),
     (["wait", "--job=7", "--project=p", "--retry_seconds=-5"],
-     "error: --retry_seconds=-5.0 must be more than 0"),
+     "--retry_seconds=-5.0 must be more than 0"),
     (["wait", "--job=7", "--project=p", "--retry_seconds=nan"],
-     "error: --retry_seconds=nan must be more than 0"),
+     "--retry_seconds=nan must be more than 0"),
 ])
 def test_bad_commands_are_one_error_line(args, message):
-  result = _launch(*args)
-  assert result.returncode == 2
-  assert _error_lines(result) == [message]
+  helpers.assert_one_error_line(_launch(*args), message, whole=True)
