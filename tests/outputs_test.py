@@ -16,27 +16,28 @@ def _config(model_dir, **changes):
   return config.TrainConfig(dataset="mnist_sample", model_dir=str(model_dir), **changes)
 
 
-def test_the_chief_records_epochs_in_history_and_two_tensorboard_runs(tmp_path):
+def test_the_chief_records_epochs_in_history_and_validation_at_the_global_step(tmp_path):
   from tensorboard.backend.event_processing import event_multiplexer
   run = outputs.RunOutputs(_config(tmp_path), chief=True)
-  history = run.record_epoch([], ENTRY, epochs=2, learning_rate=1e-3, images_per_second=100.0)
-  history = run.record_epoch(history, {**ENTRY, "epoch": 2}, 2, 1e-3, None)
+  history = run.record_epoch([], ENTRY, epochs=2, global_step=16, images_per_second=100.0)
+  history = run.record_epoch(history, {**ENTRY, "epoch": 2}, 2, 32, None)
   # A resumed job records an epoch again: its entry replaces the old one.
-  history = run.record_epoch(history, {**ENTRY, "epoch": 2}, 2, 1e-3, None)
+  history = run.record_epoch(history, {**ENTRY, "epoch": 2}, 2, 32, None)
   written = json.loads((tmp_path / "history.json").read_text())["epochs"]
   assert [entry["epoch"] for entry in written] == [1, 2] and written == history
   assert run.read_history(epochs_done=1) == history[:1]
   logs = event_multiplexer.EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "logs"))
   logs.Reload()
-  assert set(logs.Runs()) == {"train", "validation"}
-  assert [event.step for event in logs.Tensors("validation", "accuracy")] == [1, 2, 2]
+  assert set(logs.Runs()) == {"validation"}  # The controller writes the train run.
+  assert [event.step for event in logs.Tensors("validation", "accuracy")] == [16, 32, 32]
+  assert run.train_logs == str(tmp_path / "logs" / "train")
 
 
 def test_other_workers_write_nothing_under_model_dir(tmp_path):
   run = outputs.RunOutputs(_config(tmp_path / "shared"), chief=False)
-  run.record_epoch([], ENTRY, 1, 1e-3, 10.0)
+  run.record_epoch([], ENTRY, 1, 16, 10.0)
   run.write_metrics({"test_accuracy": 1.0})
-  assert not (tmp_path / "shared").exists()
+  assert not (tmp_path / "shared").exists() and run.train_logs is None
   assert not run.checkpoints.startswith(str(tmp_path))
 
 
@@ -90,6 +91,7 @@ def test_the_configuration_is_saved_and_read_back(tmp_path):
 def test_tensorboard_logs_go_where_the_configuration_says(tmp_path):
   run = outputs.RunOutputs(_config(tmp_path / "run", tensorboard_dir=str(tmp_path / "tb")),
                            chief=True)
-  run.record_epoch([], ENTRY, 1, 1e-3, 10.0)
-  assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["train", "validation"]
+  run.record_epoch([], ENTRY, 1, 16, 10.0)
+  assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["validation"]
+  assert run.train_logs == str(tmp_path / "tb" / "train")
   assert not (tmp_path / "run" / "logs").exists()
