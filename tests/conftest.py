@@ -46,9 +46,11 @@ def finished_run(tmp_path_factory):
   dataset = helpers.write_npz(str(root / "data.npz"), X=everything.images.reshape(-1, 784),
                               y=everything.labels)
   model_dir = str(root / "run")
-  # The narrow test model at a high rate, without warm-up (as tests/train_test.py trains it).
+  # The narrow test model at a high rate, without warm-up (as tests/train_test.py trains it);
+  # 16 steps an epoch, in calls of 5 so that an epoch holds several.
   settings = config.TrainConfig(dataset=dataset, model_dir=model_dir, epochs=2, batch_size=32,
-                                latent_dim=16, width=8, learning_rate=1e-2, warmup_steps=0)
+                                latent_dim=16, width=8, learning_rate=1e-2, warmup_steps=0,
+                                steps_per_loop=5)
   train.configure_process(settings, tf.distribute.get_strategy())
   train.run(settings, tf.distribute.get_strategy())
   return model_dir, dataset

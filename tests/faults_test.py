@@ -151,8 +151,9 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path):
 # Bad input, run through the entry point in this process (one TensorFlow start-up for all),
 # against a finished run whose files must not change.
 
-BASE_FLAGS = ("--epochs=1", "--batch_size=32", "--latent_dim=16", "--width=8",
-              "--steps_per_loop=4")
+# The settings of the session's finished run (tests/conftest.py): 2 epochs of 16 steps.
+BASE_FLAGS = ("--epochs=2", "--batch_size=32", "--latent_dim=16", "--width=8",
+              "--warmup_steps=0", "--learning_rate=0.01", "--steps_per_loop=5")
 
 
 def _run_task(argv, capsys) -> subprocess.CompletedProcess:
@@ -162,17 +163,10 @@ def _run_task(argv, capsys) -> subprocess.CompletedProcess:
       capsys, lambda: task.main(cli.parse_flags(["trainer.task", *argv])))
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  """A model_dir with checkpoints, logs, an export and metrics, and the npz it trained on."""
-  root = tmp_path_factory.mktemp("finished")
-  split = helpers.learnable_split(400)
-  dataset = helpers.write_npz(root / "train.npz", X=split.images.reshape(400, 784),
-                              y=split.labels)
-  model_dir = str(root / "run")
-  # Trained in a subprocess: this process's TensorFlow stays untouched.
-  result = helpers.run_trainer(f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS)
-  assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture
+def finished(finished_run):
+  """The session's finished run (its files must not change) as (--dataset, model_dir)."""
+  model_dir, dataset = finished_run
   return dataset, model_dir
 
 
@@ -224,8 +218,8 @@ BAD_FLAGS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
-def test_bad_flag_is_refused_and_the_run_is_untouched(case, finished_run, capsys):
-  dataset, model_dir = finished_run
+def test_bad_flag_is_refused_and_the_run_is_untouched(case, finished, capsys):
+  dataset, model_dir = finished
   argv, message = BAD_FLAGS[case]
   before = helpers.directory_state(model_dir)
   result = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS, *argv],
@@ -239,8 +233,8 @@ BAD_FILES = ("idx-wrong-magic", "idx-truncated", "idx-counts-differ", "npz-missi
 
 
 @pytest.mark.parametrize("case", BAD_FILES)
-def test_bad_data_file_is_refused_and_the_run_is_untouched(case, finished_run, tmp_path, capsys):
-  _, model_dir = finished_run
+def test_bad_data_file_is_refused_and_the_run_is_untouched(case, finished, tmp_path, capsys):
+  _, model_dir = finished
   dataset, message = _bad_data_files(tmp_path)[case]
   before = helpers.directory_state(model_dir)
   result = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS], capsys)
@@ -248,8 +242,8 @@ def test_bad_data_file_is_refused_and_the_run_is_untouched(case, finished_run, t
   assert helpers.directory_state(model_dir) == before
 
 
-def test_unwritable_model_dir_is_refused(finished_run, tmp_path, capsys):
-  dataset, _ = finished_run
+def test_unwritable_model_dir_is_refused(finished, tmp_path, capsys):
+  dataset, _ = finished
   blocker = tmp_path / "a-file"
   blocker.write_text("in the way")
   before = helpers.directory_state(tmp_path)
@@ -260,12 +254,11 @@ def test_unwritable_model_dir_is_refused(finished_run, tmp_path, capsys):
   assert helpers.directory_state(tmp_path) == before  # Nothing written beside it either.
 
 
-def test_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(finished_run, capsys):
-  dataset, model_dir = finished_run
+def test_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(finished, capsys):
+  dataset, model_dir = finished
   before = helpers.directory_state(model_dir)
   result = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS,
-                      "--epochs=2", "--learning_rate=1e30"], capsys)
-  # 400 examples split 80/10/10 give 320 to train: 10 steps of 32 per epoch.
+                      "--epochs=3", "--learning_rate=1e30"], capsys)
   line = helpers.assert_one_error_line(result, "training diverged: non-finite ")
-  assert re.search(r"at step 12 \(epoch 2, step 2\).*last good checkpoint is .*ckpt-10", line)
+  assert re.search(r"at step 34 \(epoch 3, step 2\).*last good checkpoint is .*ckpt-32", line)
   assert helpers.directory_state(model_dir) == before

@@ -2,12 +2,13 @@
 
 The loop itself (alignment of calls, resume from any step, preemption, divergence) is tested
 with a stand-in task in tests/controller_test.py; these prove the wiring, on the narrow model.
-Restarts of one trained run share it: each test copies it.
+Restarts of one trained run share it (the session's `finished_run`): each test copies it.
 """
 
 import io
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -22,11 +23,16 @@ from tests import helpers
 from trainer import config, controller, losses, multitask, preemption, train
 
 
+_FROM_DATASET = "the splits --dataset names"
+
+
 def _run(settings, strategy=None, splits=None, **kwargs):
-  """train.run after the process-wide settings, as the entry point makes them."""
+  """train.run after the process-wide settings, as the entry point makes them; on the
+  learnable splits unless `splits` is given (_FROM_DATASET: those the configuration names)."""
   strategy = strategy or tf.distribute.get_strategy()
   train.configure_process(settings, strategy)
-  return train.run(settings, strategy, splits or helpers.learnable_splits(), **kwargs)
+  splits = None if splits is _FROM_DATASET else splits or helpers.learnable_splits()
+  return train.run(settings, strategy, splits, **kwargs)
 
 
 def _config(model_dir, **changes):
@@ -40,16 +46,15 @@ def _config(model_dir, **changes):
   return config.TrainConfig(**settings)
 
 
-@pytest.fixture(scope="module")
-def one_epoch(tmp_path_factory):
-  """A finished one-epoch run (16 steps) and its metrics; tests copy it (`_copy`)."""
-  model_dir = tmp_path_factory.mktemp("one_epoch") / "run"
-  return model_dir, _run(_config(model_dir, epochs=1))
-
-
-def _copy(one_epoch, tmp_path):
-  shutil.copytree(one_epoch[0], tmp_path / "run")
+def _copy(finished_run, tmp_path):
+  """A copy of the session's finished two-epoch run (tests/conftest.py), 16 steps an epoch."""
+  shutil.copytree(finished_run[0], tmp_path / "run")
   return tmp_path / "run"
+
+
+def _rerun(run, finished_run, **changes):
+  """Runs the job again on `run`, a copy of `finished_run`, with its own data and `changes`."""
+  return _run(_config(run, dataset=finished_run[1], **changes), splits=_FROM_DATASET)
 
 
 def _logged(caplog):
@@ -57,28 +62,30 @@ def _logged(caplog):
   caplog.set_level("INFO")
 
 
-def test_trains_and_writes_every_output(one_epoch):
+def test_trains_and_writes_every_output(finished_run):
   from tensorboard.backend.event_processing import event_multiplexer
-  run, metrics = one_epoch
-  assert metrics["test_accuracy"] > 0.9 and metrics["test_reconstruction_mse"] < 0.2
-  assert helpers.read_metrics(str(run)) == json.loads(json.dumps(metrics))
+  run = pathlib.Path(finished_run[0])
+  metrics = helpers.read_metrics(str(run))
+  assert metrics["test_accuracy"] > 0.9 and metrics["test_reconstruction_mse"] < 0.1
   assert metrics["strategy"] == "default" and metrics["num_replicas"] == 1
   # Numbered by global step: 512 // 32 steps an epoch.
-  assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-16")
-  assert (run / "export" / "saved_model.pb").exists()
+  assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-32")
+  assert (run / "export" / "saved_model.pb").exists() and (run / "report" / "report.md").exists()
   assert json.loads((run / "config.json").read_text())["width"] == 8
-  assert [e["epoch"] for e in json.loads((run / "history.json").read_text())["epochs"]] == [1]
+  assert [e["epoch"] for e in json.loads((run / "history.json").read_text())["epochs"]] == [
+      1, 2]
   # TensorBoard: training scalars at every call's global step, validation at each epoch's
   # end, both runs under the same tags so that they share a chart.
   logs = event_multiplexer.EventMultiplexer().AddRunsFromDirectory(str(run / "logs"))
   logs.Reload()
-  assert set(logs.Runs()) == {"train", "validation"}
+  assert set(logs.Runs()) == {"train", "validation", "report"}
   scalars = {name: set(tags["tensors"]) for name, tags in logs.Runs().items()}
   metric_tags = {"accuracy", "classifier_loss", "reconstruction_mse"}
   assert metric_tags <= scalars["train"] and metric_tags == scalars["validation"]
   assert {"loss", "learning_rate", "steps_per_second", "loss_weight/decoder"} <= scalars["train"]
-  assert [event.step for event in logs.Tensors("train", "loss")] == [5, 10, 15, 16]
-  assert [event.step for event in logs.Tensors("validation", "accuracy")] == [16]
+  assert [event.step for event in logs.Tensors("train", "loss")] == [5, 10, 15, 16, 21, 26, 31,
+                                                                     32]
+  assert [event.step for event in logs.Tensors("validation", "accuracy")] == [16, 32]
 
 
 @pytest.mark.parametrize("semi_supervised", [
@@ -108,71 +115,70 @@ def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog, sem
 
 
 def test_a_finished_job_run_again_rewrites_nothing_and_says_where_its_results_are(
-    one_epoch, tmp_path, caplog):
-  run = _copy(one_epoch, tmp_path)
+    finished_run, tmp_path, caplog):
+  run = _copy(finished_run, tmp_path)
   before = helpers.directory_state(run)
   _logged(caplog)
-  assert _run(_config(run, epochs=1)) == json.loads(json.dumps(one_epoch[1]))
+  assert _rerun(run, finished_run) == helpers.read_metrics(str(run))
   assert helpers.directory_state(run) == before
-  assert "already trained its 1 epochs; its results: test accuracy" in caplog.text
+  assert "already trained its 2 epochs; its results: test accuracy" in caplog.text
   assert str(run / "metrics.json") in caplog.text
-  with pytest.raises(config.UserInputError, match=r"--epochs=0 must be a positive"):
-    _config(run, epochs=0)
 
 
-def test_a_larger_epochs_extends_the_job_and_a_lower_rate_is_logged_and_kept(one_epoch, tmp_path,
-                                                                           caplog):
-  run = _copy(one_epoch, tmp_path)
+def test_a_larger_epochs_extends_the_job_and_a_lower_rate_is_logged_and_kept(
+    finished_run, tmp_path, caplog):
+  run = _copy(finished_run, tmp_path)
   _logged(caplog)
-  metrics = _run(_config(run, epochs=2, learning_rate=1e-3))
-  assert "Resuming from" in caplog.text and "epoch 2 of 2, step 0 of 16" in caplog.text
+  metrics = _rerun(run, finished_run, epochs=3, learning_rate=1e-3)
+  assert "Resuming from" in caplog.text and "epoch 3 of 3, step 0 of 16" in caplog.text
   assert "Changed since this run was last started: --learning_rate: 0.01 -> 0.001" in caplog.text
   assert json.loads((run / "config.json").read_text())["learning_rate"] == 1e-3
-  assert metrics["epochs"] == 2 and helpers.read_metrics(str(run))["epochs"] == 2
+  assert metrics["epochs"] == 3 and helpers.read_metrics(str(run))["epochs"] == 3
   history = json.loads((run / "history.json").read_text())["epochs"]
-  assert [entry["epoch"] for entry in history] == [1, 2]  # The curves cover the whole run.
+  assert [entry["epoch"] for entry in history] == [1, 2, 3]  # The curves cover the whole run.
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(run / "checkpoints")))
-  assert reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE") == 2 * 16
-  assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 2 * 16
-  with pytest.raises(config.UserInputError, match=r"--epochs=1 is fewer than the 2 epochs"):
-    _run(_config(run, epochs=1))
+  assert reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE") == 3 * 16
+  assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 3 * 16
+  with pytest.raises(config.UserInputError, match=r"--epochs=2 is fewer than the 3 epochs"):
+    _rerun(run, finished_run, epochs=2)
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"epochs": 2, "batch_size": 64, "seed": 3, "shift_pixels": 0},
+    ({"epochs": 3, "batch_size": 64, "seed": 3, "shift_pixels": 0},
      r"^this run was trained with --batch_size=32 --seed=0 --shift_pixels=1, not "
      r"--batch_size=64 --seed=3 --shift_pixels=0; "),
     ({"loss_weighting": "uncertainty"},
      "trained with --loss_weighting=fixed, not --loss_weighting=uncertainty; "),
-    ({"epochs": 2, "latent_dim": 32}, "trained with --latent_dim=16, not "),
+    ({"epochs": 3, "latent_dim": 32}, "trained with --latent_dim=16, not "),
 ])
 def test_a_restart_that_changes_what_the_run_computes_is_refused_untouched(
-    one_epoch, tmp_path, changes, message):
-  run = _copy(one_epoch, tmp_path)
+    finished_run, tmp_path, changes, message):
+  run = _copy(finished_run, tmp_path)
   before = helpers.directory_state(run)
   with pytest.raises(config.UserInputError, match=message):
-    _run(_config(run, **changes))
+    _rerun(run, finished_run, **changes)
   assert helpers.directory_state(run) == before
 
 
-def test_without_its_config_json_a_checkpoint_of_another_shape_refuses_itself(one_epoch,
+def test_without_its_config_json_a_checkpoint_of_another_shape_refuses_itself(finished_run,
                                                                              tmp_path):
-  run = _copy(one_epoch, tmp_path)
+  run = _copy(finished_run, tmp_path)
   (run / "config.json").unlink()  # Deleted by hand: the command's flags are adopted.
   before = helpers.directory_state(run)
   with pytest.raises(config.UserInputError, match="does not fit this model.*--latent_dim"):
-    _run(_config(run, epochs=2, latent_dim=32))
+    _rerun(run, finished_run, epochs=3, latent_dim=32)
   assert helpers.directory_state(run) == before
 
 
-def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(one_epoch, tmp_path):
-  run = _copy(one_epoch, tmp_path)
+def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(finished_run, tmp_path):
+  run = _copy(finished_run, tmp_path)
+  metrics = helpers.read_metrics(str(run))
   # As if killed between the last checkpoint and metrics.json: no metrics, half an export.
   (run / "metrics.json").unlink()
   (run / "export" / "saved_model.pb").unlink()
   checkpoints = helpers.directory_state(run / "checkpoints")
-  completed = _run(_config(run, epochs=1))
-  assert completed["test_accuracy"] == one_epoch[1]["test_accuracy"]
+  completed = _rerun(run, finished_run, report=False)
+  assert completed["test_accuracy"] == metrics["test_accuracy"]
   assert (run / "export" / "saved_model.pb").exists() and (run / "metrics.json").exists()
   assert helpers.directory_state(run / "checkpoints") == checkpoints  # Nothing trained again.
 
@@ -411,22 +417,23 @@ def test_a_non_finite_weight_stops_training_before_saving(tmp_path):
 
 
 @pytest.mark.slow
-def test_metrics_of_a_shorter_run_do_not_make_an_extended_job_finished(one_epoch, tmp_path):
-  run = _copy(one_epoch, tmp_path)
-  # As if an --epochs=2 run was stopped at its last step: the checkpoint holds 2 epochs, and
-  # metrics.json is still the 1-epoch run's.
-  extended = _run(_config(tmp_path / "longer", epochs=2))
+def test_metrics_of_a_shorter_run_do_not_make_an_extended_job_finished(finished_run, tmp_path):
+  run = _copy(finished_run, tmp_path)
+  # As if an --epochs=3 run was stopped at its last step: the checkpoint holds 3 epochs, and
+  # metrics.json is still the 2-epoch run's.
+  extended = _run(_config(tmp_path / "longer", dataset=finished_run[1], epochs=3),
+                  splits=_FROM_DATASET)
   for name in ("checkpoints", "history.json"):
     shutil.rmtree(run / name) if name == "checkpoints" else os.remove(run / name)
     os.rename(tmp_path / "longer" / name, run / name)
-  metrics = _run(_config(run, epochs=2))
-  assert metrics["epochs"] == 2 and helpers.read_metrics(str(run))["epochs"] == 2
+  metrics = _rerun(run, finished_run, epochs=3)
+  assert metrics["epochs"] == 3 and helpers.read_metrics(str(run))["epochs"] == 3
   assert metrics["test_accuracy"] == extended["test_accuracy"]
 
 
 @pytest.mark.slow
-def test_leftovers_of_a_kill_during_saving_are_never_trusted(one_epoch, tmp_path, caplog):
-  run = _copy(one_epoch, tmp_path)
+def test_leftovers_of_a_kill_during_saving_are_never_trusted(finished_run, tmp_path, caplog):
+  run = _copy(finished_run, tmp_path)
   # What a kill leaves mid-save: a checkpoint its state file does not name yet, a half-written
   # export under its temporary name, a half-written metrics file under its temporary name.
   (run / "checkpoints" / "ckpt-99_temp").mkdir()
@@ -436,8 +443,8 @@ def test_leftovers_of_a_kill_during_saving_are_never_trusted(one_epoch, tmp_path
   (run / ".export.partial" / "saved_model.pb").write_bytes(b"half")
   (run / "metrics.json.tmp").write_text('{"test_accu')
   _logged(caplog)
-  metrics = _run(_config(run, epochs=2))
-  assert "checkpoints/ckpt-16: epoch 2 of 2, step 0 of 16" in caplog.text
+  metrics = _rerun(run, finished_run, epochs=3)
+  assert "checkpoints/ckpt-32: epoch 3 of 3, step 0 of 16" in caplog.text
   assert helpers.read_metrics(str(run))["test_accuracy"] == metrics["test_accuracy"]
   assert not (run / ".export.partial").exists()
   assert not (run / "metrics.json.tmp").exists()
