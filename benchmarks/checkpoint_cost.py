@@ -16,7 +16,7 @@ import time
 import tensorflow as tf
 from absl import app, flags
 
-from trainer import controller, data, multitask, outputs, train
+from trainer import controller, data, multitask, outputs, sources, train
 from trainer.config import TrainConfig
 
 flags.DEFINE_string("dataset", "mnist_sample", "Any --dataset the trainer takes.")
@@ -33,7 +33,7 @@ def _directory_bytes(directory: str, prefix: str) -> int:
 
 def main(_):
   strategy = tf.distribute.get_strategy()
-  splits = data.load_splits(FLAGS.dataset)
+  splits = sources.load_splits(FLAGS.dataset)
   with tempfile.TemporaryDirectory() as model_dir:
     config = TrainConfig(dataset=FLAGS.dataset, model_dir=model_dir, epochs=2)
     train.configure_process(config, strategy)

@@ -65,7 +65,7 @@ def measure_pipeline(splits) -> None:
   from trainer import data
   dataset = data.training_dataset(splits.train, FLAGS.batch_size,
                                   data.steps_per_epoch(len(splits.train), FLAGS.batch_size),
-                                  seed=0, shift_pixels=1)
+                                  data.TrainingInput(seed=0, shift_pixels=1))
   batches = iter(dataset)
   for _ in range(20):
     next(batches)
@@ -199,10 +199,10 @@ def measure_startup(_) -> None:
   stages = {}
   mark = lambda name: stages.setdefault(name, time.time() - PROCESS_START)
   import tensorflow as tf
-  from trainer import data, distribution
+  from trainer import distribution, sources
   from trainer.config import TrainConfig
   mark("python_and_tensorflow_imports")
-  splits = data.load_splits(FLAGS.dataset)
+  splits = sources.load_splits(FLAGS.dataset)
   mark("data_loaded")
   strategy = distribution.get_strategy("auto")
   mark("strategy_ready")
@@ -224,8 +224,8 @@ def main(argv) -> None:
     sys.exit(f"usage: python -m benchmarks.measure {{{','.join(MEASUREMENTS)}}} [--flags]")
   splits = None
   if argv[1] != "startup":
-    from trainer import data
-    splits = data.load_splits(FLAGS.dataset)
+    from trainer import sources
+    splits = sources.load_splits(FLAGS.dataset)
   MEASUREMENTS[argv[1]](splits)
 
 

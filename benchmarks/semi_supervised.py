@@ -138,7 +138,7 @@ def code_version() -> str:
 
 def main(_) -> None:
   import tensorflow as tf
-  from trainer import data, train
+  from trainer import data, sources, train
   from trainer.config import TrainConfig
   settings = {"dataset": FLAGS.dataset, "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size,
               "width": FLAGS.width}
@@ -150,7 +150,7 @@ def main(_) -> None:
       sys.exit(f"error: {FLAGS.output} holds runs with {saved['settings']}, not {settings}: "
                "pass those flags, or another --output")
     runs = {key: run for key, run in saved["runs"].items() if run.get("code") == code}
-  splits = data.load_splits(FLAGS.dataset)
+  splits = sources.load_splits(FLAGS.dataset)
   strategy = tf.distribute.get_strategy()
   for labeled in map(int, FLAGS.labeled):
     # Settings may be chosen on no more labelled validation images than the run has labels:
@@ -158,8 +158,8 @@ def main(_) -> None:
     tuning = splits.validation
     if labeled:
       kept = data.labeled_subset(splits.validation, labeled, seed=0)
-      tuning = data.Split(splits.validation.images[kept], splits.validation.labels[kept])
-    run_splits = data.Splits(splits.train, tuning, splits.test)
+      tuning = sources.Split(splits.validation.images[kept], splits.validation.labels[kept])
+    run_splits = sources.Splits(splits.train, tuning, splits.test)
     for seed in map(int, FLAGS.seeds):
       for method in FLAGS.methods:
         key = run_key(labeled, method, seed)

@@ -9,13 +9,13 @@ import sys
 
 import numpy as np
 
-from trainer import data
+from trainer import sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-def learnable_split(n: int, seed: int = 0) -> data.Split:
+def learnable_split(n: int, seed: int = 0) -> sources.Split:
   """Noise images where each class lights up its own patch: a few steps learn it."""
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, 10, n).astype(np.int32)
@@ -23,11 +23,11 @@ def learnable_split(n: int, seed: int = 0) -> data.Split:
   for i, label in enumerate(labels):
     row, col = divmod(int(label), 5)
     images[i, 4 + 10 * row:12 + 10 * row, 1 + 5 * col:6 + 5 * col] = 255
-  return data.Split(images, labels)
+  return sources.Split(images, labels)
 
 
-def learnable_splits(train: int = 512, validation: int = 100, test: int = 100) -> data.Splits:
-  return data.Splits(learnable_split(train, 0), learnable_split(validation, 1),
+def learnable_splits(train: int = 512, validation: int = 100, test: int = 100) -> sources.Splits:
+  return sources.Splits(learnable_split(train, 0), learnable_split(validation, 1),
                      learnable_split(test, 2))
 
 

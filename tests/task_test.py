@@ -13,7 +13,7 @@ import tensorflow as tf
 from absl import flags
 
 from tests import helpers
-from trainer import data, task
+from trainer import sources, task
 
 
 def _assert_clear_error(result, message):
@@ -119,7 +119,7 @@ def test_readme_command_on_mnist_sample_reaches_the_bar_and_exports(tmp_path):
   assert metrics["strategy"] == "default" and metrics["precision"] == "float32"
 
   # The export alone, with no trainer code, classifies held-out digits as the job measured.
-  test = data.load_splits("mnist_sample").test
+  test = sources.load_splits("mnist_sample").test
   serve = tf.saved_model.load(os.path.join(model_dir, "export")).signatures["serving_default"]
   outputs = serve(images=tf.constant(test.images[..., 0]))
   accuracy = np.mean(np.argmax(outputs["classifier"], axis=-1) == test.labels)

@@ -23,7 +23,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.download import checksums
 
 from tests import helpers
-from trainer import data
+from trainer import sources
 from trainer.config import UserInputError
 
 FASHION_MNIST_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"
@@ -106,7 +106,7 @@ def _debian_checksums() -> dict:
   return infos
 
 
-def _rows(split: data.Split) -> np.ndarray:
+def _rows(split: sources.Split) -> np.ndarray:
   """A split's (label, image bytes) rows, sorted: equal arrays mean equal multisets."""
   rows = np.concatenate([split.labels.astype(np.uint8)[:, None],
                          split.images.reshape(len(split), -1)], axis=1)
@@ -136,7 +136,7 @@ def fashion_mnist_dir(tmp_path_factory):
     _forget_url_infos()
     try:
       start = time.monotonic()
-      splits = data.load_splits("tfds:fashion_mnist", data_dir)
+      splits = sources.load_splits("tfds:fashion_mnist", data_dir)
       print(f"downloaded and prepared fashion_mnist in {time.monotonic() - start:.0f} s")
     finally:
       _forget_url_infos()  # The class caches what it read: later tests get the real registry.
@@ -157,11 +157,11 @@ def test_tfds_download_agrees_with_the_idx_files(fashion_mnist_dir):
   assert sorted(path for command, path in seen if command == "GET") == sorted(
       f"http://{FASHION_MNIST_HOST}/{name}" for name in FILES)
   assert (len(splits.train), len(splits.validation), len(splits.test)) == (50_000, 10_000, 10_000)
-  idx = data.load_splits(f"idx:{helpers.FASHION_MNIST_DIR}")
+  idx = sources.load_splits(f"idx:{helpers.FASHION_MNIST_DIR}")
   # TFDS shuffles when it writes: compare as multisets of (label, image).
-  tfds_train = data.Split(np.concatenate([splits.train.images, splits.validation.images]),
+  tfds_train = sources.Split(np.concatenate([splits.train.images, splits.validation.images]),
                           np.concatenate([splits.train.labels, splits.validation.labels]))
-  idx_train = data.Split(np.concatenate([idx.train.images, idx.validation.images]),
+  idx_train = sources.Split(np.concatenate([idx.train.images, idx.validation.images]),
                          np.concatenate([idx.train.labels, idx.validation.labels]))
   np.testing.assert_array_equal(_rows(tfds_train), _rows(idx_train))
   np.testing.assert_array_equal(_rows(splits.test), _rows(idx.test))
@@ -211,13 +211,13 @@ def test_failed_download_is_an_error_and_leaves_no_partial_files(tmp_path, monke
   with _Proxy() as proxy:
     _use_proxy(monkeypatch, proxy.url)
     with pytest.raises(UserInputError, match="has wrong checksum.*delete that file"):
-      data.load_splits("tfds:fashion_mnist", str(data_dir))
+      sources.load_splits("tfds:fashion_mnist", str(data_dir))
   assert helpers.directory_state(data_dir) == before
 
 
 def test_unknown_dataset_is_an_error():
   with pytest.raises(UserInputError, match="no dataset 'no_such_set'"):
-    data.load_splits("tfds:no_such_set")
+    sources.load_splits("tfds:no_such_set")
 
 
 def test_running_out_of_memory_is_not_blamed_on_the_data_dir(monkeypatch, tmp_path):
@@ -225,7 +225,7 @@ def test_running_out_of_memory_is_not_blamed_on_the_data_dir(monkeypatch, tmp_pa
     raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
   monkeypatch.setattr(tfds, "load", out_of_memory)
   with pytest.raises(tf.errors.ResourceExhaustedError):
-    data.load_splits("tfds:mnist", str(tmp_path))
+    sources.load_splits("tfds:mnist", str(tmp_path))
 
 
 def test_a_bug_inside_tfds_keeps_its_traceback(monkeypatch, tmp_path):
@@ -233,7 +233,7 @@ def test_a_bug_inside_tfds_keeps_its_traceback(monkeypatch, tmp_path):
     raise ImportError("No module named 'some_undeclared_dependency'")
   monkeypatch.setattr(tfds, "load", broken_load)
   with pytest.raises(ImportError, match="some_undeclared_dependency"):
-    data.load_splits("tfds:mnist", str(tmp_path))
+    sources.load_splits("tfds:mnist", str(tmp_path))
 
 
 @pytest.mark.parametrize("error, message", [
@@ -252,4 +252,4 @@ def test_user_fixable_tfds_failures_are_errors(monkeypatch, tmp_path, error, mes
     raise error
   monkeypatch.setattr(tfds, "load", failing_load)
   with pytest.raises(UserInputError, match=message):
-    data.load_splits("tfds:mnist", str(tmp_path))
+    sources.load_splits("tfds:mnist", str(tmp_path))

@@ -26,7 +26,7 @@ UNLABELED_LOSSES = ("none", "pseudo_label", "consistency")
 DEFAULT_LOSS_WEIGHTS = {CLASSIFIER: 1.0, DECODER: 8.0}
 
 # --dataset is one of DATASETS, or KIND:ARGUMENT with KIND one of DATASET_KINDS
-# (trainer.data.load_splits reads each; this is only the name, checked without TensorFlow).
+# (trainer.sources.load_splits reads each; this is only the name, checked without TensorFlow).
 DATASETS = ("mnist", "mnist_sample")
 DATASET_KINDS = ("tfds", "idx", "npz")
 

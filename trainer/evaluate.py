@@ -29,9 +29,9 @@ def main(argv):
     cli.fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
   if not FLAGS.model_dir:
     cli.fail("no --model_dir given and $AIP_MODEL_DIR is not set: pass a finished job's --model_dir")
-  from trainer import data, export, losses
+  from trainer import export, losses, sources
   try:
-    split = getattr(data.load_splits(FLAGS.dataset, FLAGS.data_dir), FLAGS.split)
+    split = getattr(sources.load_splits(FLAGS.dataset, FLAGS.data_dir), FLAGS.split)
     outputs = export.predict_batches(export.load(f"{FLAGS.model_dir.rstrip('/')}/export"),
                                      split.images)
   except config_lib.UserInputError as e:

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config import CLASSIFIER, DECODER, UserInputError, first_line
-from trainer.data import IMAGE_SHAPE
+from trainer.sources import IMAGE_SHAPE
 
 # Unknown rank, so that both shapes MNIST code holds get in; `_checked_images` does the check the
 # spec cannot (without it a wrong shape reaches the pooling kernel and fails deep in oneDNN).

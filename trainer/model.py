@@ -12,7 +12,7 @@ The shape of the default, and the levers measured to get there, are in benchmark
 import keras
 
 from trainer.config import CLASSIFIER, DECODER
-from trainer.data import IMAGE_SHAPE, NUM_CLASSES
+from trainer.sources import IMAGE_SHAPE, NUM_CLASSES
 
 
 def _batch_norm(x, name: str):

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from trainer import data as data_lib
 from trainer import export as export_lib
+from trainer import sources
 from trainer import losses
 from trainer.config import CLASSIFIER, DECODER, TrainConfig
 from trainer.model import build_model
@@ -42,7 +43,7 @@ class BatchPlan:
   labeled: Optional[np.ndarray]  # Indices of the examples whose labels count; None: all.
 
 
-def plan_batches(config: TrainConfig, num_replicas: int, train: data_lib.Split) -> BatchPlan:
+def plan_batches(config: TrainConfig, num_replicas: int, train: sources.Split) -> BatchPlan:
   """The batch plan for `train`; raises `UserInputError` where the batch cannot be split."""
   per_replica = data_lib.per_replica_batch_size(config.batch_size, num_replicas)
   labeled = data_lib.labeled_subset(train, config.labeled_examples, config.seed)
@@ -90,7 +91,7 @@ class MultitaskTask:
   train_outputs = TRAIN_OUTPUTS
 
   def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy,
-               splits: data_lib.Splits, plan: BatchPlan, policy: str,
+               splits: sources.Splits, plan: BatchPlan, policy: str,
                model_fn: Callable[[TrainConfig], keras.Model] = default_model):
     self.config, self.strategy, self.splits, self.plan = config, strategy, splits, plan
     with strategy.scope():
@@ -125,12 +126,9 @@ class MultitaskTask:
             "loss_scale": self._loss_scale, **learned}
 
   def train_dataset(self, start_step: int):
-    config, plan = self.config, self.plan
     return data_lib.distribute_training(
-        self.strategy, self.splits.train, plan.global_batch, config.seed, config.shift_pixels,
-        start_epoch=start_step // plan.steps_per_epoch,
-        start_step=start_step % plan.steps_per_epoch, labeled_indices=plan.labeled,
-        input_noise=config.input_noise, second_view=config.unlabeled_loss != "none")
+        self.strategy, self.splits.train, self.plan.global_batch,
+        data_lib.TrainingInput.from_config(self.config, self.plan.labeled), start_step)
 
   def _sums_and_gradients(self, images, targets, weights, counts):
     """One replica's forward and backward pass: its batch sums and total loss, and the

@@ -51,14 +51,14 @@ def main(argv):
     cli.fail("no --model_dir given and $AIP_MODEL_DIR is not set: pass a finished job's --model_dir")
   import numpy as np
   import tensorflow as tf
-  from trainer import data, export
+  from trainer import export, sources
   inputs = {os.path.abspath(path) for path in paths}
   targets = [os.path.abspath(reconstruction_path(path)) for path in paths]
   if len(set(targets)) < len(targets) or inputs & set(targets):
     cli.fail("two images would share a reconstruction file, or one would overwrite an input "
           "(NAME.png and NAME.jpg, or NAME_reconstruction.png): rename them")
   try:
-    images = np.stack([data.read_image_file(path, FLAGS.resize) for path in paths])
+    images = np.stack([sources.read_image_file(path, FLAGS.resize) for path in paths])
     exported = export.load(f"{FLAGS.model_dir.rstrip('/')}/export")
   except config_lib.UserInputError as e:
     cli.fail(str(e))

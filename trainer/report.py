@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from sklearn import decomposition, metrics as sk_metrics
 
 from trainer import export as export_lib
-from trainer.data import NUM_CLASSES, Split
+from trainer.sources import NUM_CLASSES, Split
 
 IMAGES = ("reconstructions", "confusion_matrix", "curves", "latent")
 # The reconstruction grid: two examples of each class, each image scaled up this many times.

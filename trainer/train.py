@@ -15,10 +15,10 @@ from absl import logging
 
 from trainer import config as config_lib
 from trainer import controller as controller_lib
-from trainer import data as data_lib
 from trainer import distribution
 from trainer import multitask
 from trainer import outputs as outputs_lib
+from trainer import sources
 from trainer import tuning
 from trainer.config import TrainConfig
 
@@ -68,7 +68,7 @@ def _checked_policy(config: TrainConfig, strategy: tf.distribute.Strategy) -> st
 
 
 def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
-            splits: Optional[data_lib.Splits] = None,
+            splits: Optional[sources.Splits] = None,
             model_fn: Callable[[TrainConfig], keras.Model] = default_model) -> Job:
   """Checks the data, the outputs and the run's saved settings, in that order and before
   anything is written; builds the task and the controller, and restores the latest
@@ -77,7 +77,7 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
   if not config.steps_per_loop:
     config = dataclasses.replace(config,
                                  steps_per_loop=distribution.default_steps_per_loop(strategy))
-  splits = splits or data_lib.load_splits(config.dataset, config.data_dir)
+  splits = splits or sources.load_splits(config.dataset, config.data_dir)
   plan = multitask.plan_batches(config, strategy.num_replicas_in_sync, splits.train)
   outputs = outputs_lib.RunOutputs(config, is_chief(strategy))
   # A restart that would change what the run computes is refused before the checkpoint is
@@ -176,7 +176,7 @@ def finalize(job: Job, validation: Optional[Dict[str, float]]) -> Dict[str, obje
 
 
 def run(config: TrainConfig, strategy: tf.distribute.Strategy,
-        splits: Optional[data_lib.Splits] = None,
+        splits: Optional[sources.Splits] = None,
         on_evaluation: Optional[OnEvaluation] = None,
         model_fn: Callable[[TrainConfig], keras.Model] = default_model) -> Dict[str, object]:
   """Trains, evaluates and exports the multitask model; returns the final metrics.
