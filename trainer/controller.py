@@ -286,8 +286,7 @@ class Controller:
     self.throughput.add(steps * self.schedule.examples_per_step, seconds)
     self.global_step.assign_add(steps)
     self.epoch_sums.assign_add([sums[name] for name in self._epoch_names])
-    self._write_summaries({**self.task.train_logs(sums, steps), **self.task.summaries(),
-                           "steps_per_second": steps / seconds})
+    self._write_summaries(sums, steps, seconds)
     return sums, bool(stop)
 
   def _after_call(self, on_epoch_end, actions) -> Optional[str]:
@@ -316,10 +315,12 @@ class Controller:
                                  schedule.total_steps // schedule.steps_per_epoch,
                                  schedule.steps_per_epoch, schedule.examples_per_step)
 
-  def _write_summaries(self, scalars: Dict[str, float]) -> None:
-    """The scalars of one call, at the global step it reached (chief only)."""
+  def _write_summaries(self, sums: Dict[str, float], steps: int, seconds: float) -> None:
+    """The logs of one call, at the global step it reached (chief only)."""
     if not self._summary_dir:
       return
+    scalars = {**self.task.train_logs(sums, steps), **self.task.summaries(),
+               "steps_per_second": steps / seconds}
     self._writer = self._writer or tf.summary.create_file_writer(self._summary_dir)
     with self._writer.as_default(step=self.step):
       for name, value in scalars.items():
