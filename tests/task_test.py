@@ -129,11 +129,15 @@ def test_readme_command_on_mnist_sample_reaches_the_bar_and_exports(tmp_path):
 
 
 # One case per path an error takes to the user; tests/faults_test.py tries every bad input.
+# Refusals after TensorFlow is imported take 6-7 s each: the fast tier runs one (the TPU's),
+# and the missing file, the same path out (a UserInputError in task.main), runs in the slow
+# tier; faults_test refuses it through task.main in this process, in the fast tier too.
 @pytest.mark.parametrize("flags, message", [
     (["--epochs=three"], "--epochs"),
     (["--latent_dim=16", "extra"], "unexpected arguments extra"),
     (["--loss_weights=classifier"], "write it as classifier=1.0,decoder=8.0"),
-    (["--dataset=npz:/nonexistent/mnist.npz"], "no file at /nonexistent/mnist.npz"),
+    pytest.param(["--dataset=npz:/nonexistent/mnist.npz"], "no file at /nonexistent/mnist.npz",
+                 marks=pytest.mark.slow),
     (["--strategy=tpu"], "--strategy=tpu but no TPU is reachable"),
 ])
 def test_bad_flags_get_one_clear_error_line(tmp_path, flags, message):
@@ -151,8 +155,9 @@ def test_missing_model_dir_is_a_clear_error():
 @pytest.mark.slow
 def test_two_workers_on_loopback_train_together(tmp_path):
   model_dir = str(tmp_path / "run")
-  workers = helpers.start_workers(tmp_path, "run", "--dataset=mnist_sample",
-                                  f"--model_dir={model_dir}")
+  # The narrow model for two epochs: the wiring, not the quality (measured 0.952 / 0.077).
+  workers = helpers.start_workers(tmp_path, "run", "--dataset=mnist_sample", "--width=8",
+                                  "--epochs=2", f"--model_dir={model_dir}")
   for process in workers:
     try:
       process.wait(timeout=900)
@@ -162,7 +167,7 @@ def test_two_workers_on_loopback_train_together(tmp_path):
   assert [p.returncode for p in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   metrics = helpers.read_metrics(model_dir)
   assert metrics["strategy"] == "multi_worker_mirrored" and metrics["num_replicas"] == 2
-  assert metrics["test_accuracy"] >= 0.97 and metrics["test_reconstruction_mse"] <= 0.02, metrics
+  assert metrics["test_accuracy"] >= 0.9 and metrics["test_reconstruction_mse"] <= 0.1, metrics
   # Only the chief (worker 0) writes shared outputs: one set of them, and no trace of worker 1.
   assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "export",
                                           "history.json", "logs", "metrics.json", "report"]
