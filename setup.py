@@ -27,7 +27,7 @@ INSTALL_REQUIRES = [
 
 setuptools.setup(
     name="mnist-multitask-trainer",
-    version="0.1.0",
+    version="0.2.0",
     description="Distributed multitask (classifier + autoencoder) training on MNIST with TensorFlow.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

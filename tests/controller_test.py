@@ -205,13 +205,15 @@ def test_divergence_stops_at_its_step_before_saving_anything_of_that_call(tmp_pa
 
 
 def test_divergence_before_any_checkpoint_says_there_is_none(tmp_path):
-  task = StandInTask(tf.distribute.get_strategy(), diverge_at=2)
   first_saves = []
-  controller = _controller(tmp_path, task=task, on_first_save=lambda: first_saves.append(1))
-  with pytest.raises(controller_lib.Diverged, match=r"at step 3 \(epoch 1, step 3\).*none "
+  task = StandInTask(tf.distribute.get_strategy(), diverge_at=6)
+  controller = _controller(tmp_path, task=task, steps_per_loop=2, summary_dir=str(
+      tmp_path / "logs"), on_first_save=lambda: first_saves.append(1))
+  with pytest.raises(controller_lib.Diverged, match=r"at step 7 \(epoch 1, step 7\).*none "
                                                     r"\(delete --model_dir to start over\)"):
     controller.train(Recorder().epoch_end)
-  assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+  # Three good calls before it, and still nothing written: their scalars wait for a checkpoint.
+  assert helpers.directory_state(tmp_path) == {}
   assert not first_saves
 
 

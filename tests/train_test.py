@@ -372,6 +372,9 @@ def test_evaluation_every_n_steps_reaches_the_hook_with_both_splits(tmp_path):
 
   def record(global_step, evaluate):
     seen.append((global_step, evaluate("test")["accuracy"], evaluate("validation")["accuracy"]))
+    if global_step % 16 == 0:  # An epoch's end: its checkpoint is saved before the hook runs.
+      assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith(
+          f"ckpt-{global_step}")
 
   _run(_config(tmp_path, eval_every_steps=6), on_evaluation=record)
   # Every 6 steps, and at each epoch's end (16 steps an epoch).

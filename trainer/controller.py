@@ -89,13 +89,14 @@ def steps_to_next(step: int, every: int) -> Optional[int]:
 
 
 def divergence(sums: Dict[str, float]) -> Optional[str]:
-  """What went non-finite in a call's summed outputs, or None where training is healthy."""
+  """What went non-finite in a call's summed outputs, or None where training is healthy: a
+  health counter first, then the loss, then any other output."""
   for name, value in sums.items():
     if name.startswith(HEALTH_PREFIX) and value:
       return f"non-finite {name[len(HEALTH_PREFIX):]}"
-  for name, value in sums.items():
-    if not np.isfinite(value):
-      return f"a non-finite {name} ({value})"
+  for name in sorted(sums, key=lambda name: name != "loss"):
+    if not np.isfinite(sums[name]):
+      return f"a non-finite {name} ({sums[name]})"
   return None
 
 
@@ -185,6 +186,9 @@ class Controller:
     self.checkpoint_dir = checkpoint_dir
     self._summary_dir, self._show_progress = summary_dir, show_progress
     self._on_first_save, self._writer = on_first_save, None
+    # Training scalars wait in memory for this process's first checkpoint: a job refused or
+    # diverging before it leaves no file behind.
+    self._unsaved_summaries = []
     self._epoch_names = [n for n in task.train_outputs if not n.startswith(HEALTH_PREFIX)]
     with strategy.scope():
       self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -233,7 +237,9 @@ class Controller:
     if self._on_first_save:
       self._on_first_save()
       self._on_first_save = None
-    return self.manager.save(checkpoint_number=self.step)
+    path = self.manager.save(checkpoint_number=self.step)
+    self._flush_summaries()
+    return path
 
   def train(self, on_epoch_end: Callable[[int, Dict[str, float], Optional[float]], None],
             actions: Sequence[Action] = ()) -> None:
@@ -316,13 +322,24 @@ class Controller:
                                  schedule.steps_per_epoch, schedule.examples_per_step)
 
   def _write_summaries(self, sums: Dict[str, float], steps: int, seconds: float) -> None:
-    """The logs of one call, at the global step it reached (chief only)."""
+    """Keeps the logs of one call for TensorBoard, at the global step it reached (chief only).
+
+    They are written at the next checkpoint: a flush per call would hold the other workers
+    at the next collective while the chief writes (on gs://, rewrites) its event file.
+    """
     if not self._summary_dir:
       return
-    scalars = {**self.task.train_logs(sums, steps), **self.task.summaries(),
-               "steps_per_second": steps / seconds}
+    self._unsaved_summaries.append((self.step, {
+        **self.task.train_logs(sums, steps), **self.task.summaries(),
+        "steps_per_second": steps / seconds}))
+
+  def _flush_summaries(self) -> None:
+    if not self._unsaved_summaries:
+      return
     self._writer = self._writer or tf.summary.create_file_writer(self._summary_dir)
-    with self._writer.as_default(step=self.step):
-      for name, value in scalars.items():
-        tf.summary.scalar(name, value)
+    for step, scalars in self._unsaved_summaries:
+      with self._writer.as_default(step=step):
+        for name, value in scalars.items():
+          tf.summary.scalar(name, value)
     self._writer.flush()
+    self._unsaved_summaries = []

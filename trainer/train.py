@@ -95,9 +95,10 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
       save_dir=outputs.checkpoints, summary_dir=outputs.train_logs,
       show_progress=outputs.chief, on_first_save=lambda: outputs.write_config(config))
   latest = controller.restore()
-  job = Job(config, policy, outputs, task, controller, outputs.read_history(
-      controller.epochs_done))
+  job = Job(config, policy, outputs, task, controller, history=[])
   job.finished = outputs.finished_metrics(config.epochs, controller.epochs_done, latest)
+  if job.finished is None:
+    job.history = outputs.read_history(controller.epochs_done)
   if latest and job.finished is None:
     logging.info("Resuming from %s: epoch %d of %d, step %d of %d.", latest,
                  controller.epochs_done + 1, config.epochs,
@@ -121,8 +122,6 @@ def fit(job: Job, on_evaluation: Optional[OnEvaluation] = None) -> Optional[Dict
              "loss_weights": task.weighting.weights()}
     job.history = job.outputs.record_epoch(job.history, entry, config.epochs, step,
                                            images_per_second)
-    if on_evaluation:
-      on_evaluation(step, task.evaluate)
 
   def evaluate_between_epochs(step: int) -> None:
     if controller_lib.itstime(step, steps_per_epoch):
@@ -134,8 +133,12 @@ def fit(job: Job, on_evaluation: Optional[OnEvaluation] = None) -> Optional[Dict
     logging.info("step %d: validation accuracy %.4f, reconstruction_mse %.4f", step,
                  metrics["accuracy"], metrics["reconstruction_mse"])
 
-  job.controller.train(end_epoch,
-                       [controller_lib.Action(config.eval_every_steps, evaluate_between_epochs)])
+  # The hook at an epoch's end runs after the epoch's checkpoint: one that raises (to stop
+  # early, say) loses nothing.
+  at_epoch_end = ([controller_lib.Action(steps_per_epoch, lambda step: on_evaluation(
+      step, task.evaluate))] if on_evaluation else [])
+  job.controller.train(end_epoch, at_epoch_end + [
+      controller_lib.Action(config.eval_every_steps, evaluate_between_epochs)])
   return last.get("validation")
 
 
