@@ -26,6 +26,9 @@ def test_evaluate_agrees_with_the_jobs_metrics_json(finished_run):
                                                      abs=1e-6)
 
 
+# Another TensorFlow start-up (6-7 s) for a refusal: the slow tier. The fast tier runs the
+# command once (above), and export_test checks this message where export.load raises it.
+@pytest.mark.slow
 def test_evaluate_without_an_export_says_so(tmp_path):
   result = _evaluate(f"--model_dir={tmp_path}", "--dataset=mnist_sample")
   helpers.assert_one_error_line(

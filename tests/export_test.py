@@ -16,11 +16,33 @@ from trainer import model as model_lib
 from trainer.config import UserInputError
 
 
-def test_export_reloads_with_a_uint8_serving_signature(tmp_path):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """An export of an untrained model (path), and that model: each export costs about 2 s."""
   model = model_lib.build_model(latent_dim=8, width=8)
-  path = str(tmp_path / "export")
+  path = str(tmp_path_factory.mktemp("export") / "export")
   export_lib.export_saved_model(model, path)
-  export_lib.export_saved_model(model, path)  # Replacing an existing export works too.
+  return path, model
+
+
+@pytest.fixture(scope="module")
+def reloaded(exported):
+  """The module's export loaded once, for the tests of what its signatures refuse."""
+  return tf.saved_model.load(exported[0])
+
+
+def _copy_tree(source: str, target: str) -> None:
+  """Copies the directory `source` into `target` (local or ram://) through tf.io.gfile."""
+  for directory, _, files in tf.io.gfile.walk(source):
+    destination = target + directory[len(source):]
+    tf.io.gfile.makedirs(destination)
+    for name in files:
+      tf.io.gfile.copy(f"{directory}/{name}", f"{destination}/{name}", overwrite=True)
+
+
+def test_export_reloads_with_a_uint8_serving_signature(exported):
+  # Replacing an existing export is tested below, where the old one is replaced.
+  path, model = exported
   serve = tf.saved_model.load(path).signatures["serving_default"]
   assert serve.structured_input_signature[1]["images"].dtype == tf.uint8
   images = helpers.learnable_split(5).images
@@ -36,31 +58,36 @@ def test_export_reloads_with_a_uint8_serving_signature(tmp_path):
   np.testing.assert_array_equal(served4["classifier"], served["classifier"])
   np.testing.assert_array_equal(served4["decoder"], served["decoder"])
   # The latent signature gives the encoder's output, for embeddings and the report.
-  exported = export_lib.load(path)
-  latent = export_lib.predict_batches(exported, images, "latent", batch_size=2)["latent"]
+  reloaded = export_lib.load(path)
+  latent = export_lib.predict_batches(reloaded, images, "latent", batch_size=2)["latent"]
   np.testing.assert_allclose(latent, model.get_layer("encoder")(images), atol=1e-5)
-  outputs = export_lib.predict_batches(exported, images, batch_size=2)  # Batches of 2, 2 and 1.
+  outputs = export_lib.predict_batches(reloaded, images, batch_size=2)  # Batches of 2, 2 and 1.
   np.testing.assert_allclose(outputs["classifier"], direct["classifier"], atol=1e-5)
 
 
-@pytest.mark.parametrize("root", ["local", "ram"])
-def test_a_failed_write_keeps_the_old_export(tmp_path, monkeypatch, root):
+# On a local disk in the slow tier (4 s): the fast tier replaces a local export, clearing what a
+# failed attempt left, in the next test, and here an object store's, which is replaced otherwise.
+@pytest.mark.parametrize("root", [pytest.param("local", marks=pytest.mark.slow), "ram"])
+def test_a_failed_write_keeps_the_old_export(exported, tmp_path, monkeypatch, root):
   path = str(tmp_path / "export") if root == "local" else f"ram://{tmp_path.name}/export"
-  old_model, new_model = model_lib.build_model(latent_dim=8, width=8), model_lib.build_model(latent_dim=8, width=8)
+  # The old export: a copy of the module's, as export_saved_model leaves one (not written again).
+  _copy_tree(exported[0], path)
+  old_model, new_model = exported[1], model_lib.build_model(latent_dim=8, width=8)
   images = helpers.learnable_split(4).images
-  export_lib.export_saved_model(old_model, path)
   old_answers = export_lib.predict_batches(export_lib.load(path), images)["classifier"]
+  np.testing.assert_allclose(old_answers, old_model(images)["classifier"], atol=1e-5)
   archive_class = type(keras.export.ExportArchive())  # The backend's subclass.
-  real_write_out = archive_class.write_out
 
   def write_half_then_fail(archive, filepath, **kwargs):
-    real_write_out(archive, filepath, **kwargs)
+    # An export written (copied: writing one takes 2 s), then its saved_model.pb lost.
+    _copy_tree(exported[0], filepath)
     tf.io.gfile.remove(f"{filepath}/saved_model.pb")
     raise OSError("disk full")
 
   monkeypatch.setattr(archive_class, "write_out", write_half_then_fail)
   with pytest.raises(OSError):
     export_lib.export_saved_model(new_model, path)
+  assert tf.io.gfile.exists(path.replace("/export", "/.export.partial"))  # The half write.
   np.testing.assert_array_equal(
       export_lib.predict_batches(export_lib.load(path), images)["classifier"], old_answers)
   # The next export clears what the failed one left, and replaces the old one.
@@ -71,13 +98,12 @@ def test_a_failed_write_keeps_the_old_export(tmp_path, monkeypatch, root):
   assert not tf.io.gfile.exists(path.replace("/export", "/.export.partial"))
 
 
-def test_an_old_export_left_between_the_renames_comes_back(tmp_path):
-  model = model_lib.build_model(latent_dim=8, width=8)
+def test_an_old_export_left_between_the_renames_comes_back(exported, tmp_path):
   path = str(tmp_path / "export")
-  export_lib.export_saved_model(model, path)
-  os.rename(path, tmp_path / ".export.previous")  # Killed between the two renames.
+  # Killed between the two renames: the old export (a copy of the module's) at .export.previous.
+  _copy_tree(exported[0], str(tmp_path / ".export.previous"))
   (tmp_path / ".export.partial").mkdir()
-  export_lib.export_saved_model(model, path)
+  export_lib.export_saved_model(exported[1], path)
   assert sorted(os.listdir(tmp_path)) == ["export"]
 
 
@@ -93,29 +119,20 @@ def test_an_unreadable_export_names_the_fix(tmp_path):
     export_lib.load(str(tmp_path))
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-  """An export of an untrained model (path), and that model."""
-  model = model_lib.build_model(latent_dim=8, width=8)
-  path = str(tmp_path_factory.mktemp("export") / "export")
-  export_lib.export_saved_model(model, path)
-  return path, model
-
-
 @pytest.mark.parametrize("signature", ["serving_default", "latent"])
 @pytest.mark.parametrize("shape", [(2, 32, 32), (2, 28, 28, 3), (784,), (28, 28, 1, 1, 1), ()])
-def test_a_batch_of_another_shape_is_refused_naming_28x28(exported, signature, shape):
-  serve = tf.saved_model.load(exported[0]).signatures[signature]
+def test_a_batch_of_another_shape_is_refused_naming_28x28(reloaded, signature, shape):
+  serve = reloaded.signatures[signature]
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=re.escape(export_lib.EXPECTED_INPUT) + r"; got shape\] \[" +
                            " ".join(map(str, shape)) + r"\]"):
     serve(images=tf.zeros(shape, tf.uint8))
 
 
-def test_a_batch_of_another_dtype_is_refused(exported):
+def test_a_batch_of_another_dtype_is_refused(reloaded):
   # Only a tensor's dtype can be refused: NumPy arrays are cast to uint8 before the graph runs,
   # by this signature wrapper and by Session clients such as saved_model_cli alike.
-  serve = tf.saved_model.load(exported[0]).signatures["serving_default"]
+  serve = reloaded.signatures["serving_default"]
   with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a uint8 tensor"):
     serve(images=tf.zeros((2, 28, 28), tf.float32))
 

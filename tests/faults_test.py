@@ -254,6 +254,10 @@ def test_unwritable_model_dir_is_refused(finished, tmp_path, capsys):
   assert helpers.directory_state(tmp_path) == before  # Nothing written beside it either.
 
 
+# Resumes and traces the model's step (5 s): the slow tier. The fast tier has the real model
+# diverging (train_test), the stop before saving with the last good checkpoint named
+# (controller_test), and task.main's UserInputError path to the error line (the refusals here).
+@pytest.mark.slow
 def test_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(finished, capsys):
   dataset, model_dir = finished
   before = helpers.directory_state(model_dir)

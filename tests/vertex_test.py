@@ -154,6 +154,9 @@ def test_batch_predict_submits_and_waits_for_the_batch_job(server):
   assert result.stdout.splitlines()[-1].endswith(" JOB_STATE_SUCCEEDED")
 
 
+# Another launcher process (1-2 s): the slow tier. The fast tier has the API's error said in one
+# line by this command (the unreachable endpoint below); vertex_api_test words each refusal.
+@pytest.mark.slow
 def test_a_refused_submission_is_one_error_line(server):
   server.errors["CreateCustomJob"] = [
       (grpc.StatusCode.PERMISSION_DENIED, "Permission 'aiplatform.customJobs.create' denied")]
@@ -171,6 +174,20 @@ def test_an_unreachable_endpoint_is_one_error_line_and_its_own_exit_code():
   assert line.startswith("error: cannot reach Vertex AI at 127.0.0.1:1 (")
 
 
+NO_CREDENTIALS = ("no Google Cloud credentials found: run `gcloud auth application-default "
+                  "login` (or set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file)")
+
+
+def test_no_credentials_are_said_with_how_to_get_them():
+  from google.auth import exceptions as auth_exceptions
+  error = auth_exceptions.DefaultCredentialsError("Your default credentials were not found.")
+  assert vertex_api.explain(error, "us-central1-aiplatform.googleapis.com",
+                            "us-central1") == NO_CREDENTIALS
+
+
+# Another launcher process (1-2 s): the slow tier. The fast tier has the words (above) and the
+# API's errors said in one line by this command (the unreachable endpoint, above).
+@pytest.mark.slow
 def test_no_credentials_says_how_to_get_them(tmp_path):
   # Nothing of this machine's: no key file, an empty home and gcloud configuration, and
   # google-auth's metadata server (how it finds a Compute Engine account) on a closed
@@ -182,11 +199,12 @@ def test_no_credentials_says_how_to_get_them(tmp_path):
              GCE_METADATA_HOST="127.0.0.1:1", GCE_METADATA_IP="127.0.0.1:1")
   result = subprocess.run([sys.executable, "-m", "launch.vertex", "--project=p", *JOB_FLAGS],
                           cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=120)
-  helpers.assert_one_error_line(
-      result, "no Google Cloud credentials found: run `gcloud auth application-default login` "
-      "(or set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file)", whole=True)
+  helpers.assert_one_error_line(result, NO_CREDENTIALS, whole=True)
 
 
+# Another launcher process (1-2 s): the slow tier. vertex_api_test cancels through the client,
+# and resolves a job ID to its name, in the fast tier.
+@pytest.mark.slow
 def test_cancel_by_id(server):
   result = _launch("cancel", "--job=7", "--project=p", "--region=asia-east1",
                    f"--api_endpoint={server.endpoint}")
@@ -195,6 +213,9 @@ def test_cancel_by_id(server):
   assert request.name == "projects/p/locations/asia-east1/customJobs/7"
 
 
+# Two more launcher processes (3 s): the slow tier. vertex_api_test builds the same requests and
+# sends them to the stand-in, in the fast tier; the dry run of a submission is tested above.
+@pytest.mark.slow
 def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
   result = _launch("batch_predict", "--dry_run", "--model=projects/p/locations/r/models/9",
                    "--instances=gs://b/in.jsonl", "--output_dir=gs://b/out")
