@@ -20,7 +20,8 @@ from tests import helpers
 from trainer import cli, preemption, task
 
 # The narrow model: these prove what survives a fault, not the quality.
-SAMPLE_FLAGS = ("--dataset=mnist_sample", "--width=8", "--steps_per_loop=5")
+SAMPLE_FLAGS = ("--dataset=mnist_sample", "--width=8", "--latent_dim=16", "--noreport",
+                "--steps_per_loop=5")
 SAMPLE_STEPS_PER_EPOCH = 4000 // 64
 
 
