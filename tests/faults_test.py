@@ -126,8 +126,13 @@ def test_a_lost_worker_stops_the_other_with_a_clear_error_and_a_restart_resumes(
   logs = [(tmp_path / f"second-worker{i}.log").read_text() for i in range(2)]
   assert [p.returncode for p in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   assert all(f"Resuming from {latest}" in log for log in logs)
+  assert "Strategy: multi_worker_mirrored" in logs[1]
   metrics = helpers.read_metrics(model_dir)
-  assert metrics["strategy"] == "multi_worker_mirrored" and metrics["test_accuracy"] > 0.9
+  assert metrics["strategy"] == "multi_worker_mirrored" and metrics["num_replicas"] == 2
+  assert metrics["test_accuracy"] > 0.9 and metrics["test_reconstruction_mse"] < 0.1, metrics
+  # Only the chief (worker 0) writes shared outputs: one set of them, and no trace of worker 1.
+  assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "export",
+                                          "history.json", "logs", "metrics.json"]
 
 
 @pytest.mark.slow

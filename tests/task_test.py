@@ -7,13 +7,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-import tensorflow as tf
 from absl import flags
 
 from tests import helpers
-from trainer import sources, task
+from trainer import task
 
 
 def _assert_clear_error(result, message):
@@ -130,29 +128,6 @@ def test_bad_flags_get_one_clear_error_line(tmp_path, flags, message):
 def test_missing_model_dir_is_a_clear_error():
   result = helpers.run_trainer("--dataset=mnist_sample", env={"AIP_MODEL_DIR": ""}, timeout=120)
   _assert_clear_error(result, "pass --model_dir")
-
-
-@pytest.mark.slow
-def test_two_workers_on_loopback_train_together(tmp_path):
-  model_dir = str(tmp_path / "run")
-  # The narrow model for two epochs: the wiring, not the quality (measured 0.952 / 0.077).
-  workers = helpers.start_workers(tmp_path, "run", "--dataset=mnist_sample", "--width=8",
-                                  "--latent_dim=16", "--epochs=2", "--noreport",
-                                  f"--model_dir={model_dir}")
-  for process in workers:
-    try:
-      process.wait(timeout=900)
-    finally:
-      process.kill()
-  logs = [(tmp_path / f"run-worker{i}.log").read_text() for i in range(2)]
-  assert [p.returncode for p in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-  metrics = helpers.read_metrics(model_dir)
-  assert metrics["strategy"] == "multi_worker_mirrored" and metrics["num_replicas"] == 2
-  assert metrics["test_accuracy"] >= 0.9 and metrics["test_reconstruction_mse"] <= 0.1, metrics
-  # Only the chief (worker 0) writes shared outputs: one set of them, and no trace of worker 1.
-  assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "export",
-                                          "history.json", "logs", "metrics.json"]
-  assert "Strategy: multi_worker_mirrored" in logs[1]
 
 
 def test_every_setting_is_a_flag_whose_default_is_the_configurations(monkeypatch):

@@ -175,7 +175,7 @@ def test_job_trains_on_the_prepared_data_dir_with_no_network(fashion_mnist_dir, 
   closed = f"http://127.0.0.1:{portpicker.pick_unused_port()}"  # Any download would fail.
   result = helpers.run_trainer(
       "--dataset=tfds:fashion_mnist", f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'm'}",
-      "--epochs=1", "--width=8", "--shift_pixels=0", "--noreport",
+      "--epochs=1", "--width=8", "--batch_size=256", "--shift_pixels=0", "--noreport",
       env={**{name: closed for name in PROXY_VARIABLES}, "NO_PROXY": "", "no_proxy": ""})
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = helpers.read_metrics(str(tmp_path / "m"))

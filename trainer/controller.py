@@ -22,7 +22,6 @@ from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from trainer import preemption
 from trainer import progress as progress_lib
