@@ -226,6 +226,7 @@ def test_the_task_reports_non_finite_gradients_while_its_loss_is_finite(tmp_path
   assert controller.divergence(sums) == "non-finite gradients"
 
 
+@pytest.mark.slow  # 13 s; the fast tier's two replicas are the controller's stand-in's.
 def test_the_task_steps_under_two_replicas_as_under_one(tmp_path, two_replicas):
   # The same global batches (unshifted: shifts are keyed by each replica's batch): the global
   # means, synchronised batch normalisation and summed gradients make two replicas' steps
