@@ -262,10 +262,10 @@ class Controller:
                     + [s for s in (steps_to_next(step, every) for every in periods) if s])
         if step % schedule.steps_per_epoch == 0 or progress is None:
           progress = self._progress()
-        sums, stop = self._call(train_loop, iterator, steps, termination.requested)
+        logs, stop = self._call(train_loop, iterator, steps, termination.requested)
         if progress:
           progress.update((self.step - 1) % schedule.steps_per_epoch + 1,
-                          self.task.train_logs(sums, steps).get("loss", float("nan")))
+                          logs.get("loss", float("nan")))
         saved = self._after_call(on_epoch_end, actions)
         if saved is None and self.step == schedule.total_steps:
           saved = self.save()  # The end: a run again finds it finished.
@@ -275,7 +275,8 @@ class Controller:
               f"step {self.step % schedule.steps_per_epoch}")
 
   def _call(self, train_loop, iterator, steps: int, stop_requested: bool):
-    """One call into the device: `steps` steps, checked, counted and logged."""
+    """One call into the device: `steps` steps, checked, counted and logged; returns the
+    call's train logs and whether every worker agreed to stop."""
     started = time.perf_counter()
     sums, first_bad, stop = train_loop(iterator, tf.constant(steps),
                                        tf.constant(float(stop_requested)))
@@ -291,8 +292,9 @@ class Controller:
     self.throughput.add(steps * self.schedule.examples_per_step, seconds)
     self.global_step.assign_add(steps)
     self.epoch_sums.assign_add([sums[name] for name in self._epoch_names])
-    self._write_summaries(sums, steps, seconds)
-    return sums, bool(stop)
+    logs = self.task.train_logs(sums, steps)
+    self._write_summaries(logs, steps / seconds)
+    return logs, bool(stop)
 
   def _after_call(self, on_epoch_end, actions) -> Optional[str]:
     """Runs what is due at the step reached; returns the checkpoint saved there, if any."""
@@ -320,7 +322,7 @@ class Controller:
                                  schedule.total_steps // schedule.steps_per_epoch,
                                  schedule.steps_per_epoch, schedule.examples_per_step)
 
-  def _write_summaries(self, sums: Dict[str, float], steps: int, seconds: float) -> None:
+  def _write_summaries(self, logs: Dict[str, float], steps_per_second: float) -> None:
     """Keeps the logs of one call for TensorBoard, at the global step it reached (chief only).
 
     They are written at the next checkpoint: a flush per call would hold the other workers
@@ -329,8 +331,7 @@ class Controller:
     if not self._summary_dir:
       return
     self._unsaved_summaries.append((self.step, {
-        **self.task.train_logs(sums, steps), **self.task.summaries(),
-        "steps_per_second": steps / seconds}))
+        **logs, **self.task.summaries(), "steps_per_second": steps_per_second}))
 
   def _flush_summaries(self) -> None:
     if not self._unsaved_summaries:
