@@ -41,20 +41,47 @@ def test_other_workers_write_nothing_under_model_dir(tmp_path):
   assert not run.checkpoints.startswith(str(tmp_path))
 
 
-def test_finished_means_metrics_of_the_checkpoints_epochs(tmp_path):
+def test_finished_means_metrics_of_these_epochs_whatever_the_checkpoints(tmp_path):
   run = outputs.RunOutputs(_config(tmp_path), chief=True)
-  assert run.finished_metrics(epochs=2, epochs_done=2, checkpoint="ckpt-32") is None  # No file.
-  run.write_metrics({"epochs": 1, "test_accuracy": 0.9})
-  # A shorter run's metrics do not finish a longer one.
-  assert run.finished_metrics(epochs=2, epochs_done=2, checkpoint="ckpt-32") is None
-  run.write_metrics({"epochs": 2, "test_accuracy": 0.95})
-  assert run.finished_metrics(2, 2, "ckpt-32") == {"epochs": 2, "test_accuracy": 0.95}
-  assert run.finished_metrics(3, 2, "ckpt-32") is None  # A larger --epochs extends it.
-  with pytest.raises(config.UserInputError, match=r"--epochs=1 is fewer than the 2 epochs"):
-    run.finished_metrics(1, 2, "ckpt-32")
-  (tmp_path / "metrics.json").write_text("{not json")
-  with pytest.raises(config.UserInputError, match="is not a job's metrics"):
-    run.finished_metrics(2, 2, "ckpt-32")
+  assert run.finished_metrics(epochs=2) is None  # No file.
+  done = {"epochs": 1, "test_accuracy": 0.9, "test_reconstruction_mse": 0.01}
+  run.write_metrics(done)
+  assert run.finished_metrics(epochs=2) is None  # A shorter run's do not finish a longer one.
+  run.write_metrics({**done, "epochs": 2})
+  assert run.finished_metrics(2) == {**done, "epochs": 2}
+  assert run.finished_metrics(3) is None  # A larger --epochs extends it.
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "not JSON"), ("[]", "not a JSON object"),
+    ('{"epochs": 2}', "no test_accuracy number"),
+    ('{"epochs": "2", "test_accuracy": 0.9, "test_reconstruction_mse": 0.01}',
+     "no epochs number"),
+    ('{"epochs": 2, "test_accuracy": null, "test_reconstruction_mse": 0.01}',
+     "no test_accuracy number")])
+def test_damaged_metrics_are_one_line_naming_the_file_and_the_fix(tmp_path, content, problem):
+  run = outputs.RunOutputs(_config(tmp_path), chief=True)
+  (tmp_path / "metrics.json").write_text(content)
+  with pytest.raises(config.UserInputError) as raised:
+    run.finished_metrics(2)
+  message = str(raised.value)
+  assert message.startswith(f"{tmp_path}/metrics.json is damaged: {problem}") and "\n" not in message
+  assert message.endswith("delete it and run the same command again to evaluate and export the "
+                          "trained model")
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "not JSON"), ("[]", "not a JSON object"),
+    ('{"epochs": {"epoch": 1}}', "are not a list of epoch records"),
+    ('{"epochs": [{"epoch": "1"}]}', "are not a list of epoch records"),
+    ('{"epochs": [{"epoch": 1, "train": {"loss": "x"}, "validation": {}, "loss_weights": {}}]}',
+     "are not a list of epoch records")])
+def test_a_damaged_history_is_one_line_naming_the_file_and_the_fix(tmp_path, content, problem):
+  run = outputs.RunOutputs(_config(tmp_path), chief=True)
+  (tmp_path / "history.json").write_text(content)
+  with pytest.raises(config.UserInputError, match=f"history.json is damaged: .*{problem}.*; delete "
+                                                  "it"):
+    run.read_history(1)
 
 
 def test_the_closing_line_names_the_report_only_where_there_is_one(tmp_path):
@@ -82,10 +109,22 @@ def test_the_configuration_is_saved_and_read_back(tmp_path):
   saved = _config(tmp_path, loss_weights={"classifier": 1.0, "decoder": 0.5})
   run.write_config(saved)
   assert config.resume_changes(run.read_config(), saved) == []
-  (tmp_path / "config.json").write_text("[1, 2]")
-  with pytest.raises(config.UserInputError, match="is not a run's configuration .* delete it to "
-                                                  "adopt this command's flags"):
-    run.read_config()
+  for content, problem in (("[1, 2]", "not a JSON object"), ("{x", "not JSON (Expecting property name enclosed in double quotes: line 1 "
+                                  "column 2 (char 1))"),
+                           ('{"epochs": "2"}', 'epochs is "2", not an integer'),
+                           ('{"epochs": null}', "epochs is null, not an integer"),
+                           ('{"batch_size": 64.0}', "batch_size is 64.0, not an integer"),
+                           ('{"deterministic": 1}', "deterministic is 1, not true or false"),
+                           ('{"learning_rate": true}', "learning_rate is true, not a number"),
+                           ('{"loss_weights": {"decoder": "8"}}',
+                            'loss_weights is {"decoder": "8"}, not NAME: WEIGHT pairs')):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(config.UserInputError) as raised:
+      run.read_config()
+    assert str(raised.value) == (f"{tmp_path}/config.json is damaged: {problem}; restore it, or "
+                                 "delete it to adopt this command's flags")
+  (tmp_path / "config.json").write_text('{"learning_rate": 1, "epochs": 3}')  # JSON's numbers.
+  assert run.read_config() == {"learning_rate": 1, "epochs": 3}
 
 
 def test_tensorboard_logs_go_where_the_configuration_says(tmp_path):

@@ -1,35 +1,61 @@
-"""Tests of trainer.preemption: SIGTERM raises the flag, and only while the context is open."""
+"""Tests of trainer.preemption: a first stop signal raises the flag while training, a second
+Ctrl-C and any signal outside the loop stop at once, saying what the stage leaves."""
 
 import os
 import signal
 import threading
 
+import pytest
+
 from trainer import preemption
 
 
-def test_sigterm_sets_the_flag_instead_of_ending_the_process():
-  with preemption.sigterm_flag() as flag:
+@pytest.mark.parametrize("number, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_sets_the_flag_instead_of_ending_the_process(number, exit_code):
+  with preemption.stop_flag() as flag:
     assert not flag.requested
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert flag.requested
+    os.kill(os.getpid(), number)
+    assert flag.requested and flag.signal_number == number
+  stop = preemption.Preempted("checkpoint saved", flag.signal_number)
+  assert stop.exit_code == exit_code
+  assert stop.verb == ("interrupted" if number == signal.SIGINT else "preempted")
 
 
-def test_the_previous_handler_comes_back_after_the_context():
-  previous = signal.getsignal(signal.SIGTERM)
-  with preemption.sigterm_flag():
-    assert signal.getsignal(signal.SIGTERM) is not previous
-  assert signal.getsignal(signal.SIGTERM) is previous
+def test_a_second_ctrl_c_stops_at_once():
+  with preemption.stop_flag() as flag:
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(preemption.Stopped, match="Ctrl-C again: stopped at once") as raised:
+      os.kill(os.getpid(), signal.SIGINT)
+  assert flag.requested and raised.value.exit_code == 130
+
+
+def test_outside_the_loop_a_signal_stops_at_once_saying_what_the_stage_leaves():
+  with pytest.raises(preemption.Stopped) as raised:
+    with preemption.stage("exporting", "the checkpoint is saved; run it again"):
+      os.kill(os.getpid(), signal.SIGTERM)
+  assert str(raised.value) == "SIGTERM while exporting: the checkpoint is saved; run it again"
+  assert raised.value.exit_code == 143
+  # Not an Exception: a broad `except Exception` (the report's) must not swallow a stop.
+  assert not isinstance(raised.value, Exception)
+
+
+def test_the_previous_handlers_come_back_after_the_context():
+  previous = [signal.getsignal(number) for number in preemption.STOP_SIGNALS]
+  with preemption.stage("starting", "nothing written"):
+    with preemption.stop_flag():
+      assert signal.getsignal(signal.SIGTERM) not in previous
+    assert signal.getsignal(signal.SIGINT) not in previous
+  assert [signal.getsignal(number) for number in preemption.STOP_SIGNALS] == previous
 
 
 def test_off_the_main_thread_the_flag_is_inert():
   seen = []
 
   def body():
-    with preemption.sigterm_flag() as flag:
+    with preemption.stop_flag() as flag:
       seen.append(flag.requested)
 
   thread = threading.Thread(target=body)
   thread.start()
   thread.join()
   assert seen == [False]
-

@@ -236,6 +236,8 @@ class TrainConfig:
         raise UserInputError(unknown_choice(field.name, value, choices))
       if check:
         check(value, field.name)
+      if field.type is int and not -2**31 < value < 2**31:  # TensorFlow's counters are int32/64.
+        raise UserInputError(f"--{field.name}={value} is out of range: use a value below 2**31")
     if self.jit_compile and self.deterministic:
       raise UserInputError("--jit_compile and --deterministic cannot go together: XLA has no "
                            "deterministic max-pool gradient; drop one of them")

@@ -13,7 +13,8 @@ of a few variables (tests/controller_test.py).
 
 Faults: a step whose outputs are not finite, or whose `nonfinite_*` counters are not zero,
 stops the job before anything from that call is saved (`Diverged`). SIGTERM is agreed on by
-every worker inside the call, so all stop at the same step, save, and raise `Preempted`.
+every worker inside the call, so all stop at the same step, save, and raise `Preempted`; so is
+Ctrl-C (a second one stops at once).
 """
 
 import dataclasses
@@ -23,9 +24,11 @@ from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from trainer import checkpoints
 from trainer import preemption
 from trainer import progress as progress_lib
-from trainer.config import UserInputError, first_line
+from trainer import storage
+from trainer.config import UserInputError
 
 # A task's step output whose name starts so counts the replicas where something went
 # non-finite (gradients, weights): any count above zero is a divergence.
@@ -105,33 +108,6 @@ def describe_step(step: int, steps_per_epoch: int) -> str:
           f"{(step - 1) % steps_per_epoch + 1})")
 
 
-class Throughput:
-  """Examples per second inside training calls only: not evaluation, checkpoints, or a
-  process's first call (tracing and compilation)."""
-
-  def __init__(self):
-    self._first_call_done = False
-    self.run = [0, 0.0]  # Examples and seconds.
-    self.epoch = [0, 0.0]
-
-  def add(self, examples: int, seconds: float) -> None:
-    if not self._first_call_done:
-      self._first_call_done = True
-      return
-    for totals in (self.run, self.epoch):
-      totals[0] += examples
-      totals[1] += seconds
-
-  def end_epoch(self) -> Optional[float]:
-    """The epoch's examples/s (None if only its first call ran in this process)."""
-    examples, seconds = self.epoch
-    self.epoch = [0, 0.0]
-    return examples / seconds if seconds else None
-
-  def overall(self) -> Optional[float]:
-    return self.run[0] / self.run[1] if self.run[1] else None
-
-
 def make_train_loop(strategy: tf.distribute.Strategy, task: Task):
   """A `tf.function(iterator, num_steps, stop_requested)` that runs `num_steps` task steps.
 
@@ -184,7 +160,7 @@ class Controller:
     self.strategy, self.task, self.schedule = strategy, task, schedule
     self.checkpoint_dir = checkpoint_dir
     self._summary_dir, self._show_progress = summary_dir, show_progress
-    self._on_first_save, self._writer = on_first_save, None
+    self._on_first_save, self._saved_once, self._writer = on_first_save, False, None
     # Training scalars wait in memory for this process's first checkpoint: a job refused or
     # diverging before it leaves no file behind.
     self._unsaved_summaries = []
@@ -195,9 +171,10 @@ class Controller:
                                     trainable=False, name="epoch_sums")
     self.checkpoint = tf.train.Checkpoint(global_step=self.global_step,
                                           epoch_sums=self.epoch_sums, **task.checkpoint_items())
+    self._checkpoints_to_keep, self.unreadable = checkpoints_to_keep, []
     self.manager = tf.train.CheckpointManager(self.checkpoint, save_dir or checkpoint_dir,
                                               max_to_keep=checkpoints_to_keep)
-    self.throughput = Throughput()
+    self.throughput = progress_lib.Throughput()
 
   @property
   def step(self) -> int:
@@ -208,14 +185,15 @@ class Controller:
     return self.step // self.schedule.steps_per_epoch
 
   def restore(self) -> Optional[str]:
-    """Restores the latest checkpoint in `checkpoint_dir`, if any; returns its path.
+    """Restores the newest checkpoint in `checkpoint_dir` that reads back whole; returns its
+    path, or None where none does (or there is none).
 
-    Only checkpoints that the CheckpointManager's state file names count: it names a
-    checkpoint after all its files are written, so a save cut short is never trusted.
-    Raises `UserInputError` for a checkpoint of another trainer or another model.
+    Those that cannot be read are named in a warning and kept in `unreadable`, to be set
+    aside at the first save (trainer.checkpoints). Raises `UserInputError` for a checkpoint
+    of another trainer or another model.
     """
-    latest = tf.train.latest_checkpoint(self.checkpoint_dir)
-    if not latest:
+    latest, self.unreadable = checkpoints.newest_readable(self.checkpoint_dir)
+    if latest is None:
       return None
     saved = {name for name, _ in tf.train.list_variables(latest)}
     if "global_step/.ATTRIBUTES/VARIABLE_VALUE" not in saved:
@@ -223,20 +201,22 @@ class Controller:
           f"the checkpoint {latest} was written by an older version of this trainer (an epoch "
           "and a step counter, no global step); finish that run with the version that "
           "started it, or start this one in a new --model_dir")
-    try:
-      self.checkpoint.restore(latest).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-      raise UserInputError(
-          f"the checkpoint {latest} does not fit this model ({first_line(e)[:200]}); use the "
-          "flags it was trained with (e.g. --latent_dim) or a new --model_dir") from None
+    checkpoints.restore(self.checkpoint, latest)
     return latest
 
   def save(self) -> str:
     """Saves a checkpoint numbered by the global step; returns its path."""
-    if self._on_first_save:
-      self._on_first_save()
-      self._on_first_save = None
-    path = self.manager.save(checkpoint_number=self.step)
+    if not self._saved_once:
+      if self._on_first_save:
+        self._on_first_save()
+      if self.manager.directory == self.checkpoint_dir:  # The chief's own checkpoints.
+        checkpoints.tidy(self.checkpoint_dir, self.unreadable)
+        # Anew: it reads the state file, which now lists what is on disk.
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.checkpoint_dir,
+                                                  max_to_keep=self._checkpoints_to_keep)
+      self._saved_once = True
+    with storage.writing(self.manager.directory, "a checkpoint"):
+      path = self.manager.save(checkpoint_number=self.step)
     self._flush_summaries()
     return path
 
@@ -247,7 +227,7 @@ class Controller:
     in order; then the periodic checkpoint, unless one was saved at that step; and one at
     the last step in any case.
 
-    Raises `Diverged` and, after saving, `preemption.Preempted` on SIGTERM.
+    Raises `Diverged` and, after saving, `preemption.Preempted` on SIGTERM or Ctrl-C.
     """
     schedule = self.schedule
     train_loop = make_train_loop(self.strategy, self.task)
@@ -255,7 +235,7 @@ class Controller:
     periods = [schedule.steps_per_epoch, schedule.checkpoint_every_steps]
     periods += [action.every for action in actions]
     progress = None
-    with preemption.sigterm_flag() as termination:
+    with preemption.stop_flag() as termination:
       while self.step < schedule.total_steps:
         step = self.step
         steps = min([schedule.steps_per_loop, schedule.total_steps - step]
@@ -272,7 +252,7 @@ class Controller:
         if stop:
           raise preemption.Preempted(
               f"checkpoint {saved or self.save()} saved at epoch {self.epochs_done + 1}, "
-              f"step {self.step % schedule.steps_per_epoch}")
+              f"step {self.step % schedule.steps_per_epoch}", termination.signal_number)
 
   def _call(self, train_loop, iterator, steps: int, stop_requested: bool):
     """One call into the device: `steps` steps, checked, counted and logged; returns the
@@ -336,10 +316,11 @@ class Controller:
   def _flush_summaries(self) -> None:
     if not self._unsaved_summaries:
       return
-    self._writer = self._writer or tf.summary.create_file_writer(self._summary_dir)
-    for step, scalars in self._unsaved_summaries:
-      with self._writer.as_default(step=step):
-        for name, value in scalars.items():
-          tf.summary.scalar(name, value)
-    self._writer.flush()
+    with storage.writing(self._summary_dir, "the TensorBoard logs"):
+      self._writer = self._writer or tf.summary.create_file_writer(self._summary_dir)
+      for step, scalars in self._unsaved_summaries:
+        with self._writer.as_default(step=step):
+          for name, value in scalars.items():
+            tf.summary.scalar(name, value)
+      self._writer.flush()
     self._unsaved_summaries = []

@@ -17,35 +17,16 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 from absl import logging
 
+from trainer import storage
 from trainer.config import TrainConfig, UserInputError, first_line
 
-
+# What a JSON value of each setting's type must be, and its name in an error line.
+_JSON_TYPES = {str: ((str,), "a string"), int: ((int,), "an integer"),
+               float: ((int, float), "a number"), bool: ((bool,), "true or false")}
 
 def checkpoint_dir(config: TrainConfig) -> str:
   """Where checkpoints are read (by every worker) and written (by the chief)."""
   return config.checkpoint_dir or os.path.join(config.model_dir, "checkpoints")
-
-
-def write_json(path: str, content: dict) -> None:
-  """Writes through a temporary name, so readers never see a half-written file."""
-  temporary = path + ".tmp"
-  with tf.io.gfile.GFile(temporary, "w") as f:
-    json.dump(content, f, indent=2, sort_keys=True)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
-def _check_writable(flag: str, directory: str) -> None:
-  """Fails now, not after the first epoch, where a directory cannot be written."""
-  try:
-    tf.io.gfile.makedirs(directory)
-    probe = os.path.join(directory, ".write_test")
-    with tf.io.gfile.GFile(probe, "w") as f:
-      f.write("ok")
-    tf.io.gfile.remove(probe)
-  except (tf.errors.OpError, OSError) as e:
-    raise UserInputError(
-        f"cannot write to --{flag}={directory} ({type(e).__name__}); "
-        "give a directory this job may write") from None
 
 
 def results_line(metrics: Dict[str, object], model_dir: str) -> str:
@@ -72,8 +53,10 @@ class RunOutputs:
     self.chief, self.model_dir = chief, config.model_dir
     if chief:
       root = config.model_dir
-      for flag, directory in (("model_dir", root), ("checkpoint_dir", checkpoint_dir(config))):
-        _check_writable(flag, directory)
+      for flag, directory in (("model_dir", root), ("checkpoint_dir", checkpoint_dir(config)),
+                              ("tensorboard_dir", config.tensorboard_dir)):
+        if directory:
+          storage.check_writable(flag, directory)
     else:
       root = tempfile.mkdtemp(prefix="trainer-worker-")
       atexit.register(shutil.rmtree, root, ignore_errors=True)
@@ -89,40 +72,51 @@ class RunOutputs:
     self._validation_writer = None
 
   def read_config(self) -> Optional[Dict]:
-    """The configuration the run saved when it started or was last resumed; None if none.
-
-    A run directory with checkpoints but no config.json (deleted by hand) adopts the
-    current flags: trainers too old to write one are refused by their checkpoint already.
+    """The configuration the run saved at its first checkpoint (and at each resume's); None if
+    there is none. A run directory with checkpoints but no config.json (deleted by hand)
+    adopts the current flags: trainers too old to write one are refused by their checkpoint.
     """
-    if not tf.io.gfile.exists(self.config_path):
+    saved = self._read_json(self.config_path, "restore it, or delete it to adopt this "
+                            "command's flags")
+    if saved is not None:
+      problem = _config_problem(saved)
+      if problem:
+        raise UserInputError(f"{self.config_path} is damaged: {problem}; restore it, or "
+                             "delete it to adopt this command's flags")
+    return saved
+
+  def trained_files(self) -> List[str]:
+    """The files of this run that show it has trained (config.json is written at its first
+    checkpoint, history.json at its first epoch's end)."""
+    return [path for path in (self.config_path, self.history_path) if tf.io.gfile.exists(path)]
+
+  def _read_json(self, path: str, fix: str, kind=dict):
+    """The JSON value of the file at `path` if it is a `kind`; None if there is no file."""
+    if not tf.io.gfile.exists(path):
       return None
     try:
-      with tf.io.gfile.GFile(self.config_path) as f:
-        saved = json.load(f)
-      if not isinstance(saved, dict):
-        raise ValueError("not a JSON object")
-      return saved
-    except ValueError as e:
-      raise UserInputError(
-          f"{self.config_path} is not a run's configuration ({first_line(e)}); restore it, or "
-          "delete it to adopt this command's flags") from None
+      with tf.io.gfile.GFile(path) as f:
+        value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+      raise UserInputError(f"{path} is damaged: not JSON ({first_line(e)}); {fix}") from None
+    if not isinstance(value, kind):
+      raise UserInputError(f"{path} is damaged: not a JSON object; {fix}")
+    return value
 
   def write_config(self, config: TrainConfig) -> None:
     """Saves the configuration (chief only), once every check has passed."""
     if self.chief:
-      write_json(self.config_path, dataclasses.asdict(config))
+      storage.write_json(self.config_path, dataclasses.asdict(config))
 
   def read_history(self, epochs_done: int) -> List[Dict]:
     """The per-epoch entries of the epochs a restored checkpoint has done (none if no file)."""
-    if not tf.io.gfile.exists(self.history_path):
-      return []
-    try:
-      with tf.io.gfile.GFile(self.history_path) as f:
-        return [entry for entry in json.load(f)["epochs"] if entry["epoch"] <= epochs_done]
-    except (ValueError, KeyError, TypeError) as e:
-      raise UserInputError(
-          f"{self.history_path} is not a training history ({first_line(e)}); delete it (the "
-          "report's curves then start at the resumed epoch)") from None
+    fix = "delete it (the report's curves then start at the resumed epoch)"
+    history = self._read_json(self.history_path, fix) or {"epochs": []}
+    entries = history.get("epochs")
+    if not isinstance(entries, list) or not all(map(_is_history_entry, entries)):
+      raise UserInputError(f"{self.history_path} is damaged: its \"epochs\" are not a list "
+                           f"of epoch records; {fix}")
+    return [entry for entry in entries if entry["epoch"] <= epochs_done]
 
   def record_epoch(self, history: List[Dict], entry: Dict, epochs: int, global_step: int,
                    images_per_second: Optional[float]) -> List[Dict]:
@@ -141,41 +135,33 @@ class RunOutputs:
         "-" if images_per_second is None else f"{images_per_second:.0f}")
     if not self.chief:
       return history
-    write_json(self.history_path, {"epochs": history})
-    self._validation_writer = self._validation_writer or tf.summary.create_file_writer(
-        os.path.join(self.logs, "validation"))
-    with self._validation_writer.as_default(step=global_step):
-      for name, value in validation.items():
-        tf.summary.scalar(name, value)
-    self._validation_writer.flush()
+    storage.write_json(self.history_path, {"epochs": history})
+    with storage.writing(self.logs, "the TensorBoard logs"):
+      self._validation_writer = self._validation_writer or tf.summary.create_file_writer(
+          os.path.join(self.logs, "validation"))
+      with self._validation_writer.as_default(step=global_step):
+        for name, value in validation.items():
+          tf.summary.scalar(name, value)
+      self._validation_writer.flush()
     return history
 
-  def finished_metrics(self, epochs: int, epochs_done: int,
-                       checkpoint: Optional[str]) -> Optional[Dict[str, object]]:
-    """The metrics of a finished job, or None where there is work left.
+  def finished_metrics(self, epochs: int) -> Optional[Dict[str, object]]:
+    """The metrics of a job of `epochs` epochs that has finished, or None where it has not.
 
-    `epochs_done` is what the restored `checkpoint` holds. A job is finished when metrics.json
-    of its epochs exists beside a checkpoint of its last epoch's end: metrics.json is written
-    last, so a job killed after that checkpoint but before it is not finished, and completes
-    its export and report when run again. A larger --epochs extends a finished job; a smaller
-    one than the epochs trained is refused.
+    metrics.json is written last, after the export, and removed before an export is replaced,
+    so metrics.json of `epochs` epochs means those epochs are trained and exported, whatever
+    has since happened to the checkpoints. A larger --epochs extends a finished job.
     """
-    if epochs_done > epochs:
-      raise UserInputError(
-          f"--epochs={epochs} is fewer than the {epochs_done} epochs the checkpoint "
-          f"{checkpoint} has trained; pass --epochs={epochs_done} or more, or a new --model_dir")
-    if epochs_done < epochs or not tf.io.gfile.exists(self.metrics_path):
+    metrics = self._read_json(self.metrics_path, "delete it and run the same command again to "
+                              "evaluate and export the trained model")
+    if metrics is None:
       return None
-    try:
-      with tf.io.gfile.GFile(self.metrics_path) as f:
-        metrics = json.load(f)
-    except ValueError as e:
-      raise UserInputError(
-          f"{self.metrics_path} is not a job's metrics ({first_line(e)}); delete it and run "
-          "again to evaluate and export the trained model") from None
-    # Those of the checkpoint's epoch, not left by a shorter run that this one extended and
-    # that stopped (SIGTERM at its last step, say) before replacing them.
-    return metrics if metrics.get("epochs") == epochs_done else None
+    for name, kinds in _METRICS_TYPES.items():
+      if not isinstance(metrics.get(name), kinds) or isinstance(metrics.get(name), bool):
+        raise UserInputError(
+            f"{self.metrics_path} is damaged: no {name} number in it; delete it and run the "
+            "same command again to evaluate and export the trained model")
+    return metrics if metrics["epochs"] == epochs else None
 
   def unmark_complete(self) -> None:
     """Removes metrics.json before the export is replaced: where it exists, the export beside
@@ -186,7 +172,7 @@ class RunOutputs:
   def write_metrics(self, metrics: Dict[str, object]) -> None:
     """Writes metrics.json, last: it marks the run's outputs complete."""
     if self.chief:
-      write_json(self.metrics_path, metrics)
+      storage.write_json(self.metrics_path, metrics)
 
   def write_report(self, test_split, history: List[Dict], metrics: Dict[str, object]) -> None:
     """Draws the report (chief only); a failure is logged, not raised: the trained job must
@@ -199,5 +185,36 @@ class RunOutputs:
                           os.path.join(self.model_dir, "report"),
                           tf.summary.create_file_writer(os.path.join(self.logs, "report")))
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning("the report could not be drawn (%s: %s); the model and metrics are saved",
-                      type(e).__name__, first_line(e))
+      logging.warning("the report could not be drawn (%s: %s); the model is exported, and "
+                      "metrics.json comes next", type(e).__name__, first_line(e))
+
+
+_METRICS_TYPES = {"epochs": (int,), "test_accuracy": (int, float),
+                  "test_reconstruction_mse": (int, float)}
+
+
+def _config_problem(saved: Dict) -> Optional[str]:
+  """What is wrong with the types of a saved configuration, or None: each setting it holds
+  must be a JSON value of the setting's type (an older trainer's file may lack some)."""
+  for field in dataclasses.fields(TrainConfig):
+    if field.name not in saved:
+      continue
+    value = saved[field.name]
+    if field.name == "loss_weights":
+      kinds, expected = (dict,), "NAME: WEIGHT pairs"
+      value_ok = isinstance(value, dict) and all(
+          isinstance(w, (int, float)) and not isinstance(w, bool) for w in value.values())
+    else:
+      kinds, expected = _JSON_TYPES[field.type]
+      value_ok = isinstance(value, kinds) and (field.type is bool or not isinstance(value, bool))
+    if not value_ok:
+      return f"{field.name} is {json.dumps(value)}, not {expected}"
+  return None
+
+
+def _is_history_entry(entry) -> bool:
+  def numbers(value) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())
+  return (isinstance(entry, dict) and isinstance(entry.get("epoch"), int)
+          and all(numbers(entry.get(key)) for key in ("train", "validation", "loss_weights")))

@@ -1,8 +1,11 @@
-"""Preemption: noticing SIGTERM, and the exit code that tells the platform to restart the job.
+"""Stop signals: SIGTERM (preemption) and SIGINT (Ctrl-C), and the exit codes that report them.
 
 Vertex AI, Compute Engine and Kubernetes announce preemption with SIGTERM and a short grace
-period. The handler only raises a flag; the training loop reads it between calls into the
-device, all workers agree on it there, save one checkpoint at the same step, and exit.
+period; a user at a terminal presses Ctrl-C. While training, either only raises a flag: the
+training loop reads it between calls into the device, every worker agrees on it there, saves
+one checkpoint at the same step, and exits (`Preempted`). A second Ctrl-C stops at once. Outside
+the loop (start-up, the export), a signal ends the job at once, saying what that stage leaves
+(`Stopped`, from `stage`).
 
 We do not use `tf.distribute.experimental.PreemptionCheckpointHandler`: on Google Cloud
 machines it watches the maintenance-event metadata instead of SIGTERM (and on CPU VMs does
@@ -14,22 +17,46 @@ import contextlib
 import signal
 import threading
 
-# 128 + SIGTERM: what a shell reports for a job SIGTERM ended, and what TensorFlow's own
-# preemption handler exits with on Google Cloud so that the platform restarts the job.
+# 128 + the signal: what a shell reports for a job the signal ended. 143, SIGTERM's, is also
+# what TensorFlow's own preemption handler exits with so that Google Cloud restarts the job.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
 
-class Preempted(Exception):
-  """Training stopped on SIGTERM after saving a checkpoint; the same command resumes it."""
+class Stopped(BaseException):
+  """A stop signal ended the job; `exit_code` is 128 + its number, `verb` what to call it.
+
+  A BaseException, as KeyboardInterrupt is: code that catches every Exception (the report's
+  drawing, say) must not swallow a stop."""
+
+  def __init__(self, message: str, signal_number: int = signal.SIGTERM):
+    super().__init__(message)
+    self.exit_code = 128 + signal_number
+    self.verb = "interrupted" if signal_number == signal.SIGINT else "stopped"
+
+
+class Preempted(Stopped):
+  """Training stopped on a stop signal after saving a checkpoint; the same command resumes."""
+
+  def __init__(self, message: str, signal_number: int = signal.SIGTERM):
+    super().__init__(message, signal_number)
+    self.verb = "interrupted" if signal_number == signal.SIGINT else "preempted"
 
 
 class TerminationFlag:
-  """Set when this process has been asked to terminate."""
+  """Set when this process has been asked to stop; `signal_number` says by which signal."""
 
   def __init__(self):
     self._event = threading.Event()
+    self.signal_number = signal.SIGTERM
 
-  def set(self, *unused_signal_args) -> None:
+  def set(self, signal_number: int = signal.SIGTERM, unused_frame=None) -> None:
+    if signal_number == signal.SIGINT and self._event.is_set():
+      raise Stopped("Ctrl-C again: stopped at once, without saving; the latest checkpoint is "
+                    "kept", signal.SIGINT)
+    self.signal_number = signal_number
     self._event.set()
 
   @property
@@ -38,17 +65,36 @@ class TerminationFlag:
 
 
 @contextlib.contextmanager
-def sigterm_flag():
-  """Yields a `TerminationFlag` that SIGTERM sets while the context is open.
-
-  Off the main thread (where Python cannot install signal handlers) the flag is never set.
-  """
-  flag = TerminationFlag()
+def _handlers(handler):
+  """Installs `handler` for the stop signals while the block runs (on the main thread only:
+  Python installs signal handlers nowhere else), then the previous ones again."""
   if threading.current_thread() is not threading.main_thread():
-    yield flag
+    yield
     return
-  previous = signal.signal(signal.SIGTERM, flag.set)
+  previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
   try:
-    yield flag
+    yield
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for number, old in previous.items():
+      signal.signal(number, old)
+
+
+@contextlib.contextmanager
+def stop_flag():
+  """Yields a `TerminationFlag` that the first SIGTERM or SIGINT sets while the block runs; a
+  second SIGINT raises `Stopped` at once. Off the main thread the flag is never set."""
+  flag = TerminationFlag()
+  with _handlers(flag.set):
+    yield flag
+
+
+@contextlib.contextmanager
+def stage(doing: str, leaves: str):
+  """While the block runs, a stop signal raises `Stopped` at once, with the message
+  "<signal> while <doing>: <leaves>" (`leaves`: what is kept and how to go on)."""
+  def stop(signal_number, unused_frame):
+    raise Stopped(f"{_NAMES.get(signal_number, signal_number)} while {doing}: {leaves}",
+                  signal_number)
+
+  with _handlers(stop):
+    yield

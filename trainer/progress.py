@@ -1,4 +1,4 @@
-"""Progress within an epoch, for a person reading the log.
+"""Progress within an epoch, for a person reading the log, and the throughput it reports.
 
 On a terminal: Keras's progress bar. Elsewhere (Vertex AI's log viewer, a file, a pipe), a bar
 would print a line per update, so instead one line about every `every_seconds`, with the step,
@@ -51,3 +51,30 @@ class Progress:
     logging.info("epoch %d/%d: step %d/%d (%d%%), loss %.4f, %.0f images/s", self._epoch,
                  self._epochs, step, self._steps, 100 * step // self._steps, loss,
                  images_per_second)
+
+
+class Throughput:
+  """Examples per second inside training calls only: not evaluation, checkpoints, or a
+  process's first call (tracing and compilation)."""
+
+  def __init__(self):
+    self._first_call_done = False
+    self.run = [0, 0.0]  # Examples and seconds.
+    self.epoch = [0, 0.0]
+
+  def add(self, examples: int, seconds: float) -> None:
+    if not self._first_call_done:
+      self._first_call_done = True
+      return
+    for totals in (self.run, self.epoch):
+      totals[0] += examples
+      totals[1] += seconds
+
+  def end_epoch(self) -> Optional[float]:
+    """The epoch's examples/s (None if only its first call ran in this process)."""
+    examples, seconds = self.epoch
+    self.epoch = [0, 0.0]
+    return examples / seconds if seconds else None
+
+  def overall(self) -> Optional[float]:
+    return self.run[0] / self.run[1] if self.run[1] else None

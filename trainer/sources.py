@@ -61,8 +61,10 @@ def load_splits(dataset: str, data_dir: str = "") -> Splits:
   if kind == "idx" and argument:
     return _load_idx_dir(argument)
   if kind == "npz" and argument:
-    if not tf.io.gfile.exists(argument):
-      raise UserInputError(f"--dataset={dataset}: no file at {argument}; give the path of an npz file")
+    if not tf.io.gfile.exists(argument) or tf.io.gfile.isdir(argument):
+      what = "a directory" if tf.io.gfile.exists(argument) else "no file"
+      raise UserInputError(f"--dataset={dataset}: {what} at {argument}; give the path of an npz "
+                           "file (idx:DIR reads a directory of IDX files)")
     with tf.io.gfile.GFile(argument, "rb") as f:
       return _splits_from_npz(f, argument)
   raise AssertionError(f"config.DATASETS or DATASET_KINDS names {dataset!r}, which is not read here")

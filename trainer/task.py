@@ -88,23 +88,41 @@ def main(argv):
   except config_lib.UserInputError as e:
     cli.fail(str(e))
   min_log_level = quiet_tensorflow(config.verbose)
-  # TensorFlow is imported only now: the strategy must be the first thing it sets up.
-  with cli.cpp_startup_log_filtered(min_log_level):
-    from trainer import distribution, train
   try:
-    strategy = distribution.get_strategy(config.strategy, config.tpu)
-    train.configure_process(config, strategy)  # Process-wide settings: here, once.
+    with preemption.stage("starting", "nothing was trained or written; run the same command to "
+                          "start"):
+      # TensorFlow is imported only now: the strategy must be the first thing it sets up.
+      with cli.cpp_startup_log_filtered(min_log_level):
+        from trainer import distribution, train
+      strategy = distribution.get_strategy(config.strategy, config.tpu)
+      train.configure_process(config, strategy)  # Process-wide settings: here, once.
     train.run(config, strategy)
   except config_lib.UserInputError as e:
     cli.fail(str(e))
   except preemption.Preempted as e:
-    print(f"preempted: {e}; run the same command to resume", file=sys.stderr)
-    sys.exit(preemption.PREEMPTED_EXIT_CODE)
-  except distribution.PEER_FAILURES as e:
-    if distribution.cluster_workers() < 2:
-      raise
-    cli.fail(f"lost contact with another worker ({distribution.describe_op_error(e)}); restart "
-          "every worker with the same command to resume from the latest checkpoint", exit_code=1)
+    print(f"{e.verb}: {e}; run the same command to resume", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except preemption.Stopped as e:
+    print(f"{e.verb}: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except Exception as e:  # pylint: disable=broad-except
+    _fail_on_known_faults(e, config)
+    raise
+
+
+def _fail_on_known_faults(error: Exception, config: config_lib.TrainConfig) -> None:
+  """Ends the job with one line for a failure that is the environment's, not a bug: storage
+  that stopped taking writes where no narrower handler named the file, a lost worker."""
+  from trainer import distribution, storage  # Imported by now.
+  cause = storage.describe_write_error(error)
+  if cause:
+    cli.fail(f"could not write the run's outputs under --model_dir={config.model_dir}: {cause}; "
+             "what was saved before is intact: free space or make it writable, then run the same "
+             "command to resume")
+  if isinstance(error, distribution.PEER_FAILURES) and distribution.cluster_workers() >= 2:
+    cli.fail(f"lost contact with another worker ({distribution.describe_op_error(error)}); "
+             "restart every worker with the same command to resume from the latest checkpoint",
+             exit_code=1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ restores), `fit`, `finalize` (test, export, report, metrics.json).
 """
 
 import dataclasses
+import os
 from typing import Callable, Dict, List, Optional
 
 import keras
@@ -16,9 +17,12 @@ from absl import logging
 from trainer import config as config_lib
 from trainer import controller as controller_lib
 from trainer import distribution
+from trainer import lease as lease_lib
 from trainer import multitask
 from trainer import outputs as outputs_lib
+from trainer import preemption
 from trainer import sources
+from trainer import storage
 from trainer import tuning
 from trainer.config import TrainConfig
 
@@ -48,7 +52,8 @@ def configure_process(config: TrainConfig, strategy: tf.distribute.Strategy) -> 
 @dataclasses.dataclass
 class Job:
   """What the stages share, set up once. `finished` holds the metrics of a job that has
-  already trained all its epochs (it is not trained again); None where there is work left."""
+  already trained all its epochs (it is not trained again); None where there is work left.
+  `close()` ends it: it gives back the chief's lease on the run directory."""
   config: TrainConfig
   policy: str
   outputs: outputs_lib.RunOutputs
@@ -56,6 +61,24 @@ class Job:
   controller: controller_lib.Controller
   history: List[Dict]
   finished: Optional[Dict[str, object]] = None
+  lease: Optional[lease_lib.Lease] = None
+  created_model_dir: bool = False  # By this job: it goes again if the job writes nothing.
+
+  def check_lease(self) -> None:
+    """Raises `lease.LeaseLost` where another job has taken the run directory over."""
+    if self.lease:
+      self.lease.check()
+
+  def close(self) -> None:
+    _give_back(self.lease, self.config.model_dir, self.created_model_dir)
+
+
+def _give_back(lease: Optional[lease_lib.Lease], model_dir: str, created: bool) -> None:
+  """Releases the lease; removes the run directory if this job created it and wrote nothing."""
+  if lease:
+    lease.release()
+  if created:
+    storage.remove_if_empty(model_dir)
 
 
 def _checked_policy(config: TrainConfig, strategy: tf.distribute.Strategy) -> str:
@@ -70,9 +93,10 @@ def _checked_policy(config: TrainConfig, strategy: tf.distribute.Strategy) -> st
 def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
             splits: Optional[sources.Splits] = None,
             model_fn: Callable[[TrainConfig], keras.Model] = default_model) -> Job:
-  """Checks the data, the outputs and the run's saved settings, in that order and before
-  anything is written; builds the task and the controller, and restores the latest
-  checkpoint."""
+  """Checks the data and the outputs, takes the run directory's lease (chief), checks the
+  run's saved settings, in that order and before anything is written; builds the task and the
+  controller, and restores the newest checkpoint that reads back whole. Call `close()` on the
+  job it returns (`run` does)."""
   policy = _checked_policy(config, strategy)
   if not config.steps_per_loop:
     config = dataclasses.replace(config,
@@ -80,30 +104,64 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
   splits = splits or sources.load_splits(config.dataset, config.data_dir)
   plan = multitask.plan_batches(config, strategy.num_replicas_in_sync, splits.train)
   outputs = outputs_lib.RunOutputs(config, is_chief(strategy))
-  # A restart that would change what the run computes is refused before the checkpoint is
-  # read: its own error would name a symptom, not the change.
-  saved = outputs.read_config()
-  for change in config_lib.resume_changes(saved, config) if saved else []:
-    logging.info("Changed since this run was last started: %s", change)
-  task = multitask.MultitaskTask(config, strategy, splits, plan, policy, model_fn)
-  schedule = controller_lib.Schedule(
-      total_steps=config.epochs * plan.steps_per_epoch, steps_per_epoch=plan.steps_per_epoch,
-      steps_per_loop=config.steps_per_loop,
-      checkpoint_every_steps=config.checkpoint_every_steps, examples_per_step=plan.global_batch)
-  controller = controller_lib.Controller(
-      strategy, task, schedule, outputs_lib.checkpoint_dir(config), config.checkpoints_to_keep,
-      save_dir=outputs.checkpoints, summary_dir=outputs.train_logs,
-      show_progress=outputs.chief, on_first_save=lambda: outputs.write_config(config))
+  # One job per run directory; the chief's lease stands for every worker of a cluster.
+  created = outputs.chief and not tf.io.gfile.exists(config.model_dir)
+  lease = lease_lib.Lease.acquire(config.model_dir) if outputs.chief else None
+  try:
+    # A restart that would change what the run computes is refused before the checkpoint is
+    # read: its own error would name a symptom, not the change.
+    saved = outputs.read_config()
+    for change in config_lib.resume_changes(saved, config) if saved else []:
+      logging.info("Changed since this run was last started: %s", change)
+    task = multitask.MultitaskTask(config, strategy, splits, plan, policy, model_fn)
+    schedule = controller_lib.Schedule(
+        total_steps=config.epochs * plan.steps_per_epoch, steps_per_epoch=plan.steps_per_epoch,
+        steps_per_loop=config.steps_per_loop,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+        examples_per_step=plan.global_batch)
+    controller = controller_lib.Controller(
+        strategy, task, schedule, outputs_lib.checkpoint_dir(config),
+        config.checkpoints_to_keep, save_dir=outputs.checkpoints, summary_dir=outputs.train_logs,
+        show_progress=outputs.chief, on_first_save=lambda: outputs.write_config(config))
+    job = Job(config, policy, outputs, task, controller, history=[], lease=lease,
+              created_model_dir=created)
+    job.finished = outputs.finished_metrics(config.epochs)
+    if job.finished is None:
+      _resume(job, saved)
+    return job
+  except BaseException:
+    _give_back(lease, config.model_dir, created)
+    raise
+
+
+def _resume(job: Job, saved: Optional[Dict]) -> None:
+  """Restores the newest readable checkpoint and the history of its epochs; refuses to start
+  over in silence where the run's own files show it has trained."""
+  config, outputs, controller = job.config, job.outputs, job.controller
   latest = controller.restore()
-  job = Job(config, policy, outputs, task, controller, history=[])
-  job.finished = outputs.finished_metrics(config.epochs, controller.epochs_done, latest)
-  if job.finished is None:
-    job.history = outputs.read_history(controller.epochs_done)
-  if latest and job.finished is None:
+  if latest is None and outputs.trained_files():
+    where, unreadable = controller.checkpoint_dir, len(controller.unreadable)
+    state = (f"none of the {unreadable} checkpoints in {where} can be read" if unreadable
+             else f"there is no checkpoint in {where}")
+    old_dir = (saved or {}).get("checkpoint_dir") or os.path.join(config.model_dir, "checkpoints")
+    elsewhere = f" (it saved them in {old_dir})" if old_dir != controller.checkpoint_dir else ""
+    raise config_lib.UserInputError(
+        f"this run has trained ({', '.join(outputs.trained_files())}) but {state}{elsewhere}; "
+        "point --checkpoint_dir at its checkpoints, or start over in a new --model_dir")
+  if controller.epochs_done > config.epochs:
+    raise config_lib.UserInputError(
+        f"--epochs={config.epochs} is fewer than the {controller.epochs_done} epochs the "
+        f"checkpoint {latest} has trained; pass --epochs={controller.epochs_done} or more, or "
+        "a new --model_dir")
+  job.history = outputs.read_history(controller.epochs_done)
+  steps_per_epoch = job.task.plan.steps_per_epoch
+  if latest and controller.epochs_done == config.epochs:
+    logging.info("Resuming from %s: all %d epochs are trained; evaluating and exporting.",
+                 latest, config.epochs)
+  elif latest:
     logging.info("Resuming from %s: epoch %d of %d, step %d of %d.", latest,
                  controller.epochs_done + 1, config.epochs,
-                 controller.step % plan.steps_per_epoch, plan.steps_per_epoch)
-  return job
+                 controller.step % steps_per_epoch, steps_per_epoch)
 
 
 def fit(job: Job, on_evaluation: Optional[OnEvaluation] = None) -> Optional[Dict[str, float]]:
@@ -120,6 +178,7 @@ def fit(job: Job, on_evaluation: Optional[OnEvaluation] = None) -> Optional[Dict
     validation = last["validation"] = task.evaluate("validation")
     entry = {"epoch": step // steps_per_epoch, "train": train_logs, "validation": validation,
              "loss_weights": task.weighting.weights()}
+    job.check_lease()  # Before its record: two jobs' epochs must not mix.
     job.history = job.outputs.record_epoch(job.history, entry, config.epochs, step,
                                            images_per_second)
 
@@ -167,8 +226,10 @@ def finalize(job: Job, validation: Optional[Dict[str, float]]) -> Dict[str, obje
       "loss_weights_final": task.weighting.weights(),
       "config": dataclasses.asdict(config),
   }
+  job.check_lease()
   outputs.unmark_complete()
-  task.export(outputs.export)
+  with storage.writing(outputs.export, "the export"):
+    task.export(outputs.export)
   if config.report:
     outputs.write_report(task.splits.test, job.history, metrics)
   outputs.write_metrics(metrics)
@@ -187,13 +248,23 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   `splits` defaults to the source `config.dataset` names; tests and notebooks may pass their
   own. Resumes from the latest checkpoint when there is one; a finished job returns its
   metrics and writes nothing. Raises `UserInputError` for bad input and divergence
-  (`controller.Diverged`), and `preemption.Preempted` after saving on SIGTERM.
+  (`controller.Diverged`), `preemption.Preempted` after saving on SIGTERM or Ctrl-C, and
+  `preemption.Stopped` for either while it evaluates and exports.
   `on_evaluation`: see `fit`. `model_fn(config)` builds the model (benchmarks/levers.py
   passes variants of the default).
   """
-  job = prepare(config, strategy, splits, model_fn)
-  if job.finished is not None:  # Run again: say where its results are, and write nothing.
-    logging.info("This job has already trained its %d epochs; its results: %s", config.epochs,
-                 outputs_lib.results_line(job.finished, config.model_dir))
-    return job.finished
-  return finalize(job, fit(job, on_evaluation))
+  with preemption.stage("starting", "nothing was trained or written; run the same command to "
+                        "start"):
+    job = prepare(config, strategy, splits, model_fn)
+  try:
+    if job.finished is not None:  # Run again: say where its results are, and write nothing.
+      logging.info("This job has already trained its %d epochs; its results: %s",
+                   config.epochs, outputs_lib.results_line(job.finished, config.model_dir))
+      return job.finished
+    validation = fit(job, on_evaluation)
+    with preemption.stage("evaluating and exporting", "training is done and saved in its "
+                          "last checkpoint, metrics.json is not yet written; run the same "
+                          "command to finish"):
+      return finalize(job, validation)
+  finally:
+    job.close()
