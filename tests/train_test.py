@@ -408,7 +408,10 @@ def test_a_non_finite_weight_stops_training_before_saving(tmp_path):
   with pytest.raises(controller.Diverged,
                      match=r"training diverged: non-finite (weights|gradients) at step 5 \(epoch "
                            r"1, step 5\).*none \(delete --model_dir to start over\)"):
-    train.fit(job, on_evaluation=break_a_weight)
+    try:
+      train.fit(job, on_evaluation=break_a_weight)
+    finally:
+      job.close()
   assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")) is None
   assert not (tmp_path / "history.json").exists()
 

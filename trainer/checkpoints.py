@@ -9,6 +9,7 @@ the newer ones that do not, so that later saves cannot overwrite them.
 
 import os
 import re
+import time
 from typing import List, Optional, Tuple
 
 import tensorflow as tf
@@ -70,8 +71,13 @@ def write_state(directory: str) -> None:
     return
   # The CheckpointState text format, with relative paths as the CheckpointManager writes it
   # (TensorFlow's own writer for it is deprecated and says so on the log).
+  # Timestamps after the last preserved one: the manager deletes only checkpoints so stamped.
+  now = time.time()
   lines = [f'model_checkpoint_path: "{kept[-1]}"']
   lines += [f'all_model_checkpoint_paths: "{name}"' for name in kept]
+  lines += [f"all_model_checkpoint_timestamps: {now - len(kept) + index}"
+            for index in range(len(kept))]
+  lines.append(f"last_preserved_timestamp: {now - len(kept) - 1}")
   state = os.path.join(directory, "checkpoint")
   with tf.io.gfile.GFile(state + ".tmp", "w") as f:
     f.write("\n".join(lines) + "\n")
