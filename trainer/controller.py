@@ -172,9 +172,21 @@ class Controller:
     self.checkpoint = tf.train.Checkpoint(global_step=self.global_step,
                                           epoch_sums=self.epoch_sums, **task.checkpoint_items())
     self._checkpoints_to_keep, self.unreadable = checkpoints_to_keep, []
-    self.manager = tf.train.CheckpointManager(self.checkpoint, save_dir or checkpoint_dir,
-                                              max_to_keep=checkpoints_to_keep)
+    self._save_dir, self._manager = save_dir or checkpoint_dir, None
+    self.latest_checkpoint = None  # The one restored, then the last saved.
     self.throughput = progress_lib.Throughput()
+
+  @property
+  def manager(self) -> tf.train.CheckpointManager:
+    """Made at its first use (the first save): on the chief, after `checkpoints.tidy` has made
+    the state file list what is on disk, since the manager reads it and a damaged one (empty,
+    not text) would stop it."""
+    if self._manager is None:
+      if self._save_dir == self.checkpoint_dir:  # The chief's own checkpoints.
+        checkpoints.tidy(self.checkpoint_dir, self.unreadable)
+      self._manager = tf.train.CheckpointManager(self.checkpoint, self._save_dir,
+                                                 max_to_keep=self._checkpoints_to_keep)
+    return self._manager
 
   @property
   def step(self) -> int:
@@ -202,21 +214,16 @@ class Controller:
           "and a step counter, no global step); finish that run with the version that "
           "started it, or start this one in a new --model_dir")
     checkpoints.restore(self.checkpoint, latest)
+    self.latest_checkpoint = latest
     return latest
 
   def save(self) -> str:
     """Saves a checkpoint numbered by the global step; returns its path."""
-    if not self._saved_once:
-      if self._on_first_save:
-        self._on_first_save()
-      if self.manager.directory == self.checkpoint_dir:  # The chief's own checkpoints.
-        checkpoints.tidy(self.checkpoint_dir, self.unreadable)
-        # Anew: it reads the state file, which now lists what is on disk.
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.checkpoint_dir,
-                                                  max_to_keep=self._checkpoints_to_keep)
-      self._saved_once = True
-    with storage.writing(self.manager.directory, "a checkpoint"):
-      path = self.manager.save(checkpoint_number=self.step)
+    if not self._saved_once and self._on_first_save:
+      self._on_first_save()
+    self._saved_once = True
+    with storage.writing(self._save_dir, "a checkpoint"):
+      path = self.latest_checkpoint = self.manager.save(checkpoint_number=self.step)
     self._flush_summaries()
     return path
 
@@ -267,7 +274,7 @@ class Controller:
       raise Diverged(
           f"training diverged: {divergence(sums)} at {bad_step}; stopped without saving; the "
           "last good checkpoint is "
-          f"{self.manager.latest_checkpoint or 'none (delete --model_dir to start over)'}; "
+          f"{self.latest_checkpoint or 'none (delete --model_dir to start over)'}; "
           "lower --learning_rate or check the data")
     self.throughput.add(steps * self.schedule.examples_per_step, seconds)
     self.global_step.assign_add(steps)
