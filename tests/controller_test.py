@@ -187,6 +187,17 @@ def test_sigterm_at_a_saving_step_saves_once(tmp_path):
   assert _saved_steps(tmp_path) == [10]
 
 
+def test_a_stop_caught_after_the_last_call_still_stops_the_job(tmp_path):
+  def sigterm(step):
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  controller = _controller(tmp_path, checkpoint_every_steps=100)
+  # At the last step, after the last call: the loop has ended, and must still say it stopped.
+  with pytest.raises(preemption.Preempted, match=r"ckpt-25 saved at the end of training$"):
+    controller.train(Recorder().epoch_end, [controller_lib.Action(25, sigterm)])
+  assert _saved_steps(tmp_path)[-1] == 25
+
+
 @pytest.mark.parametrize("health, problem", [("nonfinite_values", "non-finite values"),
                                              ("loss", "a non-finite loss (inf)")])
 def test_divergence_stops_at_its_step_before_saving_anything_of_that_call(tmp_path, health,

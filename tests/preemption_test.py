@@ -59,3 +59,19 @@ def test_off_the_main_thread_the_flag_is_inert():
   thread.start()
   thread.join()
   assert seen == [False]
+
+
+def test_a_stage_renamed_in_place_names_the_new_stage_and_nested_ones_the_innermost():
+  with preemption.stage("starting", "nothing written") as now:
+    now("exporting", "run it again")
+    with pytest.raises(preemption.Stopped, match="^Ctrl-C \\(SIGINT\\) while exporting: run it again$"):
+      os.kill(os.getpid(), signal.SIGINT)
+    with preemption.stage("importing", "nothing done"):
+      with pytest.raises(preemption.Stopped, match="^SIGTERM while importing: nothing done$"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    # The training loop's flag takes the signals over, then hands them back: no moment without.
+    with preemption.stop_flag() as flag:
+      os.kill(os.getpid(), signal.SIGTERM)
+    assert flag.requested
+    with pytest.raises(preemption.Stopped, match="while exporting"):
+      os.kill(os.getpid(), signal.SIGTERM)

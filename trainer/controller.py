@@ -260,6 +260,9 @@ class Controller:
           raise preemption.Preempted(
               f"checkpoint {saved or self.save()} saved at epoch {self.epochs_done + 1}, "
               f"step {self.step % schedule.steps_per_epoch}", termination.signal_number)
+      if termination.requested:  # Caught after the last call: training is saved, and done.
+        raise preemption.Preempted(f"checkpoint {self.latest_checkpoint} saved at the end of "
+                                   "training", termination.signal_number)
 
   def _call(self, train_loop, iterator, steps: int, stop_requested: bool):
     """One call into the device: `steps` steps, checked, counted and logged; returns the

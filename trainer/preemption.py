@@ -88,13 +88,35 @@ def stop_flag():
     yield flag
 
 
+# The stages open, innermost last, each [doing, leaves]: a signal names the innermost.
+_stages = []
+
+
+def _stop_now(signal_number, unused_frame):
+  doing, leaves = _stages[-1]
+  raise Stopped(f"{_NAMES.get(signal_number, signal_number)} while {doing}: {leaves}",
+                signal_number)
+
+
 @contextlib.contextmanager
 def stage(doing: str, leaves: str):
   """While the block runs, a stop signal raises `Stopped` at once, with the message
-  "<signal> while <doing>: <leaves>" (`leaves`: what is kept and how to go on)."""
-  def stop(signal_number, unused_frame):
-    raise Stopped(f"{_NAMES.get(signal_number, signal_number)} while {doing}: {leaves}",
-                  signal_number)
+  "<signal> while <doing>: <leaves>" (`leaves`: what is kept and how to go on).
 
-  with _handlers(stop):
-    yield
+  Yields `now(doing, leaves)`, which renames the stage in place: moving from one stage to the
+  next leaves no moment in which a signal has no handler. Stages nest (the innermost names the
+  stop); `stop_flag` inside one takes over the signals, and gives them back, for its block.
+  """
+  _stages.append([doing, leaves])
+
+  def now(next_doing: str, next_leaves: str) -> None:
+    _stages[-1][:] = [next_doing, next_leaves]
+
+  try:
+    if len(_stages) == 1:
+      with _handlers(_stop_now):
+        yield now
+    else:
+      yield now
+  finally:
+    _stages.pop()

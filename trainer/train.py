@@ -254,17 +254,18 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
   passes variants of the default).
   """
   with preemption.stage("starting", "nothing was trained or written; run the same command to "
-                        "start"):
+                        "start") as now:
     job = prepare(config, strategy, splits, model_fn)
-  try:
-    if job.finished is not None:  # Run again: say where its results are, and write nothing.
-      logging.info("This job has already trained its %d epochs; its results: %s",
-                   config.epochs, outputs_lib.results_line(job.finished, config.model_dir))
-      return job.finished
-    validation = fit(job, on_evaluation)
-    with preemption.stage("evaluating and exporting", "training is done and saved in its "
-                          "last checkpoint, metrics.json is not yet written; run the same "
-                          "command to finish"):
+    try:
+      if job.finished is not None:  # Run again: say where its results are, and write nothing.
+        logging.info("This job has already trained its %d epochs; its results: %s",
+                     config.epochs, outputs_lib.results_line(job.finished, config.model_dir))
+        return job.finished
+      # Until the loop takes the signals over (it saves first), and after it.
+      now("training", "the newest checkpoint is kept; run the same command to resume")
+      validation = fit(job, on_evaluation)
+      now("evaluating and exporting", "training is done and saved in its last checkpoint, "
+          "metrics.json is not yet written; run the same command to finish")
       return finalize(job, validation)
-  finally:
-    job.close()
+    finally:
+      job.close()
