@@ -96,7 +96,7 @@ def main(argv):
         from trainer import distribution, train
       strategy = distribution.get_strategy(config.strategy, config.tpu)
       train.configure_process(config, strategy)  # Process-wide settings: here, once.
-    train.run(config, strategy)
+      train.run(config, strategy)  # Inside: its own stages nest, with no moment uncovered.
   except config_lib.UserInputError as e:
     cli.fail(str(e))
   except preemption.Preempted as e:
