@@ -78,10 +78,7 @@ def write_state(directory: str) -> None:
   lines += [f"all_model_checkpoint_timestamps: {now - len(kept) + index}"
             for index in range(len(kept))]
   lines.append(f"last_preserved_timestamp: {now - len(kept) - 1}")
-  state = os.path.join(directory, "checkpoint")
-  with tf.io.gfile.GFile(state + ".tmp", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  tf.io.gfile.rename(state + ".tmp", state, overwrite=True)
+  storage.write_text(os.path.join(directory, "checkpoint"), "\n".join(lines) + "\n")
 
 
 def newest_readable(directory: str) -> Tuple[Optional[str], List[str]]:

@@ -157,7 +157,7 @@ class RunOutputs:
     if metrics is None:
       return None
     for name, kinds in _METRICS_TYPES.items():
-      if not isinstance(metrics.get(name), kinds) or isinstance(metrics.get(name), bool):
+      if not _is_a(metrics.get(name), kinds):
         raise UserInputError(
             f"{self.metrics_path} is damaged: no {name} number in it; delete it and run the "
             "same command again to evaluate and export the trained model")
@@ -193,6 +193,17 @@ _METRICS_TYPES = {"epochs": (int,), "test_accuracy": (int, float),
                   "test_reconstruction_mse": (int, float)}
 
 
+def _is_a(value, kinds) -> bool:
+  """Whether `value` is one of `kinds`, a bool counting only where `kinds` has bool (to Python
+  a bool is an int)."""
+  return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+
+
+def _numbers(value) -> bool:
+  """Whether `value` is a JSON object of numbers."""
+  return isinstance(value, dict) and all(_is_a(v, (int, float)) for v in value.values())
+
+
 def _config_problem(saved: Dict) -> Optional[str]:
   """What is wrong with the types of a saved configuration, or None: each setting it holds
   must be a JSON value of the setting's type (an older trainer's file may lack some)."""
@@ -201,20 +212,15 @@ def _config_problem(saved: Dict) -> Optional[str]:
       continue
     value = saved[field.name]
     if field.name == "loss_weights":
-      kinds, expected = (dict,), "NAME: WEIGHT pairs"
-      value_ok = isinstance(value, dict) and all(
-          isinstance(w, (int, float)) and not isinstance(w, bool) for w in value.values())
+      value_ok, expected = _numbers(value), "NAME: WEIGHT pairs"
     else:
       kinds, expected = _JSON_TYPES[field.type]
-      value_ok = isinstance(value, kinds) and (field.type is bool or not isinstance(value, bool))
+      value_ok = _is_a(value, kinds)
     if not value_ok:
       return f"{field.name} is {json.dumps(value)}, not {expected}"
   return None
 
 
 def _is_history_entry(entry) -> bool:
-  def numbers(value) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())
   return (isinstance(entry, dict) and isinstance(entry.get("epoch"), int)
-          and all(numbers(entry.get(key)) for key in ("train", "validation", "loss_weights")))
+          and all(_numbers(entry.get(key)) for key in ("train", "validation", "loss_weights")))

@@ -180,10 +180,14 @@ def clean_stale_temporaries(checkpoint_dir: str) -> List[str]:
 
 
 def write_json(path: str, content) -> None:
-  """Writes `content` as JSON through a temporary file and a rename, so readers never see a
-  half-written file; creates the parent directory. A storage failure raises WriteFailed naming
-  `path`, the previous file untouched and the temporary one removed."""
-  text = json.dumps(content, indent=2, sort_keys=True)  # Before the temporary file exists.
+  """Writes `content` as JSON through `write_text`."""
+  write_text(path, json.dumps(content, indent=2, sort_keys=True))
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` through a temporary file and a rename, so readers never see a half-written
+  file; creates the parent directory. A storage failure raises WriteFailed naming `path`, the
+  previous file untouched and the temporary one removed."""
   temporary = path + ".tmp"
   try:
     with writing(path):

@@ -138,15 +138,15 @@ def _resume(job: Job, saved: Optional[Dict]) -> None:
   """Restores the newest readable checkpoint and the history of its epochs; refuses to start
   over in silence where the run's own files show it has trained."""
   config, outputs, controller = job.config, job.outputs, job.controller
-  latest = controller.restore()
-  if latest is None and outputs.trained_files():
+  latest, trained_files = controller.restore(), outputs.trained_files()
+  if latest is None and trained_files:
     where, unreadable = controller.checkpoint_dir, len(controller.unreadable)
     state = (f"none of the {unreadable} checkpoints in {where} can be read" if unreadable
              else f"there is no checkpoint in {where}")
     old_dir = (saved or {}).get("checkpoint_dir") or os.path.join(config.model_dir, "checkpoints")
     elsewhere = f" (it saved them in {old_dir})" if old_dir != controller.checkpoint_dir else ""
     raise config_lib.UserInputError(
-        f"this run has trained ({', '.join(outputs.trained_files())}) but {state}{elsewhere}; "
+        f"this run has trained ({', '.join(trained_files)}) but {state}{elsewhere}; "
         "point --checkpoint_dir at its checkpoints, or start over in a new --model_dir")
   if controller.epochs_done > config.epochs:
     raise config_lib.UserInputError(
