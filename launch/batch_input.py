@@ -241,7 +241,7 @@ def main(argv: List[str]) -> None:
     cli.fail(f"no inputs given (.npz or .png files): {usage}")
   if any(os.path.abspath(path) == os.path.abspath(output) for path in paths if "://" not in path):
     cli.fail(f"--output={output} is also an input; write the lines to another file")
-  with cli.cpp_startup_log_filtered(_quiet_tensorflow()):
+  with cli.tensorflow_imported_quietly():
     import tensorflow  # noqa: F401  Imported here so that its start-up lines are filtered.
   try:
     count = write_lines(instance_lines(read_inputs(paths, FLAGS.key)), output)
@@ -251,16 +251,6 @@ def main(argv: List[str]) -> None:
   if not output.startswith("gs://"):
     print("Vertex AI reads instances from Cloud Storage: copy it to gs:// for "
           "python -m launch.vertex batch_predict --instances=gs://...")
-
-
-def _quiet_tensorflow() -> int:
-  """Keeps TensorFlow's C++ chatter off standard error unless $TF_CPP_MIN_LOG_LEVEL says
-  otherwise; returns the level in force, for `cli.cpp_startup_log_filtered`."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  try:
-    return int(os.environ["TF_CPP_MIN_LOG_LEVEL"])
-  except ValueError:
-    return 0
 
 
 def _define_flags() -> None:

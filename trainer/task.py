@@ -6,7 +6,6 @@ before TensorFlow is imported wherever it can be (importing it takes seconds).
 
 import dataclasses
 import functools
-import os
 import sys
 
 from absl import app
@@ -61,25 +60,6 @@ def config_from_flags() -> config_lib.TrainConfig:
   return config_lib.TrainConfig(**values)
 
 
-def quiet_tensorflow(verbose: bool) -> int:
-  """Keeps TensorFlow's chatter off the log unless `verbose`; call before importing it.
-
-  Sets $TF_CPP_MIN_LOG_LEVEL to 2 (errors only) unless the user set it, and drops the
-  INFO lines TensorFlow's and TFDS's Python code logs (saver notes: "Assets written to",
-  "Sharding callback duration"; TFDS's "Constructing tf.data.Dataset"). Our own INFO lines
-  (the epochs) still show. Returns the C++ log level in force, for
-  `cli.cpp_startup_log_filtered`.
-  """
-  if not verbose:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for library in ("tensorflow", "tensorflow_datasets"):
-      cli.quiet_library_info(library)
-  try:
-    return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
-  except ValueError:
-    return 0
-
-
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
@@ -87,12 +67,11 @@ def main(argv):
     config = config_from_flags()
   except config_lib.UserInputError as e:
     cli.fail(str(e))
-  min_log_level = quiet_tensorflow(config.verbose)
   try:
     with preemption.stage("starting", "nothing was trained or written; run the same command to "
                           "start"):
       # TensorFlow is imported only now: the strategy must be the first thing it sets up.
-      with cli.cpp_startup_log_filtered(min_log_level):
+      with cli.tensorflow_imported_quietly(config.verbose):
         from trainer import distribution, train
       strategy = distribution.get_strategy(config.strategy, config.tpu)
       train.configure_process(config, strategy)  # Process-wide settings: here, once.
