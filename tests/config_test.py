@@ -33,6 +33,7 @@ def test_defaults_are_valid_and_weight_the_reconstruction_eight_times_the_classi
     ({"learning_rate": -0.1}, "--learning_rate=-0.1 must be positive"),
     ({"learning_rate": float("nan")}, "must be positive"),
     ({"loss_weights": {"classifier": 1.0}}, "must give a non-negative weight to each"),
+    ({"loss_weights": {"classifier": 0.0, "decoder": 0.0}}, "at least one of them above 0"),
     ({"loss_weights": {"classifier": 1.0, "decoder": 1.0}, "loss_weighting": "uncertainty"},
      "--loss_weights applies only to --loss_weighting=fixed (this run's weighting is "
      "uncertainty, which learns the weights): add --loss_weighting=fixed"),

@@ -15,6 +15,18 @@ def test_per_replica_batch_must_divide():
     data.per_replica_batch_size(100, 8)
 
 
+def test_a_batch_that_leaves_over_a_tenth_of_the_split_unused_each_epoch_is_refused():
+  data.check_epoch_coverage(4000, 64, 1)  # 32 unused: under 1 %.
+  data.check_epoch_coverage(1000, 900, 2)  # 100 unused: the tenth itself is allowed.
+  with pytest.raises(UserInputError, match=(
+      r"--batch_size=2500 leaves 1500 of the 4000 training examples \(38%\) unused in every "
+      r"epoch, more than the 10% allowed \(each step takes a whole batch\); try "
+      r"--batch_size=2000$")):
+    data.check_epoch_coverage(4000, 2500, 1)
+  with pytest.raises(UserInputError, match=r"try --batch_size=26$"):
+    data.check_epoch_coverage(55, 32, 2)  # A multiple of the replicas.
+
+
 def test_training_pipeline_yields_uint8_images_and_dict_labels():
   split = helpers.learnable_split(50)
   ds = data.training_dataset(split, 16, 3, data.TrainingInput(seed=1, shift_pixels=2))

@@ -170,6 +170,13 @@ BAD_FLAGS = {
     "batch-not-divisible": (["--strategy=mirrored", "--batch_size=33"],
                             "--batch_size=33 is the global batch and must be a positive multiple "
                             "of the 2 replicas; try --batch_size=32"),
+    "batch-leaves-much-unused": (["--batch_size=400"],
+                                 "--batch_size=400 leaves 112 of the 512 training examples (22%) "
+                                 "unused in every epoch, more than the 10% allowed (each step "
+                                 "takes a whole batch); try --batch_size=256"),
+    "loss-weights-all-zero": (["--loss_weights=classifier=0,decoder=0"],
+                              "must give a non-negative weight to each of classifier, decoder, "
+                              "at least one of them above 0"),
     "no-epochs": (["--epochs=0"], "--epochs=0 must be a positive integer"),
     "negative-learning-rate": (["--learning_rate=-0.1"], "--learning_rate=-0.1 must be positive"),
     "dataset-path-missing": (["--dataset=npz:/nonexistent/data.npz"],

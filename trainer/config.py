@@ -165,11 +165,11 @@ class TrainConfig:
            "Cipolla, 2018), logged each epoch.")
   loss_weights: Dict[str, float] = setting(
       DEFAULT_LOSS_WEIGHTS, TRAINING, REFUSED,
-      check=requirement(
+      check=requirement(  # All zero would train at full cost on a loss of 0: nothing.
           lambda weights: set(weights) == set(OUTPUT_NAMES) and not any(
-              weight < 0 for weight in weights.values()),
-          f"must give a non-negative weight to each of {', '.join(OUTPUT_NAMES)}, e.g. "
-          "--loss_weights=classifier=1.0,decoder=8.0"),
+              weight < 0 for weight in weights.values()) and any(weights.values()),
+          f"must give a non-negative weight to each of {', '.join(OUTPUT_NAMES)}, at least one "
+          "of them above 0, e.g. --loss_weights=classifier=1.0,decoder=8.0"),
       help="Weight of each task's loss in the total, as NAME=WEIGHT pairs.")
   latent_dim: int = setting(256, TRAINING, REFUSED, check=POSITIVE_INTEGER,
                             help="Size of the shared encoder's output.")

@@ -60,6 +60,28 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return steps
 
 
+# Each epoch leaves out the last partial global batch (every step computes the same batch, one
+# compiled step). Up to a tenth of the split is tolerated: beyond it, an "epoch" is no longer
+# roughly a pass over the data, and the steps the user counted on are not taken.
+MOST_UNUSED_PER_EPOCH = 0.1
+
+
+def check_epoch_coverage(num_examples: int, global_batch_size: int, num_replicas: int) -> None:
+  """Raises `UserInputError` where whole global batches leave more than
+  MOST_UNUSED_PER_EPOCH of the training split unused in each epoch, with a batch size that
+  does not."""
+  unused = num_examples % global_batch_size
+  if unused <= MOST_UNUSED_PER_EPOCH * num_examples:
+    return
+  steps = -(-num_examples // global_batch_size)  # One more step than whole batches give.
+  better = max(num_replicas, num_examples // steps // num_replicas * num_replicas)
+  raise UserInputError(
+      f"--batch_size={global_batch_size} leaves {unused} of the {num_examples} training examples "
+      f"({unused / num_examples:.0%}) unused in every epoch, more than the "
+      f"{MOST_UNUSED_PER_EPOCH:.0%} allowed (each step takes a whole batch); try "
+      f"--batch_size={better}")
+
+
 def _to_example(images, labels):
   """The dict of labels the outputs train against: the digit, and the image itself (uint8)."""
   return images, {CLASSIFIER: labels, DECODER: images}
