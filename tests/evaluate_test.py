@@ -11,11 +11,15 @@ def _evaluate(*args):
   return helpers.run_module("trainer.evaluate", *args)
 
 
-def test_evaluate_agrees_with_the_jobs_metrics_json(finished_run):
+def test_evaluate_agrees_with_the_jobs_metrics_json_on_the_runs_own_dataset(finished_run):
+  """No --dataset: the run's own, from its config.json; and nothing on standard error (no
+  TensorFlow start-up lines)."""
   model_dir, dataset = finished_run
-  result = _evaluate(f"--model_dir={model_dir}", f"--dataset={dataset}")
+  result = _evaluate(f"--model_dir={model_dir}")
   assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stderr == ""
   printed = json.loads(result.stdout)
+  assert printed["dataset"] == dataset
   written = helpers.read_metrics(model_dir)
   assert printed["split"] == "test" and printed["examples"] == written["train_examples"] // 8
   assert printed["accuracy"] == pytest.approx(written["test_accuracy"], abs=1e-6)
@@ -26,6 +30,13 @@ def test_evaluate_agrees_with_the_jobs_metrics_json(finished_run):
                                                      abs=1e-6)
 
 
+def test_help_exits_0_with_the_commands_flags():
+  result = _evaluate("--help")
+  assert result.returncode == 0, result.stderr
+  assert "usage: python -m trainer.evaluate" in result.stdout
+  assert "--dataset=''" in result.stdout and "--split=test" in result.stdout
+
+
 # Another TensorFlow start-up (6-7 s) for a refusal: the slow tier. The fast tier runs the
 # command once (above), and export_test checks this message where export.load raises it.
 @pytest.mark.slow
@@ -34,4 +45,13 @@ def test_evaluate_without_an_export_says_so(tmp_path):
   helpers.assert_one_error_line(
       result, f"no exported model at {tmp_path}/export; train one first with python -m "
       "trainer.task --model_dir=... or point --model_dir at a finished job's directory",
+      whole=True)
+
+
+@pytest.mark.slow
+def test_evaluate_of_a_directory_without_config_json_asks_for_the_dataset(tmp_path):
+  result = _evaluate(f"--model_dir={tmp_path}")
+  helpers.assert_one_error_line(
+      result, f"no --dataset given and {tmp_path} holds no config.json naming the run's own: "
+      "pass --dataset (and --data_dir for a TFDS set), or point --model_dir at a finished job",
       whole=True)

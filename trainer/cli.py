@@ -85,6 +85,8 @@ def _flag_usage(flag) -> str:
 # (before Abseil is initialised the time is "00:00:" and the seconds since 1970).
 _CPP_RECORD = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^ \]]+:\d+\] ")
 _ABSL_NOT_INITIALIZED = "WARNING: All log messages before absl::InitializeLog() is called"
+# Error records that only say there is no GPU: counted as warnings.
+_NO_GPU = re.compile(r"cuda_platform\.cc:\d+\] failed call to cuInit")
 _SEVERITIES = "IWEF"
 
 
@@ -133,8 +135,8 @@ def _without_quiet_records(text: str, min_level: int) -> str:
   kept = []
   for line in text.splitlines(keepends=True):
     record = _CPP_RECORD.match(line)
-    severity = (record.group(1) if record else
-                "W" if line.startswith(_ABSL_NOT_INITIALIZED) else None)
+    severity = ("W" if line.startswith(_ABSL_NOT_INITIALIZED) or _NO_GPU.search(line) else
+                record.group(1) if record else None)
     if severity is None or _SEVERITIES.index(severity) >= min_level:
       kept.append(line)
   return "".join(kept)
@@ -161,9 +163,15 @@ def quiet_tensorflow(verbose: bool = False) -> int:
 @contextlib.contextmanager
 def tensorflow_imported_quietly(verbose: bool = False):
   """`quiet_tensorflow(verbose)`, then the block (which imports TensorFlow, directly or not)
-  with the C++ start-up records below the level in force dropped."""
+  and TensorFlow's search for devices, with the C++ records below the level in force dropped.
+
+  The search is made here because, on a machine without a GPU, it logs a failed cuInit as an
+  error: counted as a warning (the strategy's line says how many GPUs there are).
+  """
   with cpp_startup_log_filtered(quiet_tensorflow(verbose)):
     yield
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.list_physical_devices()
 
 
 class _BelowWarningFrom(std_logging.Filter):

@@ -1,10 +1,14 @@
-"""Entry point: `python -m trainer.evaluate --model_dir=DIR [--dataset=...] [--split=test]`.
+"""Re-evaluates a finished job's export on a split of a dataset, and prints its metrics as JSON.
 
-Re-evaluates a finished job's export (DIR/export) on a split of any `--dataset` source and
-prints its metrics as JSON: the same definitions as the job's metrics.json, so on the job's
-own dataset they agree. Bad input ends with one `error:` line and exit code 2.
+usage: python -m trainer.evaluate --model_dir=DIR [--dataset=...] [--data_dir=...] [--split=test]
+
+The export (DIR/export) is evaluated on the run's own dataset and data directory (from
+DIR/config.json) unless --dataset or --data_dir say otherwise; the metrics have the same
+definitions as the job's metrics.json, so on the job's own test split they agree. Bad input ends
+with one `error:` line and exit code 2.
 """
 
+import functools
 import json
 
 from absl import app
@@ -17,11 +21,30 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model_dir", config_lib.default_model_dir(),
                     "A finished training job's --model_dir (local or gs://); its export is read.")
-flags.DEFINE_string("dataset", "mnist", "Any source trainer.task takes (see its --dataset).")
-flags.DEFINE_string("data_dir", "", "TFDS data directory; TFDS's default if empty.")
+flags.DEFINE_string("dataset", "", "Any source trainer.task takes (see its --dataset); default "
+                    "the run's own, from --model_dir/config.json.")
+flags.DEFINE_string("data_dir", "", "TFDS data directory; default the run's own (TFDS's default "
+                    "if it had none).")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Which split to evaluate.")
 
+parse_flags = functools.partial(cli.parse_flags, description=__doc__, groups={
+    "flags": ("model_dir", "dataset", "data_dir", "split")})
 
+
+def run_dataset(model_dir: str):
+  """(dataset, data_dir) to evaluate on: the flags where given, else the run's own."""
+  from trainer import outputs  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
+  dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
+  if dataset and FLAGS["data_dir"].present:
+    return dataset, data_dir
+  saved = outputs.read_saved_config(model_dir, "restore it, or pass --dataset and --data_dir")
+  if saved is None and not dataset:
+    raise config_lib.UserInputError(
+        f"no --dataset given and {model_dir} holds no config.json naming the run's own: pass "
+        "--dataset (and --data_dir for a TFDS set), or point --model_dir at a finished job")
+  saved = saved or {}
+  return (dataset or saved["dataset"],
+          data_dir if FLAGS["data_dir"].present else saved.get("data_dir", ""))
 
 
 def main(argv):
@@ -29,17 +52,24 @@ def main(argv):
     cli.fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
   if not FLAGS.model_dir:
     cli.fail("no --model_dir given and $AIP_MODEL_DIR is not set: pass a finished job's --model_dir")
-  from trainer import export, losses, sources
+  if FLAGS.dataset:
+    try:
+      config_lib.check_dataset_name(FLAGS.dataset)
+    except config_lib.UserInputError as e:
+      cli.fail(str(e))
+  with cli.tensorflow_imported_quietly():
+    from trainer import export, losses, sources  # pylint: disable=import-outside-toplevel
+  model_dir = FLAGS.model_dir.rstrip("/")
   try:
-    split = getattr(sources.load_splits(FLAGS.dataset, FLAGS.data_dir), FLAGS.split)
-    outputs = export.predict_batches(export.load(f"{FLAGS.model_dir.rstrip('/')}/export"),
-                                     split.images)
+    dataset, data_dir = run_dataset(model_dir)
+    split = getattr(sources.load_splits(dataset, data_dir), FLAGS.split)
+    outputs = export.predict_batches(export.load(f"{model_dir}/export"), split.images)
   except config_lib.UserInputError as e:
     cli.fail(str(e))
   metrics = losses.metrics_from_outputs(outputs["classifier"], outputs["decoder"], split)
-  print(json.dumps({"dataset": FLAGS.dataset, "split": FLAGS.split, "examples": len(split),
+  print(json.dumps({"dataset": dataset, "split": FLAGS.split, "examples": len(split),
                     **metrics}, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=parse_flags)

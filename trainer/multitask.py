@@ -46,11 +46,11 @@ class BatchPlan:
 def plan_batches(config: TrainConfig, num_replicas: int, train: sources.Split) -> BatchPlan:
   """The batch plan for `train`; raises `UserInputError` where the batch cannot be split."""
   per_replica = data_lib.per_replica_batch_size(config.batch_size, num_replicas)
+  steps_per_epoch = data_lib.steps_per_epoch(len(train), config.batch_size)
   data_lib.check_epoch_coverage(len(train), config.batch_size, num_replicas)
   labeled = data_lib.labeled_subset(train, config.labeled_examples, config.seed)
   data_lib.labeled_per_batch(per_replica, labeled)  # Refuses a batch with no room for labels.
-  return BatchPlan(config.batch_size, per_replica,
-                   data_lib.steps_per_epoch(len(train), config.batch_size), labeled)
+  return BatchPlan(config.batch_size, per_replica, steps_per_epoch, labeled)
 
 
 def _all_finite(tensors) -> tf.Tensor:

@@ -41,6 +41,32 @@ def results_line(metrics: Dict[str, object], model_dir: str) -> str:
           f"{metrics['test_reconstruction_mse']:.4f}; {', '.join(outputs)}")
 
 
+def read_json(path: str, fix: str, kind=dict):
+  """The JSON value of the file at `path` if it is a `kind`; None if there is no file. Raises
+  `UserInputError` naming the file, the problem and `fix` otherwise."""
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      value = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise UserInputError(f"{path} is damaged: not JSON ({first_line(e)}); {fix}") from None
+  if not isinstance(value, kind):
+    raise UserInputError(f"{path} is damaged: not a JSON object; {fix}")
+  return value
+
+
+def read_saved_config(model_dir: str, fix: str) -> Optional[Dict]:
+  """The configuration a run saved in `model_dir`/config.json, its fields' types checked; None
+  if there is none. A damaged file raises `UserInputError` ending in `fix`."""
+  path = os.path.join(model_dir, "config.json")
+  saved = read_json(path, fix)
+  problem = saved is not None and _config_problem(saved)
+  if problem:
+    raise UserInputError(f"{path} is damaged: {problem}; {fix}")
+  return saved
+
+
 class RunOutputs:
   """Where this worker writes: under --model_dir on the chief, a local scratch dir elsewhere.
 
@@ -76,32 +102,13 @@ class RunOutputs:
     there is none. A run directory with checkpoints but no config.json (deleted by hand)
     adopts the current flags: trainers too old to write one are refused by their checkpoint.
     """
-    saved = self._read_json(self.config_path, "restore it, or delete it to adopt this "
-                            "command's flags")
-    if saved is not None:
-      problem = _config_problem(saved)
-      if problem:
-        raise UserInputError(f"{self.config_path} is damaged: {problem}; restore it, or "
-                             "delete it to adopt this command's flags")
-    return saved
+    return read_saved_config(self.model_dir, "restore it, or delete it to adopt this "
+                             "command's flags")
 
   def trained_files(self) -> List[str]:
     """The files of this run that show it has trained (config.json is written at its first
     checkpoint, history.json at its first epoch's end)."""
     return [path for path in (self.config_path, self.history_path) if tf.io.gfile.exists(path)]
-
-  def _read_json(self, path: str, fix: str, kind=dict):
-    """The JSON value of the file at `path` if it is a `kind`; None if there is no file."""
-    if not tf.io.gfile.exists(path):
-      return None
-    try:
-      with tf.io.gfile.GFile(path) as f:
-        value = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-      raise UserInputError(f"{path} is damaged: not JSON ({first_line(e)}); {fix}") from None
-    if not isinstance(value, kind):
-      raise UserInputError(f"{path} is damaged: not a JSON object; {fix}")
-    return value
 
   def write_config(self, config: TrainConfig) -> None:
     """Saves the configuration (chief only), once every check has passed."""
@@ -111,7 +118,7 @@ class RunOutputs:
   def read_history(self, epochs_done: int) -> List[Dict]:
     """The per-epoch entries of the epochs a restored checkpoint has done (none if no file)."""
     fix = "delete it (the report's curves then start at the resumed epoch)"
-    history = self._read_json(self.history_path, fix) or {"epochs": []}
+    history = read_json(self.history_path, fix) or {"epochs": []}
     entries = history.get("epochs")
     if not isinstance(entries, list) or not all(map(_is_history_entry, entries)):
       raise UserInputError(f"{self.history_path} is damaged: its \"epochs\" are not a list "
@@ -152,7 +159,7 @@ class RunOutputs:
     so metrics.json of `epochs` epochs means those epochs are trained and exported, whatever
     has since happened to the checkpoints. A larger --epochs extends a finished job.
     """
-    metrics = self._read_json(self.metrics_path, "delete it and run the same command again to "
+    metrics = read_json(self.metrics_path, "delete it and run the same command again to "
                               "evaluate and export the trained model")
     if metrics is None:
       return None
