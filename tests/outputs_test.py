@@ -50,6 +50,7 @@ def test_finished_means_metrics_of_these_epochs_whatever_the_checkpoints(tmp_pat
   run.write_metrics({**done, "epochs": 2})
   assert run.finished_metrics(2) == {**done, "epochs": 2}
   assert run.finished_metrics(3) is None  # A larger --epochs extends it.
+  assert run.finished_metrics(1) == {**done, "epochs": 2}  # A smaller one finds it finished.
 
 
 @pytest.mark.parametrize("content, problem", [

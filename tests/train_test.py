@@ -131,6 +131,11 @@ def test_a_larger_epochs_extends_the_job_and_a_lower_rate_is_logged_and_kept(
   _logged(caplog)
   metrics = _rerun(run, finished_run, epochs=3, learning_rate=1e-3)
   assert "Resuming from" in caplog.text and "epoch 3 of 3, step 0 of 16" in caplog.text
+  # The old schedule had decayed to 0 at step 32; stretched over 48 steps, a quarter of the
+  # new peak (cos(pi * 2/3) = -1/2).
+  assert ("Extending this run from 2 to 3 epochs (32 to 48 steps): the learning rate's cosine "
+          "schedule is stretched over the new total, so at step 32 it is 0.00025 instead of 0 "
+          "(peak 0.001).") in caplog.text
   assert "Changed since this run was last started: --learning_rate: 0.01 -> 0.001" in caplog.text
   assert json.loads((run / "config.json").read_text())["learning_rate"] == 1e-3
   assert metrics["epochs"] == 3 and helpers.read_metrics(str(run))["epochs"] == 3
@@ -139,6 +144,14 @@ def test_a_larger_epochs_extends_the_job_and_a_lower_rate_is_logged_and_kept(
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(run / "checkpoints")))
   assert reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE") == 3 * 16
   assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 3 * 16
+  # Fewer epochs than a finished job trained: finished, where its results are; nothing written.
+  before = helpers.directory_state(run)
+  _logged(caplog)
+  assert _rerun(run, finished_run, epochs=2) == helpers.read_metrics(str(run))
+  assert "This job has already trained 3 epochs (more than --epochs=2); its results:" in (
+      caplog.text)
+  assert helpers.directory_state(run) == before
+  (run / "metrics.json").unlink()  # Not finished: fewer epochs than its checkpoint are refused.
   with pytest.raises(config.UserInputError, match=r"--epochs=2 is fewer than the 3 epochs"):
     _rerun(run, finished_run, epochs=2)
 

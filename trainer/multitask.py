@@ -72,15 +72,21 @@ def agree_on_overflow(gradients):
           for g in gradients]
 
 
-def make_optimizer(config: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
-  """AdamW on a linear warm-up, then cosine decay to zero over the rest of the run: the last
-  epochs settle instead of bouncing. A run too short for its warm-up warms up over its first
-  fifth instead: otherwise it would end at the peak rate, untrained by the decay."""
+def learning_rate_schedule(config: TrainConfig,
+                           total_steps: int) -> keras.optimizers.schedules.LearningRateSchedule:
+  """A linear warm-up, then cosine decay to zero over the rest of the run: the last epochs
+  settle instead of bouncing. A run too short for its warm-up warms up over its first fifth
+  instead: otherwise it would end at the peak rate, untrained by the decay."""
   warmup = min(config.warmup_steps, total_steps // 5)
-  schedule = keras.optimizers.schedules.CosineDecay(
+  return keras.optimizers.schedules.CosineDecay(
       0.0 if warmup else config.learning_rate, decay_steps=max(1, total_steps - warmup),
       warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
-  return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
+  """AdamW on `learning_rate_schedule`."""
+  return keras.optimizers.AdamW(learning_rate_schedule(config, total_steps),
+                                weight_decay=config.weight_decay)
 
 
 class MultitaskTask:

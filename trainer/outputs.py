@@ -153,11 +153,13 @@ class RunOutputs:
     return history
 
   def finished_metrics(self, epochs: int) -> Optional[Dict[str, object]]:
-    """The metrics of a job of `epochs` epochs that has finished, or None where it has not.
+    """The metrics of a job of `epochs` epochs or more that has finished, or None where it has
+    not.
 
     metrics.json is written last, after the export, and removed before an export is replaced,
     so metrics.json of `epochs` epochs means those epochs are trained and exported, whatever
-    has since happened to the checkpoints. A larger --epochs extends a finished job.
+    has since happened to the checkpoints. A larger --epochs extends a finished job; a
+    smaller one finds it finished (its export has trained longer than asked).
     """
     metrics = read_json(self.metrics_path, "delete it and run the same command again to "
                               "evaluate and export the trained model")
@@ -168,7 +170,7 @@ class RunOutputs:
         raise UserInputError(
             f"{self.metrics_path} is damaged: no {name} number in it; delete it and run the "
             "same command again to evaluate and export the trained model")
-    return metrics if metrics["epochs"] == epochs else None
+    return metrics if metrics["epochs"] >= epochs else None
 
   def unmark_complete(self) -> None:
     """Removes metrics.json before the export is replaced: where it exists, the export beside

@@ -155,6 +155,8 @@ def _resume(job: Job, saved: Optional[Dict]) -> None:
         "a new --model_dir")
   job.history = outputs.read_history(controller.epochs_done)
   steps_per_epoch = job.task.plan.steps_per_epoch
+  if latest and saved and saved["epochs"] < config.epochs:
+    _log_extension(config, saved["epochs"], controller.step, steps_per_epoch)
   if latest and controller.epochs_done == config.epochs:
     logging.info("Resuming from %s: all %d epochs are trained; evaluating and exporting.",
                  latest, config.epochs)
@@ -162,6 +164,18 @@ def _resume(job: Job, saved: Optional[Dict]) -> None:
     logging.info("Resuming from %s: epoch %d of %d, step %d of %d.", latest,
                  controller.epochs_done + 1, config.epochs,
                  controller.step % steps_per_epoch, steps_per_epoch)
+
+
+def _log_extension(config: TrainConfig, old_epochs: int, step: int, steps_per_epoch: int) -> None:
+  """Says that a larger --epochs stretches the learning-rate schedule, and what that does to
+  the rate where training resumes: it rises again where the old run had decayed it."""
+  old_total, new_total = old_epochs * steps_per_epoch, config.epochs * steps_per_epoch
+  rate = {total: float(multitask.learning_rate_schedule(config, total)(step))
+          for total in (old_total, new_total)}
+  logging.info("Extending this run from %d to %d epochs (%d to %d steps): the learning rate's "
+               "cosine schedule is stretched over the new total, so at step %d it is %.3g "
+               "instead of %.3g (peak %.3g).", old_epochs, config.epochs, old_total, new_total,
+               step, rate[new_total], rate[old_total], config.learning_rate)
 
 
 def fit(job: Job, on_evaluation: Optional[OnEvaluation] = None) -> Optional[Dict[str, float]]:
@@ -258,8 +272,11 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy,
     job = prepare(config, strategy, splits, model_fn)
     try:
       if job.finished is not None:  # Run again: say where its results are, and write nothing.
-        logging.info("This job has already trained its %d epochs; its results: %s",
-                     config.epochs, outputs_lib.results_line(job.finished, config.model_dir))
+        trained = job.finished["epochs"]
+        logging.info("This job has already trained %s; its results: %s",
+                     f"its {trained} epochs" if trained == config.epochs else
+                     f"{trained} epochs (more than --epochs={config.epochs})",
+                     outputs_lib.results_line(job.finished, config.model_dir))
         return job.finished
       # Until the loop takes the signals over (it saves first), and after it.
       now("training", "the newest checkpoint is kept; run the same command to resume")
