@@ -1,4 +1,5 @@
-"""Tests of trainer.export: the serving signature, and that the reload predicts as the model does."""
+"""Tests of trainer.export: the serving signature, that the reload predicts as the model does, and
+the Keras file beside it (loaded, fine-tuned and saved as the README shows)."""
 
 import os
 import re
@@ -53,6 +54,9 @@ def test_export_reloads_with_a_uint8_serving_signature(exported):
   np.testing.assert_allclose(served["classifier"], direct["classifier"], atol=1e-5)
   np.testing.assert_allclose(served["decoder"], direct["decoder"][..., 0], atol=1e-5)
   assert not tf.io.gfile.exists(path.replace("/export", "/.export.partial"))
+  # The Keras file is one more file of the SavedModel's directory: the loads above ignore it.
+  assert sorted(tf.io.gfile.listdir(path)) == [
+      "assets", "fingerprint.pb", export_lib.KERAS_FILE, "saved_model.pb", "variables"]
   # The (N, 28, 28, 1) batches most MNIST code holds get the same answers.
   served4 = serve(images=tf.constant(images))
   np.testing.assert_array_equal(served4["classifier"], served["classifier"])
@@ -177,3 +181,104 @@ def test_saved_model_cli_gets_the_models_answers_and_refuses_another_shape(expor
                            "serving_default")
   assert re.search(r"inputs\['images'\] tensor_info:\s+dtype: DT_UINT8\s+shape: unknown_rank",
                    shown.stdout), shown.stdout
+
+
+# The Keras file and TFSMLayer, as the README shows them to a user of a finished run's export.
+
+
+def _layers(model: keras.Model):
+  """Every layer of `model`, those of its nested models (encoder, heads) included."""
+  for layer in model.layers:
+    yield layer
+    if isinstance(layer, keras.Model):
+      yield from _layers(layer)
+
+
+def test_the_keras_file_predicts_as_the_serving_signature(finished_run):
+  export = os.path.join(finished_run[0], "export")
+  assert export_lib.KERAS_FILE == "model.keras"  # The README's name for it.
+  model = keras.models.load_model(f"{export}/model.keras")
+  new = helpers.learnable_split(50, seed=7)
+  images = new.images  # uint8, (N, 28, 28, 1).
+  predicted = model.predict(images, verbose=0)
+  assert predicted["classifier"].shape == (50, 10)
+  assert predicted["decoder"].shape == (50, 28, 28, 1)  # The signature drops the last axis.
+  served = export_lib.predict_batches(export_lib.load(export), images)
+  np.testing.assert_allclose(predicted["classifier"], served["classifier"], atol=1e-5)
+  np.testing.assert_allclose(predicted["decoder"][..., 0], served["decoder"], atol=1e-5)
+  # The trained run's answers, not an untrained model's: it learnt the patches.
+  assert (predicted["classifier"].argmax(1) == new.labels).mean() > 0.9
+
+
+def test_the_readmes_fine_tuning_snippet_trains_the_exported_model(finished_run, tmp_path):
+  export = os.path.join(finished_run[0], "export")
+  new = helpers.learnable_split(256, seed=11)  # Data the run did not train on.
+  images, labels = new.images, new.labels  # uint8 (N, 28, 28, 1), int (N,).
+  # The README's snippet line for line, with checks between its lines.
+  model = keras.models.load_model(f"{export}/model.keras")
+  model.compile(optimizer=keras.optimizers.AdamW(1e-4),
+                loss={"classifier": "sparse_categorical_crossentropy", "decoder": "mse"},
+                loss_weights={"classifier": 1.0, "decoder": 8.0})
+  targets = {"classifier": labels, "decoder": images / 255}
+  loss_before = model.evaluate(images, targets, batch_size=256, verbose=0, return_dict=True)
+  weights_before = model.get_weights()
+  model.fit(images, {"classifier": labels, "decoder": images / 255}, epochs=1, batch_size=32)
+  loss_after = model.evaluate(images, targets, batch_size=256, verbose=0, return_dict=True)
+  assert any(not np.array_equal(before, after)
+             for before, after in zip(weights_before, model.get_weights()))
+  assert loss_after["loss"] < loss_before["loss"], (loss_before, loss_after)
+  model.save(str(tmp_path / "fine_tuned.keras"))
+  again = keras.models.load_model(str(tmp_path / "fine_tuned.keras"))
+  for name, output in again.predict(images[:8], verbose=0).items():
+    np.testing.assert_allclose(output, model.predict(images[:8], verbose=0)[name], atol=1e-6)
+
+
+def test_tfsm_layer_serves_the_export_in_keras(finished_run):
+  export = os.path.join(finished_run[0], "export")
+  images = helpers.learnable_split(6, seed=7).images
+  served = export_lib.predict_batches(export_lib.load(export), images)
+  layer = keras.layers.TFSMLayer(export, call_endpoint="serving_default")
+  for batch in [images, images[..., 0]]:  # uint8 (N, 28, 28, 1) or (N, 28, 28).
+    outputs = layer(batch)
+    assert sorted(outputs) == ["classifier", "decoder"]
+    assert outputs["classifier"].shape == (6, 10) and outputs["decoder"].shape == (6, 28, 28)
+    np.testing.assert_array_equal(outputs["classifier"], served["classifier"])
+    np.testing.assert_array_equal(outputs["decoder"], served["decoder"])
+
+
+# The object-store case (ram:// stands in for gs://) of a GPU's or a TPU's run.
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_a_mixed_precision_export_holds_a_float32_keras_file(tmp_path, monkeypatch, policy):
+  keras.mixed_precision.set_dtype_policy(policy)
+  model = model_lib.build_model(latent_dim=8, width=8)
+  path = f"ram://{tmp_path.name}/export"
+  real_open = open
+
+  def open_for_reading_only(file, mode="r", *args, **kwargs):
+    assert not set(mode) & set("wax+"), f"plain open({file!r}, {mode!r})"
+    return real_open(file, mode, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", open_for_reading_only)  # Writes go through tf.io.gfile.
+  export_lib.export_saved_model(model, path)
+  monkeypatch.undo()
+  keras.mixed_precision.set_dtype_policy("float32")  # A CPU machine's default.
+  loaded = keras.models.load_model(f"{path}/model.keras")
+  assert {layer.dtype_policy.name for layer in _layers(loaded)} == {"float32"}
+  for saved, trained in zip(loaded.get_weights(), model.get_weights(), strict=True):
+    np.testing.assert_array_equal(saved, trained)  # Mixed precision's weights are float32.
+  new = helpers.learnable_split(64, seed=3)
+  images, labels = new.images, new.labels
+  # The SavedModel computes in 16 bits, the Keras file in 32: the same weights.
+  served = export_lib.predict_batches(export_lib.load(path), images)
+  predicted = loaded.predict(images, verbose=0)
+  np.testing.assert_allclose(predicted["classifier"], served["classifier"], atol=1e-2)
+  np.testing.assert_allclose(predicted["decoder"][..., 0], served["decoder"], atol=1e-2)
+  loaded.compile(optimizer=keras.optimizers.AdamW(1e-4),
+                 loss={"classifier": "sparse_categorical_crossentropy", "decoder": "mse"},
+                 loss_weights={"classifier": 1.0, "decoder": 8.0})
+  weights_before = loaded.get_weights()
+  history = loaded.fit(images, {"classifier": labels, "decoder": images / 255}, epochs=1,
+                       batch_size=32, verbose=0)
+  assert np.isfinite(history.history["loss"][0])
+  assert any(not np.array_equal(before, after)
+             for before, after in zip(weights_before, loaded.get_weights()))

@@ -7,6 +7,12 @@ probabilities) and `decoder` (N x 28 x 28 reconstructions in [0, 1]), both float
 `latent` signature takes the same images and returns `latent`, the shared encoder's output
 (N x latent_dim, float32), for embeddings. Any other shape fails with an InvalidArgumentError
 naming the expected one; another dtype is refused by the signature itself.
+
+Beside the SavedModel, `KERAS_FILE` (`model.keras`) holds the trained model as a Keras file,
+for users to fine-tune: `keras.models.load_model(f"{export}/model.keras")` gives the model as
+trained (uint8 (N, 28, 28, 1) images in; `classifier` (N, 10) and `decoder` (N, 28, 28, 1) out),
+not compiled, every layer in float32 whatever the run's precision (mixed precision keeps its
+weights in float32, so nothing is lost), so it loads and trains the same on any machine.
 """
 
 import os
@@ -23,6 +29,9 @@ from trainer.sources import IMAGE_SHAPE
 # spec cannot (without it a wrong shape reaches the pooling kernel and fails deep in oneDNN).
 SERVING_INPUT = tf.TensorSpec(None, tf.uint8, name="images")
 EXPECTED_INPUT = "images must be uint8 of shape (N, 28, 28) or (N, 28, 28, 1): 28x28 grey, 0-255"
+KERAS_FILE = "model.keras"  # In the export directory, beside saved_model.pb.
+# Policies that compute in 16 bits on float32 weights: the Keras file holds float32 in their place.
+_MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
 
 
 def _checked_images(images: tf.Tensor) -> tf.Tensor:
@@ -41,7 +50,8 @@ def _checked_images(images: tf.Tensor) -> tf.Tensor:
 
 
 def export_saved_model(model: keras.Model, path: str) -> None:
-  """Writes `model` to `path` (local or gs://), replacing what was there.
+  """Writes `model` to `path` (local or gs://), replacing what was there: the SavedModel and,
+  beside it, `KERAS_FILE` (see the module's docstring).
 
   The new export is written whole beside the old one (`.export.partial`) first: a write that
   fails leaves the old export as it was. On a local disk it then takes the old one's place
@@ -79,6 +89,7 @@ def export_saved_model(model: keras.Model, path: str) -> None:
   if tf.io.gfile.exists(partial):  # Leftovers of an attempt that did not finish.
     tf.io.gfile.rmtree(partial)
   archive.write_out(partial, verbose=False)
+  _write_keras_file(model, partial)
   if "://" in path:
     _replace_by_copy(partial, path)
     return
@@ -87,6 +98,37 @@ def export_saved_model(model: keras.Model, path: str) -> None:
   tf.io.gfile.rename(partial, path)
   if tf.io.gfile.exists(previous):
     tf.io.gfile.rmtree(previous)
+
+
+def _float32_config(config):
+  """`config` (a serialized Keras object) with every mixed dtype policy replaced by float32."""
+  if isinstance(config, dict):
+    if (config.get("class_name") == "DTypePolicy"
+        and config.get("config", {}).get("name") in _MIXED_POLICIES):
+      return {**config, "config": {**config["config"], "name": "float32"}}
+    return {key: _float32_config(value) for key, value in config.items()}
+  if isinstance(config, list):
+    return [_float32_config(value) for value in config]
+  return config
+
+
+def _float32_copy(model: keras.Model) -> keras.Model:
+  """A new model of `model`'s architecture and weights, every layer computing in float32.
+
+  Keras saves each layer's dtype policy with it: a model trained under mixed_float16 would
+  load as float16 layers on any machine, and a plain `fit` would train them without loss
+  scaling. (A nested model's policy is not saved: the loader's global policy sets it.)
+  """
+  copy = keras.saving.deserialize_keras_object(
+      _float32_config(keras.saving.serialize_keras_object(model)))
+  copy.set_weights(model.get_weights())
+  return copy
+
+
+def _write_keras_file(model: keras.Model, directory: str) -> None:
+  """Writes `model` in float32 as `directory`/`KERAS_FILE`; Keras writes a gs:// (any `://`)
+  path through tf.io.gfile, from a zip built in memory."""
+  _float32_copy(model).save(f"{directory}/{KERAS_FILE}")
 
 
 def _replace_by_copy(source: str, target: str) -> None:
