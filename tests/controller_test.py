@@ -12,10 +12,12 @@ import signal
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import logging
 
 from tests import helpers
 from trainer import controller as controller_lib
 from trainer import preemption
+from trainer import progress as progress_lib
 
 STEPS_PER_EPOCH = 10
 
@@ -63,13 +65,13 @@ class StandInTask:
 
 
 def _controller(tmp_path, strategy=None, total_steps=25, steps_per_loop=4,
-                checkpoint_every_steps=7, task=None, **kwargs):
+                checkpoint_every_steps=7, task=None, max_call_seconds=0.0, **kwargs):
   strategy = strategy or tf.distribute.get_strategy()
   task = task or StandInTask(strategy)
   schedule = controller_lib.Schedule(total_steps=total_steps, steps_per_epoch=STEPS_PER_EPOCH,
                                      steps_per_loop=steps_per_loop,
                                      checkpoint_every_steps=checkpoint_every_steps,
-                                     examples_per_step=8)
+                                     examples_per_step=8, max_call_seconds=max_call_seconds)
   return controller_lib.Controller(strategy, task, schedule, str(tmp_path / "checkpoints"),
                                    checkpoints_to_keep=100, **kwargs)
 
@@ -295,3 +297,96 @@ def test_divergence_names_what_went_non_finite():
                                ("nonfinite_weights", 1.0, "non-finite weights"),
                                ("loss", np.nan, "a non-finite loss (nan)")):
     assert controller_lib.divergence({**healthy, name: value}) == problem
+
+
+class _Clock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def _slow_steps(monkeypatch, clock, seconds_per_step):
+  """Makes every call into the device last `seconds_per_step` a step on `clock`."""
+  make_train_loop = controller_lib.make_train_loop
+
+  def make(strategy, task):
+    train_loop = make_train_loop(strategy, task)
+
+    def timed(iterator, num_steps, stop_requested):
+      outputs = train_loop(iterator, num_steps, stop_requested)
+      clock.now += seconds_per_step * int(num_steps)
+      return outputs
+    return timed
+  monkeypatch.setattr(controller_lib, "make_train_loop", make)
+
+
+def _bar_ends(out):
+  """(loss, steps) where each epoch's bar ended, from what the bars printed."""
+  updates = [re.sub(r"\x1b\[\d+m", "", update) for update in re.split("[\r\n]", out)]
+  ends = [update for update in updates if update.startswith(f"{STEPS_PER_EPOCH}/")]
+  return [tuple(float(re.search(rf"{name}: ([\d.]+)", end)[1]) for name in ("loss", "steps"))
+          for end in ends]
+
+
+def test_the_bar_ends_each_epoch_on_the_epochs_numbers_a_resumed_one_too(tmp_path,
+                                                                         monkeypatch, capsys):
+  monkeypatch.setattr(progress_lib, "on_terminal", lambda: True)
+  first, recorder = _controller(tmp_path, total_steps=15, show_progress=True), Recorder()
+  first.train(recorder.epoch_end)  # Calls end at 4, 7, 10, 14, 15: epoch 2 stops halfway.
+  assert _bar_ends(capsys.readouterr().out) == [(4.5, 10)]
+  resumed = _controller(tmp_path, total_steps=20, show_progress=True)
+  resumed.restore()
+  resumed.train(recorder.epoch_end)  # Steps 15 to 19, in calls ending at 19 and 20.
+  assert recorder.events == [("epoch", 10, 4.5, 10), ("epoch", 20, 14.5, 10)]
+  # The epoch's mean, steps 10 to 14 of the first process included; not the last call's (19).
+  assert _bar_ends(capsys.readouterr().out) == [(14.5, 10)]
+
+
+@pytest.mark.parametrize("steps_per_loop, seconds_per_step, total_steps, expected", [
+    # Two calls an epoch, 30 s each: the first of each epoch reports, the first of the
+    # process (tracing) without a speed; each epoch's last is its epoch line's.
+    (5, 6.0, 20, ["epoch 1/2: step 5/10 (50%), loss 2.0000, - images/s",
+                  "epoch 2/2: step 5/10 (50%), loss 12.0000, 1 images/s"]),
+    # A line every other call of 20 s: the epoch's running loss, not the call's (2.5, 6.5).
+    (2, 10.0, 10, ["epoch 1/1: step 4/10 (40%), loss 1.5000, 1 images/s",
+                   "epoch 1/1: step 8/10 (80%), loss 3.5000, 1 images/s"]),
+])
+def test_off_a_terminal_a_line_comes_every_30_seconds_at_any_call_but_an_epochs_last(
+    tmp_path, monkeypatch, caplog, steps_per_loop, seconds_per_step, total_steps, expected):
+  logging.set_verbosity(logging.INFO)
+  caplog.set_level("INFO")
+  monkeypatch.setattr(progress_lib, "on_terminal", lambda: False)
+  clock = _Clock()
+  _slow_steps(monkeypatch, clock, seconds_per_step)
+  controller = _controller(tmp_path, total_steps=total_steps, steps_per_loop=steps_per_loop,
+                           checkpoint_every_steps=100, show_progress=True, clock=clock)
+  controller.train(Recorder().epoch_end)
+  assert [r.getMessage() for r in caplog.records
+          if r.getMessage().startswith("epoch ")] == expected
+
+
+@pytest.mark.parametrize("max_call_seconds, seconds_per_step, calls", [
+    (0.0, 3.0, [4, 7, 10, 14, 18, 20, 21, 25]),  # No cap: the calls of steps_per_loop.
+    # One step until a call after the first is timed, then floor(10 / 3) = 3 steps a call.
+    (10.0, 3.0, [1, 2, 5, 7, 10, 13, 14, 17, 20, 21, 24, 25]),
+    # Fast steps: 20 a call would fit, but never more than steps_per_loop (4).
+    (10.0, 0.5, [1, 2, 6, 7, 10, 14, 18, 20, 21, 25]),
+])
+def test_the_call_cap_shortens_slow_calls_and_trains_the_same_steps(
+    tmp_path, monkeypatch, max_call_seconds, seconds_per_step, calls):
+  clock, steps = _Clock(), []
+  _slow_steps(monkeypatch, clock, seconds_per_step)
+  controller = _controller(tmp_path, steps_per_loop=4, max_call_seconds=max_call_seconds,
+                           clock=clock)
+  real_call = controller._call
+  controller._call = lambda loop, it, n, stop: (steps.append(n), real_call(loop, it, n, stop))[1]
+  recorder = Recorder()
+  controller.train(recorder.epoch_end)
+  assert np.cumsum(steps).tolist() == calls and max(steps) <= 4
+  # The same steps in other calls: the same state, epochs and sums (steps 20 to 24).
+  assert controller.step == 25
+  assert float(controller.task.value.numpy()) == _expected_value(25)
+  assert recorder.events == [("epoch", 10, 4.5, 10), ("epoch", 20, 14.5, 10)]
+  assert controller.epoch_sums.numpy().tolist() == [110.0, 5.0]

@@ -4,9 +4,10 @@ After Orbit's `Controller` driving a `StandardTrainer`: the controller owns the 
 the task owns the computation. The controller keeps one checkpointed global step (the epoch is
 derived from it) and the running sums of the epoch in progress, so that a resumed epoch's
 metrics are whole. Each call into the device runs `min(steps_per_loop, steps to the next
-action)` steps of the task's `train_step` in one `tf.function`, keeping their sums on the
-device; then the host asks each periodic action whether it is its time (big_vision's
-`itstime`): the epoch's end, the caller's actions, a checkpoint, a preemption stop.
+action)` steps (fewer under `Schedule.max_call_seconds`) of the task's `train_step` in one
+`tf.function`, keeping their sums on the device; then the host asks each periodic action
+whether it is its time (big_vision's `itstime`): the epoch's end, the caller's actions, a
+checkpoint, a preemption stop.
 
 It imports nothing of the model, the data or the losses: tests drive it with a stand-in task
 of a few variables (tests/controller_test.py).
@@ -67,6 +68,10 @@ class Schedule:
   steps_per_loop: int
   checkpoint_every_steps: int
   examples_per_step: int  # The global batch: for images per second.
+  # Seconds a call may last, at the measured speed (0: no cap; see progress.CallCap). Must
+  # stay 0 under multi-worker: every worker must run the same steps per call, and each would
+  # measure its own speed.
+  max_call_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +161,9 @@ class Controller:
   def __init__(self, strategy: tf.distribute.Strategy, task: Task, schedule: Schedule,
                checkpoint_dir: str, checkpoints_to_keep: int, save_dir: Optional[str] = None,
                summary_dir: Optional[str] = None, show_progress: bool = False,
-               on_first_save: Optional[Callable[[], None]] = None):
-    self.strategy, self.task, self.schedule = strategy, task, schedule
+               on_first_save: Optional[Callable[[], None]] = None,
+               clock: Callable[[], float] = time.perf_counter):
+    self.strategy, self.task, self.schedule, self._clock = strategy, task, schedule, clock
     self.checkpoint_dir = checkpoint_dir
     self._summary_dir, self._show_progress = summary_dir, show_progress
     self._on_first_save, self._saved_once, self._writer = on_first_save, False, None
@@ -175,6 +181,7 @@ class Controller:
     self._save_dir, self._manager = save_dir or checkpoint_dir, None
     self.latest_checkpoint = None  # The one restored, then the last saved.
     self.throughput = progress_lib.Throughput()
+    self._call_cap = progress_lib.CallCap(schedule.max_call_seconds)
 
   @property
   def manager(self) -> tf.train.CheckpointManager:
@@ -241,18 +248,16 @@ class Controller:
     iterator = iter(self.task.train_dataset(self.step))
     periods = [schedule.steps_per_epoch, schedule.checkpoint_every_steps]
     periods += [action.every for action in actions]
-    progress = None
+    progress = self._progress()
     with preemption.stop_flag() as termination:
       while self.step < schedule.total_steps:
         step = self.step
-        steps = min([schedule.steps_per_loop, schedule.total_steps - step]
-                    + [s for s in (steps_to_next(step, every) for every in periods) if s])
-        if step % schedule.steps_per_epoch == 0 or progress is None:
-          progress = self._progress()
-        logs, stop = self._call(train_loop, iterator, steps, termination.requested)
-        if progress:
-          progress.update((self.step - 1) % schedule.steps_per_epoch + 1,
-                          logs.get("loss", float("nan")))
+        steps = self._call_cap.steps(min(
+            [schedule.steps_per_loop, schedule.total_steps - step]
+            + [s for s in (steps_to_next(step, every) for every in periods) if s]))
+        _, stop = self._call(train_loop, iterator, steps, termination.requested)
+        if progress:  # Before the epoch's end resets its sums: the bar ends on its numbers.
+          progress.update(self.step, self._epoch_logs())
         saved = self._after_call(on_epoch_end, actions)
         if saved is None and self.step == schedule.total_steps:
           saved = self.save()  # The end: a run again finds it finished.
@@ -267,11 +272,11 @@ class Controller:
   def _call(self, train_loop, iterator, steps: int, stop_requested: bool):
     """One call into the device: `steps` steps, checked, counted and logged; returns the
     call's train logs and whether every worker agreed to stop."""
-    started = time.perf_counter()
+    started = self._clock()
     sums, first_bad, stop = train_loop(iterator, tf.constant(steps),
                                        tf.constant(float(stop_requested)))
     sums = dict(zip(self.task.train_outputs, sums.numpy().tolist()))
-    seconds = time.perf_counter() - started
+    seconds = self._clock() - started
     if int(first_bad) >= 0:
       bad_step = describe_step(self.step + int(first_bad) + 1, self.schedule.steps_per_epoch)
       raise Diverged(
@@ -280,6 +285,7 @@ class Controller:
           f"{self.latest_checkpoint or 'none (delete --model_dir to start over)'}; "
           "lower --learning_rate or check the data")
     self.throughput.add(steps * self.schedule.examples_per_step, seconds)
+    self._call_cap.add(steps, seconds)
     self.global_step.assign_add(steps)
     self.epoch_sums.assign_add([sums[name] for name in self._epoch_names])
     logs = self.task.train_logs(sums, steps)
@@ -290,11 +296,9 @@ class Controller:
     """Runs what is due at the step reached; returns the checkpoint saved there, if any."""
     step, schedule, saved = self.step, self.schedule, None
     if itstime(step, schedule.steps_per_epoch):
-      sums = dict(zip(self._epoch_names, self.epoch_sums.numpy().tolist()))
       # The caller records the epoch before the checkpoint: a job stopped between the two
       # trains the epoch again and rewrites its record, where the other order would lose it.
-      on_epoch_end(step, self.task.train_logs(sums, schedule.steps_per_epoch),
-                   self.throughput.end_epoch())
+      on_epoch_end(step, self._epoch_logs(), self.throughput.end_epoch())
       self.epoch_sums.assign(tf.zeros_like(self.epoch_sums))
       saved = self.save()
     for action in actions:
@@ -304,13 +308,20 @@ class Controller:
       saved = self.save()
     return saved
 
+  def _epoch_logs(self) -> Dict[str, float]:
+    """The train logs of the epoch so far (at its end, the whole epoch's), steps trained
+    before a resume included: from its running sums."""
+    sums = dict(zip(self._epoch_names, self.epoch_sums.numpy().tolist()))
+    return self.task.train_logs(sums, (self.step - 1) % self.schedule.steps_per_epoch + 1)
+
   def _progress(self) -> Optional[progress_lib.Progress]:
+    """One for the whole run, on the chief: see progress.Progress."""
     if not self._show_progress:
       return None
     schedule = self.schedule
-    return progress_lib.Progress(self.epochs_done + 1,
-                                 schedule.total_steps // schedule.steps_per_epoch,
-                                 schedule.steps_per_epoch, schedule.examples_per_step)
+    return progress_lib.Progress(schedule.total_steps // schedule.steps_per_epoch,
+                                 schedule.steps_per_epoch, schedule.examples_per_step,
+                                 clock=self._clock)
 
   def _write_summaries(self, logs: Dict[str, float], steps_per_second: float) -> None:
     """Keeps the logs of one call for TensorBoard, at the global step it reached (chief only).

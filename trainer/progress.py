@@ -1,13 +1,19 @@
-"""Progress within an epoch, for a person reading the log, and the throughput it reports.
+"""Progress through training, for a person reading the log, and the throughput it reports.
 
-On a terminal: Keras's progress bar. Elsewhere (Vertex AI's log viewer, a file, a pipe), a bar
-would print a line per update, so instead one line about every `every_seconds`, with the step,
-the running loss and the speed. The epoch's summary line itself is `train.py`'s.
+On a terminal: a Keras progress bar per epoch. Elsewhere (Vertex AI's log viewer, a file, a
+pipe), a bar would print a line per update, so instead one line about every `every_seconds`,
+with the step, the epoch's running loss and the speed. The epoch's summary line itself is
+`train.py`'s. Both show the epoch so far (the controller's running sums), not the last call:
+the bar ends each epoch on the epoch line's numbers.
+
+Lines come only between calls into the device, so `CallCap` keeps calls short where steps are
+slow: a call of 50 slow CPU steps can last minutes.
 """
 
+import math
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 from absl import logging
 
@@ -20,37 +26,84 @@ def on_terminal() -> bool:
 
 
 class Progress:
-  """Reports the steps done in one epoch as a bar on a terminal, else as periodic log lines."""
+  """Reports the steps done in each epoch of a run: a bar on a terminal, else log lines.
 
-  def __init__(self, epoch: int, epochs: int, steps_per_epoch: int, batch_size: int,
+  One for the whole run (of this process), so that an epoch's first call reports like any
+  other; only the speed leaves out the process's first call (tracing).
+  """
+
+  def __init__(self, epochs: int, steps_per_epoch: int, batch_size: int,
                bar: Optional[bool] = None, every_seconds: float = LOG_EVERY_SECONDS,
                clock: Callable[[], float] = time.monotonic):
-    self._epoch, self._epochs, self._steps = epoch, epochs, steps_per_epoch
-    self._batch_size, self._every, self._clock = batch_size, every_seconds, clock
-    self._bar = None
-    if on_terminal() if bar is None else bar:
-      import keras  # pylint: disable=import-outside-toplevel
-      self._bar = keras.utils.Progbar(steps_per_epoch)
+    self._epochs, self._steps, self._batch_size = epochs, steps_per_epoch, batch_size
+    self._every, self._clock = every_seconds, clock
+    self._use_bar = on_terminal() if bar is None else bar
+    self._bar, self._bar_epoch = None, None
     self._started = self._last_line = clock()
-    self._first_step = None
+    self._first_step = None  # The global step at the end of the process's first call.
 
-  def update(self, step: int, loss: float) -> None:
-    """`step` steps of the epoch are done; `loss` is the mean training loss of the latest ones."""
-    if self._bar is not None:
-      self._bar.update(step, [("loss", loss)])
+  def update(self, global_step: int, logs: Dict[str, float]) -> None:
+    """`global_step` steps of the run are done; `logs` are the train logs of its epoch so far
+    (all its steps, those before a resume included), with a "loss"."""
+    epoch, step = (global_step - 1) // self._steps + 1, (global_step - 1) % self._steps + 1
+    if self._use_bar:
+      self._update_bar(epoch, step, logs)
       return
     now = self._clock()
     if self._first_step is None:  # The first call includes tracing: time from its end.
-      self._first_step, self._started, self._last_line = step, now, now
+      self._first_step, self._started = global_step, now
+    if step == self._steps:
+      self._last_line = now  # The epoch's line follows at once, and stands for this one.
       return
-    if now - self._last_line < self._every or step >= self._steps:
+    if now - self._last_line < self._every:
       return
     self._last_line = now
-    images_per_second = (step - self._first_step) * self._batch_size / max(now - self._started,
-                                                                          1e-9)
-    logging.info("epoch %d/%d: step %d/%d (%d%%), loss %.4f, %.0f images/s", self._epoch,
-                 self._epochs, step, self._steps, 100 * step // self._steps, loss,
-                 images_per_second)
+    seconds = now - self._started
+    speed = ((global_step - self._first_step) * self._batch_size / seconds if seconds > 0
+             else None)
+    logging.info("epoch %d/%d: step %d/%d (%d%%), loss %.4f, %s images/s", epoch, self._epochs,
+                 step, self._steps, 100 * step // self._steps, logs["loss"],
+                 "-" if speed is None else f"{speed:.0f}")
+
+  def _update_bar(self, epoch: int, step: int, logs: Dict[str, float]) -> None:
+    if self._bar_epoch != epoch:
+      import keras  # pylint: disable=import-outside-toplevel
+      print(f"Epoch {epoch}/{self._epochs}", flush=True)
+      # Stateful: shown as given. Keras 3's bar does not average the others over calls (Keras
+      # 2's did), and the epoch's running values are already the epoch's means.
+      self._bar = keras.utils.Progbar(self._steps, stateful_metrics=list(logs))
+      self._bar_epoch = epoch
+    self._bar.update(step, sorted(logs.items(), key=lambda item: item[0] != "loss"))
+
+
+class CallCap:
+  """Caps the steps of a call into the device so that it lasts about `max_seconds` at most
+  (0: no cap), at the speed of the latest call measured: progress, SIGTERM and checkpoints
+  wait for a call's end.
+
+  The process's first call (tracing) is not measured; until a call is, calls run one step, so
+  that neither the first call nor the one measured runs a whole `steps_per_loop` of unknown
+  length. Only for a single worker: every worker must run the same steps per call.
+  """
+
+  def __init__(self, max_seconds: float):
+    self._max_seconds, self._calls, self._seconds_per_step = max_seconds, 0, None
+
+  def steps(self, steps: int) -> int:
+    """At most `steps`, at least 1: the steps to run in the next call."""
+    if not self._max_seconds:
+      return steps
+    if self._seconds_per_step is None:
+      return 1
+    if self._seconds_per_step <= 0:
+      return steps
+    return max(1, min(steps, math.floor(self._max_seconds / self._seconds_per_step)))
+
+  def add(self, steps: int, seconds: float) -> None:
+    """A call of `steps` steps took `seconds`."""
+    self._calls += 1
+    if self._calls > 1:
+      self._seconds_per_step = seconds / steps
 
 
 class Throughput:

@@ -29,6 +29,9 @@ from trainer.config import TrainConfig
 Evaluate = Callable[[str], Dict[str, float]]
 OnEvaluation = Callable[[int, Evaluate], None]
 default_model = multitask.default_model
+# Off a terminal a progress line is promised about every 30 s, and SIGTERM and checkpoints
+# wait for a device call's end: where steps per call are ours to pick, no call lasts longer.
+MAX_CALL_SECONDS = 10.0
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -98,6 +101,10 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
   controller, and restores the newest checkpoint that reads back whole. Call `close()` on the
   job it returns (`run` does)."""
   policy = _checked_policy(config, strategy)
+  # Only a single worker may cap its calls by its own measured speed (see Schedule), and a
+  # TPU's calls are short and costly to retrace; a given --steps_per_loop is taken as given.
+  cap_calls = (not config.steps_per_loop and
+               distribution.strategy_name(strategy) in ("default", "mirrored", "one_device"))
   if not config.steps_per_loop:
     config = dataclasses.replace(config,
                                  steps_per_loop=distribution.default_steps_per_loop(strategy))
@@ -118,7 +125,8 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
         total_steps=config.epochs * plan.steps_per_epoch, steps_per_epoch=plan.steps_per_epoch,
         steps_per_loop=config.steps_per_loop,
         checkpoint_every_steps=config.checkpoint_every_steps,
-        examples_per_step=plan.global_batch)
+        examples_per_step=plan.global_batch,
+        max_call_seconds=MAX_CALL_SECONDS if cap_calls else 0.0)
     controller = controller_lib.Controller(
         strategy, task, schedule, outputs_lib.checkpoint_dir(config),
         config.checkpoints_to_keep, save_dir=outputs.checkpoints, summary_dir=outputs.train_logs,
