@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from launch import batch_input
 from tests import helpers
+from trainer import image_files
 from trainer.config import UserInputError
 
 SAMPLE = str(importlib.resources.files("trainer") / "assets" / "mnist_5k.npz")
@@ -44,116 +45,18 @@ def test_lines_parse_back_to_the_exact_images():
     np.testing.assert_array_equal(np.array(parsed), image)
 
 
-@pytest.mark.parametrize("shape", [(3, 28, 28), (3, 28, 28, 1), (3, 784)])
-def test_npz_images_of_each_accepted_shape_come_out_as_28x28(tmp_path, shape):
-  images = _images(3)
-  path = str(tmp_path / "digits.npz")
-  np.savez(path, images=images.reshape(shape))
-  np.testing.assert_array_equal(batch_input.read_npz(path), images)
-
-
-def test_npz_array_is_the_only_one_else_images_else_x_else_the_key(tmp_path):
-  a, b = _images(2, seed=1), _images(3, seed=2)
-  only = str(tmp_path / "only.npz")
-  np.savez(only, whatever=a)
-  np.testing.assert_array_equal(batch_input.read_npz(only), a)
-  named = str(tmp_path / "named.npz")
-  np.savez(named, images=a, other=b)
-  np.testing.assert_array_equal(batch_input.read_npz(named), a)
-  np.testing.assert_array_equal(batch_input.read_npz(named, key="other"), b)
-  # The trainer's npz layout (X rows of 784, y labels) converts without a --key.
-  training = str(tmp_path / "training.npz")
-  np.savez(training, X=b.reshape(3, 784), y=np.arange(3))
-  np.testing.assert_array_equal(batch_input.read_npz(training), b)
-
-
-def test_npz_without_the_array_lists_its_arrays(tmp_path):
-  path = str(tmp_path / "two.npz")
-  np.savez(path, first=_images(1), second=_images(1))
-  with pytest.raises(UserInputError) as e:
-    batch_input.read_npz(path)
-  assert str(e.value) == (f"{path}: several arrays (first, second) and none named images or X; "
-                          "pass --key=NAME to say which holds the images")
-  with pytest.raises(UserInputError) as e:
-    batch_input.read_npz(path, key="images")
-  assert str(e.value) == (f"{path}: no array named 'images'; it has first, second: pass --key "
-                          "with one of them")
-  labels = str(tmp_path / "labels.npz")
-  np.savez(labels, X=np.zeros((2, 784), np.uint8), y=np.arange(2))
-  with pytest.raises(UserInputError, match=r"\(array y\): images of shape \(2,\), expected"):
-    batch_input.read_npz(labels, key="y")
-
-
-def test_npz_that_is_not_one_is_refused(tmp_path):
-  path = tmp_path / "fake.npz"
-  path.write_bytes(b"not a zip archive")
-  with pytest.raises(UserInputError, match="not an npz file"):
-    batch_input.read_npz(str(path))
-
-
-@pytest.mark.parametrize("pixels, message", [
-    (np.full((1, 28, 28), 300, np.int16), "pixel values range 300..300, outside 0-255"),
-    (np.full((1, 28, 28), -1, np.int64), "pixel values range -1..-1, outside 0-255"),
-    (np.full((1, 28, 28), 12.5, np.float32), "float32 pixels that are not all whole numbers"),
-    (np.full((1, 28, 28), np.nan, np.float64), "float64 pixels that are not all whole numbers"),
-    (np.ones((1, 28, 28), np.float32), "float32 pixels all within 0..1, which look scaled"),
-    (np.ones((1, 28, 28), bool), "bool pixels, expected uint8 0-255"),
-])
-def test_pixels_that_are_not_0_to_255_are_refused_not_rescaled(tmp_path, pixels, message):
-  path = str(tmp_path / "bad.npz")
-  np.savez(path, images=pixels)
-  with pytest.raises(UserInputError, match=f"^{re.escape(path)} \\(array images\\): {message}"):
-    batch_input.read_npz(path)
-
-
-@pytest.mark.parametrize("dtype", [np.int64, np.uint16, np.float32, np.float64])
-def test_whole_numbers_0_to_255_in_another_dtype_are_taken_as_they_are(tmp_path, dtype):
-  images = _images(2)
-  path = str(tmp_path / "wide.npz")
-  np.savez(path, images=images.astype(dtype))
-  converted = batch_input.read_npz(path)
-  assert converted.dtype == np.uint8
-  np.testing.assert_array_equal(converted, images)
-
-
-def test_pngs_grey_or_grey_as_rgb_read_as_their_pixels(tmp_path):
-  images = _images(2)
-  grey = _write_png(tmp_path / "grey.png", images[0][..., np.newaxis])
-  rgb = _write_png(tmp_path / "rgb.png", np.repeat(images[1][..., np.newaxis], 3, axis=-1))
-  np.testing.assert_array_equal(batch_input.read_inputs([grey, rgb]), images)
-
-
-def test_a_png_of_another_size_colour_or_format_is_refused_with_the_fix(tmp_path):
-  large = _write_png(tmp_path / "large.png", np.zeros((32, 30, 1), np.uint8))
-  with pytest.raises(UserInputError) as e:
-    batch_input.read_png(large)
-  assert str(e.value) == (f"{large}: 30x32 pixels, expected 28x28; resize it to 28x28 first "
-                          "(nothing is resized here)")
-  colour = np.zeros((28, 28, 3), np.uint8)
-  colour[..., 0] = 200
-  red = _write_png(tmp_path / "red.png", colour)
-  with pytest.raises(UserInputError,
-                     match=f"^{re.escape(red)}: a colour or transparent image; save it as 8-bit"):
-    batch_input.read_png(red)
-  jpeg = tmp_path / "photo.png"
-  jpeg.write_bytes(tf.io.encode_jpeg(np.zeros((28, 28, 1), np.uint8)).numpy())
-  with pytest.raises(UserInputError, match=f"^{re.escape(str(jpeg))}: not a PNG file"):
-    batch_input.read_png(str(jpeg))
-  deep = tmp_path / "deep.png"
-  deep.write_bytes(tf.io.encode_png(np.full((28, 28, 1), 1000, np.uint16)).numpy())
-  with pytest.raises(UserInputError, match=f"^{re.escape(str(deep))}: 16-bit pixels; save it"):
-    batch_input.read_png(str(deep))
-
-
-def test_inputs_of_other_kinds_or_without_images_are_refused(tmp_path):
-  with pytest.raises(UserInputError, match="notes.txt: not an .npz or .png file"):
-    batch_input.read_inputs([str(tmp_path / "notes.txt")])
-  with pytest.raises(UserInputError, match="missing.png: no such file"):
-    batch_input.read_inputs([str(tmp_path / "missing.png")])
-  empty = str(tmp_path / "empty.npz")
-  np.savez(empty, images=np.zeros((0, 28, 28), np.uint8))
-  with pytest.raises(UserInputError, match=f"no images in {re.escape(empty)}: nothing to predict"):
-    batch_input.read_inputs([empty])
+def test_inputs_are_read_by_the_reader_predict_uses(tmp_path):
+  """One reader, trainer.image_files's (its own tests check what it takes and refuses): an npz,
+  an .npy and a JPEG convert in order."""
+  assert batch_input.as_images is image_files.as_images  # Still here for benchmarks/serving_compat.
+  images = _images(4)
+  np.savez(tmp_path / "two.npz", X=images[:2].reshape(2, 784), y=np.arange(2))
+  np.save(tmp_path / "one.npy", images[2:3])
+  flat = np.full((28, 28, 1), 200, np.uint8)  # JPEG keeps a flat grey exactly.
+  (tmp_path / "one.jpg").write_bytes(tf.io.encode_jpeg(flat).numpy())
+  read = image_files.read_inputs([str(tmp_path / name) for name in ("two.npz", "one.npy", "one.jpg")])
+  np.testing.assert_array_equal(_parse(batch_input.instance_lines(read)),
+                                np.concatenate([images[:3], flat.reshape(1, 28, 28)]))
 
 
 def test_writes_to_an_object_store_path():
@@ -188,16 +91,18 @@ def test_an_interrupted_write_keeps_the_earlier_output_and_leaves_no_partial_fil
 
 
 @pytest.mark.slow  # A converter process end to end; keeps the fast tier under five minutes.
-def test_cli_converts_npz_and_png_inputs_in_order(tmp_path):
-  images = _images(4)
+def test_cli_converts_npz_npy_and_png_inputs_in_order(tmp_path):
+  images = _images(5)
   npz = str(tmp_path / "digits.npz")
   np.savez(npz, X=images[:3].reshape(3, 784), y=np.arange(3))
-  png = _write_png(tmp_path / "one.png", images[3][..., np.newaxis])
+  npy = str(tmp_path / "digit.npy")
+  np.save(npy, images[3:4])
+  png = _write_png(tmp_path / "one.png", images[4][..., np.newaxis])
   output = str(tmp_path / "out" / "instances.jsonl")
-  result = helpers.run_module("launch.batch_input", f"--output={output}", npz, png)
+  result = helpers.run_module("launch.batch_input", f"--output={output}", npz, npy, png)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.splitlines()[0] == (
-      f"wrote 4 instances (one 28x28 image a line) to {output}")
+      f"wrote 5 instances (one 28x28 image a line) to {output}")
   with open(output) as f:
     text = f.read()
   assert text.endswith("\n")
@@ -223,7 +128,7 @@ def test_cli_bad_input_is_one_error_line_exit_2_and_no_output(tmp_path):
 def test_cli_without_inputs_says_how_to_call_it(tmp_path):
   result = helpers.run_module("launch.batch_input", f"--output={tmp_path / 'out.jsonl'}")
   helpers.assert_one_error_line(
-      result, "no inputs given (.npz or .png files): python -m launch.batch_input "
+      result, "no inputs given (images, or .npy/.npz arrays): python -m launch.batch_input "
       "--output=gs://BUCKET/instances.jsonl INPUT [INPUT ...]", whole=True)
   assert os.listdir(tmp_path) == []
 
@@ -232,7 +137,7 @@ def test_converted_lines_are_what_the_export_takes(finished_run, tmp_path):
   """The format check: lines fed as a batch, as the prediction service builds it from JSON,
   give the export's answers for the original uint8 images."""
   model_dir, _ = finished_run
-  images = batch_input.read_npz(SAMPLE)[:32]  # Real digits: the packaged MNIST sample.
+  images = image_files.read_array(SAMPLE)[:32]  # Real digits: the packaged MNIST sample.
   output = str(tmp_path / "instances.jsonl")
   batch_input.write_lines(batch_input.instance_lines(images), output)
   with open(output) as f:

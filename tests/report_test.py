@@ -52,6 +52,22 @@ def test_reconstruction_grid_puts_each_image_above_its_reconstruction():
   assert [centre(2, 0), centre(3, 0)] == [0, 255]
 
 
+def test_the_confusion_matrix_names_its_classes_on_both_axes():
+  from trainer import sources
+  labels = np.arange(100) % 10
+  figure = report.confusion_matrix_figure(labels, (labels + 1) % 10,
+                                          sources.FASHION_MNIST_CLASSES)
+  (axes,) = figure.axes
+  for ticks in (axes.get_xticklabels(), axes.get_yticklabels()):
+    assert [tick.get_text() for tick in ticks] == list(sources.FASHION_MNIST_CLASSES)
+  assert axes.get_ylabel() == "True label" and axes.get_xlabel() == "Predicted label"
+  assert axes.get_xticklabels()[0].get_rotation() == 45  # Long names are slanted to fit.
+  # A run's report takes the names from its metrics; digits by default, upright.
+  digits = report.confusion_matrix_figure(labels, labels).axes[0]
+  assert [tick.get_text() for tick in digits.get_xticklabels()] == list("0123456789")
+  assert digits.get_xticklabels()[0].get_rotation() == 0
+
+
 def test_the_report_images_go_to_tensorboard_too(finished_run):
   model_dir, _ = finished_run
   tags = set()

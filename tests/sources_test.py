@@ -1,10 +1,12 @@
-"""Tests of trainer.sources: every --dataset source, its splits, and its refusals of bad files."""
+"""Tests of trainer.sources: every --dataset source, its splits and class names, its refusals
+of bad files, and the background of images."""
 
-import re
+import functools
+import os
+import subprocess
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tests import helpers
@@ -76,7 +78,7 @@ def test_missing_and_unknown_sources_are_refused(tmp_path):
   with pytest.raises(UserInputError, match="unknown --dataset='cifar'"):
     sources.load_splits("cifar")
   (tmp_path / "not.npz").write_bytes(b"hello")
-  with pytest.raises(UserInputError, match="not a readable npz"):
+  with pytest.raises(UserInputError, match="not an npz file"):
     sources.load_splits(f"npz:{tmp_path}/not.npz")
 
 
@@ -86,36 +88,84 @@ def test_tfds_source_through_mock_data():
   _check_splits(splits, (100, 20, 120))
 
 
-def _image_file(tmp_path, name, content):
-  path = tmp_path / name
-  path.write_bytes(content if isinstance(content, bytes) else tf.io.encode_png(content).numpy())
-  return str(path)
+
+# Class names: the dataset's where it has them, recognised exactly, never from a file name.
 
 
-def test_read_image_file_takes_28x28_grey_and_grey_saved_as_rgb(tmp_path):
-  grey = np.arange(784, dtype=np.uint32).reshape(28, 28, 1).astype(np.uint8)
-  np.testing.assert_array_equal(sources.read_image_file(_image_file(tmp_path, "a.png", grey)), grey)
-  rgb = np.repeat(grey, 3, axis=-1)
-  np.testing.assert_array_equal(sources.read_image_file(_image_file(tmp_path, "b.png", rgb)), grey)
+@functools.lru_cache(maxsize=None)
+def fashion_mnist_dir():
+  """The directory of Debian's Fashion-MNIST IDX files (`dpkg -L dataset-fashion-mnist` lists
+  them), or None where the package is not installed."""
+  try:
+    listing = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True,
+                             text=True, check=False).stdout
+  except OSError:  # Not Debian.
+    return None
+  for line in listing.splitlines():
+    if line.endswith("/t10k-labels-idx1-ubyte.gz") and os.path.exists(line):
+      return os.path.dirname(line)
+  return None
 
 
-def test_read_image_file_resizes_only_when_asked(tmp_path):
-  path = _image_file(tmp_path, "big.png", np.full((56, 84, 1), 200, np.uint8))
-  with pytest.raises(UserInputError, match=r"big.png: 84x56 pixels, expected 28x28; pass "
-                                           r"--resize to scale it"):
-    sources.read_image_file(path)
-  resized = sources.read_image_file(path, resize=True)
-  assert resized.shape == (28, 28, 1) and (resized == 200).all()
+needs_fashion_mnist = pytest.mark.skipif(
+    fashion_mnist_dir() is None,
+    reason="needs Debian's Fashion-MNIST: apt-get install -y dataset-fashion-mnist")
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("notes.png", b"these are not pixels", "not an image; give a PNG, JPEG, GIF or BMP file"),
-    ("red.png", np.stack([np.full((28, 28), 200, np.uint8)] + [np.zeros((28, 28), np.uint8)] * 2,
-                         axis=-1), "a colour or transparent image; convert it to greyscale"),
-    ("clear.png", np.concatenate([np.zeros((28, 28, 1), np.uint8),
-                                  np.full((28, 28, 1), 100, np.uint8)], axis=-1),
-     "a colour or transparent image"),
+@needs_fashion_mnist
+def test_fashion_mnist_is_recognised_by_its_labels_as_idx_and_as_npz(tmp_path):
+  splits = sources.load_splits(f"idx:{fashion_mnist_dir()}")
+  assert splits.class_names == sources.FASHION_MNIST_CLASSES
+  assert splits.class_names[9] == "Ankle boot"
+  # Garments on black, whatever their own brightness: the run records a dark background.
+  assert sources.background(splits.train.images) == "dark"
+  # The trainer's npz layout: all 70,000 in the order Fashion-MNIST ships them.
+  parts = (splits.train, splits.validation, splits.test)
+  images = np.concatenate([part.images for part in parts]).reshape(-1, 784)
+  labels = np.concatenate([part.labels for part in parts]).astype(np.uint8)
+  npz = sources.load_splits(helpers.write_npz(tmp_path / "anything.npz", X=images, y=labels))
+  assert npz.class_names == sources.FASHION_MNIST_CLASSES
+  assert len(npz.train) == 50_000
+  # One label changed, or the same labels in another order: not Fashion-MNIST as it ships.
+  labels[0] = (labels[0] + 1) % 10
+  assert sources.load_splits(helpers.write_npz(
+      tmp_path / "fashion_mnist.npz", X=images, y=labels)).class_names == sources.DIGITS
+  assert sources.known_class_names(np.sort(splits.test.labels)) == sources.DIGITS
+
+
+def test_digits_are_named_by_themselves_and_an_npz_may_name_its_classes(tmp_path):
+  assert sources.load_splits("mnist_sample").class_names == tuple("0123456789")
+  assert sources.load_splits(helpers.write_idx_dir(tmp_path, gzipped=True)).class_names == (
+      sources.DIGITS)
+  images, labels = np.zeros((100, 784), np.uint8), np.arange(100) % 3
+  for names in (np.array(["cat", "dog", "bird"]), np.array([b"cat", b"dog", b"bird"])):
+    splits = sources.load_splits(helpers.write_npz(
+        tmp_path / "pets.npz", X=images, y=labels, class_names=names))
+    # The model has ten outputs: those the dataset does not name keep their digit.
+    assert splits.class_names == ("cat", "dog", "bird", *"3456789")
+
+
+@pytest.mark.parametrize("names, message", [
+    (np.array(["cat", "dog"]), "labels go up to 2 but class_names has only 2 names"),
+    (np.array([1, 2, 3]), "class_names is int64 of shape \\(3,\\); save 1 to 10 strings"),
+    (np.array([["cat", "dog", "bird"]]), "class_names is <U4 of shape \\(1, 3\\)"),
+    (np.array(["cat", "", "bird"]), "class_names has an empty name"),
+    (np.array(["cat", None, "bird"], dtype=object), "cannot read it without pickle"),
 ])
-def test_read_image_file_refuses_what_is_not_a_grey_image(tmp_path, name, content, message):
-  with pytest.raises(UserInputError, match=re.escape(f"{name}: {message}")):
-    sources.read_image_file(_image_file(tmp_path, name, content))
+def test_bad_class_names_in_an_npz_are_refused(tmp_path, names, message):
+  dataset = helpers.write_npz(tmp_path / "pets.npz", X=np.zeros((30, 784), np.uint8),
+                              y=np.arange(30) % 3, class_names=names)
+  with pytest.raises(UserInputError, match=message):
+    sources.load_splits(dataset)
+
+
+def test_background_is_that_of_the_outer_ring_not_the_mean():
+  image = np.zeros((28, 28), np.uint8)
+  image[1:-1, 1:-1] = 255  # A bright garment filling all but the ring: mean far above 127.
+  assert image.mean() > 200 and sources.background(image) == "dark"
+  assert sources.background(255 - image) == "light"
+  assert sources.border_pixels(image[np.newaxis, ..., np.newaxis]).shape == (1, 108)
+  # A batch counts together: its typical image's ring.
+  split = helpers.learnable_split(20)
+  assert sources.background(split.images) == "dark"
+  assert sources.background(255 - split.images) == "light"

@@ -158,6 +158,8 @@ def test_tfds_download_agrees_with_the_idx_files(fashion_mnist_dir):
       f"http://{FASHION_MNIST_HOST}/{name}" for name in FILES)
   assert (len(splits.train), len(splits.validation), len(splits.test)) == (50_000, 10_000, 10_000)
   idx = sources.load_splits(f"idx:{helpers.FASHION_MNIST_DIR}")
+  # Named by TFDS's metadata and, for the IDX files, recognised by their labels: alike.
+  assert splits.class_names == idx.class_names == sources.FASHION_MNIST_CLASSES
   # TFDS shuffles when it writes: compare as multisets of (label, image).
   tfds_train = sources.Split(np.concatenate([splits.train.images, splits.validation.images]),
                           np.concatenate([splits.train.labels, splits.validation.labels]))
@@ -181,6 +183,9 @@ def test_job_trains_on_the_prepared_data_dir_with_no_network(fashion_mnist_dir, 
   metrics = helpers.read_metrics(str(tmp_path / "m"))
   assert metrics["train_examples"] == 50_000
   assert metrics["test_accuracy"] >= 0.8
+  # What predict reads: the names of its classes, and garments on a dark ground.
+  assert metrics["class_names"] == list(sources.FASHION_MNIST_CLASSES)
+  assert metrics["input_background"] == "dark"
 
 
 def test_offline_download_fails_fast_naming_the_host(tmp_path):
@@ -213,6 +218,15 @@ def test_failed_download_is_an_error_and_leaves_no_partial_files(tmp_path, monke
     with pytest.raises(UserInputError, match="has wrong checksum.*delete that file"):
       sources.load_splits("tfds:fashion_mnist", str(data_dir))
   assert helpers.directory_state(data_dir) == before
+
+
+def test_class_names_come_from_the_tfds_metadata():
+  with tfds.testing.mock_data(num_examples=120):
+    named = {name: sources.load_splits(f"tfds:{name}", data_dir="/nonexistent").class_names
+             for name in ("fashion_mnist", "kmnist", "mnist")}
+  assert named["fashion_mnist"] == sources.FASHION_MNIST_CLASSES
+  assert named["kmnist"][:3] == ("o", "ki", "su")  # Its own names, not recognised labels.
+  assert named["mnist"] == sources.DIGITS
 
 
 def test_unknown_dataset_is_an_error():

@@ -2,18 +2,19 @@
 
 `write_report` draws, from the exported model and the test split, under `directory`:
   reconstructions.png  test images (odd rows) above the export's reconstructions (even rows)
-  confusion_matrix.png the test confusion matrix
+  confusion_matrix.png the test confusion matrix, its axes labelled with the class names
   curves.png           both task losses, accuracy and reconstruction MSE per epoch, train and
                        validation
   latent.png           the encoder's output on test images, projected to 2-D by PCA, by class
   report.md            the final metrics and the four images
 and, given a writer, sends the same images to TensorBoard. It reads the export, not the
-training model, so it shows exactly what ships, whatever the strategy was.
+training model, so it shows exactly what ships, whatever the strategy was. The class names
+are the metrics' `class_names` (the dataset's, see `trainer.sources`), else the digits.
 """
 
 import io
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 import numpy as np
@@ -24,7 +25,7 @@ from matplotlib.figure import Figure
 from sklearn import decomposition, metrics as sk_metrics
 
 from trainer import export as export_lib
-from trainer.sources import NUM_CLASSES, Split
+from trainer.sources import DIGITS, NUM_CLASSES, Split
 
 IMAGES = ("reconstructions", "confusion_matrix", "curves", "latent")
 # The reconstruction grid: two examples of each class, each image scaled up this many times.
@@ -59,15 +60,23 @@ def _png(figure: Figure) -> bytes:
   return buffer.getvalue()
 
 
-def confusion_matrix_png(labels: np.ndarray, predictions: np.ndarray) -> bytes:
-  """The test confusion matrix, counts in each cell, true class down, predicted across."""
+def confusion_matrix_figure(labels: np.ndarray, predictions: np.ndarray,
+                            class_names: Sequence[str] = DIGITS) -> Figure:
+  """The test confusion matrix, counts in each cell, true class down, predicted across, both
+  axes labelled with `class_names` (by label)."""
   figure = Figure(figsize=(6, 6), dpi=FIGURE_DPI)
   axes = figure.add_subplot()
   matrix = sk_metrics.confusion_matrix(labels, predictions, labels=range(NUM_CLASSES))
-  sk_metrics.ConfusionMatrixDisplay(matrix).plot(ax=axes, colorbar=False, values_format="d")
+  # Names longer than a digit or two would run into each other along the bottom: slanted.
+  slanted = any(len(name) > 2 for name in class_names)
+  sk_metrics.ConfusionMatrixDisplay(matrix, display_labels=list(class_names)).plot(
+      ax=axes, colorbar=False, values_format="d", xticks_rotation=45 if slanted else "horizontal")
+  if slanted:
+    for tick in axes.get_xticklabels():
+      tick.set(horizontalalignment="right", rotation_mode="anchor")
   axes.set_title(f"test confusion matrix (accuracy {np.mean(labels == predictions):.4f})")
   figure.tight_layout()
-  return _png(figure)
+  return figure
 
 
 def curves_png(history: List[Dict]) -> bytes:
@@ -96,8 +105,10 @@ def curves_png(history: List[Dict]) -> bytes:
   return _png(figure)
 
 
-def latent_png(latent: np.ndarray, labels: np.ndarray) -> bytes:
-  """The latent vectors projected on their first two principal components, coloured by class."""
+def latent_png(latent: np.ndarray, labels: np.ndarray, class_names: Sequence[str] = DIGITS
+               ) -> bytes:
+  """The latent vectors projected on their first two principal components, coloured by class
+  and named in the legend by `class_names`."""
   projected = decomposition.PCA(n_components=2, random_state=0).fit_transform(latent)
   figure = Figure(figsize=(7, 6), dpi=FIGURE_DPI)
   axes = figure.add_subplot()
@@ -105,7 +116,7 @@ def latent_png(latent: np.ndarray, labels: np.ndarray) -> bytes:
   for label in range(NUM_CLASSES):
     chosen = labels == label
     axes.scatter(projected[chosen, 0], projected[chosen, 1], s=4, color=colours(label),
-                 label=str(label))
+                 label=class_names[label])
   axes.set_title("latent space of test images, first two principal components")
   axes.legend(title="class", markerscale=3, loc="best", fontsize="small")
   figure.tight_layout()
@@ -143,6 +154,7 @@ def write_report(export_dir: str, test: Split, history: List[Dict], metrics: Dic
                  directory: str, writer: Optional[tf.summary.SummaryWriter] = None) -> None:
   """Writes the report's images and report.md under `directory` (local or gs://)."""
   exported = export_lib.load(export_dir)
+  class_names = tuple(metrics.get("class_names") or DIGITS)
   examples = np.concatenate([np.flatnonzero(test.labels == label)[:EXAMPLES_PER_CLASS]
                              for label in range(NUM_CLASSES)])
   outputs = export_lib.predict_batches(exported, test.images)
@@ -151,10 +163,10 @@ def write_report(export_dir: str, test: Split, history: List[Dict], metrics: Dic
                              columns=NUM_CLASSES)
   pngs = {
       "reconstructions": tf.io.encode_png(grid[..., np.newaxis]).numpy(),
-      "confusion_matrix": confusion_matrix_png(test.labels,
-                                               np.argmax(outputs["classifier"], axis=-1)),
+      "confusion_matrix": _png(confusion_matrix_figure(
+          test.labels, np.argmax(outputs["classifier"], axis=-1), class_names)),
       "curves": curves_png(history),
-      "latent": latent_png(latent, test.labels[:LATENT_POINTS]),
+      "latent": latent_png(latent, test.labels[:LATENT_POINTS], class_names),
   }
   tf.io.gfile.makedirs(directory)
   for name, png in pngs.items():

@@ -1,24 +1,45 @@
-"""Data sources: what `--dataset` names, read into train, validation and test splits.
+"""Data sources: what `--dataset` names, read into train, validation and test splits with the
+classes' names; and what an image's background is. The image and array files users give
+`trainer.predict` and `launch.batch_input` are read by `trainer.image_files`.
 
-Every source returns the same `Splits`: uint8 images of shape (N, 28, 28, 1) and int32 labels
-0-9. A broken file is a `UserInputError` naming the file, the problem and the fix. The input
-pipeline that batches a split is `trainer.data`'s.
+Every source returns the same `Splits`: uint8 images of shape (N, 28, 28, 1), int32 labels 0-9,
+and the classes' names by label. Names come from the dataset where it has them: TFDS's
+metadata, an npz's own `class_names` array, or Fashion-MNIST recognised exactly by its labels
+(IDX or npz, see `known_class_names`); else the digits "0".."9". A broken file is a
+`UserInputError` naming the file, the problem and the fix. The input pipeline that batches a
+split is `trainer.data`'s.
+
+TensorFlow (for tf.io.gfile) and scikit-learn are imported inside the
+functions that use them: the command-line entry points import this module to check their
+inputs before paying for TensorFlow's start-up, which must happen inside
+`cli.tensorflow_imported_quietly` to keep its C++ start-up lines off the terminal.
 """
 
 import dataclasses
 import gzip
+import hashlib
 import importlib.resources
 import zipfile
 import zlib
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
-import tensorflow as tf
-from sklearn import model_selection
 
 from trainer.config import UserInputError, check_dataset_name, first_line
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
+DIGITS = tuple(str(label) for label in range(NUM_CLASSES))
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+# sha256 of Fashion-MNIST's labels exactly as it ships them, one byte a label: its t10k labels
+# (what an IDX directory holds for test), and its train labels followed by the t10k ones (the
+# trainer's npz layout of all 70,000). An exact match, never a guess from a file name: MNIST's
+# labels, or Fashion-MNIST's in another order or with one changed, do not match.
+FASHION_MNIST_LABEL_DIGESTS = frozenset({
+    "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9",  # t10k
+    "8ab940a680640f36c0bf1d2549cb2f3b3d4068c12547116cc7b1161b1d26663d",  # train, then t10k
+})
 # The original exercise's cache of full MNIST: its rows are 50k train, 10k validation, 10k test.
 EXERCISE_SPLIT = (50_000, 10_000, 10_000)
 # Held out from the 60,000-image train files of TFDS and IDX sources, as in EXERCISE_SPLIT.
@@ -28,8 +49,12 @@ VALIDATION_FROM_TRAIN = 10_000
 SAMPLE_SPLIT_SEED = 0
 IDX_IMAGES_MAGIC = 0x00000803
 IDX_LABELS_MAGIC = 0x00000801
-
-
+ZIP_SIGNATURE = b"PK\x03\x04"
+# An image's background is judged on its outer ring of pixels: MNIST centres each digit in a
+# 20x20 box and Fashion-MNIST's garments rarely fill the frame, so the ring is background in
+# nearly every image, where the mean is not (Fashion-MNIST's bright coats and bags on black
+# average above 127; its bright ring pixels are a minority in every test image).
+BRIGHT = 127
 @dataclasses.dataclass(frozen=True)
 class Split:
   images: np.ndarray  # (N, 28, 28, 1) uint8
@@ -44,6 +69,7 @@ class Splits:
   train: Split
   validation: Split
   test: Split
+  class_names: Tuple[str, ...] = DIGITS  # By label: class_names[3] names label 3.
 
 
 def load_splits(dataset: str, data_dir: str = "") -> Splits:
@@ -61,6 +87,7 @@ def load_splits(dataset: str, data_dir: str = "") -> Splits:
   if kind == "idx" and argument:
     return _load_idx_dir(argument)
   if kind == "npz" and argument:
+    import tensorflow as tf
     if not tf.io.gfile.exists(argument) or tf.io.gfile.isdir(argument):
       what = "a directory" if tf.io.gfile.exists(argument) else "no file"
       raise UserInputError(f"--dataset={dataset}: {what} at {argument}; give the path of an npz "
@@ -93,44 +120,104 @@ def _split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
   return Split(np.ascontiguousarray(images), labels.astype(np.int32))
 
 
-def _splits_from_npz(file, where: str) -> Splits:
-  """Reads the original exercise's cache layout: `X` (N, 784) uint8 and `y` (N,) labels."""
+def known_class_names(labels: np.ndarray) -> Tuple[str, ...]:
+  """Fashion-MNIST's class names for its labels exactly as it ships them (see
+  FASHION_MNIST_LABEL_DIGESTS), the digits for any other labels (checked to be 0-9)."""
+  digest = hashlib.sha256(np.asarray(labels).astype(np.uint8).tobytes()).hexdigest()
+  return FASHION_MNIST_CLASSES if digest in FASHION_MNIST_LABEL_DIGESTS else DIGITS
+
+
+def padded_class_names(names: Sequence[str]) -> Tuple[str, ...]:
+  """A dataset's class names (by label, at most NUM_CLASSES) followed by the digits of the
+  labels after them: the model always has NUM_CLASSES outputs, each needs a name."""
+  return tuple(names) + DIGITS[len(names):]
+
+
+def _given_class_names(array: np.ndarray, labels: np.ndarray, where: str) -> Tuple[str, ...]:
+  """An npz's own `class_names` array (strings, by label), checked against its labels."""
+  if array.ndim != 1 or array.dtype.kind not in "US" or not 0 < len(array) <= NUM_CLASSES:
+    raise UserInputError(
+        f"{where}: class_names is {array.dtype} of shape {array.shape}; save 1 to "
+        f"{NUM_CLASSES} strings, one a label in order (np.array(['cat', 'dog']))")
+  names = [name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+           for name in array.tolist()]
+  if not all(name.strip() for name in names):
+    raise UserInputError(f"{where}: class_names has an empty name; give every class a name")
+  if len(labels) and labels.max() >= len(names):
+    raise UserInputError(f"{where}: labels go up to {labels.max()} but class_names has only "
+                         f"{len(names)} names; give one name a label, in label order")
+  return padded_class_names(names)
+
+
+def npz_arrays(file, where: str, choose: Callable[[List[str]], Sequence[str]]
+                ) -> Dict[str, np.ndarray]:
+  """The arrays that `choose(the names of its arrays)` picks from the npz file object `file`.
+
+  Raises `UserInputError` naming `where` for a file that is not an npz or that holds pickled
+  objects; `choose` may raise it too.
+  """
   # numpy takes anything that is not a zip archive for a pickle; say what it really is.
-  if file.read(4) != b"PK\x03\x04":
-    raise UserInputError(f"{where}: not a readable npz file (no zip header); save it with np.savez")
+  if file.read(4) != ZIP_SIGNATURE:
+    raise UserInputError(f"{where}: not an npz file (no zip header); save it with np.savez")
   file.seek(0)
   try:
     with np.load(file, allow_pickle=False) as npz:
-      missing = {"X", "y"} - set(npz.files)
-      if missing:
-        raise UserInputError(
-            f"{where}: no array {', '.join(sorted(missing))} in the npz (it has "
-            f"{', '.join(npz.files) or 'none'}); it needs X (N, 784) uint8 and y (N,) labels")
-      images, labels = npz["X"], npz["y"]
+      return {key: npz[key] for key in choose(list(npz.files))}
   except UserInputError:
     raise
-  except ValueError as e:  # numpy says "Object arrays cannot be loaded when allow_pickle=False".
-    raise UserInputError(f"{where}: cannot read it without pickle ({e}); save plain arrays") from None
-  except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-    raise UserInputError(f"{where}: not a readable npz file ({e}); save it again with np.savez") from None
-  everything = _split(images, labels, where)
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise load_error(e, where, "npz", "np.savez") from None
+
+
+def load_error(error: Exception, where: str, kind: str, saver: str) -> UserInputError:
+  """What to say when numpy cannot load an array file of `kind`, which `saver` writes."""
+  if "allow_pickle" in str(error):  # "Object arrays cannot be loaded when allow_pickle=False".
+    return UserInputError(f"{where}: cannot read it without pickle ({error}); save plain arrays")
+  return UserInputError(
+      f"{where}: not a readable {kind} file ({first_line(error)}); save it again with {saver}")
+
+
+def _splits_from_npz(file, where: str) -> Splits:
+  """Reads the original exercise's cache layout: `X` (N, 784) uint8 and `y` (N,) labels, and
+  optionally `class_names`, one string a label."""
+  def choose(names: List[str]) -> List[str]:
+    missing = {"X", "y"} - set(names)
+    if missing:
+      raise UserInputError(
+          f"{where}: no array {', '.join(sorted(missing))} in the npz (it has "
+          f"{', '.join(names) or 'none'}); it needs X (N, 784) uint8 and y (N,) labels")
+    return ["X", "y"] + [name for name in ["class_names"] if name in names]
+
+  arrays = npz_arrays(file, where, choose)
+  everything = _split(arrays["X"], arrays["y"], where)
+  class_names = (_given_class_names(arrays["class_names"], everything.labels, where)
+                 if "class_names" in arrays else known_class_names(everything.labels))
   if len(everything) == sum(EXERCISE_SPLIT):
     ends = np.cumsum(EXERCISE_SPLIT)
     parts = [slice(0, ends[0]), slice(ends[0], ends[1]), slice(ends[1], ends[2])]
-    return Splits(*(Split(everything.images[p], everything.labels[p]) for p in parts))
-  indices = np.arange(len(everything))
+  else:
+    parts = _stratified_80_10_10(everything.labels, where)
+  return Splits(*(Split(everything.images[p], everything.labels[p]) for p in parts),
+                class_names=class_names)
+
+
+def _stratified_80_10_10(labels: np.ndarray, where: str) -> List[np.ndarray]:
+  """Indices of train, validation and test: 80/10/10, stratified by class, the same every run."""
+  from sklearn import model_selection  # Here: it takes a second to import.
+  indices = np.arange(len(labels))
   try:
     train, rest = model_selection.train_test_split(
-        indices, test_size=0.2, stratify=everything.labels, random_state=SAMPLE_SPLIT_SEED)
+        indices, test_size=0.2, stratify=labels, random_state=SAMPLE_SPLIT_SEED)
     validation, test = model_selection.train_test_split(
-        rest, test_size=0.5, stratify=everything.labels[rest], random_state=SAMPLE_SPLIT_SEED)
+        rest, test_size=0.5, stratify=labels[rest], random_state=SAMPLE_SPLIT_SEED)
   except ValueError as e:
     raise UserInputError(f"{where}: too few examples to split 80/10/10 by class ({e})") from None
-  return Splits(*(Split(everything.images[i], everything.labels[i]) for i in (train, validation, test)))
+  return [train, validation, test]
 
 
 def _read_idx(path: str, magic: int, dims: int) -> np.ndarray:
   """Parses one IDX file (gzipped or not): big-endian magic, `dims` sizes, then uint8 data."""
+  import tensorflow as tf
   with tf.io.gfile.GFile(path, "rb") as f:
     raw = f.read()
   if raw[:2] == b"\x1f\x8b":
@@ -157,6 +244,8 @@ def _read_idx(path: str, magic: int, dims: int) -> np.ndarray:
 
 def _load_idx_dir(directory: str) -> Splits:
   """Reads the four standard MNIST IDX files in `directory`, gzipped or not."""
+  import tensorflow as tf
+
   def find(stem):
     for name in (stem + ".gz", stem):
       path = directory.rstrip("/") + "/" + name
@@ -172,52 +261,41 @@ def _load_idx_dir(directory: str) -> Splits:
     parts[prefix] = _split(_read_idx(images_path, IDX_IMAGES_MAGIC, 3),
                            _read_idx(labels_path, IDX_LABELS_MAGIC, 1),
                            f"{images_path} with {labels_path}")
-  return _hold_out_validation(parts["train"], parts["t10k"])
+  return _hold_out_validation(parts["train"], parts["t10k"],
+                              known_class_names(parts["t10k"].labels))
 
 
 def _load_tfds(name: str, data_dir: str) -> Splits:
-  """A 28x28 grey TFDS image dataset, downloaded when absent (see `trainer.tfds_source`)."""
+  """A 28x28 grey TFDS image dataset, downloaded when absent (see `trainer.tfds_source`), its
+  class names from TFDS's metadata."""
   from trainer import tfds_source  # Here: it imports TFDS, which is slow and rarely needed.
-  arrays = tfds_source.load(name, data_dir)
+  loaded = tfds_source.load(name, data_dir)
   where = f"TFDS {name}"
-  return _hold_out_validation(_split(*arrays["train"], where), _split(*arrays["test"], where))
+  train, test = (_split(*loaded.arrays[split], where) for split in ("train", "test"))
+  return _hold_out_validation(train, test, padded_class_names(loaded.class_names[:NUM_CLASSES]))
 
 
-def _hold_out_validation(train: Split, test: Split) -> Splits:
+def _hold_out_validation(train: Split, test: Split, class_names: Tuple[str, ...]) -> Splits:
   """Keeps the last VALIDATION_FROM_TRAIN (or a sixth, if fewer) train examples for validation."""
   held = min(VALIDATION_FROM_TRAIN, len(train) // 6)
   cut = len(train) - held
   return Splits(Split(train.images[:cut], train.labels[:cut]),
-                Split(train.images[cut:], train.labels[cut:]), test)
+                Split(train.images[cut:], train.labels[cut:]), test, class_names)
 
 
-def read_image_file(path: str, resize: bool = False) -> np.ndarray:
-  """A (28, 28, 1) uint8 greyscale image from a PNG, JPEG, GIF or BMP file (local or gs://).
+def border_pixels(images: np.ndarray) -> np.ndarray:
+  """The outer ring of pixels of each of `images` (uint8 (N, 28, 28[, 1]), or one image
+  without N), as (N, 108)."""
+  side = IMAGE_SHAPE[0]
+  square = np.asarray(images).reshape(-1, side, side)
+  return np.concatenate([square[:, 0], square[:, -1], square[:, 1:-1, 0], square[:, 1:-1, -1]],
+                        axis=1)
 
-  Raises `UserInputError` naming the file and the fix for anything else: not an image, colour
-  or transparency (grey saved as RGB is fine), or another size unless `resize`.
+
+def background(images: np.ndarray) -> str:
+  """"light" where the median pixel of the outer ring of `images` is above BRIGHT, else "dark".
+
+  `images` is one uint8 image (28, 28[, 1]) or a batch (N, 28, 28[, 1]), whose rings count
+  together: a training split's background is that of its typical image.
   """
-  try:
-    with tf.io.gfile.GFile(path, "rb") as f:
-      encoded = f.read()
-  except tf.errors.OpError as e:
-    raise UserInputError(f"{path}: cannot read it ({first_line(e)})") from None
-  try:
-    image = tf.io.decode_image(encoded, expand_animations=False).numpy()
-  except (tf.errors.InvalidArgumentError, ValueError):
-    raise UserInputError(f"{path}: not an image; give a PNG, JPEG, GIF or BMP file") from None
-  if image.dtype != np.uint8:
-    raise UserInputError(f"{path}: {image.dtype} pixels; save it with 8-bit pixels")
-  channels = image.shape[-1]
-  grey = image[..., :1]
-  opaque = channels not in (2, 4) or (image[..., -1] == 255).all()
-  if not opaque or (channels >= 3 and not (image[..., :3] == grey).all()):
-    raise UserInputError(
-        f"{path}: a colour or transparent image; convert it to greyscale, white on black")
-  if grey.shape[:2] != IMAGE_SHAPE[:2]:
-    if not resize:
-      raise UserInputError(f"{path}: {grey.shape[1]}x{grey.shape[0]} pixels, expected 28x28; "
-                           "pass --resize to scale it")
-    grey = tf.image.resize(grey, IMAGE_SHAPE[:2], antialias=True).numpy()
-    grey = np.round(np.clip(grey, 0, 255)).astype(np.uint8)
-  return grey
+  return "light" if float(np.median(border_pixels(images))) > BRIGHT else "dark"

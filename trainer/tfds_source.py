@@ -1,5 +1,5 @@
 """TensorFlow Datasets as a source: `load` downloads a set into `--data_dir` when absent and
-reads its train and test splits.
+reads its train and test splits, and the names its metadata gives the labels.
 
 TFDS's downloader retries each file ten times with backoff and has no setting to retry less,
 so offline it would take minutes to fail: `load` first sends one request to each download
@@ -7,6 +7,7 @@ host, and stops with one clear error naming the host that cannot be reached. Fai
 user can fix become `UserInputError`; a failed download's temporary files are removed.
 """
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -26,9 +27,16 @@ from trainer.config import UserInputError, first_line
 Arrays = Dict[str, Tuple[np.ndarray, np.ndarray]]
 
 
-def load(name: str, data_dir: str) -> Arrays:
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """A TFDS set as `load` reads it."""
+  arrays: Arrays  # "train" and "test"
+  class_names: Tuple[str, ...]  # By label, from TFDS's metadata; empty where it has none.
+
+
+def load(name: str, data_dir: str) -> Loaded:
   """The (images, labels) of TFDS `name`'s train and test splits, downloaded into `data_dir`
-  (TFDS's default where empty) when absent.
+  (TFDS's default where empty) when absent, and its label names.
 
   Failures the user can fix (an unknown name, a dataset without (image, label) pairs, a host
   that cannot be reached, a failed or corrupted download, an unwritable or full `data_dir`)
@@ -45,10 +53,10 @@ def load(name: str, data_dir: str) -> Arrays:
     raise UserInputError(
         f"--dataset=tfds:{name}: TFDS {name} has no (image, label) pairs; choose an image "
         "classification set such as fashion_mnist or kmnist")
-  root = os.fspath(builder.data_dir_root)
+  root, class_names = os.fspath(builder.data_dir_root), _label_names(builder)
   try:
     # What is already prepared is read without touching the network (nor the probe below).
-    return _read_tfds(name, data_dir, download=False)
+    return Loaded(_read_tfds(name, data_dir, download=False), class_names)
   except AssertionError:  # TFDS's "could not find data": it has to be downloaded.
     pass
   except BaseException as e:
@@ -57,12 +65,20 @@ def load(name: str, data_dir: str) -> Arrays:
   _check_hosts_reachable(builder, root)
   before = _listing(root)
   try:
-    return _read_tfds(name, data_dir, download=True)
+    return Loaded(_read_tfds(name, data_dir, download=True), class_names)
   except BaseException as e:
     if before is not None:
       _remove_partial_files(root, before)
     _raise_if_user_fixable(e, name, root)
     raise
+
+
+def _label_names(builder) -> Tuple[str, ...]:
+  """The names TFDS's metadata gives the labels (`info.features["label"].names` for most
+  sets), by label; empty where the label is not a named class."""
+  label_key = builder.info.supervised_keys[1]
+  feature = builder.info.features[label_key] if isinstance(label_key, str) else None
+  return tuple(str(name) for name in getattr(feature, "names", None) or ())
 
 
 def _read_tfds(name: str, data_dir: str, download: bool) -> Arrays:

@@ -242,6 +242,10 @@ def finalize(job: Job, validation: Optional[Dict[str, float]]) -> Dict[str, obje
       "precision": job.policy,
       "train_images_per_second": job.controller.throughput.overall(),
       "dataset": config.dataset,
+      # What the model was trained on, for trainer.predict: its class names, and whether its
+      # images' background is dark or light (predict inverts images whose background is not).
+      "class_names": list(task.splits.class_names),
+      "input_background": sources.background(task.splits.train.images),
       "train_examples": len(task.splits.train),
       "labeled_examples": (len(task.splits.train) if task.plan.labeled is None
                            else len(task.plan.labeled)),
