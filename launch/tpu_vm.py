@@ -5,10 +5,14 @@ install it there on TensorFlow's TPU build (see `launch.requirements`), run
 `python -m trainer.task --strategy=tpu` on all hosts at once with their logs streamed here,
 and delete the VM when asked. `--dry_run` prints the exact commands and runs none.
 
+The trainer's flags, after `--`, are checked first as the trainer checks them (under --dry_run
+too): a typo is refused here, not after the VM is created.
+
 The first step that fails stops the run with one `error:` line that names the `--steps` to
 rerun with, and exit code 1; bad flags, or no `gcloud` on PATH, exit 2 before any step runs.
 """
 
+import functools
 import os
 import re
 import shlex
@@ -22,6 +26,7 @@ from absl import flags
 
 from launch import requirements
 from trainer import cli
+from trainer.config import UserInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("create", "install", "train", "logs", "delete")
@@ -47,6 +52,14 @@ def is_single_host(accelerator_type: str) -> bool:
   return int(accelerator_type.rsplit("-", 1)[1]) <= 8
 
 
+def trainer_arguments(name: str, accelerator_type: str,
+                      trainer_args: Sequence[str]) -> List[str]:
+  """What the train step passes the trainer: the TPU to use, then the user's flags."""
+  # On one host the TPU is local; a pod's hosts find their slice by the TPU's name.
+  tpu = "local" if is_single_host(accelerator_type) else name
+  return ["--strategy=tpu", f"--tpu={tpu}", *trainer_args]
+
+
 def commands(step: str, name: str, zone: str, project: str, accelerator_type: str,
              package: str, trainer_args: Sequence[str], spot: bool = False) -> List[List[str]]:
   """The commands of one step, each an argv list."""
@@ -69,10 +82,8 @@ def commands(step: str, name: str, zone: str, project: str, accelerator_type: st
     return [*build, [*tpu_vm, "scp", package, f"{name}:", *where, "--worker=all"],
             on_all_hosts(install)]
   if step == "train":
-    # On one host the TPU is local; a pod's hosts find their slice by the TPU's name.
-    tpu = "local" if is_single_host(accelerator_type) else name
-    trainer = shlex.join(["python3", "-m", "trainer.task", "--strategy=tpu", f"--tpu={tpu}",
-                          *trainer_args])
+    trainer = shlex.join(["python3", "-m", "trainer.task",
+                          *trainer_arguments(name, accelerator_type, trainer_args)])
     # Without pipefail the pipeline ends with tee's status, and a failed trainer would pass.
     return [on_all_hosts(f"set -o pipefail; {trainer} 2>&1 | tee {LOG}")]
   if step == "logs":
@@ -100,11 +111,32 @@ def _define_flags() -> None:
   flags.DEFINE_bool("dry_run", False, "Print the commands; run none.")
 
 
+# The end of --help.
+TRAINER_FLAGS_NOTE = """\
+The trainer's flags go after `--`, --model_dir among them (a TPU VM has no
+$AIP_MODEL_DIR); python -m trainer.task --help lists them. For example:
+  python -m launch.tpu_vm --name=NAME -- --model_dir=gs://BUCKET/run --dataset=mnist
+"""
+
+
 def step_failed_message(steps: Sequence[str], index: int, returncode: int) -> str:
   """What to say when `steps[index]` failed: its exit status and the `--steps` that resume."""
   status = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
   return (f"step {steps[index]} failed ({status}, the command above): fix it and rerun with "
           f"--steps={','.join(steps[index:])}")
+
+
+def check_trainer_arguments(trainer_args: Sequence[str]) -> None:
+  """Exits with the trainer's own `error:` line if it would refuse what the train step runs.
+
+  A TPU VM sets none of the variables the trainer's flags default to: no $AIP_MODEL_DIR, so a
+  missing --model_dir is refused, as the trainer would refuse it there.
+  """
+  try:
+    cli.check_trainer_arguments(
+        trainer_arguments(FLAGS.name, FLAGS.accelerator_type, trainer_args), environ={})
+  except UserInputError as e:
+    cli.fail(f"trainer argument: {e}")
 
 
 def main(argv: List[str]) -> None:
@@ -115,6 +147,8 @@ def main(argv: List[str]) -> None:
   if not re.fullmatch(r"v\d+[a-z]*-\d+", FLAGS.accelerator_type):
     cli.fail(f"--accelerator_type={FLAGS.accelerator_type!r} is not a TPU type: give the "
              "generation and the cores or chips, e.g. v3-8, v5litepod-8, v5litepod-16")
+  if "train" in FLAGS.steps:
+    check_trainer_arguments(argv[1:])
   # Every step calls gcloud: find out before the first one creates or builds anything.
   if not FLAGS.dry_run and shutil.which("gcloud") is None:
     cli.fail(GCLOUD_MISSING)
@@ -146,4 +180,7 @@ if __name__ == "__main__":
   _define_flags()
   # A bad flag is one `error:` line and exit code 2, as elsewhere (absl's own parser exits 1,
   # which here means a step failed).
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=functools.partial(
+      cli.parse_flags, description=f"{__doc__}\n{TRAINER_FLAGS_NOTE}",
+      groups={"flags": ["name", "zone", "project", "accelerator_type", "steps", "spot",
+                        "package", "dry_run"]}, launcher="launch.tpu_vm"))

@@ -1,21 +1,19 @@
 """Vertex AI for the trainer: `python -m launch.vertex [COMMAND] [flags] [-- trainer flags]`.
 
-    train          (the default) submit a custom job running `python -m trainer.task` with the
-                   flags after `--`; --wait follows it to its end
-    wait           follow a submitted job (--job) to its end
-    cancel         cancel a job (--job)
-    upload         register a finished job's export (--model_dir) in the Model Registry
-    batch_predict  run a registered model (--model) over JSON lines (--instances)
-
-The command comes first. `--dry_run` prints the request as the API's JSON and sends nothing.
-Calls go through `launch.vertex_api` (the `vertex` extra, imported only here); a refused call
-ends with one `error:` line, and a waited-for job's end sets the exit code (see the README).
+The command comes first. train, the default, submits a custom job running `python -m
+trainer.task` with the flags after `--`, which are checked first as the trainer checks them
+(under --dry_run too); COMMAND_SUMMARIES says what the others do, as `--help` does, and
+`python -m launch.vertex COMMAND --help` lists a command's flags. `--dry_run` prints the
+request as the API's JSON and sends nothing. Calls go through `launch.vertex_api` (the `vertex`
+extra, imported only here); a refused call ends with one `error:` line, and a waited-for job's
+end sets the exit code (see the README).
 """
 
 import functools
 import shlex
 import sys
-from typing import List
+import textwrap
+from typing import Dict, List
 
 from absl import app
 from absl import flags
@@ -23,6 +21,7 @@ from absl import flags
 from launch import vertex_api
 from launch.custom_job import JobSpec, LaunchError, build_custom_job
 from trainer import cli
+from trainer.config import UserInputError
 
 COMMON_FLAGS = {"project", "region", "api_endpoint"}
 COMMAND_FLAGS = {
@@ -36,6 +35,19 @@ COMMAND_FLAGS = {
                       "display_name", "dry_run", "wait", "poll_seconds", "retry_seconds"},
 }
 COMMANDS = tuple(COMMAND_FLAGS)
+COMMAND_SUMMARIES = {
+    "train": "(the default) submit a custom job running `python -m trainer.task` with the flags "
+             "after `--`; --wait follows it to its end",
+    "wait": "follow a submitted job (--job) to its end",
+    "cancel": "cancel a job (--job)",
+    "upload": "register a finished job's export (--model_dir) in the Model Registry",
+    "batch_predict": "run a registered model (--model) over JSON lines (--instances)",
+}
+# Said by the help of train, and of no command.
+TRAINER_FLAGS_NOTE = """\
+The trainer's flags go after `--`; its --model_dir defaults to BASE_OUTPUT_DIR/model, and
+python -m trainer.task --help lists them. For example:
+  python -m launch.vertex --image_uri=IMAGE --base_output_dir=gs://BUCKET/run -- --epochs=20"""
 
 FLAGS = flags.FLAGS
 
@@ -84,6 +96,43 @@ def _define_flags() -> None:
   flags.DEFINE_string("output_dir", "", "batch_predict: gs:// directory for the predictions.")
 
 
+def help_description(command: str, named: bool) -> str:
+  """What --help says above the flags: the commands, and then the default command's flags,
+  unless the command was `named` on the command line, when only its own."""
+  def wrapped(text, indent=""):  # Paths and flags are not broken across lines.
+    return textwrap.fill(text, 80, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+  if not named:
+    commands = "\n".join(wrapped(f"  {name:<15}{summary}", " " * 17)
+                         for name, summary in COMMAND_SUMMARIES.items())
+    return (f"{__doc__.splitlines()[0]}\n\ncommands:\n{commands}\n\n"
+            f"{TRAINER_FLAGS_NOTE}\n\n"
+            "python -m launch.vertex COMMAND --help lists a command's own flags; below, train's.")
+  summary = wrapped(f"{command}: {COMMAND_SUMMARIES[command]}")
+  usage = f"usage: python -m launch.vertex {command} [flags]"
+  if command != "train":
+    return f"{summary}\n\n{usage}"
+  return f"{summary}\n\n{usage} [-- trainer flags]\n\n{TRAINER_FLAGS_NOTE}"
+
+
+def help_groups(command: str) -> Dict[str, List[str]]:
+  """The sections of `command`'s --help: its own flags, then those every command takes, each in
+  the order they are defined."""
+  def in_order(names):
+    return [name for name in FLAGS if name in names]
+  return {f"{command} flags": in_order(COMMAND_FLAGS[command]),
+          "common flags": in_order(COMMON_FLAGS)}
+
+
+def trainer_environment(base_output_dir: str) -> Dict[str, str]:
+  """The variables Vertex AI sets for the trainer from the job's base output directory, which
+  its directory flags default to."""
+  base = base_output_dir.rstrip("/")
+  return {"AIP_MODEL_DIR": f"{base}/model/", "AIP_CHECKPOINT_DIR": f"{base}/checkpoints/",
+          "AIP_TENSORBOARD_LOG_DIR": f"{base}/logs/"}
+
+
 def split_command(argv: List[str]):
   """(command, argv without it): the command is the first argument if it is not a flag."""
   if len(argv) > 1 and not argv[1].startswith("-"):
@@ -93,13 +142,24 @@ def split_command(argv: List[str]):
   return "train", argv
 
 
+def _refuse_other_commands_flags(command: str) -> None:
+  """Exits with one `error:` line if a flag of another command is given to `command`."""
+  own = COMMAND_FLAGS[command] | COMMON_FLAGS
+  foreign = sorted(name for name in set().union(*COMMAND_FLAGS.values())
+                   if FLAGS[name].present and name not in own)
+  if not foreign:
+    return
+  # --model_dir is upload's, and the trainer's too: given to train, it is meant for the trainer.
+  trainers = (f"; the trainer's --{foreign[0]} goes after --, as in python -m launch.vertex "
+              f"[flags] -- --{foreign[0]}=VALUE"
+              if command == "train" and cli.is_trainer_flag(foreign[0]) else "")
+  cli.fail(f"--{foreign[0]} is not a flag of {command}: its flags are "
+           f"{', '.join('--' + name for name in sorted(own))}{trainers}")
+
+
 def main(argv: List[str], command: str) -> None:
   """Runs `command` with the parsed flags; exits with its code, or one `error:` line."""
-  foreign = sorted(name for name in set().union(*COMMAND_FLAGS.values())
-                   if FLAGS[name].present and name not in COMMAND_FLAGS[command] | COMMON_FLAGS)
-  if foreign:
-    cli.fail(f"--{foreign[0]} is not a flag of {command}: its flags are "
-             f"{', '.join('--' + f for f in sorted(COMMAND_FLAGS[command] | COMMON_FLAGS))}")
+  _refuse_other_commands_flags(command)
   if command != "train" and argv[1:]:
     cli.fail(f"{command} takes no arguments, only flags: {shlex.join(argv[1:])}")
   # A job's full name carries its region, and only that region's endpoint knows it.
@@ -122,7 +182,6 @@ def main(argv: List[str], command: str) -> None:
     line = vertex_api.explain(e, endpoint, region)
     if line is None:
       raise
-    from google.api_core import exceptions
     cause = getattr(e, "cause", None) or e
     line += "".join(f"; {note}" for note in getattr(e, "__notes__", ()))
     cli.fail(line, exit_code=vertex_api.UNREACHABLE_EXIT_CODE
@@ -184,6 +243,10 @@ def train(trainer_args: List[str], endpoint: str) -> int:
                  accelerator_count=FLAGS.accelerator_count, tpu_topology=FLAGS.tpu_topology,
                  replica_count=FLAGS.replica_count, trainer_args=tuple(trainer_args),
                  display_name=FLAGS.display_name)
+  try:  # Before anything is sent: a typo would otherwise fail on a billed machine.
+    cli.check_trainer_arguments(trainer_args, trainer_environment(spec.base_output_dir))
+  except UserInputError as e:
+    raise LaunchError(f"trainer argument: {e}") from None
   custom_job = build_custom_job(spec)
   if FLAGS.dry_run:
     print(vertex_api.to_json(custom_job))
@@ -260,5 +323,9 @@ COMMAND_RUNNERS = {"train": train, "wait": wait, "cancel": cancel, "upload": upl
 if __name__ == "__main__":
   _define_flags()
   command, argv = split_command(sys.argv)
-  # A bad flag is one `error:` line and exit code 2, as elsewhere.
-  app.run(functools.partial(main, command=command), argv=argv, flags_parser=cli.parse_flags)
+  named = len(argv) < len(sys.argv)  # The command was given, not train by default.
+  # A bad flag is one `error:` line and exit code 2, as elsewhere; only train passes the
+  # arguments after `--` to the trainer, so only there is a trainer flag before it misplaced.
+  app.run(functools.partial(main, command=command), argv=argv, flags_parser=functools.partial(
+      cli.parse_flags, description=help_description(command, named),
+      groups=help_groups(command), launcher="launch.vertex" if command == "train" else ""))

@@ -146,7 +146,7 @@ def wait(get: Callable, name: str, link: str, poll_seconds: float,
   the job goes on whether or not this process can reach the API. The first poll is not
   retried: a wrong endpoint shows at once.
   """
-  from google.api_core import exceptions, retry
+  from google.api_core import retry
   from google.cloud.aiplatform_v1 import types
 
   def on_error(error):

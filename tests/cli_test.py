@@ -10,6 +10,7 @@ from absl import logging as absl_logging
 
 from tests import helpers
 from trainer import cli
+from trainer import config
 
 
 def test_fail_prints_one_error_line_and_exits_with_the_code(capsys):
@@ -25,6 +26,9 @@ def test_a_flag_that_does_not_parse_is_one_error_line(capsys):
   result = helpers.run_in_process(capsys, cli.parse_flags, ["prog", "--no_such_flag_anywhere=1"])
   line = helpers.assert_one_error_line(result, "no_such_flag_anywhere")
   assert result.stderr.splitlines() == [line] and "--helpfull" in line
+  # absl says this one as a ValueError, not as one of its flag errors.
+  result = helpers.run_in_process(capsys, cli.parse_flags, ["prog", "--nologtostderr=1"])
+  helpers.assert_one_error_line(result, "--nologtostderr=1 does not take an argument")
 
 
 def test_help_lists_the_flags_by_group_and_exits_0(capsys):
@@ -32,7 +36,8 @@ def test_help_lists_the_flags_by_group_and_exits_0(capsys):
   if "no_such_dir_flag_for_cli_test" not in flags.FLAGS:
     flags.DEFINE_string("no_such_dir_flag_for_cli_test", "/tmp/out", "Where outputs go.")
     flags.DEFINE_bool("no_such_bool_flag_for_cli_test", True, "Draws the report.")
-  groups["outputs"].append("no_such_bool_flag_for_cli_test")
+    flags.DEFINE_list("no_such_list_flag_for_cli_test", ["a", "b"], "Steps.")
+  groups["outputs"] += ["no_such_bool_flag_for_cli_test", "no_such_list_flag_for_cli_test"]
   for argv in (["prog", "-h"], ["prog", "--model_dir=x", "--help"]):
     with pytest.raises(SystemExit) as exited:
       cli.parse_flags(argv, description="Trains a model.", groups=groups)
@@ -41,12 +46,71 @@ def test_help_lists_the_flags_by_group_and_exits_0(capsys):
     assert out.startswith("Trains a model.\n\noutputs:\n")
     assert "  --no_such_dir_flag_for_cli_test=/tmp/out\n      Where outputs go.\n" in out
     assert "  --[no]no_such_bool_flag_for_cli_test  (default: on)\n" in out
+    assert "  --no_such_list_flag_for_cli_test=a,b\n" in out  # As it is written.
 
 
 def test_help_is_not_asked_for_after_a_bare_double_dash():
   assert cli.wants_help(["prog", "-h"]) and cli.wants_help(["prog", "--helpshort"])
   assert not cli.wants_help(["prog", "--", "-h"])
   assert not cli.wants_help(["prog", "--helpfull"])  # absl's, listing every module's flags.
+
+
+# What Vertex AI sets for a job with --base_output_dir=gs://b/run (launch.vertex passes it).
+ON_VERTEX = {"AIP_MODEL_DIR": "gs://b/run/model/"}
+
+
+@pytest.mark.parametrize("args, environ, message", [
+    (["--datset=mnist", "--epoch=20", "--batch_size=-5"], ON_VERTEX,
+     "Unknown command line flag 'datset'. Did you mean: dataset ? (see python -m trainer.task "
+     "--help)"),
+    (["--epochs=three"], ON_VERTEX, "flag --epochs=three: invalid literal for int() with base "
+     "10: 'three' (see python -m trainer.task --help)"),
+    (["--noreport=1"], ON_VERTEX, "--noreport=1 does not take an argument (see python -m "
+     "trainer.task --help)"),
+    (["--dataset=mnist_smaple"], ON_VERTEX,
+     "unknown --dataset='mnist_smaple' (did you mean mnist_sample?): use mnist, mnist_sample, "
+     "tfds:NAME, idx:DIR or npz:PATH"),
+    (["--epochs=3", "mnist"], ON_VERTEX,
+     "unexpected arguments mnist: every setting is a --flag=value"),
+    (["--epochs=3"], {}, "no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir"),
+    (["--epochs=3", "-h"], ON_VERTEX, "-h would end the job with the trainer's help, before it "
+     "trains: to read the trainer's flags, run python -m trainer.task --help"),
+])
+def test_trainer_arguments_are_refused_as_the_trainer_refuses_them(monkeypatch, args, environ,
+                                                                   message):
+  monkeypatch.setenv("AIP_MODEL_DIR", "/here")  # Only the environment given counts.
+  with pytest.raises(config.UserInputError) as refused:
+    cli.check_trainer_arguments(args, environ)
+  assert str(refused.value) == message
+
+
+def test_a_bad_setting_is_refused_with_the_configurations_own_words():
+  with pytest.raises(config.UserInputError) as by_the_config:
+    config.TrainConfig(model_dir="gs://b/run/model/", batch_size=-5, jit_compile=True)
+  with pytest.raises(config.UserInputError) as by_the_check:
+    cli.check_trainer_arguments(["--batch_size=-5", "--jit_compile"], ON_VERTEX)
+  assert str(by_the_check.value) == str(by_the_config.value)
+
+
+def test_what_the_trainer_takes_passes_the_check_and_sets_nothing_here():
+  verbosity = flags.FLAGS["verbosity"].value
+  cli.check_trainer_arguments(["--dataset=mnist", "--noreport", "--v=1", "--alsologtostderr",
+                               "--loss_weights=classifier=1,decoder=2"], ON_VERTEX)
+  cli.check_trainer_arguments(["--model_dir=gs://b/m", "--strategy=tpu", "--tpu=local"], {})
+  # The file is read where the trainer runs: nothing here can be checked.
+  cli.check_trainer_arguments(["--flagfile=/app/job.flags"], {})
+  assert flags.FLAGS["verbosity"].value == verbosity  # --v set nothing in this process.
+
+
+def test_a_trainer_flag_given_to_a_launcher_is_said_to_go_after_the_double_dash():
+  def hint(name, given):
+    return cli.misplaced_trainer_flag(flags.UnrecognizedFlagError(name, given), "launch.vertex")
+
+  assert hint("dataset", "--dataset=mnist") == (
+      "--dataset is a flag of the trainer, not of launch.vertex: put trainer flags after --, "
+      "as in python -m launch.vertex [flags] -- --dataset=mnist")
+  assert hint("noreport", "--noreport").startswith("--noreport is a flag of the trainer")
+  assert hint("datset", "--datset=mnist") is None and hint("nodataset", "--nodataset") is None
 
 
 def test_cpp_records_below_the_level_are_dropped_and_the_rest_kept():

@@ -112,15 +112,47 @@ def test_delete_and_logs():
   assert shlex.split(_commands("logs")[0])[-1] == "--command=tail -n 100 -f ~/trainer.log"
 
 
+# Runs `python -m launch.tpu_vm ARGS` as `-m` does, then fails if TensorFlow was imported: the
+# trainer's arguments are checked without it (importing it takes seconds).
+WITHOUT_TENSORFLOW = """\
+import runpy, sys
+sys.argv[0] = "launch.tpu_vm"
+try:
+  runpy.run_module("launch.tpu_vm", run_name="__main__", alter_sys=True)
+finally:
+  assert "tensorflow" not in sys.modules, "the launcher imported TensorFlow"
+"""
+
+
 def test_dry_run_prints_every_command_and_runs_none(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "launch.tpu_vm", "--dry_run", "--steps=create,install,train,delete",
-       f"--package={tmp_path}/pkg.whl", "--", "--epochs=3"], cwd=helpers.REPO,
+      [sys.executable, "-c", WITHOUT_TENSORFLOW, "--dry_run",
+       "--steps=create,install,train,delete", f"--package={tmp_path}/pkg.whl", "--",
+       "--epochs=3", "--model_dir=gs://b/run"], cwd=helpers.REPO,
       capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 6 and lines[0].startswith("gcloud compute tpus tpu-vm create")
   assert not (tmp_path / "pkg.whl").exists()  # Not even the wheel was built.
+
+
+def test_bad_trainer_arguments_are_refused_before_any_step(tmp_path):
+  # The issue's typos, under --dry_run too: otherwise they fail on the TPU VM, once it is made.
+  result = helpers.run_module("launch.tpu_vm", "--dry_run", "--", "--datset=mnist",
+                              "--epoch=20", "--batch_size=-5", timeout=120)
+  helpers.assert_one_error_line(
+      result, "trainer argument: Unknown command line flag 'datset'. Did you mean: dataset ? "
+      "(see python -m trainer.task --help)", whole=True)
+  assert result.stdout == ""
+
+
+def test_help_exits_0_and_says_where_the_trainer_flags_go():
+  result = helpers.run_module("launch.tpu_vm", "--help", timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith("Cloud TPU VMs for the trainer")
+  for text in ("python -m trainer.task --help lists them", "  --steps=create,install,train\n",
+               "  --[no]spot  (default: off)\n"):
+    assert text in result.stdout, result.stdout
 
 
 def test_steps_run_in_order_with_exactly_the_commands_of_each(gcloud, tmp_path):
@@ -151,7 +183,7 @@ def test_a_failed_step_stops_the_run_and_says_how_to_resume(gcloud, tmp_path):
 
 
 def test_the_first_step_failing_keeps_gclouds_code_in_the_message_only(gcloud, tmp_path):
-  result, calls = gcloud(*_where_flags(), "--steps=create,train",
+  result, calls = gcloud(*_where_flags(), "--steps=create,train", "--", *TRAINER_ARGS,
                          env={"FAKE_GCLOUD_FAIL": "create", "FAKE_GCLOUD_EXIT_CODE": "2"})
   # gcloud's 2 (say, its usage error) must not read as the launcher's "bad flags".
   assert [c[4] for c in calls] == ["create"]
@@ -166,7 +198,7 @@ def test_without_gcloud_on_path_nothing_runs_and_the_error_says_where_to_get_it(
   empty.mkdir()
   package = tmp_path / "dist" / "pkg.whl"
   result = helpers.run_module("launch.tpu_vm", "--steps=install,train", f"--package={package}",
-                              env={"PATH": str(empty)}, timeout=120)
+                              "--", *TRAINER_ARGS, env={"PATH": str(empty)}, timeout=120)
   helpers.assert_one_error_line(result, tpu_vm.GCLOUD_MISSING, whole=True)
   assert "https://cloud.google.com/sdk/docs/install" in tpu_vm.GCLOUD_MISSING
   assert result.stdout == "" and not package.parent.exists()  # Not even the wheel was built.
@@ -175,7 +207,12 @@ def test_without_gcloud_on_path_nothing_runs_and_the_error_says_where_to_get_it(
 def test_bad_flags_are_one_error_line_and_exit_code_2(gcloud):
   for flag, message in [("--no_such_flag", "Unknown command line flag 'no_such_flag'"),
                         ("--steps=create,deploy", "unknown --steps deploy: choose from"),
-                        ("--accelerator_type=v5e", "--accelerator_type='v5e' is not a TPU type")]:
+                        ("--accelerator_type=v5e", "--accelerator_type='v5e' is not a TPU type"),
+                        ("--dataset=mnist", "--dataset is a flag of the trainer, not of "
+                         "launch.tpu_vm: put trainer flags after --, as in python -m "
+                         "launch.tpu_vm [flags] -- --dataset=mnist"),
+                        ("--steps=train", "trainer argument: no --model_dir given and "
+                         "$AIP_MODEL_DIR is not set: pass --model_dir")]:
     result, calls = gcloud(flag)
     assert not calls
     line = helpers.assert_one_error_line(result, message)

@@ -154,6 +154,60 @@ def test_batch_predict_submits_and_waits_for_the_batch_job(server):
   assert result.stdout.splitlines()[-1].endswith(" JOB_STATE_SUCCEEDED")
 
 
+# Runs `python -m launch.vertex ARGS` as `-m` does, then fails if TensorFlow was imported: the
+# trainer's arguments are checked without it (importing it takes seconds).
+WITHOUT_TENSORFLOW = """\
+import runpy, sys
+sys.argv[0] = "launch.vertex"
+try:
+  runpy.run_module("launch.vertex", run_name="__main__", alter_sys=True)
+finally:
+  assert "tensorflow" not in sys.modules, "the launcher imported TensorFlow"
+"""
+
+
+def test_a_dry_run_checks_the_trainer_arguments_without_importing_tensorflow():
+  result = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, "--dry_run", *JOB_FLAGS,
+                           "--", "--epochs=3", "--noreport", "--v=1"],
+                          cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = types.CustomJob.from_json(result.stdout)
+  assert printed.job_spec.worker_pool_specs[0].container_spec.args == [
+      "--epochs=3", "--noreport", "--v=1"]
+
+
+@pytest.mark.parametrize("args, message", [
+    # The issue's command: each of these fails on a billed machine.
+    (["--dry_run", f"--image_uri={IMAGE}", "--base_output_dir=gs://b/x", "--",
+      "--datset=mnist", "--epoch=20", "--batch_size=-5"],
+     "trainer argument: Unknown command line flag 'datset'. Did you mean: dataset ? (see "
+     "python -m trainer.task --help)"),
+    (["--dry_run", f"--image_uri={IMAGE}", "--base_output_dir=gs://b/x", "--dataset=mnist"],
+     "--dataset is a flag of the trainer, not of launch.vertex: put trainer flags after --, as "
+     "in python -m launch.vertex [flags] -- --dataset=mnist"),
+])
+def test_bad_trainer_arguments_are_refused_before_anything_is_sent(args, message):
+  result = _launch(*args)
+  helpers.assert_one_error_line(result, message, whole=True)
+  assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args, shown, not_shown", [
+    (["--help"], ["commands:\n  train ", "\n  batch_predict  run a registered model",
+                  "python -m trainer.task --help lists them", "\ntrain flags:\n",
+                  "--image_uri=''", "--project=''"], ["--job="]),
+    (["wait", "--help"], ["wait: follow a submitted job (--job) to its end\n", "--job=''",
+                          "--poll_seconds=30.0", "--project=''"], ["--image_uri", "--model="]),
+])
+def test_help_exits_0_and_a_commands_help_shows_its_own_flags(args, shown, not_shown):
+  result = _launch(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for text in shown:
+    assert text in result.stdout, result.stdout
+  for text in not_shown:
+    assert text not in result.stdout, result.stdout
+
+
 # Another launcher process (1-2 s): the slow tier. The fast tier has the API's error said in one
 # line by this command (the unreachable endpoint below); vertex_api_test words each refusal.
 @pytest.mark.slow
@@ -232,6 +286,12 @@ def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
 @pytest.mark.parametrize("args, message", [
     (["--image_uri=" + IMAGE, "--base_output_dir=" + OUTPUT],
      "no --project: give the Google Cloud project, or --dry_run"),
+    (["--dry_run", "--image_uri=" + IMAGE, "--base_output_dir=" + OUTPUT, "--model_dir=gs://b/m"],
+     "--model_dir is not a flag of train: its flags are --accelerator_count, --accelerator_type, "
+     "--api_endpoint, --base_output_dir, --display_name, --dry_run, --image_uri, --machine_type, "
+     "--poll_seconds, --project, --region, --replica_count, --retry_seconds, --tpu_topology, "
+     "--wait; the trainer's --model_dir goes after --, as in python -m launch.vertex [flags] -- "
+     "--model_dir=VALUE"),
     (["uplaod"], "unknown command 'uplaod': choose one of train, wait, cancel, upload, "
      "batch_predict, first"),
     (["cancel", "--job=7", "--project=p", "--image_uri=x"],

@@ -1,10 +1,16 @@
 """What the command-line entry points share: bad input ends with one `error:` line and a code,
 `-h` prints the flags grouped, and TensorFlow's start-up chatter can be kept off the log.
 
+Also the trainer's flags, one per setting of `TrainConfig`: `trainer.task` defines them into
+absl's global FLAGS when imported, so the launchers, whose own flags live there, never import it;
+they check the arguments they pass the trainer with `check_trainer_arguments`, which defines the
+same flags into a FlagValues of its own.
+
 Nothing here imports TensorFlow: an entry point refuses bad flags before paying for it.
 """
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging as std_logging
 import os
@@ -12,10 +18,13 @@ import re
 import sys
 import textwrap
 import threading
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
+from absl import app  # noqa: F401  Its flags (--pdb, --only_check_args) are the trainer's too.
 from absl import flags
 from absl import logging
+
+from trainer import config as config_lib
 
 BAD_INPUT_EXIT_CODE = 2
 
@@ -30,19 +39,24 @@ def fail(message: str, exit_code: int = BAD_INPUT_EXIT_CODE) -> None:
 
 
 def parse_flags(argv, description: Optional[str] = None,
-                groups: Optional[Dict[str, Sequence[str]]] = None):
+                groups: Optional[Dict[str, Sequence[str]]] = None, launcher: str = ""):
   """absl's flag parsing, with a bad flag reported as one `error:` line like other bad input.
 
   Given `description` and `groups`, `-h` or `--help` prints `help_text(...)` and exits 0
-  (absl's own --help exits 1 and lists the flags by module); --helpfull stays absl's.
+  (absl's own --help exits 1 and lists the flags by module); --helpfull stays absl's. Given
+  `launcher` (its module: one that passes its arguments after `--` to the trainer), a trainer
+  flag given before `--` is refused with `misplaced_trainer_flag`'s hint.
   """
   if description is not None and wants_help(argv):
     print(help_text(description, groups or {}))
     sys.exit(0)
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(f"{e} (see --help)" if description is not None else f"{e} (see --helpfull)")
+  # absl says a --noflag given a value ("--noreport=1 does not take an argument") as a ValueError.
+  except (flags.Error, ValueError) as e:
+    hint = (misplaced_trainer_flag(e, launcher)
+            if launcher and isinstance(e, flags.UnrecognizedFlagError) else None)
+    fail(hint or (f"{e} (see --help)" if description is not None else f"{e} (see --helpfull)"))
 
 
 def wants_help(argv) -> bool:
@@ -77,6 +91,8 @@ def _flag_usage(flag) -> str:
   if flag.flag_type() == "bool":
     return f"--[no]{flag.name}  (default: {'on' if flag.default else 'off'})"
   default = flag.value if flag.default is None else flag.default
+  if isinstance(default, list):  # A list flag (DEFINE_list) is written comma-separated.
+    default = ",".join(map(str, default))
   shown = "''" if default == "" else str(default)
   return f"--{flag.name}={shown}"
 
@@ -205,3 +221,114 @@ def quiet_library_info(package: str) -> None:
     return
   _quiet_filters[package] = _BelowWarningFrom(list(spec.submodule_search_locations)[0])
   logging.get_absl_logger().addFilter(_quiet_filters[package])
+
+
+# The trainer's flags. A setting's flag by the type of its field; a field with choices is an enum.
+_DEFINE_BY_TYPE = {str: flags.DEFINE_string, int: flags.DEFINE_integer,
+                   float: flags.DEFINE_float, bool: flags.DEFINE_bool}
+# absl's modules whose flags the trainer takes too (--v, --logtostderr, --pdb, ...).
+_ABSL_MODULES = ("absl.logging", "absl.app")
+# The names of the arguments that make absl or parse_flags print help instead of running.
+_HELP_NAMES = frozenset({"h", "help", "helpshort", "helpfull", "helpxml", "?"})
+TRAINER_HELP = "python -m trainer.task --help"
+
+
+def trainer_flags(environ: Mapping[str, str]) -> List[flags.Flag]:
+  """One flag per field of TrainConfig, of the same name, with the field's help text and
+  choices; its default is the field's, or where the field has an environment variable that is
+  set in `environ`, that value. Not yet defined anywhere: pass each to `flags.DEFINE_flag`.
+  """
+  scratch = flags.FlagValues()  # Only to make them: DEFINE_* is what builds each kind.
+  for field in dataclasses.fields(config_lib.TrainConfig):
+    default, help_text = config_lib.flag_default(field.name, environ), field.metadata["help"]
+    if field.metadata["choices"]:
+      flags.DEFINE_enum(field.name, default, list(field.metadata["choices"]), help_text,
+                        flag_values=scratch)
+    elif field.name == "loss_weights":  # The one dict: NAME=WEIGHT pairs in a string.
+      flags.DEFINE_string(field.name, config_lib.format_loss_weights(default), help_text,
+                          flag_values=scratch)
+    else:
+      _DEFINE_BY_TYPE[field.type](field.name, default, help_text, flag_values=scratch)
+  return [scratch[field.name] for field in dataclasses.fields(config_lib.TrainConfig)]
+
+
+def trainer_config(flag_values: flags.FlagValues) -> config_lib.TrainConfig:
+  """The validated configuration that parsed trainer flags describe; raises UserInputError."""
+  values = {field.name: flag_values[field.name].value
+            for field in dataclasses.fields(config_lib.TrainConfig)}
+  values["loss_weights"] = config_lib.parse_loss_weights(values["loss_weights"])
+  return config_lib.TrainConfig(**values)
+
+
+def refuse_positional_arguments(args: Sequence[str]) -> None:
+  """Raises UserInputError if there are any: the trainer takes every setting as a flag."""
+  if args:
+    raise config_lib.UserInputError(
+        f"unexpected arguments {' '.join(args)}: every setting is a --flag=value")
+
+
+def _flags_by_name(args: Sequence[str]) -> Dict[str, str]:
+  """The flags in `args`, up to a bare `--`, by name (`--noreport` is `noreport`)."""
+  given = {}
+  for arg in args:
+    if arg == "--":
+      break
+    if arg.startswith("-"):
+      given.setdefault(arg.lstrip("-").split("=", 1)[0], arg)
+  return given
+
+
+def _trainer_flag_values(environ: Mapping[str, str]) -> flags.FlagValues:
+  """A FlagValues holding what the trainer's command line takes: its flags and absl's."""
+  flag_values = flags.FlagValues()
+  for flag in trainer_flags(environ):
+    flags.DEFINE_flag(flag, flag_values)
+  for module in _ABSL_MODULES:
+    for flag in flags.FLAGS.get_flags_for_module(module):
+      if flag.name not in _HELP_NAMES:
+        # A plain stand-in, parsed alike: absl's own flag classes act when parsed (--v would
+        # set this process's log level).
+        flags.DEFINE_flag(flags.Flag(flag.parser, flag.serializer, flag.name, flag.default,
+                                     flag.help, flag.short_name, flag.boolean), flag_values)
+  return flag_values
+
+
+def check_trainer_arguments(args: Sequence[str], environ: Mapping[str, str]) -> None:
+  """Raises UserInputError with the message `python -m trainer.task ARGS` would refuse `args`
+  with, before it imports TensorFlow, on a machine whose environment is `environ` (only the
+  variables the flags read count: $AIP_MODEL_DIR and the like); returns if it would start.
+
+  What the trainer finds out later (a missing file, no TPU) is not checked. A --help is refused:
+  the trainer would print its flags and end. With a --flagfile nothing is checked: the file is
+  read where the trainer runs.
+  """
+  given = _flags_by_name(args)
+  if "flagfile" in given:
+    return
+  asked = [arg for name, arg in given.items() if name in _HELP_NAMES]
+  if asked:
+    raise config_lib.UserInputError(
+        f"{asked[0]} would end the job with the trainer's help, before it trains: to read the "
+        f"trainer's flags, run {TRAINER_HELP}")
+  flag_values = _trainer_flag_values(environ)
+  try:
+    unparsed = flag_values(["trainer.task", *args])
+  except (flags.Error, ValueError) as e:  # ValueError: "--noreport=1 does not take an argument".
+    raise config_lib.UserInputError(f"{e} (see {TRAINER_HELP})") from None
+  refuse_positional_arguments(unparsed[1:])
+  trainer_config(flag_values)
+
+
+def is_trainer_flag(name: str) -> bool:
+  """Whether `--name` is a flag of the trainer's own (`--noreport` is --report's)."""
+  settings = {field.name: field.type for field in dataclasses.fields(config_lib.TrainConfig)}
+  return name in settings or (name.startswith("no") and settings.get(name[2:]) is bool)
+
+
+def misplaced_trainer_flag(error: flags.UnrecognizedFlagError, launcher: str) -> Optional[str]:
+  """The message for an unknown flag of `launcher` (a module) that is the trainer's, saying to
+  give it after `--`; None for a flag that is no one's."""
+  if not is_trainer_flag(error.flagname):
+    return None
+  return (f"--{error.flagname} is a flag of the trainer, not of {launcher}: put trainer flags "
+          f"after --, as in python -m {launcher} [flags] -- {error.flagvalue}")

@@ -8,7 +8,7 @@ them. Below the entry point all takes a `TrainConfig`: tests and notebooks can b
 import dataclasses
 import difflib
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 CLASSIFIER = "classifier"
 DECODER = "decoder"
@@ -262,12 +262,14 @@ def settings_by_group() -> Dict[str, tuple]:
                        if field.metadata["group"] == group) for group in HELP_GROUPS}
 
 
-def flag_default(name: str):
+def flag_default(name: str, environ: Optional[Mapping[str, str]] = None):
   """The default of setting `name`'s flag: the value of its environment variable where it has
-  one that is set ($AIP_MODEL_DIR on Vertex AI, say), else the field's default."""
+  one that is set in `environ` (default os.environ; $AIP_MODEL_DIR on Vertex AI, say), else
+  the field's default."""
   field = _SETTINGS[name]
+  environ = os.environ if environ is None else environ
   default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-  return os.environ.get(field.metadata["env"], default) if field.metadata["env"] else default
+  return environ.get(field.metadata["env"], default) if field.metadata["env"] else default
 
 
 def default_model_dir() -> str:

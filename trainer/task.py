@@ -4,8 +4,8 @@ Bad input the user can fix ends the job with one `error:` line and exit code 2, 
 before TensorFlow is imported wherever it can be (importing it takes seconds).
 """
 
-import dataclasses
 import functools
+import os
 import sys
 
 from absl import app
@@ -17,22 +17,16 @@ from trainer import preemption
 
 FLAGS = flags.FLAGS
 
-# A setting's flag by the type of its field; a field with choices is an enum.
-_DEFINE_BY_TYPE = {str: flags.DEFINE_string, int: flags.DEFINE_integer,
-                   float: flags.DEFINE_float, bool: flags.DEFINE_bool}
-
 
 def _define_flags() -> None:
   """Defines one flag per field of TrainConfig, of the same name, with the field's default (or
-  its environment variable's value, read now), help text and choices."""
-  for field in dataclasses.fields(config_lib.TrainConfig):
-    default, help_text = config_lib.flag_default(field.name), field.metadata["help"]
-    if field.metadata["choices"]:
-      flags.DEFINE_enum(field.name, default, list(field.metadata["choices"]), help_text)
-    elif field.name == "loss_weights":  # The one dict: NAME=WEIGHT pairs in a string.
-      flags.DEFINE_string(field.name, config_lib.format_loss_weights(default), help_text)
-    else:
-      _DEFINE_BY_TYPE[field.type](field.name, default, help_text)
+  its environment variable's value, read now), help text and choices.
+
+  They are made in trainer.cli: the launchers check the arguments they pass here against the
+  same flags (cli.check_trainer_arguments) without importing this module.
+  """
+  for flag in cli.trainer_flags(os.environ):
+    flags.DEFINE_flag(flag)  # Defined from here, so that absl counts them as this module's.
 
 
 _define_flags()
@@ -54,16 +48,12 @@ parse_flags = functools.partial(cli.parse_flags, description=DESCRIPTION, groups
 
 def config_from_flags() -> config_lib.TrainConfig:
   """The validated configuration the flags describe: one flag per field, of the same name."""
-  values = {field.name: FLAGS[field.name].value
-            for field in dataclasses.fields(config_lib.TrainConfig)}
-  values["loss_weights"] = config_lib.parse_loss_weights(values["loss_weights"])
-  return config_lib.TrainConfig(**values)
+  return cli.trainer_config(FLAGS)
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
   try:
+    cli.refuse_positional_arguments(argv[1:])
     config = config_from_flags()
   except config_lib.UserInputError as e:
     cli.fail(str(e))
