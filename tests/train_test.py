@@ -88,6 +88,7 @@ def test_trains_and_writes_every_output(finished_run):
   assert [event.step for event in logs.Tensors("validation", "accuracy")] == [16, 32]
 
 
+@pytest.mark.slow
 def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog):
   # Semi-supervised with denoising: every stream of the pipeline (order, labelled slots, shifts,
   # noise, strong views) must resume exactly; supervised resume is its subset.
