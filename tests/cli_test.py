@@ -3,6 +3,8 @@
 import importlib.util
 import logging as std_logging
 import os
+import subprocess
+import sys
 
 import pytest
 from absl import flags
@@ -161,3 +163,13 @@ def test_a_librarys_info_lines_are_dropped_but_not_ours_nor_its_warnings(monkeyp
     assert passes(std_logging.INFO, cli.__file__)
   finally:
     tf_logger.setLevel(level)
+
+
+def test_help_into_a_pipe_its_reader_has_closed_ends_quietly():
+  """`python -m launch.vertex wait --help | head`: head may leave before the help is written,
+  which must not end in a traceback. The pipe is closed before the program writes."""
+  process = subprocess.Popen([sys.executable, "-m", "trainer.predict", "--help"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=helpers.REPO)
+  process.stdout.close()
+  stderr = process.stderr.read().decode()
+  assert process.wait(timeout=60) == 0 and stderr == ""

@@ -48,7 +48,10 @@ def parse_flags(argv, description: Optional[str] = None,
   flag given before `--` is refused with `misplaced_trainer_flag`'s hint.
   """
   if description is not None and wants_help(argv):
-    print(help_text(description, groups or {}))
+    try:
+      print(help_text(description, groups or {}), flush=True)
+    except BrokenPipeError:  # `--help | head` has read what it wanted: no traceback.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
   try:
     return flags.FLAGS(argv)

@@ -49,8 +49,10 @@ RESTART_ROWS = {
               "advises lowering it), how the steps run and what is saved or logged when"),
     EXTENDING: ("extending",
                 "a larger value trains on, the cosine schedule stretched over the new total, so "
-                "the rate rises again (20 to 30 epochs resumes at a quarter of the peak); fewer "
-                "epochs than trained are refused"),
+                "the rate rises again (20 to 30 epochs resumes at a quarter of the peak); the log "
+                "says so, with the rate where it resumes. Fewer epochs than a finished job "
+                "trained: it says the job is finished and where its results are; fewer than an "
+                "unfinished job's checkpoint has trained: refused"),
 }
 
 
@@ -63,7 +65,7 @@ def requirement(holds: Callable[[object], bool], wording: str) -> Callable[[obje
   saying "--name=value WORDING"."""
   def check(value, name: str) -> None:
     if not holds(value):  # `not`: a NaN holds nothing.
-      raise UserInputError(f"--{name}={value} {wording}")
+      raise UserInputError(f"{_as_flag(name, value)} {wording}")
   return check
 
 
