@@ -179,3 +179,22 @@ def directory_state(path) -> dict:
           digest.update(block)
       state[prefix + name] = digest.hexdigest()
   return state
+
+
+# Runs `python -m MODULE ARGS` as `-m` does, then fails if TensorFlow was imported.
+_WITHOUT_TENSORFLOW = """\
+import runpy, sys
+sys.argv[0] = {module!r}
+try:
+  runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+finally:
+  assert "tensorflow" not in sys.modules, "{module} imported TensorFlow"
+"""
+
+
+def run_module_without_tensorflow(module: str, *args, timeout=120):
+  """`run_module`, failing (exit 1, an AssertionError on stderr) where the module imported
+  TensorFlow: for what must answer before paying for its start-up (seconds)."""
+  return subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW.format(module=module), *args],
+                        cwd=REPO, env=_environment(), capture_output=True, text=True,
+                        timeout=timeout)

@@ -14,16 +14,20 @@ class _Clock:
     return self.now
 
 
+def _logged_report(caplog, **kwargs):
+  """A Progress off a terminal, logging at INFO into `caplog`, on a clock the test moves."""
+  logging.set_verbosity(logging.INFO)
+  caplog.set_level("INFO")
+  clock = _Clock()
+  return progress.Progress(bar=False, clock=clock, **kwargs), clock
+
+
 def _lines(caplog, prefix="epoch"):
   return [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]
 
 
 def test_off_a_terminal_logs_a_line_about_every_30_seconds(caplog):
-  logging.set_verbosity(logging.INFO)
-  caplog.set_level("INFO")
-  clock = _Clock()
-  report = progress.Progress(epochs=5, steps_per_epoch=100, batch_size=64, bar=False,
-                             clock=clock)
+  report, clock = _logged_report(caplog, epochs=5, steps_per_epoch=100, batch_size=64)
   # Epoch 2's steps arrive every 10 s, ten at a time; the first call (tracing) is not timed.
   for step in range(10, 101, 10):
     clock.now += 10.0
@@ -35,11 +39,7 @@ def test_off_a_terminal_logs_a_line_about_every_30_seconds(caplog):
 
 
 def test_a_line_after_the_first_call_has_no_speed_and_epochs_share_one_clock(caplog):
-  logging.set_verbosity(logging.INFO)
-  caplog.set_level("INFO")
-  clock = _Clock()
-  report = progress.Progress(epochs=2, steps_per_epoch=4, batch_size=80, bar=False,
-                             clock=clock)
+  report, clock = _logged_report(caplog, epochs=2, steps_per_epoch=4, batch_size=80)
   for step, seconds in ((2, 40.0), (4, 40.0), (6, 40.0), (8, 40.0)):
     clock.now += seconds
     report.update(step, {"loss": float(step)})

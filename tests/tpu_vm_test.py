@@ -4,7 +4,6 @@ real as `python -m launch.tpu_vm` against a stand-in `gcloud` on PATH."""
 import json
 import os
 import shlex
-import subprocess
 import sys
 
 import pytest
@@ -112,24 +111,11 @@ def test_delete_and_logs():
   assert shlex.split(_commands("logs")[0])[-1] == "--command=tail -n 100 -f ~/trainer.log"
 
 
-# Runs `python -m launch.tpu_vm ARGS` as `-m` does, then fails if TensorFlow was imported: the
-# trainer's arguments are checked without it (importing it takes seconds).
-WITHOUT_TENSORFLOW = """\
-import runpy, sys
-sys.argv[0] = "launch.tpu_vm"
-try:
-  runpy.run_module("launch.tpu_vm", run_name="__main__", alter_sys=True)
-finally:
-  assert "tensorflow" not in sys.modules, "the launcher imported TensorFlow"
-"""
-
-
 def test_dry_run_prints_every_command_and_runs_none(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-c", WITHOUT_TENSORFLOW, "--dry_run",
-       "--steps=create,install,train,delete", f"--package={tmp_path}/pkg.whl", "--",
-       "--epochs=3", "--model_dir=gs://b/run"], cwd=helpers.REPO,
-      capture_output=True, text=True, timeout=120)
+  # Without TensorFlow: the trainer's arguments are checked before paying for its start-up.
+  result = helpers.run_module_without_tensorflow(
+      "launch.tpu_vm", "--dry_run", "--steps=create,install,train,delete",
+      f"--package={tmp_path}/pkg.whl", "--", "--epochs=3", "--model_dir=gs://b/run")
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 6 and lines[0].startswith("gcloud compute tpus tpu-vm create")

@@ -154,22 +154,9 @@ def test_batch_predict_submits_and_waits_for_the_batch_job(server):
   assert result.stdout.splitlines()[-1].endswith(" JOB_STATE_SUCCEEDED")
 
 
-# Runs `python -m launch.vertex ARGS` as `-m` does, then fails if TensorFlow was imported: the
-# trainer's arguments are checked without it (importing it takes seconds).
-WITHOUT_TENSORFLOW = """\
-import runpy, sys
-sys.argv[0] = "launch.vertex"
-try:
-  runpy.run_module("launch.vertex", run_name="__main__", alter_sys=True)
-finally:
-  assert "tensorflow" not in sys.modules, "the launcher imported TensorFlow"
-"""
-
-
 def test_a_dry_run_checks_the_trainer_arguments_without_importing_tensorflow():
-  result = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, "--dry_run", *JOB_FLAGS,
-                           "--", "--epochs=3", "--noreport", "--v=1"],
-                          cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+  result = helpers.run_module_without_tensorflow(
+      "launch.vertex", "--dry_run", *JOB_FLAGS, "--", "--epochs=3", "--noreport", "--v=1")
   assert result.returncode == 0, result.stderr[-3000:]
   printed = types.CustomJob.from_json(result.stdout)
   assert printed.job_spec.worker_pool_specs[0].container_spec.args == [
