@@ -14,6 +14,8 @@ is one line, `RESULT {json}`, on standard output. `benchmarks.run` runs them all
   exercise_tta        the same, the exercise's way (test metrics at each epoch's end; epochs
                       None: not reached in --max_epochs, seconds then run to the last epoch)
   startup             time from process start to the package's first training step, by stage
+  limits              what this machine's kernels reach and what a step's FLOPs are, as
+                      TensorFlow counts them (benchmarks.limits), at --batch_size
 """
 
 import json
@@ -214,16 +216,24 @@ def measure_startup(_) -> None:
   _emit(**stages)
 
 
+def measure_limits(_) -> None:
+  from benchmarks import limits
+  _emit(**limits.measure(FLAGS.batch_size))
+
+
 MEASUREMENTS = {"pipeline": measure_pipeline, "package": measure_package,
                 "exercise": measure_exercise, "package_tta": measure_package_tta,
-                "exercise_tta": measure_exercise_tta, "startup": measure_startup}
+                "exercise_tta": measure_exercise_tta, "startup": measure_startup,
+                "limits": measure_limits}
+# Those that read no dataset.
+WITHOUT_DATA = ("startup", "limits")
 
 
 def main(argv) -> None:
   if len(argv) != 2 or argv[1] not in MEASUREMENTS:
     sys.exit(f"usage: python -m benchmarks.measure {{{','.join(MEASUREMENTS)}}} [--flags]")
   splits = None
-  if argv[1] != "startup":
+  if argv[1] not in WITHOUT_DATA:
     from trainer import sources
     splits = sources.load_splits(FLAGS.dataset)
   MEASUREMENTS[argv[1]](splits)

@@ -1,6 +1,10 @@
 """Tests of the benchmark's arithmetic: the FLOP count and the table (no timing here)."""
 
+import pytest
+
+from benchmarks import limits
 from benchmarks import run
+from trainer.model import build_model
 
 
 def test_training_flops_are_counted_from_the_layer_shapes():
@@ -21,6 +25,26 @@ def test_training_flops_are_counted_from_the_layer_shapes():
   assert run.training_flops_per_image() == 2 * 3 * multiply_adds
 
 
+def _limits(matmul=150e9, forward=120e9, forward_and_backward=154e9, counted=38.6e6) -> dict:
+  """What benchmarks.limits measures, as `measure limits` reports it."""
+  return {"cpu": {"model_name": "AMD EPYC", "family": "25", "model": "1", "logical_cpus": 2},
+          "matmul_size": 2048, "matmul_flops_per_second": matmul,
+          "heaviest_convolution": {"forward_flops_per_second": forward,
+                                   "forward_and_backward_flops_per_second":
+                                       forward_and_backward},
+          "counted_training_flops_per_image": counted}
+
+
+def test_the_share_is_of_the_best_rate_measured_and_above_1_fails_the_run(capsys):
+  figures = run.flops_figures(38.0e6, 1000.0, _limits(counted=38.6e6))
+  assert figures["measured_limit_flops_per_second"] == 154e9  # The best of the three.
+  assert figures["achieved_flops_per_second"] == 38.6e6 * 1000.0  # TensorFlow's count.
+  assert abs(figures["share_of_measured_limit"] - 38.6e9 / 154e9) < 1e-12
+  with pytest.raises(SystemExit) as exited:
+    run.flops_figures(38.0e6, 5000.0, _limits(counted=38.6e6))  # 193 GFLOP/s of 154.
+  assert "above the 154.0 GFLOP/s measured as this machine's limit" in str(exited.value)
+
+
 def _results() -> dict:
   return {
       "bar": {"test_accuracy": 0.9, "test_reconstruction_mse": 0.015},
@@ -28,9 +52,7 @@ def _results() -> dict:
                             "package_loop_batch128": 1500.0,
                             "package_loop_batch128_steps_per_loop1": 1100.0},
       "throughput_ratio_vs_exercise": 1.5,
-      "flops": {"training_flops_per_image": 38.6e6, "achieved_flops_package_default": 54e9,
-                "cpus": 2, "fp32_lanes_per_fma": 8, "clock_ghz": 2.4, "peak_flops": 153.6e9,
-                "share_of_peak": 0.35},
+      "flops": run.flops_figures(38.6e6, 1400.0, _limits()),
       "time_to_accuracy": {"package": {"seconds": 60.0, "step": 1500},
                            "exercise": {"seconds": 150.0, "epochs": 4}},
       "time_to_accuracy_ratio_vs_exercise": 0.4,
@@ -46,7 +68,7 @@ def test_table_reports_the_two_ratios():
   table = run.table(_results())
   assert "| **throughput ratio, package / exercise (batch 128)** | **1.50** |" in table
   assert "| **time-to-accuracy ratio, package / exercise** | **0.40** |" in table
-  assert "(35% used)" in table and "60 s (step 1500)" in table
+  assert "(**35% used**)" not in table and "(**35%** used)" in table and "60 s (step 1500)" in table
   assert ("| time to test accuracy 0.93 and MSE 0.0098, package, default recipe (--epochs=5) | "
           "not reached (ended at accuracy 0.9312, MSE 0.01010) |") in table
 
@@ -90,3 +112,17 @@ def test_levers_table_gives_each_variants_mean_and_spread_in_the_variants_order(
   assert lines[2] == ("| final | nothing: the default | 2 | 0.9320 ± 0.0028 | 0.00800 ± 0.00000 "
                       "| 600 ± 0 |")
   assert lines[3] == "| no_warmup | no learning-rate warm-up | 1 | 0.9200 | 0.00800 | 600 |"
+
+
+def test_the_heaviest_convolution_is_found_and_tensorflow_counts_what_the_shapes_say():
+  model = build_model(16, 8)
+  assert limits.heaviest_convolution(model) == dict(height=14, width=14, channels=16,
+                                                    filters=16, kernel=3)
+  counted = limits.counted_training_flops(model, batch=4)
+  # TensorFlow's count adds the small ops (activations, pooling, the loss) to the shapes'.
+  assert 1.0 <= counted / run.training_flops_per_image(16, 8) < 1.05
+
+
+def test_the_cpu_is_described_with_its_family_and_vector_flags():
+  cpu = limits.cpu_description()
+  assert cpu["logical_cpus"] >= 1 and isinstance(cpu["vector_flags"], list)
