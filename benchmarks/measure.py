@@ -14,6 +14,9 @@ is one line, `RESULT {json}`, on standard output. `benchmarks.run` runs them all
   exercise_tta        the same, the exercise's way (test metrics at each epoch's end; epochs
                       None: not reached in --max_epochs, seconds then run to the last epoch)
   startup             time from process start to the package's first training step, by stage
+  pytorch             the same model in plain PyTorch (benchmarks.torch_peer), steady images/s,
+                      on --arrays (an npz of the training split: this process imports no
+                      TensorFlow, so the two frameworks' thread pools never share one)
   limits              what this machine's kernels reach and what a step's FLOPs are, as
                       TensorFlow counts them (benchmarks.limits), at --batch_size
 """
@@ -47,6 +50,8 @@ flags.DEFINE_string("loss_weights", format_loss_weights(DEFAULT_LOSS_WEIGHTS),
                     "Package time to accuracy: --loss_weights.")
 flags.DEFINE_string("loss_weighting", DEFAULTS.loss_weighting,
                     "Package time to accuracy: --loss_weighting.")
+flags.DEFINE_string("arrays", "", "PyTorch peer: an npz of uint8 `images` (N, 28, 28, 1) and "
+                    "`labels`, written by benchmarks.run from --dataset's training split.")
 flags.DEFINE_integer("max_epochs", 20, "Exercise time to accuracy: give up after this many.")
 FLAGS = flags.FLAGS
 
@@ -216,6 +221,27 @@ def measure_startup(_) -> None:
   _emit(**stages)
 
 
+def measure_pytorch(_) -> None:
+  import itertools
+
+  import numpy as np
+
+  from benchmarks import torch_peer
+  torch_peer.use_all_cores()
+  with np.load(FLAGS.arrays, allow_pickle=False) as arrays:
+    images, labels = arrays["images"], arrays["labels"]
+  model = torch_peer.build_model()
+  warm = 20  # As `exercise`: the first steps (allocation, kernel choice) are left out.
+  optimizer, scheduler = torch_peer.make_optimizer(model, warm + FLAGS.measure_steps)
+  batches = torch_peer.shuffled_batches(images, labels, FLAGS.batch_size)
+  torch_peer.train_steps(model, optimizer, scheduler, itertools.islice(batches, warm))
+  started = time.perf_counter()
+  torch_peer.train_steps(model, optimizer, scheduler,
+                         itertools.islice(batches, FLAGS.measure_steps))
+  _emit(images_per_second=FLAGS.measure_steps * FLAGS.batch_size
+        / (time.perf_counter() - started))
+
+
 def measure_limits(_) -> None:
   from benchmarks import limits
   _emit(**limits.measure(FLAGS.batch_size))
@@ -224,9 +250,9 @@ def measure_limits(_) -> None:
 MEASUREMENTS = {"pipeline": measure_pipeline, "package": measure_package,
                 "exercise": measure_exercise, "package_tta": measure_package_tta,
                 "exercise_tta": measure_exercise_tta, "startup": measure_startup,
-                "limits": measure_limits}
-# Those that read no dataset.
-WITHOUT_DATA = ("startup", "limits")
+                "limits": measure_limits, "pytorch": measure_pytorch}
+# Those that read no --dataset.
+WITHOUT_DATA = ("startup", "limits", "pytorch")
 
 
 def main(argv) -> None:

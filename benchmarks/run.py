@@ -13,9 +13,11 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Optional
 
+import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -26,8 +28,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("dataset", "idx:/usr/share/datasets/fashion-mnist", "Any --dataset source.")
   flags.DEFINE_float("target_accuracy", 0.90, "Time to accuracy: test accuracy to reach.")
   flags.DEFINE_float("target_mse", 0.015, "Time to accuracy: test reconstruction MSE to reach.")
-  flags.DEFINE_integer("repeats", 3, "Runs of each of the two throughputs the ratio compares; "
-                       "the median counts (this VM's speed drifts between runs).")
+  flags.DEFINE_integer("repeats", 3, "Rounds of the three throughputs the ratios compare (the "
+                       "exercise's fit, the package's loop, PyTorch); the median counts (this "
+                       "VM's speed drifts between runs).")
   flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                              "results.json"), "Where to write the figures.")
 
@@ -92,6 +95,17 @@ def training_flops_per_image(latent_dim: int = 0, width: int = 0) -> float:
   return 2 * 3 * multiply_adds
 
 
+def training_arrays(dataset: str, directory: str) -> str:
+  """Writes `dataset`'s training split to an npz in `directory` for the PyTorch peer, whose
+  process imports no TensorFlow (reading the IDX or TFDS sources does); returns its path."""
+  from trainer import sources
+  train = sources.load_splits(dataset).train
+  path = os.path.join(directory, "train.npz")
+  with open(path, "wb") as f:
+    np.savez(f, images=train.images, labels=train.labels)
+  return path
+
+
 def flops_figures(flops_per_image: float, images_per_second: float, limits: dict) -> dict:
   """The package's achieved FLOP rate as a share of the best rate this machine's kernels were
   measured at in the same run (benchmarks.limits), with both FLOP counts.
@@ -121,17 +135,25 @@ def main(_) -> None:
   results = {"dataset": FLAGS.dataset, "machine": platform.node(),
              "bar": {"test_accuracy": FLAGS.target_accuracy,
                      "test_reconstruction_mse": FLAGS.target_mse}}
-  # The ratio's two sides alternate, so a drift in the VM's speed reaches both alike.
-  exercise_runs, package_runs = [], []
-  for _ in range(FLAGS.repeats):
-    exercise_runs.append(measure("exercise")["images_per_second"])
-    package_runs.append(measure("package", "--batch_size=128")["images_per_second"])
-  results["throughput_runs"] = {"exercise_fit_batch128": exercise_runs,
-                                "package_loop_batch128": package_runs}
+  # The three alternate in rounds, so a drift in the VM's speed reaches each alike.
+  runs = {"exercise_fit_batch128": [], "package_loop_batch128": [], "pytorch_batch128": []}
+  with tempfile.TemporaryDirectory() as scratch:
+    arrays = training_arrays(FLAGS.dataset, scratch)
+    for _ in range(FLAGS.repeats):
+      runs["exercise_fit_batch128"].append(measure("exercise")["images_per_second"])
+      runs["package_loop_batch128"].append(
+          measure("package", "--batch_size=128")["images_per_second"])
+      runs["pytorch_batch128"].append(measure(
+          "pytorch", "--batch_size=128", f"--arrays={arrays}")["images_per_second"])
+  results["throughput_runs"] = runs
+  # Each round's own ratio: their spread says how far the median can be trusted.
+  round_ratios = [package / peer for package, peer in
+                  zip(runs["package_loop_batch128"], runs["pytorch_batch128"])]
+  results["throughput_ratio_vs_pytorch"] = statistics.median(round_ratios)
+  results["throughput_ratio_vs_pytorch_rounds"] = round_ratios
   throughput = {
       "input_pipeline_alone": measure("pipeline")["images_per_second"],
-      "exercise_fit_batch128": statistics.median(exercise_runs),
-      "package_loop_batch128": statistics.median(package_runs),
+      **{name: statistics.median(values) for name, values in runs.items()},
       "package_loop_batch128_steps_per_loop1": measure(
           "package", "--batch_size=128", "--steps_per_loop=1", "--measure_steps=300"
       )["images_per_second"],
@@ -196,8 +218,14 @@ def table(results: dict) -> str:
        f"{ips['package_loop_batch128']:,.0f} images/s"),
       ("package loop, batch 128, 1 step per call",
        f"{ips['package_loop_batch128_steps_per_loop1']:,.0f} images/s"),
+      ("the same model in plain PyTorch, batch 128 (median)",
+       f"{ips['pytorch_batch128']:,.0f} images/s"),
       ("**throughput ratio, package / exercise (batch 128)**",
        f"**{results['throughput_ratio_vs_exercise']:.2f}**"),
+      ("**throughput ratio, package / PyTorch (batch 128), median of the rounds' (range)**",
+       f"**{results['throughput_ratio_vs_pytorch']:.2f}** "
+       f"({min(results['throughput_ratio_vs_pytorch_rounds']):.2f} to "
+       f"{max(results['throughput_ratio_vs_pytorch_rounds']):.2f})"),
       ("training FLOPs per image: TensorFlow's count (layer shapes x3)",
        f"{flops['training_flops_per_image_counted_by_tensorflow'] / 1e6:.1f} MFLOP "
        f"({flops['training_flops_per_image_from_layer_shapes'] / 1e6:.1f})"),

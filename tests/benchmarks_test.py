@@ -50,8 +50,10 @@ def _results() -> dict:
       "bar": {"test_accuracy": 0.9, "test_reconstruction_mse": 0.015},
       "images_per_second": {"input_pipeline_alone": 1e5, "exercise_fit_batch128": 1000.0,
                             "package_loop_batch128": 1500.0,
-                            "package_loop_batch128_steps_per_loop1": 1100.0},
+                            "package_loop_batch128_steps_per_loop1": 1100.0,
+                            "pytorch_batch128": 1200.0},
       "throughput_ratio_vs_exercise": 1.5,
+      "throughput_ratio_vs_pytorch": 1.25, "throughput_ratio_vs_pytorch_rounds": [1.3, 1.25, 1.1],
       "flops": run.flops_figures(38.6e6, 1400.0, _limits()),
       "time_to_accuracy": {"package": {"seconds": 60.0, "step": 1500},
                            "exercise": {"seconds": 150.0, "epochs": 4}},
@@ -68,6 +70,7 @@ def test_table_reports_the_two_ratios():
   table = run.table(_results())
   assert "| **throughput ratio, package / exercise (batch 128)** | **1.50** |" in table
   assert "| **time-to-accuracy ratio, package / exercise** | **0.40** |" in table
+  assert "(range)** | **1.25** (1.10 to 1.30) |" in table
   assert "(**35% used**)" not in table and "(**35%** used)" in table and "60 s (step 1500)" in table
   assert ("| time to test accuracy 0.93 and MSE 0.0098, package, default recipe (--epochs=5) | "
           "not reached (ended at accuracy 0.9312, MSE 0.01010) |") in table

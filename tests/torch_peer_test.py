@@ -1,0 +1,136 @@
+"""Tests of benchmarks.torch_peer: the PyTorch peer is the package's default model, layer for
+layer (shapes, strides, batch normalisation, parameter count as Keras counts it), and trains."""
+
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")  # The `bench` extra: pip install -e '.[bench]'.
+
+import keras  # noqa: E402
+
+from benchmarks import torch_peer  # noqa: E402
+from trainer import model as keras_model  # noqa: E402
+from trainer import multitask  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+
+# Keras kernels to PyTorch's layout: Conv2D (kh, kw, in, out) -> (out, in, kh, kw), and
+# Conv2DTranspose (kh, kw, out, in) -> (in, out, kh, kw), the same permutation; Dense
+# (in, out) -> (out, in).
+_CONV_PERMUTATION = (3, 2, 0, 1)
+
+
+def _keras_layout(model: keras.Model, head: str) -> list:
+  """Each weight of `head`'s layers in order, described in PyTorch's terms."""
+  rows = []
+  for layer in model.get_layer(head).layers:
+    for weight in layer.weights:
+      shape = tuple(weight.shape)
+      if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose)):
+        # Conv2DTranspose subclasses Conv2D's base, not Conv2D: tell them apart by class.
+        kind = "conv_transpose" if isinstance(layer, keras.layers.Conv2DTranspose) else "conv"
+        if len(shape) == 4:
+          shape = tuple(shape[i] for i in _CONV_PERMUTATION)
+        rows.append((kind, shape, tuple(layer.strides), layer.padding))
+      elif isinstance(layer, keras.layers.Dense):
+        rows.append(("dense", shape[::-1]))
+      elif isinstance(layer, keras.layers.BatchNormalization):
+        rows.append(("batch_norm", shape, layer.epsilon, layer.momentum))
+      else:
+        raise AssertionError(f"unexpected weight in Keras layer {layer.name}")
+  return rows
+
+
+def _torch_layout(head: torch.nn.Module) -> list:
+  """The same description of a PyTorch head; Keras's "same" padding as the padding that keeps
+  the size (stride 1) or doubles it (transposed, stride 2)."""
+  rows = []
+  for module in head.children():
+    tensors = list(module.parameters(recurse=False))
+    if isinstance(module, torch.nn.BatchNorm2d):
+      tensors += [module.running_mean, module.running_var]
+    for tensor in tensors:
+      shape = tuple(tensor.shape)
+      if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+        transpose = isinstance(module, torch.nn.ConvTranspose2d)
+        same = (module.padding == (1, 1) and
+                (module.output_padding == (1, 1) if transpose else module.stride == (1, 1)))
+        rows.append(("conv_transpose" if transpose else "conv", shape, module.stride,
+                     "same" if same else module.padding))
+      elif isinstance(module, torch.nn.Linear):
+        rows.append(("dense", shape))
+      elif isinstance(module, torch.nn.BatchNorm2d):
+        rows.append(("batch_norm", shape, module.eps, round(1.0 - module.momentum, 9)))
+  return rows
+
+
+@pytest.fixture(scope="module")
+def narrow_pair():
+  """The narrow test model (latent 16, width 8) in Keras and in PyTorch."""
+  torch.manual_seed(0)
+  return keras_model.build_model(16, 8), torch_peer.build_model(16, 8)
+
+
+def test_parameter_count_is_keras_count_params_at_the_default_and_narrow_shapes(narrow_pair):
+  default = keras_model.build_model(256, 48)
+  assert torch_peer.parameter_count(torch_peer.build_model()) == default.count_params()
+  keras_narrow, torch_narrow = narrow_pair
+  assert torch_peer.parameter_count(torch_narrow) == keras_narrow.count_params()
+  trainable = sum(int(w.numpy().size) for w in keras_narrow.trainable_weights)
+  assert sum(p.numel() for p in torch_narrow.parameters()) == trainable
+
+
+@pytest.mark.parametrize("head", ["encoder", "classifier", "decoder"])
+def test_layers_match_keras_in_order_shape_stride_padding_and_batch_norm(narrow_pair, head):
+  keras_narrow, torch_narrow = narrow_pair
+  expected = _keras_layout(keras_narrow, head)
+  assert expected  # Not two empty lists agreeing.
+  assert _torch_layout(getattr(torch_narrow, head)) == expected
+
+
+def test_outputs_are_logits_and_pixels_in_nchw(narrow_pair):
+  _, model = narrow_pair
+  model.eval()
+  with torch.no_grad():
+    outputs = model(torch.rand(3, 1, 28, 28))
+  assert outputs["classifier"].shape == (3, 10)
+  pixels = outputs["decoder"]
+  assert pixels.shape == (3, 1, 28, 28)
+  assert 0.0 <= pixels.min().item() and pixels.max().item() <= 1.0
+
+
+def test_learning_rate_follows_the_packages_schedule():
+  config = TrainConfig(model_dir="-")  # The defaults: 200 warm-up steps to 3e-3.
+  for total_steps in (2000, 100):  # 100: the warm-up shrinks to a fifth of the run.
+    keras_schedule = multitask.learning_rate_schedule(config, total_steps)
+    for step in (0, 1, 19, 20, 150, 199, 200, 201, 1000, 1999, 2000, 2500):
+      ours = torch_peer.learning_rate(step, total_steps, config.learning_rate,
+                                      config.warmup_steps)
+      assert ours == pytest.approx(float(keras_schedule(step)), rel=1e-5, abs=1e-9), step
+
+
+def test_optimizer_is_keras_adamw_at_the_package_defaults(narrow_pair):
+  _, model = narrow_pair
+  optimizer, _ = torch_peer.make_optimizer(model, total_steps=1000)
+  (group,) = optimizer.param_groups  # Every parameter decays, as in the package.
+  defaults = TrainConfig(model_dir="-")
+  assert isinstance(optimizer, torch.optim.AdamW)
+  assert group["eps"] == keras.optimizers.AdamW().epsilon == 1e-7
+  assert group["weight_decay"] == defaults.weight_decay
+  assert group["initial_lr"] == defaults.learning_rate and group["lr"] == 0.0  # Warming up.
+
+
+def test_a_few_steps_on_one_batch_lower_the_loss():
+  torch.manual_seed(1)
+  model = torch_peer.build_model(16, 8)
+  images, labels = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
+  optimizer, scheduler = torch_peer.make_optimizer(model, total_steps=100, warmup_steps=0)
+  losses = torch_peer.train_steps(model, optimizer, scheduler, [(images, labels)] * 8)
+  assert len(losses) == 8 and losses[-1] < 0.8 * losses[0]
+
+
+def test_the_module_imports_no_tensorflow():
+  code = ("import sys, benchmarks.torch_peer; "
+          "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)")
+  assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
