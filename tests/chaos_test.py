@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import time
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -34,20 +35,29 @@ LANDED_SIGNALS = 20
 # Past that, starts go on until signals have landed in start-up, in training and after it
 # (evaluating, exporting or drawing the report), up to MAX_STARTS: rarely needed.
 MAX_STARTS = 45
-# Delays are 1.2 T * u ** DELAY_BIAS, u uniform in [0, 1): still anywhere in [0, 1.2 T], but
-# biased early, where a kill is cheap. Every kill after start-up pays a TensorFlow start-up
-# (about 4 s) and the trace (4 s more); unbiased, 20 landed kills take 4 minutes on 2 cores.
-DELAY_BIAS = 1.5
+# Delays are DELAY_SPAN T u ** DELAY_BIAS, T the uninterrupted run's seconds to its "Done:"
+# line (its exit, which varies more, comes a second or so later): anywhere from the
+# interpreter's start-up to the job's exit, but biased early, where a kill is cheap. Every kill
+# after start-up pays a TensorFlow start-up (about 4 s) and the trace (4 s more); unbiased, 20
+# landed kills take 4 minutes on 2 cores. u is stratified (see _delays): each pass of
+# LANDED_SIGNALS starts has one u in each of LANDED_SIGNALS equal slices of [0, 1), so that
+# even a strong bias reaches every stage in every pass. With these, of 20 kills about 13 land
+# in start-up, 5 in the first trace and training, and the last two slices span evaluation,
+# export, report, "Done:" and the exit (or the job has ended, as a resumed one may before
+# them); the delays sum to about 5.5 T (8.6 T at 1.2 T_exit u ** 1.5, unstratified).
+DELAY_SPAN = 1.1
+DELAY_BIAS = 3
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 DISK_MB = 4
 
 
-@pytest.fixture
-def dataset(tmp_path):
-  """640 learnable images in an npz (512 train, 64 validation, 64 test): the --dataset value."""
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  """640 learnable images in an npz (512 train, 64 validation, 64 test): the --dataset value.
+  Only read, so the module's tests share it (and the uninterrupted run's command is theirs)."""
   everything = helpers.learnable_split(640, seed=5)
-  return helpers.write_npz(str(tmp_path / "data.npz"), X=everything.images.reshape(-1, 784),
-                           y=everything.labels)
+  return helpers.write_npz(str(tmp_path_factory.mktemp("data") / "data.npz"),
+                           X=everything.images.reshape(-1, 784), y=everything.labels)
 
 
 @pytest.fixture
@@ -239,17 +249,32 @@ def _check_stop(kind: str, code: int, log: str, seen: str) -> str:
   return _stage_said(log, seen)
 
 
+def _delays(rng: random.Random, seconds: float):
+  """Endless delays for the chaos test's signals: DELAY_SPAN * `seconds` * u ** DELAY_BIAS.
+
+  u is stratified: each pass of LANDED_SIGNALS delays takes one u, uniform, from each of
+  LANDED_SIGNALS equal slices of [0, 1), in an order `rng` shuffles. Any moment of the run can
+  still be drawn, with the same density as for independent draws; only no pass leaves out the
+  late (costly, rarely drawn) slices, where the job trains, evaluates, exports and reports.
+  """
+  while True:
+    slices = list(range(LANDED_SIGNALS))
+    rng.shuffle(slices)
+    for index in slices:
+      u = (index + rng.random()) / LANDED_SIGNALS
+      yield DELAY_SPAN * seconds * u ** DELAY_BIAS
+
+
 @pytest.mark.slow
 def test_random_kills_at_every_stage_then_the_same_command_ends_as_the_uninterrupted_run(
-    tmp_path, dataset, processes):
+    tmp_path, dataset, processes, uninterrupted):
   flags = (f"--dataset={dataset}", *RUN_FLAGS)
-  clock = time.monotonic()
-  whole = helpers.run_trainer(*flags, f"--model_dir={tmp_path / 'whole'}")
-  uninterrupted_seconds = time.monotonic() - clock
-  assert whole.returncode == 0, whole.stderr[-3000:]
-  expected = _results(str(tmp_path / "whole"))
+  assert uninterrupted.returncode == 0, uninterrupted.log[-3000:]
+  expected = _results(uninterrupted.model_dir)
   rng = random.Random(SEED)
-  print(f"seed {SEED}; the uninterrupted run took {uninterrupted_seconds:.1f} s")
+  delays = _delays(rng, uninterrupted.seconds_to_done)
+  print(f"seed {SEED}; the uninterrupted run wrote its Done: line after "
+        f"{uninterrupted.seconds_to_done:.1f} s, ended after {uninterrupted.seconds:.1f} s")
 
   # Rounds: a run directory is stopped again and again until a start finishes it; it must then
   # equal the uninterrupted run, and the next round starts in a new directory, so that later
@@ -265,12 +290,15 @@ def test_random_kills_at_every_stage_then_the_same_command_ends_as_the_uninterru
     attempt += 1
     assert attempt <= MAX_STARTS, f"no spread over the stages in {MAX_STARTS} starts: {landed}"
     kind = rng.choice(sorted(SIGNALS))
-    delay = 1.2 * uninterrupted_seconds * rng.random() ** DELAY_BIAS
+    delay = next(delays)
     again = rng.uniform(0.05, 1.0) if kind == "SIGINT" and rng.random() < 0.5 else None
     log_path = tmp_path / f"attempt{attempt}.log"
     began = time.time()
     process = _start(processes, log_path, *flags, f"--model_dir={model_dir}")
-    time.sleep(delay)
+    try:
+      process.wait(timeout=delay)  # Back early if the job ends first: then nothing is sent.
+    except subprocess.TimeoutExpired:
+      pass
     action = f"attempt {attempt} (round {rounds}): {kind} at {delay:.2f} s"
     if process.poll() is not None:  # It ended first: the signal is not sent.
       log = log_path.read_text()
@@ -339,16 +367,42 @@ def _handler_gaps(process, log_path, timeout=120) -> list:
   return gaps
 
 
+class Uninterrupted(NamedTuple):
+  """A job with RUN_FLAGS run to its end, untouched."""
+  model_dir: str
+  seconds_to_done: float  # From its start to its "Done:" line.
+  seconds: float  # From its start to its exit.
+  returncode: int
+  log: str  # Its standard output and error.
+  gaps: list  # What _handler_gaps saw.
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory) -> Uninterrupted:
+  """One uninterrupted job, watched by _handler_gaps from its start to its end: the chaos
+  test's reference (its outputs, and its duration to scale the delays) and the run in which
+  the handler test looks for moments without a handler. One run, one TensorFlow start-up."""
+  root = tmp_path_factory.mktemp("uninterrupted")
+  log_path, model_dir = root / "run.log", str(root / "run")
+  clock = time.monotonic()
+  process = helpers.start_trainer(log_path, f"--dataset={dataset}", *RUN_FLAGS,
+                                  f"--model_dir={model_dir}")
+  try:
+    gaps = _handler_gaps(process, log_path)  # Back at the "Done:" line.
+    seconds_to_done = time.monotonic() - clock
+    process.wait(timeout=120)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait(timeout=60)
+  return Uninterrupted(model_dir, seconds_to_done, time.monotonic() - clock,
+                       process.returncode, log_path.read_text(), gaps)
+
+
 @pytest.mark.slow
-def test_the_trainer_handles_stop_signals_from_start_up_to_its_last_line(tmp_path, dataset,
-                                                                        processes):
-  log_path = tmp_path / "run.log"
-  process = _start(processes, log_path, f"--dataset={dataset}", *RUN_FLAGS,
-                   f"--model_dir={tmp_path / 'run'}")
-  gaps = _handler_gaps(process, log_path)
-  process.wait(timeout=120)
-  assert process.returncode == 0, log_path.read_text()[-3000:]
-  assert not gaps, f"no handler for stop signals at {gaps} s"
+def test_the_trainer_handles_stop_signals_from_start_up_to_its_last_line(uninterrupted):
+  assert uninterrupted.returncode == 0, uninterrupted.log[-3000:]
+  assert not uninterrupted.gaps, f"no handler for stop signals at {uninterrupted.gaps} s"
 
 
 def _wait_for_line(process, log_path, text: str, timeout=120) -> None:

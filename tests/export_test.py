@@ -141,26 +141,53 @@ def test_a_batch_of_another_dtype_is_refused(reloaded):
     serve(images=tf.zeros((2, 28, 28), tf.float32))
 
 
-def _saved_model_cli(*args):
-  """Runs TensorFlow's own SavedModel client, as a serving user might; the CompletedProcess."""
+def _start_saved_model_cli(*args) -> subprocess.Popen:
+  """Starts TensorFlow's own SavedModel client, as a serving user might; `_finished` waits."""
   cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-  return subprocess.run([cli, *args], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.Popen([cli, *args], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _run_signature(path, inputs, outdir):
-  return _saved_model_cli("run", "--dir", path, "--tag_set", "serve", "--signature_def",
-                          "serving_default", "--inputs", f"images={inputs}", "--outdir", outdir)
+def _start_signature(path, inputs, outdir) -> subprocess.Popen:
+  return _start_saved_model_cli("run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                                "serving_default", "--inputs", f"images={inputs}", "--outdir",
+                                outdir)
 
 
-@pytest.mark.slow  # About 20 s: four runs of the client, each loading TensorFlow.
+def _finished(clients: dict) -> dict:
+  """Waits for the started clients, by name: their CompletedProcesses, by the same names.
+  Any still running when one fails to end in time is killed."""
+  try:
+    results = {}
+    for name, client in clients.items():
+      stdout, stderr = client.communicate(timeout=300)
+      results[name] = subprocess.CompletedProcess(client.args, client.returncode, stdout, stderr)
+    return results
+  finally:
+    for client in clients.values():
+      if client.poll() is None:
+        client.kill()
+        client.wait()
+
+
+@pytest.mark.slow  # Four runs of the client, each loading TensorFlow: side by side, about 10 s.
 def test_saved_model_cli_gets_the_models_answers_and_refuses_another_shape(exported, tmp_path):
   path, model = exported
   images = np.random.default_rng(3).integers(0, 256, (2, 28, 28, 1)).astype(np.uint8)
   direct = model(images)
-  for name, batch in [("nhwc", images), ("nhw", images[..., 0])]:
+  batches = {"nhwc": images, "nhw": images[..., 0], "big": np.zeros((2, 32, 32), np.uint8)}
+  for name, batch in batches.items():
     np.save(tmp_path / f"{name}.npy", batch)
-    result = _run_signature(path, tmp_path / f"{name}.npy", tmp_path / name)
+  # Independent clients of one export: started together, as TensorFlow's start-up is most of
+  # each one's time.
+  clients = {name: _start_signature(path, tmp_path / f"{name}.npy", tmp_path / name)
+             for name in batches}
+  # What serving systems read from the export: a uint8 input of any rank (checked in the graph).
+  clients["show"] = _start_saved_model_cli("show", "--dir", path, "--tag_set", "serve",
+                                           "--signature_def", "serving_default")
+  results = _finished(clients)
+  for name in ["nhwc", "nhw"]:
+    result = results[name]
     assert result.returncode == 0, result.stderr[-2000:]
     classifier = np.load(tmp_path / name / "classifier.npy")
     decoder = np.load(tmp_path / name / "decoder.npy")
@@ -170,15 +197,12 @@ def test_saved_model_cli_gets_the_models_answers_and_refuses_another_shape(expor
   for output in ["classifier", "decoder"]:
     np.testing.assert_array_equal(np.load(tmp_path / "nhwc" / f"{output}.npy"),
                                   np.load(tmp_path / "nhw" / f"{output}.npy"))
-  np.save(tmp_path / "big.npy", np.zeros((2, 32, 32), np.uint8))
-  result = _run_signature(path, tmp_path / "big.npy", tmp_path / "big")
+  result = results["big"]
   assert result.returncode != 0
   assert ("[images must be uint8 of shape (N, 28, 28) or (N, 28, 28, 1): 28x28 grey, 0-255; "
           "got shape] [2 32 32]") in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / "big").exists()
-  # What serving systems read from the export: a uint8 input of any rank (checked in the graph).
-  shown = _saved_model_cli("show", "--dir", path, "--tag_set", "serve", "--signature_def",
-                           "serving_default")
+  shown = results["show"]
   assert re.search(r"inputs\['images'\] tensor_info:\s+dtype: DT_UINT8\s+shape: unknown_rank",
                    shown.stdout), shown.stdout
 
