@@ -75,3 +75,23 @@ def test_a_stage_renamed_in_place_names_the_new_stage_and_nested_ones_the_innerm
     assert flag.requested
     with pytest.raises(preemption.Stopped, match="while exporting"):
       os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_stop_behind_another_error_is_found_through_its_cause_or_context():
+  stop = preemption.Stopped("SIGTERM while starting: nothing was written")
+  # As a C extension's initialisation reports a stop raised inside it (TensorFlow's import).
+  try:
+    try:
+      raise stop
+    except preemption.Stopped as inner:
+      raise ImportError("initialization failed") from inner
+  except ImportError as caused:
+    assert preemption.stop_behind(caused) is stop
+  try:
+    try:
+      raise stop
+    except preemption.Stopped:
+      raise ImportError("initialization failed")  # Implicitly chained: the context.
+  except ImportError as chained:
+    assert preemption.stop_behind(chained) is stop
+  assert preemption.stop_behind(ImportError("no module named x")) is None

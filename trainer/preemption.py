@@ -16,6 +16,7 @@ check that a checkpoint fits the model.
 import contextlib
 import signal
 import threading
+from typing import Optional
 
 # 128 + the signal: what a shell reports for a job the signal ended. 143, SIGTERM's, is also
 # what TensorFlow's own preemption handler exits with so that Google Cloud restarts the job.
@@ -43,6 +44,19 @@ class Preempted(Stopped):
   def __init__(self, message: str, signal_number: int = signal.SIGTERM):
     super().__init__(message, signal_number)
     self.verb = "interrupted" if signal_number == signal.SIGINT else "preempted"
+
+
+def stop_behind(error: BaseException) -> Optional[Stopped]:
+  """The `Stopped` that `error` was raised from, if any. A stop raised inside a C extension's
+  initialisation (TensorFlow's, while it is imported) comes out as that module's ImportError,
+  with the stop as its cause or context."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, Stopped):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
 
 
 class TerminationFlag:

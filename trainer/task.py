@@ -72,11 +72,17 @@ def main(argv):
     print(f"{e.verb}: {e}; run the same command to resume", file=sys.stderr)
     sys.exit(e.exit_code)
   except preemption.Stopped as e:
-    print(f"{e.verb}: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+    _say_stopped(e)
   except Exception as e:  # pylint: disable=broad-except
+    if preemption.stop_behind(e):  # A stop inside an import: said as the stop it is.
+      _say_stopped(preemption.stop_behind(e))
     _fail_on_known_faults(e, config)
     raise
+
+
+def _say_stopped(stop: preemption.Stopped) -> None:
+  print(f"{stop.verb}: {stop}", file=sys.stderr)
+  sys.exit(stop.exit_code)
 
 
 def _fail_on_known_faults(error: Exception, config: config_lib.TrainConfig) -> None:
