@@ -118,7 +118,9 @@ def test_a_run_logs_its_own_lines_and_not_tensorflows_chatter(tmp_path):
     (["--loss_weights=classifier"], "write it as classifier=1.0,decoder=8.0"),
     pytest.param(["--dataset=npz:/nonexistent/mnist.npz"], "no file at /nonexistent/mnist.npz",
                  marks=pytest.mark.slow),
-    (["--strategy=tpu"], "--strategy=tpu but no TPU is reachable"),
+    # A TensorFlow start-up (5 s); faults_test refuses it in-process in the fast tier.
+    pytest.param(["--strategy=tpu"], "--strategy=tpu but no TPU is reachable",
+                 marks=pytest.mark.slow),
 ])
 def test_bad_flags_get_one_clear_error_line(tmp_path, flags, message):
   result = helpers.run_trainer("--dataset=mnist_sample", f"--model_dir={tmp_path}", *flags,

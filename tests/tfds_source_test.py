@@ -188,6 +188,7 @@ def test_job_trains_on_the_prepared_data_dir_with_no_network(fashion_mnist_dir, 
   assert metrics["input_background"] == "dark"
 
 
+@pytest.mark.slow  # A real download attempt and a TensorFlow start-up: 5 s.
 def test_offline_download_fails_fast_naming_the_host(tmp_path):
   data_dir = tmp_path / "data"
   data_dir.mkdir()
