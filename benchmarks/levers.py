@@ -6,7 +6,10 @@
 Each variant is the trainer's default configuration and model with one thing changed
 (VARIANTS; each row says what).
 Every run trains in its own process, with the package's loop, and reports test accuracy,
-reconstruction MSE and the loop's overall images/s. Finished runs are written to --output at
+reconstruction MSE, the loop's overall images/s, and its time to BAR: the test split is
+evaluated every --eval_every_steps and at each epoch's end, and the first evaluation that meets
+both bars gives the run's seconds of training (the package's own validation included, these
+test evaluations left out) and its step. Finished runs are written to --output at
 once; a rerun skips them, so an interrupted one resumes.
 """
 
@@ -39,6 +42,13 @@ VARIANTS = {
     "width32": ("width 32", {"width": 32}, {}),
     "no_shift": ("no shift augmentation", {"shift_pixels": 0}, {}),
 }
+# Issue 13's Fashion-MNIST bar for the default recipe (benchmarks.run's PACKAGE_FINAL_BAR).
+BAR = {"test_accuracy": 0.93, "test_reconstruction_mse": 0.0098}
+
+
+def meets(metrics: dict) -> bool:
+  return (metrics["test_accuracy"] >= BAR["test_accuracy"]
+          and metrics["test_reconstruction_mse"] <= BAR["test_reconstruction_mse"])
 
 
 def _define_flags() -> None:
@@ -47,13 +57,16 @@ def _define_flags() -> None:
   flags.DEFINE_list("variants", list(VARIANTS), "Which variants to train.")
   flags.DEFINE_list("seeds", ["0"], "Seeds of each variant.")
   flags.DEFINE_integer("epochs", 5, "Epochs of every run.")
+  flags.DEFINE_integer("eval_every_steps", 130, "Test evaluations for the time to BAR.")
   flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                              "levers.json"), "Where the runs go.")
   flags.DEFINE_string("child", "", "Internal: train one 'variant/seed' and print its RESULT.")
 
 
-def train_one(dataset: str, variant: str, seed: int, epochs: int) -> dict:
-  """Trains one variant in this process; returns its test metrics and images/s."""
+def train_one(dataset: str, variant: str, seed: int, epochs: int, eval_every_steps: int) -> dict:
+  """Trains one variant in this process; returns its test metrics, images/s and time to BAR
+  (seconds and step None where no evaluation met it)."""
+  import time
   import tensorflow as tf
   from trainer import model, train
   from trainer.config import TrainConfig
@@ -61,11 +74,26 @@ def train_one(dataset: str, variant: str, seed: int, epochs: int) -> dict:
   strategy = tf.distribute.get_strategy()
   with tempfile.TemporaryDirectory() as model_dir:
     config = TrainConfig(dataset=dataset, model_dir=model_dir, epochs=epochs, seed=seed,
-                         report=False, **overrides)
+                         eval_every_steps=eval_every_steps, report=False, **overrides)
     train.configure_process(config, strategy)
-    metrics = train.run(config, strategy, model_fn=lambda c: model.build_model(
-        c.latent_dim, c.width, **architecture))
-  return {"variant": variant, "seed": seed,
+    started, measuring = time.time(), [0.0]
+    reached = {"seconds_to_bar": None, "step_to_bar": None}
+
+    def time_to_bar(step, evaluate):
+      if reached["step_to_bar"] is not None:
+        return
+      evaluated_from = time.time()
+      test = evaluate("test")
+      print(f"step {step}: {test}", file=sys.stderr, flush=True)
+      if meets({"test_accuracy": test["accuracy"],
+                "test_reconstruction_mse": test["reconstruction_mse"]}):
+        reached.update(seconds_to_bar=evaluated_from - started - measuring[0], step_to_bar=step)
+      measuring[0] += time.time() - evaluated_from
+
+    metrics = train.run(config, strategy, on_evaluation=time_to_bar,
+                        model_fn=lambda c: model.build_model(c.latent_dim, c.width,
+                                                             **architecture))
+  return {"variant": variant, "seed": seed, **reached,
           **{name: metrics[name] for name in ("test_accuracy", "test_reconstruction_mse",
                                               "train_images_per_second")}}
 
@@ -93,7 +121,8 @@ def table(runs: dict) -> str:
 def main(_) -> None:
   if FLAGS.child:
     variant, seed = FLAGS.child.split("/")
-    print("RESULT " + json.dumps(train_one(FLAGS.dataset, variant, int(seed), FLAGS.epochs)))
+    print("RESULT " + json.dumps(train_one(FLAGS.dataset, variant, int(seed), FLAGS.epochs,
+                                           FLAGS.eval_every_steps)))
     return
   runs = {}
   if os.path.exists(FLAGS.output):
@@ -107,7 +136,8 @@ def main(_) -> None:
       # Its own process: no compiled function, thread pool or dtype policy carries over.
       result = subprocess.run(
           [sys.executable, "-m", "benchmarks.levers", f"--child={key}",
-           f"--dataset={FLAGS.dataset}", f"--epochs={FLAGS.epochs}"],
+           f"--dataset={FLAGS.dataset}", f"--epochs={FLAGS.epochs}",
+           f"--eval_every_steps={FLAGS.eval_every_steps}"],
           stdout=subprocess.PIPE, text=True, check=True)
       runs[key] = json.loads(result.stdout.split("RESULT ", 1)[1])
       print(f"{key}: {runs[key]}", file=sys.stderr, flush=True)

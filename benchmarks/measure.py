@@ -15,8 +15,11 @@ is one line, `RESULT {json}`, on standard output. `benchmarks.run` runs them all
                       None: not reached in --max_epochs, seconds then run to the last epoch)
   startup             time from process start to the package's first training step, by stage
   pytorch             the same model in plain PyTorch (benchmarks.torch_peer), steady images/s,
-                      on --arrays (an npz of the training split: this process imports no
-                      TensorFlow, so the two frameworks' thread pools never share one)
+                      on --arrays (an npz of the training and test splits: this process imports
+                      no TensorFlow, so the two frameworks' thread pools never share one)
+  pytorch_tta         package_tta's recipe in PyTorch: --epochs of the same schedule, batch,
+                      shifts, loss weights and optimizer, the test split evaluated every
+                      --eval_every_steps and at each epoch's end
   limits              what this machine's kernels reach and what a step's FLOPs are, as
                       TensorFlow counts them (benchmarks.limits), at --batch_size
 """
@@ -51,7 +54,8 @@ flags.DEFINE_string("loss_weights", format_loss_weights(DEFAULT_LOSS_WEIGHTS),
 flags.DEFINE_string("loss_weighting", DEFAULTS.loss_weighting,
                     "Package time to accuracy: --loss_weighting.")
 flags.DEFINE_string("arrays", "", "PyTorch peer: an npz of uint8 `images` (N, 28, 28, 1) and "
-                    "`labels`, written by benchmarks.run from --dataset's training split.")
+                    "`labels`, and `test_images` and `test_labels`, written by benchmarks.run "
+                    "from --dataset's training and test splits.")
 flags.DEFINE_integer("max_epochs", 20, "Exercise time to accuracy: give up after this many.")
 FLAGS = flags.FLAGS
 
@@ -242,6 +246,40 @@ def measure_pytorch(_) -> None:
         / (time.perf_counter() - started))
 
 
+def measure_pytorch_tta(_) -> None:
+  import numpy as np
+
+  from benchmarks import torch_peer
+  from trainer.config import parse_loss_weights
+  torch_peer.use_all_cores()
+  with np.load(FLAGS.arrays, allow_pickle=False) as arrays:
+    images, labels = arrays["images"], arrays["labels"]
+    test_images, test_labels = arrays["test_images"], arrays["test_labels"]
+  steps_per_epoch = len(labels) // FLAGS.batch_size  # The remainder dropped, as the package.
+  total_steps = FLAGS.epochs * steps_per_epoch
+  model = torch_peer.build_model()
+  optimizer, scheduler = torch_peer.make_optimizer(model, total_steps,
+                                                   peak=FLAGS.learning_rate)
+  batches = torch_peer.shuffled_batches(images, labels, FLAGS.batch_size,
+                                        shift_pixels=FLAGS.shift_pixels)
+  weights = parse_loss_weights(FLAGS.loss_weights)
+  step = 0
+  while step < total_steps:
+    # To the next evaluation: every --eval_every_steps and each epoch's end, as the package.
+    stop = min(total_steps, (step // FLAGS.eval_every_steps + 1) * FLAGS.eval_every_steps,
+               (step // steps_per_epoch + 1) * steps_per_epoch)
+    torch_peer.train_steps(model, optimizer, scheduler,
+                           (next(batches) for _ in range(stop - step)), weights)
+    step = stop
+    metrics = torch_peer.evaluate(model, test_images, test_labels)
+    print(f"step {step} at {time.time() - PROCESS_START:.1f} s: {metrics}", file=sys.stderr,
+          flush=True)
+    if _reached(metrics):
+      _emit(reached_at=time.time(), step=step, **metrics)
+      return
+  _emit(step=None, **metrics)
+
+
 def measure_limits(_) -> None:
   from benchmarks import limits
   _emit(**limits.measure(FLAGS.batch_size))
@@ -250,9 +288,10 @@ def measure_limits(_) -> None:
 MEASUREMENTS = {"pipeline": measure_pipeline, "package": measure_package,
                 "exercise": measure_exercise, "package_tta": measure_package_tta,
                 "exercise_tta": measure_exercise_tta, "startup": measure_startup,
-                "limits": measure_limits, "pytorch": measure_pytorch}
+                "limits": measure_limits, "pytorch": measure_pytorch,
+                "pytorch_tta": measure_pytorch_tta}
 # Those that read no --dataset.
-WITHOUT_DATA = ("startup", "limits", "pytorch")
+WITHOUT_DATA = ("startup", "limits", "pytorch", "pytorch_tta")
 
 
 def main(argv) -> None:

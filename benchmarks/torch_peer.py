@@ -193,7 +193,8 @@ def make_optimizer(model: nn.Module, total_steps: int,
 def loss(outputs: Dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
          loss_weights: Dict[str, float] = DEFAULT_LOSS_WEIGHTS) -> torch.Tensor:
   """The package's fixed weighting, every example labelled: weighted mean cross-entropy and
-  mean reconstruction MSE (of the input images: no augmentation here)."""
+  mean reconstruction MSE of the input images (shifted ones too: the package's decoder target
+  is the shifted image)."""
   return (loss_weights[CLASSIFIER] * F.cross_entropy(outputs[CLASSIFIER], labels)
           + loss_weights[DECODER] * F.mse_loss(outputs[DECODER], images))
 
@@ -216,12 +217,42 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
   return losses
 
 
-def shuffled_batches(images, labels, batch_size: int, seed: int = 0
+def evaluate(model: nn.Module, images, labels, batch_size: int = 1000) -> Dict[str, float]:
+  """Test metrics as the package reports them: accuracy and reconstruction MSE over every
+  example of uint8 NHWC `images` and int `labels`, batch normalisation on its moving
+  statistics."""
+  model.eval()
+  correct, squared_error = 0, 0.0
+  with torch.no_grad():
+    for start in range(0, len(labels), batch_size):
+      pixels = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2)
+      pixels = pixels.float().div_(255.0)
+      outputs = model(pixels)
+      correct += int((outputs[CLASSIFIER].argmax(1)
+                      == torch.from_numpy(labels[start:start + batch_size]).long()).sum())
+      squared_error += float(((outputs[DECODER] - pixels) ** 2).sum())
+  return {"accuracy": correct / len(labels),
+          "reconstruction_mse": squared_error / images[..., 0].size}
+
+
+def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+  """trainer.data.random_shift: each NCHW image moved by up to `pixels` each way, the
+  uncovered edge filled with background (0)."""
+  count, _, size, _ = images.shape
+  padded = F.pad(images, (pixels, pixels, pixels, pixels))
+  offsets = torch.randint(0, 2 * pixels + 1, (count, 2), generator=generator)
+  rows = (offsets[:, :1] + torch.arange(size))[:, :, None]
+  cols = (offsets[:, 1:] + torch.arange(size))[:, None, :]
+  return padded[torch.arange(count)[:, None, None], 0, rows, cols][:, None]
+
+
+def shuffled_batches(images, labels, batch_size: int, seed: int = 0, shift_pixels: int = 0
                      ) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
   """Endless (images, labels) batches of uint8 NHWC `images` (N, 28, 28, 1) and int `labels`,
   reshuffled every epoch and the remainder dropped, as the package's input does: float32
-  NCHW images in [0, 1] and int64 labels. The conversion is done per batch, in the loop that
-  is timed, as the package's pipeline does its own."""
+  NCHW images in [0, 1], moved by up to `shift_pixels` as the package's --shift_pixels does,
+  and int64 labels. The conversion is done per batch, in the loop that is timed, as the
+  package's pipeline does its own."""
   generator = torch.Generator().manual_seed(seed)
   pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # A view: converted per batch below.
   targets = torch.from_numpy(labels).long()
@@ -229,7 +260,10 @@ def shuffled_batches(images, labels, batch_size: int, seed: int = 0
     order = torch.randperm(len(targets), generator=generator)
     for start in range(0, len(order) - batch_size + 1, batch_size):
       chosen = order[start:start + batch_size]
-      yield pixels[chosen].float().div_(255.0), targets[chosen]
+      batch = pixels[chosen].float().div_(255.0)
+      if shift_pixels:
+        batch = random_shift(batch, shift_pixels, generator)
+      yield batch, targets[chosen]
 
 
 if __name__ == "__main__":

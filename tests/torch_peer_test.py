@@ -4,6 +4,7 @@ layer (shapes, strides, batch normalisation, parameter count as Keras counts it)
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")  # The `bench` extra: pip install -e '.[bench]'.
@@ -134,3 +135,42 @@ def test_the_module_imports_no_tensorflow():
   code = ("import sys, benchmarks.torch_peer; "
           "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)")
   assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_random_shift_moves_each_image_by_at_most_the_pixels_and_fills_with_background():
+  images = torch.rand(200, 1, 28, 28) + 0.5  # No zero pixel: a filled edge is told apart.
+  moved = torch_peer.random_shift(images, 1, torch.Generator().manual_seed(0))
+  assert moved.shape == images.shape
+  seen = set()
+  for original, shifted in zip(images[:, 0], moved[:, 0]):
+    padded = torch.nn.functional.pad(original, (1, 1, 1, 1))
+    # The package's offsets: the window's corner in the padded image, 0 to 2 each way.
+    (match,) = [(row, col) for row in range(3) for col in range(3)
+                if torch.equal(padded[row:row + 28, col:col + 28], shifted)]
+    seen.add(match)
+  assert len(seen) == 9  # Every offset, none favoured away.
+
+
+def test_shuffled_batches_shift_only_when_asked():
+  images = np.random.default_rng(0).integers(1, 256, (64, 28, 28, 1), dtype=np.uint8)
+  labels = np.arange(64) % 10
+  plain, _ = next(torch_peer.shuffled_batches(images, labels, 32))
+  shifted, _ = next(torch_peer.shuffled_batches(images, labels, 32, shift_pixels=2))
+  assert plain.min() > 0  # Only a shift brings in background.
+  assert (shifted == 0).any()
+
+
+def test_evaluate_is_accuracy_and_pixel_mse_over_every_example(narrow_pair):
+  _, model = narrow_pair
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (25, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, 25)
+  metrics = torch_peer.evaluate(model, images, labels, batch_size=10)  # A partial last batch.
+  model.eval()
+  with torch.no_grad():
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    outputs = model(pixels)
+  assert metrics["accuracy"] == pytest.approx(
+      float((outputs["classifier"].argmax(1).numpy() == labels).mean()))
+  assert metrics["reconstruction_mse"] == pytest.approx(
+      float(((outputs["decoder"] - pixels) ** 2).mean()), rel=1e-5)
