@@ -99,21 +99,31 @@ def train_one(dataset: str, variant: str, seed: int, epochs: int, eval_every_ste
 
 
 def table(runs: dict) -> str:
-  """Mean (and spread, over seeds) of each variant, as a Markdown table."""
-  lines = ["| variant | change | seeds | test accuracy | test MSE | images/s |",
-           "|---|---|---|---|---|---|"]
+  """Mean (and spread, over seeds) of each variant, as a Markdown table; the time to BAR over
+  the seeds that reached it, and how many seeds ended at or past it."""
+  lines = ["| variant | change | seeds | test accuracy | test MSE | images/s | seconds to bar "
+           "(step) | seeds ending at the bar |", "|---|---|---|---|---|---|---|---|"]
   for variant, (description, _, _) in VARIANTS.items():
     done = [run for run in runs.values() if run["variant"] == variant]
     if not done:
       continue
     cells = []
     for name, digits in (("test_accuracy", 4), ("test_reconstruction_mse", 5),
-                         ("train_images_per_second", 0)):
-      values = [run[name] for run in done]
-      cell = f"{statistics.mean(values):.{digits}f}"
+                         ("train_images_per_second", 0), ("seconds_to_bar", 0)):
+      values = [run[name] for run in done if run.get(name) is not None]
+      if values:
+        cell = f"{statistics.mean(values):.{digits}f}"
+      else:  # Runs from before the time to BAR was recorded have no such key.
+        cell = "not reached" if any(name in run for run in done) else "not measured"
       if len(values) > 1:
         cell += f" ± {statistics.stdev(values):.{digits}f}"
       cells.append(cell)
+    steps = [run["step_to_bar"] for run in done if run.get("step_to_bar") is not None]
+    if steps:
+      cells[-1] += f" ({statistics.mean(steps):.0f})"
+    if len(steps) < len(done) and steps:
+      cells[-1] += f", {len(steps)} of {len(done)} seeds"
+    cells.append(f"{sum(meets(run) for run in done)} of {len(done)}")
     lines.append(f"| {variant} | {description} | {len(done)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

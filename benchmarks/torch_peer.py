@@ -107,27 +107,34 @@ def build_classifier_head(latent_dim: int) -> nn.Sequential:
       ("logits", nn.Linear(128, NUM_CLASSES))]))
 
 
-def build_decoder_head(latent_dim: int, width: int) -> nn.Sequential:
-  """trainer.model.build_decoder_head (deep): the encoder mirrored, to pixels in [0, 1]."""
+def build_decoder_head(latent_dim: int, width: int, deep: bool = True) -> nn.Sequential:
+  """trainer.model.build_decoder_head: the encoder mirrored, to pixels in [0, 1]; `deep` as
+  there (a convolution at 7x7 and 14x14, and full-resolution features)."""
   layers = [("decoder_dense", nn.Linear(latent_dim, 7 * 7 * 2 * width, bias=False)),
             ("reshape", _Unflatten(2 * width)),
             ("decoder_dense_bn", _batch_norm(2 * width)), ("relu", nn.ReLU())]
-  layers += _conv("decoder7", 2 * width, 2 * width)
+  if deep:
+    layers += _conv("decoder7", 2 * width, 2 * width)
   layers += _conv("decoder14_up", 2 * width, width, transpose=True)
-  layers += _conv("decoder14", width, width)
-  layers += _conv("decoder28_up", width, width, transpose=True)
-  layers += [("pixel_logits", nn.Conv2d(width, 1, 3, padding=1)), ("pixels", nn.Sigmoid())]
+  if deep:
+    layers += _conv("decoder14", width, width)
+    layers += _conv("decoder28_up", width, width, transpose=True)
+    layers.append(("pixel_logits", nn.Conv2d(width, 1, 3, padding=1)))
+  else:
+    layers.append(("pixel_logits", nn.ConvTranspose2d(width, 1, 3, stride=2, padding=1,
+                                                      output_padding=1)))
+  layers.append(("pixels", nn.Sigmoid()))
   return nn.Sequential(collections.OrderedDict(layers))
 
 
 class MultitaskModel(nn.Module):
   """The shared encoder and the two heads; `forward` returns the dict the module doc says."""
 
-  def __init__(self, latent_dim: int, width: int):
+  def __init__(self, latent_dim: int, width: int, deep_decoder: bool = True):
     super().__init__()
     self.encoder = build_encoder(latent_dim, width)
     self.classifier = build_classifier_head(latent_dim)
-    self.decoder = build_decoder_head(latent_dim, width)
+    self.decoder = build_decoder_head(latent_dim, width, deep_decoder)
     self.apply(_keras_initialisation)
 
   def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -146,9 +153,11 @@ def _keras_initialisation(module: nn.Module) -> None:
       nn.init.zeros_(module.bias)
 
 
-def build_model(latent_dim: int = 256, width: int = 48) -> MultitaskModel:
-  """The peer of trainer.model.build_model(latent_dim, width); defaults are the job's."""
-  return MultitaskModel(latent_dim, width)
+def build_model(latent_dim: int = 256, width: int = 48, deep_decoder: bool = True
+                ) -> MultitaskModel:
+  """The peer of trainer.model.build_model(latent_dim, width, deep_decoder=...); defaults are
+  the job's."""
+  return MultitaskModel(latent_dim, width, deep_decoder)
 
 
 def parameter_count(model: nn.Module) -> int:

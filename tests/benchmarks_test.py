@@ -61,7 +61,9 @@ def _results() -> dict:
       "time_to_final_bar": {"bar": {"test_accuracy": 0.93, "test_reconstruction_mse": 0.0098},
                             "package_flags": ["--epochs=5"],
                             "package": {"step": None, "accuracy": 0.9312,
-                                        "reconstruction_mse": 0.0101}},
+                                        "reconstruction_mse": 0.0101},
+                            "pytorch": {"seconds": 700.0, "step": 3900, "accuracy": 0.931,
+                                        "reconstruction_mse": 0.0097}},
       "startup_seconds": {"first_step_done": 10.0},
   }
 
@@ -74,6 +76,15 @@ def test_table_reports_the_two_ratios():
   assert "(**35% used**)" not in table and "(**35%** used)" in table and "60 s (step 1500)" in table
   assert ("| time to test accuracy 0.93 and MSE 0.0098, package, default recipe (--epochs=5) | "
           "not reached (ended at accuracy 0.9312, MSE 0.01010) |") in table
+  assert "| the same, PyTorch peer, the same recipe | 700 s (step 3900) |" in table
+  assert "| **time to that bar, package / PyTorch** | not both reached |" in table
+
+
+def test_table_gives_the_time_to_the_final_bar_against_pytorch():
+  results = _results()
+  results["time_to_final_bar"]["package"] = {"seconds": 560.0, "step": 3510}
+  results["time_to_final_bar_ratio_vs_pytorch"] = 560.0 / 700.0
+  assert "| **time to that bar, package / PyTorch** | **0.80** |" in run.table(results)
 
 
 def test_table_marks_the_ratio_as_a_bound_when_the_exercise_never_reaches_the_bar():
@@ -108,13 +119,21 @@ def test_semi_supervised_table_gives_mean_and_spread_over_seeds():
 def test_levers_table_gives_each_variants_mean_and_spread_in_the_variants_order():
   from benchmarks import levers
   runs = {f"{variant}/{seed}": {"variant": variant, "seed": seed, "test_accuracy": accuracy,
-                                "test_reconstruction_mse": 0.008, "train_images_per_second": 600.0}
-          for variant, seed, accuracy in (("no_warmup", 0, 0.92), ("final", 0, 0.93),
-                                          ("final", 1, 0.934))}
+                                "test_reconstruction_mse": 0.008, "train_images_per_second": 600.0,
+                                "seconds_to_bar": seconds, "step_to_bar": step}
+          for variant, seed, accuracy, seconds, step in (
+              ("no_warmup", 0, 0.92, None, None), ("final", 0, 0.93, 500.0, 3000),
+              ("final", 1, 0.934, 600.0, 3200), ("final", 2, 0.929, None, None))}
+  runs["no_shift/0"] = {"variant": "no_shift", "seed": 0, "test_accuracy": 0.94,
+                        "test_reconstruction_mse": 0.009, "train_images_per_second": 700.0}
   lines = levers.table(runs).splitlines()
-  assert lines[2] == ("| final | nothing: the default | 2 | 0.9320 ± 0.0028 | 0.00800 ± 0.00000 "
-                      "| 600 ± 0 |")
-  assert lines[3] == "| no_warmup | no learning-rate warm-up | 1 | 0.9200 | 0.00800 | 600 |"
+  assert lines[2] == ("| final | nothing: the default | 3 | 0.9310 ± 0.0026 | 0.00800 ± 0.00000 "
+                      "| 600 ± 0 | 550 ± 71 (3100), 2 of 3 seeds | 2 of 3 |")
+  assert lines[3] == ("| no_warmup | no learning-rate warm-up | 1 | 0.9200 | 0.00800 | 600 "
+                      "| not reached | 0 of 1 |")
+  # A run from before the time to the bar was recorded.
+  assert lines[4] == ("| no_shift | no shift augmentation | 1 | 0.9400 | 0.00900 | 700 "
+                      "| not measured | 1 of 1 |")
 
 
 def test_the_heaviest_convolution_is_found_and_tensorflow_counts_what_the_shapes_say():

@@ -90,6 +90,13 @@ def test_layers_match_keras_in_order_shape_stride_padding_and_batch_norm(narrow_
   assert _torch_layout(getattr(torch_narrow, head)) == expected
 
 
+def test_the_shallow_decoder_matches_keras_too():
+  keras_shallow = keras_model.build_model(16, 8, deep_decoder=False)
+  torch_shallow = torch_peer.build_model(16, 8, deep_decoder=False)
+  assert _torch_layout(torch_shallow.decoder) == _keras_layout(keras_shallow, "decoder")
+  assert torch_peer.parameter_count(torch_shallow) == keras_shallow.count_params()
+
+
 def test_outputs_are_logits_and_pixels_in_nchw(narrow_pair):
   _, model = narrow_pair
   model.eval()
@@ -174,3 +181,24 @@ def test_evaluate_is_accuracy_and_pixel_mse_over_every_example(narrow_pair):
       float((outputs["classifier"].argmax(1).numpy() == labels).mean()))
   assert metrics["reconstruction_mse"] == pytest.approx(
       float(((outputs["decoder"] - pixels) ** 2).mean()), rel=1e-5)
+
+
+@pytest.mark.slow  # A process that imports PyTorch and builds the default model: about 8 s.
+def test_the_time_to_the_bar_evaluates_on_the_packages_cadence_and_says_where_it_ended(tmp_path):
+  rng = np.random.default_rng(0)
+  arrays = tmp_path / "splits.npz"
+  np.savez(arrays, images=rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8),
+           labels=rng.integers(0, 10, 20), test_images=rng.integers(0, 256, (5, 28, 28, 1),
+                                                                   dtype=np.uint8),
+           test_labels=rng.integers(0, 10, 5))
+  # 8 of 20: 2 steps an epoch (the remainder dropped), 4 in all; evaluated every 3 steps and
+  # at each epoch's end. An accuracy above 1 is never reached.
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.measure", "pytorch_tta", f"--arrays={arrays}",
+       "--batch_size=8", "--epochs=2", "--eval_every_steps=3", "--shift_pixels=1",
+       "--target_accuracy=1.01"], capture_output=True, text=True, timeout=180)
+  assert result.returncode == 0, result.stderr
+  evaluated = [line.split()[1] for line in result.stderr.splitlines() if line.startswith("step ")]
+  assert evaluated == ["2", "3", "4"]
+  (line,) = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+  assert '"step": null' in line and '"accuracy": ' in line
