@@ -31,6 +31,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer("repeats", 3, "Rounds of the three throughputs the ratios compare (the "
                        "exercise's fit, the package's loop, PyTorch); the median counts (this "
                        "VM's speed drifts between runs).")
+  flags.DEFINE_integer("measure_steps", 600, "Steps each throughput of the package's loop and "
+                       "PyTorch is timed over, after the warm-up (the exercise's: one epoch).")
+  flags.DEFINE_integer("exercise_max_epochs", 20, "The exercise's time to accuracy gives up "
+                       "after this many epochs (the ratio is then an upper bound).")
   flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                              "results.json"), "Where to write the figures.")
 
@@ -136,7 +140,10 @@ def main(_) -> None:
   print("measuring (each in its own process):", file=sys.stderr)
   results = {"dataset": FLAGS.dataset, "machine": platform.node(),
              "bar": {"test_accuracy": FLAGS.target_accuracy,
-                     "test_reconstruction_mse": FLAGS.target_mse}}
+                     "test_reconstruction_mse": FLAGS.target_mse},
+             "settings": {"repeats": FLAGS.repeats, "measure_steps": FLAGS.measure_steps,
+                          "exercise_max_epochs": FLAGS.exercise_max_epochs}}
+  steps = f"--measure_steps={FLAGS.measure_steps}"
   # The three alternate in rounds, so a drift in the VM's speed reaches each alike.
   runs = {"exercise_fit_batch128": [], "package_loop_batch128": [], "pytorch_batch128": []}
   # Removed when this process ends (a failed measurement exits it), at the latest.
@@ -145,9 +152,9 @@ def main(_) -> None:
   for _ in range(FLAGS.repeats):
     runs["exercise_fit_batch128"].append(measure("exercise")["images_per_second"])
     runs["package_loop_batch128"].append(
-        measure("package", "--batch_size=128")["images_per_second"])
+        measure("package", "--batch_size=128", steps)["images_per_second"])
     runs["pytorch_batch128"].append(measure(
-        "pytorch", "--batch_size=128", f"--arrays={arrays}")["images_per_second"])
+        "pytorch", "--batch_size=128", steps, f"--arrays={arrays}")["images_per_second"])
   results["throughput_runs"] = runs
   # Each round's own ratio: their spread says how far the median can be trusted.
   round_ratios = [package / peer for package, peer in
@@ -174,7 +181,7 @@ def main(_) -> None:
   if package_tta["step"] is None:
     sys.exit(f"error: the package's recipe ({' '.join(PACKAGE_TTA_FLAGS)}) never reached the "
              f"bar: {reached(package_tta)}")
-  exercise_tta = measure("exercise_tta")
+  exercise_tta = measure("exercise_tta", f"--max_epochs={FLAGS.exercise_max_epochs}")
   results["time_to_accuracy"] = {"package": package_tta, "package_flags": PACKAGE_TTA_FLAGS,
                                  "exercise": exercise_tta}
   # If the exercise's way never reaches the bar, its time is a lower bound, the ratio an upper.
