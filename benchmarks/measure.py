@@ -251,9 +251,15 @@ def measure_pytorch(_) -> None:
 def measure_pytorch_tta(_) -> None:
   import numpy as np
 
+  import torch
+
   from benchmarks import torch_peer
   from trainer.config import parse_loss_weights
+  if FLAGS.loss_weighting != "fixed":
+    sys.exit(f"error: the PyTorch peer has only the fixed weighting, not --loss_weighting="
+             f"{FLAGS.loss_weighting}")
   torch_peer.use_all_cores()
+  torch.manual_seed(0)  # The package's default --seed: one run is one initialisation.
   with np.load(FLAGS.arrays, allow_pickle=False) as arrays:
     images, labels = arrays["images"], arrays["labels"]
     test_images, test_labels = arrays["test_images"], arrays["test_labels"]
@@ -268,12 +274,14 @@ def measure_pytorch_tta(_) -> None:
   step = 0
   while step < total_steps:
     # To the next evaluation: every --eval_every_steps and each epoch's end, as the package.
-    stop = min(total_steps, (step // FLAGS.eval_every_steps + 1) * FLAGS.eval_every_steps,
-               (step // steps_per_epoch + 1) * steps_per_epoch)
+    stop = min(total_steps, (step // steps_per_epoch + 1) * steps_per_epoch)
+    if FLAGS.eval_every_steps:  # 0: at epoch ends only, as the package.
+      stop = min(stop, (step // FLAGS.eval_every_steps + 1) * FLAGS.eval_every_steps)
     torch_peer.train_steps(model, optimizer, scheduler,
                            (next(batches) for _ in range(stop - step)), weights)
     step = stop
-    metrics = torch_peer.evaluate(model, test_images, test_labels)
+    # In batches of the training batch, as the package evaluates.
+    metrics = torch_peer.evaluate(model, test_images, test_labels, FLAGS.batch_size)
     print(f"step {step} at {time.time() - PROCESS_START:.1f} s: {metrics}", file=sys.stderr,
           flush=True)
     if _reached(metrics):

@@ -55,8 +55,8 @@ def _torch_layout(head: torch.nn.Module) -> list:
       shape = tuple(tensor.shape)
       if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
         transpose = isinstance(module, torch.nn.ConvTranspose2d)
-        same = (module.padding == (1, 1) and
-                (module.output_padding == (1, 1) if transpose else module.stride == (1, 1)))
+        same = (isinstance(module, torch_peer.SameConvTranspose2d) if transpose
+                else module.padding == (1, 1) and module.stride == (1, 1))
         rows.append(("conv_transpose" if transpose else "conv", shape, module.stride,
                      "same" if same else module.padding))
       elif isinstance(module, torch.nn.Linear):
@@ -95,6 +95,70 @@ def test_the_shallow_decoder_matches_keras_too():
   torch_shallow = torch_peer.build_model(16, 8, deep_decoder=False)
   assert _torch_layout(torch_shallow.decoder) == _keras_layout(keras_shallow, "decoder")
   assert torch_peer.parameter_count(torch_shallow) == keras_shallow.count_params()
+
+
+def _copy_keras_weights(keras_head: keras.Model, torch_head: torch.nn.Module) -> None:
+  """Keras's weights into the PyTorch head, layer for layer; the dense layers next to a
+  flatten or reshape permuted from NHWC order to NCHW."""
+  keras_layers = [layer for layer in keras_head.layers if layer.weights]
+  torch_modules = [module for module in torch_head.children()
+                   if list(module.parameters(recurse=False))]
+  assert len(keras_layers) == len(torch_modules)
+  for layer, module in zip(keras_layers, torch_modules):
+    weights = [np.asarray(w) for w in layer.get_weights()]
+    if isinstance(layer, keras.layers.BatchNormalization):
+      tensors = [module.weight, module.bias, module.running_mean, module.running_var]
+    else:
+      tensors = [module.weight] + ([module.bias] if module.bias is not None else [])
+      if weights[0].ndim == 4:
+        weights[0] = weights[0].transpose(_CONV_PERMUTATION)
+      else:
+        kernel = weights[0]  # (in, out)
+        if layer.name == "latent":  # Inputs flattened from (7, 7, C) here, (C, 7, 7) there.
+          channels = kernel.shape[0] // 49
+          kernel = kernel.reshape(7, 7, channels, -1).transpose(2, 0, 1, 3).reshape(
+              kernel.shape)
+        elif layer.name == "decoder_dense":  # Outputs reshaped to (7, 7, C), there (C, 7, 7).
+          channels = kernel.shape[1] // 49
+          kernel = kernel.reshape(-1, 7, 7, channels).transpose(0, 3, 1, 2).reshape(
+              kernel.shape)
+        weights[0] = kernel.T
+    assert len(weights) == len(tensors), layer.name
+    with torch.no_grad():
+      for tensor, value in zip(tensors, weights):
+        assert tuple(tensor.shape) == value.shape, layer.name
+        tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+
+@pytest.mark.parametrize("deep_decoder", [True, False])
+def test_with_kerass_weights_the_peer_computes_what_keras_computes(deep_decoder):
+  keras.utils.set_random_seed(3)
+  keras_net = keras_model.build_model(16, 8, deep_decoder=deep_decoder)
+  # Batch normalisation's statistics and affine weights away from 0 and 1, so that a wrong
+  # copy or a shifted pixel shows.
+  rng = np.random.default_rng(3)
+  for layer in keras_model_layers(keras_net):
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32) if i in (0, 3)
+                         else rng.normal(0, 0.3, w.shape).astype(np.float32)
+                         for i, w in enumerate(layer.get_weights())])
+  peer = torch_peer.build_model(16, 8, deep_decoder=deep_decoder)
+  for head in ("encoder", "classifier", "decoder"):
+    _copy_keras_weights(keras_net.get_layer(head), getattr(peer, head))
+  images = rng.integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+  expected = keras_net(images, training=False)
+  peer.eval()
+  with torch.no_grad():
+    outputs = peer(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
+  np.testing.assert_allclose(torch.softmax(outputs["classifier"], 1).numpy(),
+                             np.asarray(expected["classifier"]), atol=1e-4)
+  np.testing.assert_allclose(outputs["decoder"].permute(0, 2, 3, 1).numpy(),
+                             np.asarray(expected["decoder"]), atol=1e-4)
+
+
+def keras_model_layers(model: keras.Model):
+  for layer in model.layers:
+    yield from keras_model_layers(layer) if isinstance(layer, keras.Model) else [layer]
 
 
 def test_outputs_are_logits_and_pixels_in_nchw(narrow_pair):
