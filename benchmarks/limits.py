@@ -142,8 +142,7 @@ def measure(batch: int) -> Dict[str, object]:
   import tensorflow as tf
   from trainer.config import TrainConfig
   from trainer.model import build_model
-  # As the job builds it on one replica (multitask.default_model).
-  model = build_model(TrainConfig.latent_dim, TrainConfig.width, synchronized_batch_norm=False)
+  model = build_model(TrainConfig.latent_dim, TrainConfig.width)
   shape = heaviest_convolution(model)
   return {
       "cpu": cpu_description(), "tensorflow": tf.__version__,

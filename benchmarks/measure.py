@@ -120,9 +120,7 @@ def _exercise_model():
   import numpy as np
   from trainer.config import CLASSIFIER, DECODER
   from trainer.model import build_model
-  # Batch normalisation as the job builds it on one replica (multitask.default_model).
-  model = build_model(DEFAULTS.latent_dim, DEFAULTS.width, scaled_inputs=True,
-                      synchronized_batch_norm=False)
+  model = build_model(DEFAULTS.latent_dim, DEFAULTS.width, scaled_inputs=True)
   model.compile(optimizer=keras.optimizers.Adam(),
                 loss={CLASSIFIER: "sparse_categorical_crossentropy", DECODER: "mse"},
                 loss_weights={CLASSIFIER: 1.0, DECODER: 0.2})

@@ -2,7 +2,6 @@
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from trainer import model as model_lib
 
@@ -44,29 +43,6 @@ def test_batch_normalisation_is_synchronised_across_replicas():
   norms = [layer for layer in _layers(model_lib.build_model(latent_dim=16, width=8))
            if isinstance(layer, keras.layers.BatchNormalization)]
   assert norms and all(layer.synchronized for layer in norms)
-
-
-def test_the_job_synchronises_batch_normalisation_only_across_several_replicas(two_replicas):
-  from trainer import multitask
-  from trainer.config import TrainConfig
-  config = TrainConfig(model_dir="-", latent_dim=16, width=8)
-  with tf.distribute.get_strategy().scope():
-    alone = {layer.synchronized for layer in _layers(multitask.default_model(config))
-             if isinstance(layer, keras.layers.BatchNormalization)}
-  with two_replicas.scope():
-    shared = {layer.synchronized for layer in _layers(multitask.default_model(config))
-              if isinstance(layer, keras.layers.BatchNormalization)}
-  assert alone == {False} and shared == {True}
-
-
-def test_on_one_replica_both_kinds_of_batch_normalisation_compute_the_same():
-  inputs = np.random.default_rng(0).normal(3.0, 2.0, (16, 7, 7, 5)).astype(np.float32)
-  outputs = []
-  for synchronized in (True, False):
-    norm = keras.layers.BatchNormalization(synchronized=synchronized, momentum=0.9)
-    outputs.append((np.asarray(norm(inputs, training=True)), norm.moving_variance.numpy()))
-  np.testing.assert_allclose(outputs[0][0], outputs[1][0], rtol=0, atol=1e-4)
-  np.testing.assert_allclose(outputs[0][1], outputs[1][1], rtol=1e-5)
 
 
 def test_batch_normalisation_statistics_do_not_overflow_in_float16():

@@ -30,10 +30,8 @@ TRAIN_OUTPUTS = losses.SUMS + ("loss",) + HEALTH
 
 
 def default_model(config: TrainConfig) -> keras.Model:
-  """The job's model, shaped by the configuration; called inside the strategy's scope, whose
-  replicas decide whether batch normalisation synchronises."""
-  replicas = tf.distribute.get_strategy().num_replicas_in_sync
-  return build_model(config.latent_dim, config.width, synchronized_batch_norm=replicas > 1)
+  """The job's model, shaped by the configuration."""
+  return build_model(config.latent_dim, config.width)
 
 
 @dataclasses.dataclass(frozen=True)
