@@ -33,8 +33,10 @@ VARIANTS = {
     "final": ("nothing: the default", {}, {}),
     "no_batch_norm": ("without batch normalisation", {}, {"batch_norm": False}),
     "two_blocks": ("two resolutions in the encoder (28, 14), as before", {}, {"blocks": 2}),
-    "shallow_decoder": ("the old decoder: no convolution between upsamplings", {},
-                        {"deep_decoder": False}),
+    "two_blocks_deep_decoder": ("two resolutions and the deeper decoder (issue 26's candidate)",
+                                {}, {"blocks": 2, "deep_decoder": True}),
+    "deep_decoder": ("issue 13's deeper decoder: a convolution at 7x7 and 14x14, and "
+                     "full-resolution features", {}, {"deep_decoder": True}),
     "no_warmup": ("no learning-rate warm-up", {"warmup_steps": 0}, {}),
     "no_weight_decay": ("Adam, no weight decay", {"weight_decay": 0.0}, {}),
     "classic_weights": ("fixed loss weights 1.0 and 0.2", {

@@ -1,7 +1,7 @@
 """The package's default model in plain PyTorch on CPU: the benchmarks' peer (issue 26).
 
 Contract: `build_model(latent_dim, width)` is `trainer.model.build_model(latent_dim, width)`
-with its defaults (batch normalisation, three encoder blocks, the deep decoder): the same
+with its defaults (batch normalisation, three encoder blocks, the shallow decoder): the same
 layers in the same order, with the same widths, kernels, strides, padding, biases, batch
 normalisation settings and initialisation, and `parameter_count(model)` equals Keras's
 `count_params()` (tests/torch_peer_test.py asserts both). `make_optimizer` and `train_steps`
@@ -118,7 +118,7 @@ def build_classifier_head(latent_dim: int) -> nn.Sequential:
       ("logits", nn.Linear(128, NUM_CLASSES))]))
 
 
-def build_decoder_head(latent_dim: int, width: int, deep: bool = True) -> nn.Sequential:
+def build_decoder_head(latent_dim: int, width: int, deep: bool = False) -> nn.Sequential:
   """trainer.model.build_decoder_head: the encoder mirrored, to pixels in [0, 1]; `deep` as
   there (a convolution at 7x7 and 14x14, and full-resolution features)."""
   layers = [("decoder_dense", nn.Linear(latent_dim, 7 * 7 * 2 * width, bias=False)),
@@ -140,7 +140,7 @@ def build_decoder_head(latent_dim: int, width: int, deep: bool = True) -> nn.Seq
 class MultitaskModel(nn.Module):
   """The shared encoder and the two heads; `forward` returns the dict the module doc says."""
 
-  def __init__(self, latent_dim: int, width: int, deep_decoder: bool = True):
+  def __init__(self, latent_dim: int, width: int, deep_decoder: bool = False):
     super().__init__()
     self.encoder = build_encoder(latent_dim, width)
     self.classifier = build_classifier_head(latent_dim)
@@ -163,7 +163,7 @@ def _keras_initialisation(module: nn.Module) -> None:
       nn.init.zeros_(module.bias)
 
 
-def build_model(latent_dim: int = 256, width: int = 48, deep_decoder: bool = True
+def build_model(latent_dim: int = 256, width: int = 48, deep_decoder: bool = False
                 ) -> MultitaskModel:
   """The peer of trainer.model.build_model(latent_dim, width, deep_decoder=...); defaults are
   the job's."""

@@ -62,8 +62,9 @@ def test_width_sets_the_channels_of_encoder_and_decoder():
   def channels(model):
     return [layer.filters for layer in _layers(model)
             if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
-  assert channels(model_lib.build_model(latent_dim=16, width=8)) == [8, 16, 16, 32, 32,
-                                                                     16, 8, 8, 8, 1]
+  assert channels(model_lib.build_model(latent_dim=16, width=8)) == [8, 16, 16, 32, 32, 8, 1]
+  assert channels(model_lib.build_model(latent_dim=16, width=8, deep_decoder=True)) == [
+      8, 16, 16, 32, 32, 16, 8, 8, 8, 1]
   assert (model_lib.build_model(latent_dim=16, width=8).count_params()
           < model_lib.build_model(latent_dim=16, width=16).count_params())
 

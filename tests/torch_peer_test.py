@@ -90,11 +90,11 @@ def test_layers_match_keras_in_order_shape_stride_padding_and_batch_norm(narrow_
   assert _torch_layout(getattr(torch_narrow, head)) == expected
 
 
-def test_the_shallow_decoder_matches_keras_too():
-  keras_shallow = keras_model.build_model(16, 8, deep_decoder=False)
-  torch_shallow = torch_peer.build_model(16, 8, deep_decoder=False)
-  assert _torch_layout(torch_shallow.decoder) == _keras_layout(keras_shallow, "decoder")
-  assert torch_peer.parameter_count(torch_shallow) == keras_shallow.count_params()
+def test_the_deep_decoder_matches_keras_too():
+  keras_deep = keras_model.build_model(16, 8, deep_decoder=True)
+  torch_deep = torch_peer.build_model(16, 8, deep_decoder=True)
+  assert _torch_layout(torch_deep.decoder) == _keras_layout(keras_deep, "decoder")
+  assert torch_peer.parameter_count(torch_deep) == keras_deep.count_params()
 
 
 def _copy_keras_weights(keras_head: keras.Model, torch_head: torch.nn.Module) -> None:
