@@ -231,7 +231,7 @@ def table(results: dict) -> str:
       ("input pipeline alone (no model)", f"{ips['input_pipeline_alone']:,.0f} images/s"),
       ("exercise way: float64 arrays into model.fit, batch 128 (median)",
        f"{ips['exercise_fit_batch128']:,.0f} images/s"),
-      ("package loop, batch 128 (default), 50 steps per call (median)",
+      ("package loop, batch 128 (the job defaults to 64), 50 steps per call (median)",
        f"{ips['package_loop_batch128']:,.0f} images/s"),
       ("package loop, batch 128, 1 step per call",
        f"{ips['package_loop_batch128_steps_per_loop1']:,.0f} images/s"),
