@@ -109,7 +109,7 @@ def measure_package(splits) -> None:
     loop(batches, steps, no_stop)[0].numpy()
   started = time.perf_counter()
   for _ in range(calls):
-    loop(batches, steps, no_stop)[0].numpy()  # The host reads the sums each call.
+    loop(batches, steps, no_stop)[0].numpy()  # The host reads the outputs each call.
   seconds = time.perf_counter() - started
   _emit(images_per_second=calls * config.steps_per_loop * config.batch_size / seconds)
 

@@ -5,7 +5,8 @@ the task owns the computation. The controller keeps one checkpointed global step
 derived from it) and the running sums of the epoch in progress, so that a resumed epoch's
 metrics are whole. Each call into the device runs `min(steps_per_loop, steps to the next
 action)` steps (fewer under `Schedule.max_call_seconds`) of the task's `train_step` in one
-`tf.function`, keeping their sums on the device; then the host asks each periodic action
+`tf.function`, and the host adds their outputs to the epoch's sums a step at a time (the same
+sums however steps are grouped into calls: a resume is exact); then it asks each periodic action
 whether it is its time (big_vision's `itstime`): the epoch's end, the caller's actions, a
 checkpoint, a preemption stop.
 
@@ -116,13 +117,13 @@ def describe_step(step: int, steps_per_epoch: int) -> str:
 def make_train_loop(strategy: tf.distribute.Strategy, task: Task):
   """A `tf.function(iterator, num_steps, stop_requested)` that runs `num_steps` task steps.
 
-  Returns the summed `train_outputs` (a vector in that order, kept on the device across the
-  call), the index of the first step whose outputs were not healthy (-1 if none), and whether
-  any worker's `stop_requested` was true: every worker gets the same answer, so all stop at
-  the same step. There is no data-dependent exit: the host reads the sums once per call.
+  Returns each step's `train_outputs` summed over the replicas (a [num_steps, outputs] float32
+  matrix, columns in that order), and whether any worker's `stop_requested` was true: every
+  worker gets the same answer, so all stop at the same step. There is no data-dependent exit:
+  the host reads the outputs once per call, and sums them step by step (`fold_steps`), so that
+  an epoch's sums do not depend on how its steps were grouped into calls.
   """
   names = task.train_outputs
-  health = [index for index, name in enumerate(names) if name.startswith(HEALTH_PREFIX)]
 
   def replica_step(inputs):
     outputs = task.train_step(inputs)
@@ -131,21 +132,38 @@ def make_train_loop(strategy: tf.distribute.Strategy, task: Task):
 
   @tf.function
   def train_loop(iterator, num_steps, stop_requested):
-    sums = tf.zeros([len(names)])
-    first_bad = tf.constant(-1)
+    steps = tf.TensorArray(tf.float32, size=num_steps, element_shape=[len(names)])
     for index in tf.range(num_steps):
-      step = strategy.reduce(tf.distribute.ReduceOp.SUM,
-                             strategy.run(replica_step, args=(next(iterator),)), axis=None)
-      bad = tf.logical_not(tf.reduce_all(tf.math.is_finite(step)))
-      if health:
-        bad = tf.logical_or(bad, tf.reduce_sum(tf.gather(step, health)) > 0)
-      first_bad = tf.where(tf.logical_and(first_bad < 0, bad), index, first_bad)
-      sums += step
+      steps = steps.write(index, strategy.reduce(
+          tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(next(iterator),)),
+          axis=None))
     requests = strategy.reduce(tf.distribute.ReduceOp.SUM,
                                strategy.run(tf.identity, args=(stop_requested,)), axis=None)
-    return sums, first_bad, requests > 0
+    return steps.stack(), requests > 0
 
   return train_loop
+
+
+def first_unhealthy(step_outputs: np.ndarray, names: Sequence[str]) -> int:
+  """The index of the first row of `step_outputs` (a step's outputs, columns `names`) with a
+  non-finite value or a `nonfinite_*` count above zero; -1 where every step is healthy."""
+  health = [index for index, name in enumerate(names) if name.startswith(HEALTH_PREFIX)]
+  bad = ~np.all(np.isfinite(step_outputs), axis=1)
+  if health:
+    bad |= step_outputs[:, health].sum(axis=1) > 0
+  return int(np.argmax(bad)) if bad.any() else -1
+
+
+def fold_steps(sums: np.ndarray, step_outputs: np.ndarray) -> np.ndarray:
+  """`sums` plus each row of `step_outputs`, one step at a time, in float64.
+
+  The same float64 additions in the same order, however the steps were grouped into calls:
+  a resumed epoch's sums equal the uninterrupted one's to the last bit.
+  """
+  sums = np.array(sums, dtype=np.float64)
+  for row in np.asarray(step_outputs, dtype=np.float64):
+    sums += row
+  return sums
 
 
 class Controller:
@@ -273,21 +291,24 @@ class Controller:
     """One call into the device: `steps` steps, checked, counted and logged; returns the
     call's train logs and whether every worker agreed to stop."""
     started = self._clock()
-    sums, first_bad, stop = train_loop(iterator, tf.constant(steps),
-                                       tf.constant(float(stop_requested)))
-    sums = dict(zip(self.task.train_outputs, sums.numpy().tolist()))
+    step_outputs, stop = train_loop(iterator, tf.constant(steps),
+                                    tf.constant(float(stop_requested)))
+    step_outputs = step_outputs.numpy()
     seconds = self._clock() - started
-    if int(first_bad) >= 0:
-      bad_step = describe_step(self.step + int(first_bad) + 1, self.schedule.steps_per_epoch)
+    names = self.task.train_outputs
+    sums = dict(zip(names, fold_steps(np.zeros(len(names)), step_outputs).tolist()))
+    first_bad = first_unhealthy(step_outputs, names)
+    if first_bad >= 0:
+      bad_step = describe_step(self.step + first_bad + 1, self.schedule.steps_per_epoch)
       raise Diverged(
           f"training diverged: {divergence(sums)} at {bad_step}; stopped without saving; the "
-          "last good checkpoint is "
-          f"{self.latest_checkpoint or 'none (delete --model_dir to start over)'}; "
+          f"last good checkpoint is {self.latest_checkpoint or 'none: nothing was saved'}; "
           "lower --learning_rate or check the data")
     self.throughput.add(steps * self.schedule.examples_per_step, seconds)
     self._call_cap.add(steps, seconds)
     self.global_step.assign_add(steps)
-    self.epoch_sums.assign_add([sums[name] for name in self._epoch_names])
+    epoch_columns = [names.index(name) for name in self._epoch_names]
+    self.epoch_sums.assign(fold_steps(self.epoch_sums.numpy(), step_outputs[:, epoch_columns]))
     logs = self.task.train_logs(sums, steps)
     self._write_summaries(logs, steps / seconds)
     return logs, bool(stop)
