@@ -3,11 +3,13 @@ batch_input share, what it takes and what it refuses."""
 
 import importlib.resources
 import re
+import zipfile
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.sources_test import HUGE_SHAPE, huge_claim, npy_claiming
 from trainer import image_files
 from trainer.config import UserInputError
 
@@ -128,8 +130,23 @@ def test_array_files_that_are_not_what_their_name_says_are_refused(tmp_path):
     image_files.read_array(str(tmp_path / "objects.npy"))
   np.save(tmp_path / "cut.npy", _images(2))
   (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:-100])
-  with pytest.raises(UserInputError, match="cut.npy: not a readable .npy file .*np.save$"):
+  with pytest.raises(UserInputError, match=r"cut.npy: its header claims shape \(2, 28, 28\) of "
+                     r"uint8 \(1568 bytes of data\) but only 1468 bytes follow .*np.save$"):
     image_files.read_array(str(tmp_path / "cut.npy"))
+
+
+def test_arrays_whose_header_claims_more_data_than_the_file_holds_are_refused_unread(tmp_path):
+  npy = tmp_path / "huge.npy"
+  npy.write_bytes(npy_claiming(HUGE_SHAPE, np.float32))
+  with pytest.raises(UserInputError) as e:
+    image_files.read_array(str(npy))
+  assert str(e.value) == huge_claim(str(npy), "float32", "np.save")
+  npz = tmp_path / "huge.npz"
+  with zipfile.ZipFile(npz, "w") as archive:
+    archive.writestr("images.npy", npy_claiming(HUGE_SHAPE))
+  with pytest.raises(UserInputError) as e:
+    image_files.read_array(str(npz))
+  assert str(e.value) == huge_claim(f"{npz} (array images)", "uint8", "np.savez")
 
 
 @pytest.mark.parametrize("pixels, message", [

@@ -17,7 +17,8 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from tests.sources_test import fashion_mnist_dir, needs_fashion_mnist
+from tests.sources_test import (HUGE_SHAPE, fashion_mnist_dir, huge_claim, needs_fashion_mnist,
+                                npy_claiming)
 from trainer import predict
 from trainer import sources
 from trainer.config import UserInputError
@@ -180,6 +181,17 @@ def test_each_input_is_predicted_or_refused_on_its_own_into_an_output_dir(finish
   overwrite = predict.Options(model_dir, output_dir=output_dir, overwrite=True)
   assert predict.predict_inputs([good], overwrite) == 0
   assert capsys.readouterr().out.startswith(f"{good}: {split.labels[0]} ")
+
+
+def test_an_array_whose_header_claims_more_data_than_it_holds_is_its_own_error_line(tmp_path,
+                                                                                   capsys):
+  """np.load would try to allocate what the header claims (784 TB): refused, the rest read."""
+  huge, good = str(tmp_path / "huge.npy"), str(tmp_path / "good.npy")
+  (tmp_path / "huge.npy").write_bytes(npy_claiming(HUGE_SHAPE))
+  np.save(good, np.zeros((1, 28, 28), np.uint8))
+  items, failed = predict.read_items([huge, good], predict.Options(str(tmp_path / "run")))
+  assert failed == 1 and [item.name for item in items] == [f"{good}[0]"]
+  assert capsys.readouterr().err.splitlines() == [f"error: {huge_claim(huge, 'uint8', 'np.save')}"]
 
 
 def test_class_names_and_the_training_background_come_from_the_run(finished_run, tmp_path,

@@ -2,8 +2,10 @@
 of bad files, and the background of images."""
 
 import functools
+import io
 import os
 import subprocess
+import zipfile
 
 import numpy as np
 import pytest
@@ -70,6 +72,38 @@ def test_idx_dir_without_files_is_refused(tmp_path):
 def test_broken_npz_files_are_refused(tmp_path, arrays, message):
   with pytest.raises(UserInputError, match=message):
     sources.load_splits(helpers.write_npz(tmp_path / "bad.npz", **arrays))
+
+
+# A shape whose data (784 TB) no machine holds: np.load would try to allocate it.
+HUGE_SHAPE = (10**12, 784)
+
+
+def npy_claiming(shape, dtype=np.uint8) -> bytes:
+  """An .npy file whose valid header claims `shape` of `dtype` but with 100 bytes of data."""
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(header, {
+      "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+      "shape": shape})
+  return header.getvalue() + bytes(100)
+
+
+def huge_claim(where: str, dtype: str, saver: str) -> str:
+  """The refusal of `npy_claiming(HUGE_SHAPE, dtype)` (128 bytes of header) at `where`."""
+  return (f"{where}: its header claims shape (1000000000000, 784) of {dtype} "
+          f"({784 * 10**12 * np.dtype(dtype).itemsize} bytes of data) but only 100 bytes follow "
+          f"it (228 in all); the file is truncated or its header is damaged: save it again "
+          f"with {saver}")
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_npz_whose_header_claims_more_data_than_it_holds_is_refused_unread(tmp_path, compression):
+  path = tmp_path / "huge.npz"
+  with zipfile.ZipFile(path, "w", compression) as archive:
+    archive.writestr("X.npy", npy_claiming(HUGE_SHAPE))
+    archive.writestr("y.npy", npy_claiming((100,), np.int64)[:-100] + bytes(800))
+  with pytest.raises(UserInputError) as e:
+    sources.load_splits(f"npz:{path}")
+  assert str(e.value) == huge_claim(f"{path} (array X)", "uint8", "np.savez")
 
 
 def test_missing_and_unknown_sources_are_refused(tmp_path):

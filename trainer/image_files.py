@@ -69,8 +69,8 @@ def read_array(path: str, key: str = "") -> np.ndarray:
 
   `key` names the npz's array; when empty, the file's only array, else the first of
   DEFAULT_KEYS it has. Raises `UserInputError` naming the file and the fix for a file that is
-  not what its name says, one that needs pickle, or an npz where that finds no array (listing
-  its arrays).
+  not what its name says, one that needs pickle, one whose header claims more data than it
+  holds, or an npz where that finds no array (listing its arrays).
   """
   raw = _read_bytes(path)
   if os.path.splitext(path)[1].lower() == ".npy":
@@ -78,7 +78,10 @@ def read_array(path: str, key: str = "") -> np.ndarray:
     if not raw.startswith(NPY_SIGNATURE):
       raise UserInputError(f"{path}: not an .npy file (no NumPy header); save it with np.save")
     try:
+      sources.check_npy_header(io.BytesIO(raw), len(raw), path, "np.save")
       array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except UserInputError:  # A ValueError too, and already says what is wrong.
+      raise
     except (ValueError, OSError, EOFError) as e:
       raise sources.load_error(e, path, ".npy", "np.save") from None
     return as_images(array, path)

@@ -19,6 +19,8 @@ import dataclasses
 import gzip
 import hashlib
 import importlib.resources
+import io
+import math
 import zipfile
 import zlib
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -50,6 +52,8 @@ SAMPLE_SPLIT_SEED = 0
 IDX_IMAGES_MAGIC = 0x00000803
 IDX_LABELS_MAGIC = 0x00000801
 ZIP_SIGNATURE = b"PK\x03\x04"
+# Enough of an .npy file to hold its header: numpy refuses headers over 10,000 bytes.
+NPY_HEADER_READ = 1 << 16
 # An image's background is judged on its outer ring of pixels: MNIST centres each digit in a
 # 20x20 box and Fashion-MNIST's garments rarely fill the frame, so the ring is background in
 # nearly every image, where the mean is not (Fashion-MNIST's bright coats and bags on black
@@ -162,11 +166,49 @@ def npz_arrays(file, where: str, choose: Callable[[List[str]], Sequence[str]]
   file.seek(0)
   try:
     with np.load(file, allow_pickle=False) as npz:
-      return {key: npz[key] for key in choose(list(npz.files))}
+      arrays = {}
+      for key in choose(list(npz.files)):
+        _check_npz_member(npz.zip, key, f"{where} (array {key})")
+        arrays[key] = npz[key]
+      return arrays
   except UserInputError:
     raise
   except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
     raise load_error(e, where, "npz", "np.savez") from None
+
+
+def _check_npz_member(archive: zipfile.ZipFile, key: str, where: str) -> None:
+  """`check_npy_header` for the array `key` of an npz, against the bytes its member holds."""
+  # Named as np.load names it: the member itself, else the member KEY.npy.
+  member = key if key in archive.namelist() else key + ".npy"
+  with archive.open(member) as stream:
+    check_npy_header(stream, archive.getinfo(member).file_size, where, "np.savez")
+
+
+def check_npy_header(stream, size: int, where: str, saver: str) -> None:
+  """Raises `UserInputError` naming `where` when the .npy header at the start of `stream`
+  claims more bytes of data than follow it in the `size` bytes of the file (or npz member).
+
+  numpy allocates what the header claims before it reads any data, so a damaged header
+  (10**12 rows) would end in a MemoryError. Streams without the .npy magic and object arrays
+  (refused without pickle) are left to np.load; a malformed header raises numpy's ValueError.
+  """
+  head = io.BytesIO(stream.read(NPY_HEADER_READ))
+  if not head.getvalue().startswith(np.lib.format.MAGIC_PREFIX):
+    return
+  version = np.lib.format.read_magic(head)
+  read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                 else np.lib.format.read_array_header_2_0)
+  shape, _, dtype = read_header(head)
+  if dtype.hasobject:
+    return
+  claimed = math.prod(shape) * dtype.itemsize  # Python ints: no overflow.
+  follow = size - head.tell()
+  if claimed > follow:
+    raise UserInputError(
+        f"{where}: its header claims shape {shape} of {dtype} ({claimed} bytes of data) but "
+        f"only {follow} bytes follow it ({size} in all); the file is truncated or its header is "
+        f"damaged: save it again with {saver}")
 
 
 def load_error(error: Exception, where: str, kind: str, saver: str) -> UserInputError:
