@@ -57,6 +57,20 @@ def test_broken_idx_files_are_refused(tmp_path, override, message):
     sources.load_splits(helpers.write_idx_dir(tmp_path, gzipped=True, **override))
 
 
+def test_idx_header_past_int64_reports_the_bytes_it_claims(tmp_path):
+  # 2**31 * 2**31 * 3 bytes overflow a 64-bit product (to a negative count): Python ints do not.
+  claimed = (0x803).to_bytes(4, "big") + b"".join(
+      size.to_bytes(4, "big") for size in (2**31, 2**31, 3))
+  dataset = helpers.write_idx_dir(tmp_path, False,
+                                  **{"train-images-idx3-ubyte": claimed + bytes(10)})
+  with pytest.raises(UserInputError) as e:
+    sources.load_splits(dataset)
+  assert str(e.value) == (
+      f"{tmp_path}/train-images-idx3-ubyte: header says shape (2147483648, 2147483648, 3) "
+      f"({3 * 2**62} bytes) but 10 bytes follow; the file is truncated or corrupt, download it "
+      "again")
+
+
 def test_idx_dir_without_files_is_refused(tmp_path):
   with pytest.raises(UserInputError, match="no train-images-idx3-ubyte"):
     sources.load_splits(f"idx:{tmp_path}")

@@ -276,7 +276,7 @@ def _read_idx(path: str, magic: int, dims: int) -> np.ndarray:
         f"{path}: IDX magic number {found:#010x}, expected {magic:#010x}; "
         "is it the right file (images vs labels), or not an IDX file?")
   shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
-  expected = int(np.prod(shape))
+  expected = math.prod(shape)  # Python ints: numpy's int64 product overflows on big headers.
   if len(raw) - header != expected:
     raise UserInputError(
         f"{path}: header says shape {shape} ({expected} bytes) but {len(raw) - header} bytes "
