@@ -72,6 +72,8 @@ ON_VERTEX = {"AIP_MODEL_DIR": "gs://b/run/model/"}
     (["--dataset=mnist_smaple"], ON_VERTEX,
      "unknown --dataset='mnist_smaple' (did you mean mnist_sample?): use mnist, mnist_sample, "
      "tfds:NAME, idx:DIR or npz:PATH"),
+    (["--learning_rate=inf"], ON_VERTEX,
+     "--learning_rate=inf must be finite, e.g. --learning_rate=0.003 (the default)"),
     (["--epochs=3", "mnist"], ON_VERTEX,
      "unexpected arguments mnist: every setting is a --flag=value"),
     (["--epochs=3"], {}, "no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir"),

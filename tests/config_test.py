@@ -73,6 +73,25 @@ def test_each_kind_of_check_refuses_with_its_message(changes, message):
     config.TrainConfig(**{"model_dir": "/tmp/x", **changes})
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"learning_rate": float("inf")},
+     "--learning_rate=inf must be finite, e.g. --learning_rate=0.003 (the default)"),
+    ({"weight_decay": float("inf")}, "--weight_decay=inf must be finite"),
+    ({"input_noise": float("-inf")}, "--input_noise=-inf must be between 0 and 1"),
+    ({"unlabeled_weight": float("inf")}, "--unlabeled_weight=inf must be finite"),
+    ({"loss_weights": {"classifier": float("inf"), "decoder": 8.0}},
+     "--loss_weights=classifier=inf,decoder=8.0 must be finite, e.g. "
+     "--loss_weights=classifier=1.0,decoder=8.0 (the default)"),
+    ({"loss_weights": {"classifier": 1.0, "decoder": float("nan")}},
+     "--loss_weights=classifier=1.0,decoder=nan must be finite"),
+])
+def test_an_infinite_or_nan_number_is_refused_in_every_float_setting(changes, message):
+  """A check such as "must be positive" lets inf through, and a NaN weight through "at least
+  one of them above 0": the job would fail seconds into training instead."""
+  with pytest.raises(config.UserInputError, match=re.escape(message)):
+    config.TrainConfig(**{"model_dir": "/tmp/x", **changes})
+
+
 @pytest.mark.parametrize("dataset", ["mnist", "mnist_sample", "tfds:fashion_mnist",
                                      "idx:/data/fashion", "npz:gs://bucket/mnist.npz"])
 def test_every_kind_of_dataset_name_is_accepted(dataset):

@@ -7,6 +7,7 @@ them. Below the entry point all takes a `TrainConfig`: tests and notebooks can b
 
 import dataclasses
 import difflib
+import math
 import os
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
@@ -72,6 +73,13 @@ def requirement(holds: Callable[[object], bool], wording: str) -> Callable[[obje
 POSITIVE = requirement(lambda value: value > 0, "must be positive")
 POSITIVE_INTEGER = requirement(lambda value: value > 0, "must be a positive integer")
 ZERO_OR_MORE = requirement(lambda value: value >= 0, "must be zero or more")
+
+
+def finite(value) -> bool:
+  """Whether a setting's value holds no infinity or NaN: a float, or each float of a dict (the
+  weights of --loss_weights); values of other types are finite."""
+  numbers = value.values() if isinstance(value, dict) else (value,)
+  return all(math.isfinite(number) for number in numbers if isinstance(number, float))
 
 
 def between(low, high, note: str = "") -> Callable[[object, str], None]:
@@ -238,6 +246,9 @@ class TrainConfig:
         raise UserInputError(unknown_choice(field.name, value, choices))
       if check:
         check(value, field.name)
+      if not finite(value):  # inf passes "must be positive", then fails seconds into training.
+        raise UserInputError(f"{_as_flag(field.name, value)} must be finite, e.g. "
+                             f"{_as_flag(field.name, flag_default(field.name, {}))} (the default)")
       if field.type is int and not -2**31 < value < 2**31:  # TensorFlow's counters are int32/64.
         raise UserInputError(f"--{field.name}={value} is out of range: use a value below 2**31")
     if self.jit_compile and self.deterministic:
