@@ -1,6 +1,7 @@
 """Tests of trainer.export: the serving signature, that the reload predicts as the model does, and
 the Keras file beside it (loaded, fine-tuned and saved as the README shows)."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -224,6 +225,11 @@ def test_the_keras_file_predicts_as_the_serving_signature(finished_run):
   model = keras.models.load_model(f"{export}/model.keras")
   new = helpers.learnable_split(50, seed=7)
   images = new.images  # uint8, (N, 28, 28, 1).
+  # Plain batch normalisation, which every backend has: the run trained with the synchronised
+  # kind, which only TensorFlow's has (the slow tier loads the file on PyTorch's).
+  norms = [layer for layer in _layers(model)
+           if isinstance(layer, keras.layers.BatchNormalization)]
+  assert norms and not any(layer.synchronized for layer in norms)
   predicted = model.predict(images, verbose=0)
   assert predicted["classifier"].shape == (50, 10)
   assert predicted["decoder"].shape == (50, 28, 28, 1)  # The signature drops the last axis.
@@ -255,6 +261,48 @@ def test_the_readmes_fine_tuning_snippet_trains_the_exported_model(finished_run,
   again = keras.models.load_model(str(tmp_path / "fine_tuned.keras"))
   for name, output in again.predict(images[:8], verbose=0).items():
     np.testing.assert_allclose(output, model.predict(images[:8], verbose=0)[name], atol=1e-6)
+
+
+# Run as `KERAS_BACKEND=torch python -c _ON_TORCH model.keras directory`: predicts the images in
+# directory/images.npy into directory/<output>.npy, then trains a step as the README's snippet does.
+_ON_TORCH = """
+import sys
+import keras
+import numpy as np
+assert keras.backend.backend() == "torch", keras.backend.backend()
+model_file, directory = sys.argv[1:]
+model = keras.models.load_model(model_file)
+images, labels = np.load(f"{directory}/images.npy"), np.load(f"{directory}/labels.npy")
+for name, output in model.predict(images, verbose=0).items():
+  np.save(f"{directory}/{name}.npy", output)
+model.compile(optimizer=keras.optimizers.AdamW(1e-4),
+              loss={"classifier": "sparse_categorical_crossentropy", "decoder": "mse"},
+              loss_weights={"classifier": 1.0, "decoder": 8.0})
+before = model.get_weights()
+history = model.fit(images, {"classifier": labels, "decoder": images / 255}, epochs=1,
+                    batch_size=len(images), verbose=0)
+assert np.isfinite(history.history["loss"][0]), history.history
+assert any(not np.array_equal(old, new) for old, new in zip(before, model.get_weights()))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="PyTorch is not installed (the `bench` extra)")
+@pytest.mark.slow  # Another process, loading PyTorch and Keras: 10-20 s.
+def test_the_keras_file_predicts_and_trains_on_pytorch_as_on_tensorflow(finished_run, tmp_path):
+  model_file = os.path.join(finished_run[0], "export", export_lib.KERAS_FILE)
+  new = helpers.learnable_split(8, seed=7)
+  np.save(tmp_path / "images.npy", new.images)  # uint8 (N, 28, 28, 1).
+  np.save(tmp_path / "labels.npy", new.labels)
+  on_torch = subprocess.run(
+      [sys.executable, "-c", _ON_TORCH, model_file, str(tmp_path)],
+      env={**os.environ, "KERAS_BACKEND": "torch", "TF_CPP_MIN_LOG_LEVEL": "2"},
+      capture_output=True, text=True, timeout=300)
+  assert on_torch.returncode == 0, on_torch.stderr[-2000:]
+  on_tensorflow = keras.models.load_model(model_file).predict(new.images, verbose=0)
+  for name, output in on_tensorflow.items():
+    # The same float32 arithmetic in another order: round-off apart.
+    np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), output, rtol=1e-5, atol=1e-5)
 
 
 def test_tfsm_layer_serves_the_export_in_keras(finished_run):

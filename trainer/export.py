@@ -12,7 +12,9 @@ Beside the SavedModel, `KERAS_FILE` (`model.keras`) holds the trained model as a
 for users to fine-tune: `keras.models.load_model(f"{export}/model.keras")` gives the model as
 trained (uint8 (N, 28, 28, 1) images in; `classifier` (N, 10) and `decoder` (N, 28, 28, 1) out),
 not compiled, every layer in float32 whatever the run's precision (mixed precision keeps its
-weights in float32, so nothing is lost), so it loads and trains the same on any machine.
+weights in float32, so nothing is lost), so it loads and trains the same on any machine; and
+with plain batch normalisation in place of the synchronised kind (which only the TensorFlow
+backend has), so it loads, predicts and trains on JAX and PyTorch too.
 """
 
 import os
@@ -100,35 +102,48 @@ def export_saved_model(model: keras.Model, path: str) -> None:
     tf.io.gfile.rmtree(previous)
 
 
-def _float32_config(config):
-  """`config` (a serialized Keras object) with every mixed dtype policy replaced by float32."""
-  if isinstance(config, dict):
-    if (config.get("class_name") == "DTypePolicy"
-        and config.get("config", {}).get("name") in _MIXED_POLICIES):
-      return {**config, "config": {**config["config"], "name": "float32"}}
-    return {key: _float32_config(value) for key, value in config.items()}
-  if isinstance(config, list):
-    return [_float32_config(value) for value in config]
+def _portable_layer(config: dict) -> dict:
+  """One serialized Keras object (a dict) as the Keras file holds it: a mixed dtype policy
+  becomes float32, a synchronised batch normalisation a plain one; anything else unchanged."""
+  if (config.get("class_name") == "DTypePolicy"
+      and config.get("config", {}).get("name") in _MIXED_POLICIES):
+    return {**config, "config": {**config["config"], "name": "float32"}}
+  if (config.get("class_name") == "BatchNormalization"
+      and config.get("config", {}).get("synchronized")):
+    # Only the TensorFlow backend accepts synchronized=True, and only multi-replica training
+    # needs it: inference is the same without it, and a fit on one device too.
+    return {**config, "config": {**config["config"], "synchronized": False}}
   return config
 
 
-def _float32_copy(model: keras.Model) -> keras.Model:
-  """A new model of `model`'s architecture and weights, every layer computing in float32.
+def _portable_config(config):
+  """`config` (a serialized Keras object) with `_portable_layer` applied to each object in it."""
+  if isinstance(config, dict):
+    return {key: _portable_config(value) for key, value in _portable_layer(config).items()}
+  if isinstance(config, list):
+    return [_portable_config(value) for value in config]
+  return config
+
+
+def _portable_copy(model: keras.Model) -> keras.Model:
+  """A new model of `model`'s architecture and weights that every Keras 3 backend (TensorFlow,
+  JAX, PyTorch) loads: every layer computing in float32, batch normalisation unsynchronised.
 
   Keras saves each layer's dtype policy with it: a model trained under mixed_float16 would
   load as float16 layers on any machine, and a plain `fit` would train them without loss
   scaling. (A nested model's policy is not saved: the loader's global policy sets it.)
+  Synchronised batch normalisation is saved as such too, and refused by the other backends.
   """
   copy = keras.saving.deserialize_keras_object(
-      _float32_config(keras.saving.serialize_keras_object(model)))
+      _portable_config(keras.saving.serialize_keras_object(model)))
   copy.set_weights(model.get_weights())
   return copy
 
 
 def _write_keras_file(model: keras.Model, directory: str) -> None:
-  """Writes `model` in float32 as `directory`/`KERAS_FILE`; Keras writes a gs:// (any `://`)
-  path through tf.io.gfile, from a zip built in memory."""
-  _float32_copy(model).save(f"{directory}/{KERAS_FILE}")
+  """Writes `model` as `directory`/`KERAS_FILE`, backend-portable (see `_portable_copy`);
+  Keras writes a gs:// (any `://`) path through tf.io.gfile, from a zip built in memory."""
+  _portable_copy(model).save(f"{directory}/{KERAS_FILE}")
 
 
 def _replace_by_copy(source: str, target: str) -> None:
