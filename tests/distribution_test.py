@@ -5,6 +5,7 @@ import json
 import pytest
 import tensorflow as tf
 
+from tests import helpers
 from trainer import distribution
 from trainer.config import UserInputError
 
@@ -71,6 +72,49 @@ def test_bad_tf_config_is_a_clear_error(monkeypatch, tf_config):
   monkeypatch.setenv("TF_CONFIG", tf_config)
   with pytest.raises(UserInputError, match="TF_CONFIG is not a JSON object with a cluster"):
     distribution.resolve_strategy_name("auto")
+
+
+def _set_cluster(monkeypatch, workers: int, index) -> None:
+  """$TF_CONFIG for a cluster of `workers` workers, this host the one at `index`."""
+  monkeypatch.setenv("TF_CONFIG", json.dumps({
+      "cluster": {"worker": [f"localhost:{port}" for port in range(1, workers + 1)]},
+      "task": {"type": "worker", "index": index}}))
+
+
+# Past a cluster of two, TensorFlow raises a ValueError; past a cluster of one, the host used to
+# train alone without a word.
+@pytest.mark.parametrize("workers, index, hosts", [
+    (2, 5, "2 workers (indices 0 to 1)"),
+    (1, 3, "1 worker (index 0)"),
+])
+def test_a_task_index_past_the_cluster_is_a_clear_error(monkeypatch, workers, index, hosts):
+  _set_cluster(monkeypatch, workers, index)
+  with pytest.raises(UserInputError) as e:
+    distribution.get_strategy("auto")
+  assert str(e.value) == (
+      f"$TF_CONFIG's task is worker index {index}, but its cluster has {hosts}; set each "
+      "host's task.index to its place in cluster.worker, or unset TF_CONFIG to train on one host")
+
+
+def test_tasks_within_their_cluster_pass_the_check(monkeypatch):
+  _set_cluster(monkeypatch, 1, 0)
+  distribution.check_task_in_cluster()
+  monkeypatch.setenv("TF_CONFIG", json.dumps({  # Vertex AI's: pool 0 is the chief.
+      "cluster": {"chief": ["pool0-0:2222"], "worker": ["pool1-0:2222", "pool1-1:2222"]},
+      "task": {"type": "chief", "index": 0}}))
+  distribution.check_task_in_cluster()
+
+
+def test_a_task_index_past_the_cluster_ends_the_job_with_one_line(tmp_path):
+  cluster = {"worker": ["localhost:1", "localhost:2"]}
+  result = helpers.run_trainer(
+      "--dataset=mnist_sample", f"--model_dir={tmp_path}/run", "--epochs=1", timeout=120,
+      env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 5}})})
+  helpers.assert_one_error_line(
+      result, "$TF_CONFIG's task is worker index 5, but its cluster has 2 workers (indices 0 to "
+      "1); set each host's task.index to its place in cluster.worker, or unset TF_CONFIG to train "
+      "on one host", whole=True)
+  assert not (tmp_path / "run").exists()
 
 
 def test_precision_auto_is_float32_on_cpu_and_names_pass_through():

@@ -7,7 +7,7 @@ One function picks the `tf.distribute.Strategy`, one the Keras dtype policy; bot
 import glob
 import json
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -42,14 +42,53 @@ def describe_op_error(error: tf.errors.OpError) -> str:
   return type(error).__name__
 
 
-def cluster_workers() -> int:
-  """How many hosts $TF_CONFIG names (chief and workers), 1 when it is unset."""
+def _tf_config() -> Tuple[Dict[str, int], dict]:
+  """How many hosts of each type $TF_CONFIG's cluster names, and its task; each {} where it
+  has none or is unset. Raises `UserInputError` for one that is not a JSON object with a
+  cluster."""
   try:
-    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
-    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
-  except (json.JSONDecodeError, AttributeError, TypeError) as e:
+    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    hosts = {kind: len(addresses) for kind, addresses in tf_config.get("cluster", {}).items()}
+    return hosts, dict(tf_config.get("task", {}))
+  except (AttributeError, TypeError, ValueError) as e:  # ValueError: JSONDecodeError too.
     raise UserInputError(
         f"$TF_CONFIG is not a JSON object with a cluster ({e}); fix or unset it") from None
+
+
+def cluster_workers() -> int:
+  """How many hosts $TF_CONFIG names (chief and workers), 1 when it is unset."""
+  hosts, _ = _tf_config()
+  return max(1, hosts.get("chief", 0) + hosts.get("worker", 0))
+
+
+def check_task_in_cluster() -> None:
+  """Raises `UserInputError` when $TF_CONFIG's task is a chief or worker whose index is not
+  one of its cluster's hosts of that type.
+
+  TensorFlow stops such a host with a ValueError traceback in a cluster of several hosts, and
+  in a cluster of one trains it alone without a word. Other task types, and a TF_CONFIG
+  without a cluster, are left to TensorFlow.
+  """
+  hosts, task = _tf_config()
+  kind, index = task.get("type"), task.get("index", 0)
+  if not hosts or kind not in ("chief", "worker"):
+    return
+  try:
+    position = int(index)  # As TensorFlow reads it.
+  except (TypeError, ValueError):
+    position = -1
+  if not 0 <= position < hosts.get(kind, 0):
+    raise UserInputError(
+        f"$TF_CONFIG's task is {kind} index {json.dumps(index)}, but its cluster has "
+        f"{_count_hosts(hosts.get(kind, 0), kind)}; set each host's task.index to its place in "
+        f"cluster.{kind}, or unset TF_CONFIG to train on one host")
+
+
+def _count_hosts(hosts: int, kind: str) -> str:
+  """'no worker', '1 worker (index 0)', '3 workers (indices 0 to 2)'."""
+  if hosts <= 1:
+    return f"1 {kind} (index 0)" if hosts else f"no {kind}"
+  return f"{hosts} {kind}s (indices 0 to {hosts - 1})"
 
 
 def resolve_strategy_name(name: str, tpu: str = "") -> Tuple[str, str]:
@@ -88,8 +127,9 @@ def get_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
 
   `mirrored` mirrors over the local GPUs, or over the local logical CPU devices where there
   are no GPUs (how tests exercise it); `multi_worker_mirrored` reads the cluster from
-  $TF_CONFIG.
+  $TF_CONFIG, checked first whatever the strategy (`check_task_in_cluster`).
   """
+  check_task_in_cluster()
   resolved, why = resolve_strategy_name(name, tpu)
   if resolved == "tpu":
     strategy = tf.distribute.TPUStrategy(_connect_tpu(tpu))
