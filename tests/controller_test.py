@@ -222,7 +222,7 @@ def test_divergence_before_any_checkpoint_says_there_is_none(tmp_path):
   first_saves = []
   task = StandInTask(tf.distribute.get_strategy(), diverge_at=6)
   controller = _controller(tmp_path, task=task, steps_per_loop=2, summary_dir=str(
-      tmp_path / "logs"), on_first_save=lambda: first_saves.append(1))
+      tmp_path / "logs"), after_first_save=lambda: first_saves.append(1))
   with pytest.raises(controller_lib.Diverged, match=r"at step 7 \(epoch 1, step 7\).*checkpoint is "
                                                     r"none: nothing was saved; lower"):
     controller.train(Recorder().epoch_end)
@@ -241,12 +241,25 @@ def test_a_finished_run_trains_and_writes_nothing(tmp_path):
   assert helpers.directory_state(str(tmp_path)) == before
 
 
-def test_on_first_save_runs_once_before_the_first_checkpoint(tmp_path):
+def test_after_first_save_runs_once_after_the_first_checkpoint(tmp_path):
+  # What it writes (the run's config.json) must never stand for a checkpoint not yet there.
   seen = []
-  controller = _controller(tmp_path, on_first_save=lambda: seen.append(
+  controller = _controller(tmp_path, after_first_save=lambda: seen.append(
       tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))))
   controller.train(Recorder().epoch_end)
-  assert seen == [None]
+  assert seen == [str(tmp_path / "checkpoints" / "ckpt-7")]
+
+
+def test_before_save_raising_stops_the_job_before_it_writes_anything(tmp_path):
+  class TakenOver(Exception):
+    pass
+
+  def taken_over():
+    raise TakenOver()
+  controller = _controller(tmp_path, summary_dir=str(tmp_path / "logs"), before_save=taken_over)
+  with pytest.raises(TakenOver):
+    controller.train(Recorder().epoch_end)
+  assert controller.step == 7 and helpers.directory_state(tmp_path) == {}
 
 
 def _logged_steps(directory, tag):

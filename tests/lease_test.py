@@ -1,5 +1,6 @@
 """Tests of trainer.lease: real files, real threads and, where liveness matters, real processes."""
 
+import importlib.util
 import json
 import os
 import re
@@ -10,11 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import uuid
 
 import pytest
 import tensorflow as tf
 
+from trainer import lease as lease_lib
 from trainer.config import UserInputError
 from trainer.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost
 
@@ -113,13 +116,28 @@ def test_a_fresh_directory_gets_a_lease_naming_this_process(tmp_path):
   stat = open("/proc/self/stat").read().rpartition(")")[2].split()
   assert (written["host"], written["pid"], written["boot_id"], written["process_start"]) == (
       socket.gethostname(), os.getpid(), boot_id(), stat[19])
-  assert written["command"] == " ".join(sys.argv)[:200] and written["renewals"] == 0
+  assert written["command"] == " ".join([_as_typed(), *sys.argv[1:]])[:200]
+  assert written["renewals"] == 0
   assert TIMESTAMP.match(written["started"]) and written["renewed"] == written["started"]
   started = time.monotonic()
   lease.release()
   assert time.monotonic() - started < 1.0  # The renewal thread stops at once, not in 30 s.
   assert os.listdir(directory) == []
   lease.release()  # Idempotent.
+
+
+def _as_typed():
+  """How this test process was started: `python -m pytest` or a `pytest` script."""
+  spec = sys.modules["__main__"].__spec__
+  return "python -m pytest" if spec else sys.argv[0]
+
+
+def test_the_lease_names_a_module_run_as_its_user_typed_it(monkeypatch):
+  main = types.ModuleType("__main__")
+  main.__spec__ = importlib.util.spec_from_loader("trainer.task", loader=None)
+  monkeypatch.setitem(sys.modules, "__main__", main)
+  monkeypatch.setattr(sys, "argv", ["/site-packages/trainer/task.py", "--epochs=2"])
+  assert lease_lib.this_process()["command"] == "python -m trainer.task --epochs=2"
 
 
 def test_the_thread_renews_the_lease_through_whole_files(tmp_path):
@@ -261,10 +279,24 @@ def test_a_deleted_lease_is_lost_too(tmp_path):
   lease = Lease.acquire(str(tmp_path), renew_every=0.05, stale_after=1.0)
   os.remove(tmp_path / LEASE_NAME)
   assert eventually(lambda: lease._lost_to is not None)  # pylint: disable=protected-access
-  with pytest.raises(LeaseLost, match="its lease was deleted or damaged"):
+  with pytest.raises(LeaseLost, match="lease .* was deleted or damaged while it ran"):
     lease.check()
   lease.release()
   assert not os.path.exists(tmp_path / LEASE_NAME)
+
+
+@pytest.mark.parametrize("taken", [False, True])
+def test_check_reads_the_file_so_a_lost_lease_stops_writes_before_any_renewal(tmp_path, taken):
+  lease = Lease.acquire(str(tmp_path), renew_every=3600.0, stale_after=7200.0)
+  os.remove(tmp_path / LEASE_NAME)
+  if taken:
+    second = Lease.acquire(str(tmp_path))
+  with pytest.raises(LeaseLost, match="another job took over" if taken else "was deleted"):
+    lease.check()
+  lease.release()
+  if taken:
+    assert read_lease(tmp_path)["token"] == second.token
+    second.release()
 
 
 def test_renewal_errors_are_logged_once_and_never_raised(tmp_path, caplog):

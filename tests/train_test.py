@@ -21,6 +21,7 @@ from absl import logging
 
 from tests import helpers
 from trainer import config, controller, losses, multitask, preemption, train
+from trainer import lease as lease_lib
 
 
 _FROM_DATASET = "the splits --dataset names"
@@ -195,6 +196,47 @@ def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(finished_r
   assert completed["test_accuracy"] == metrics["test_accuracy"]
   assert (run / "export" / "saved_model.pb").exists() and (run / "metrics.json").exists()
   assert helpers.directory_state(run / "checkpoints") == checkpoints  # Nothing trained again.
+
+
+@pytest.mark.parametrize("damage", ["export deleted",
+                                    pytest.param("keras file cut short", marks=pytest.mark.slow)])
+def test_a_finished_run_whose_export_is_gone_exports_again_from_its_last_checkpoint(
+    finished_run, tmp_path, caplog, damage):
+  _logged(caplog)
+  run = _copy(finished_run, tmp_path)
+  metrics = helpers.read_metrics(str(run))
+  if damage == "export deleted":
+    shutil.rmtree(run / "export")
+  else:
+    keras_file = run / "export" / "model.keras"
+    keras_file.write_bytes(keras_file.read_bytes()[:100])
+  checkpoints = helpers.directory_state(run / "checkpoints")
+  completed = _rerun(run, finished_run, report=False)
+  assert "says this run has finished, but" in caplog.text
+  assert completed["test_accuracy"] == metrics["test_accuracy"]
+  assert keras.models.load_model(run / "export" / "model.keras") is not None
+  assert (run / "export" / "saved_model.pb").exists() and (run / "metrics.json").exists()
+  assert helpers.directory_state(run / "checkpoints") == checkpoints  # Nothing trained again.
+
+
+@pytest.mark.slow  # 11 s; lease_test and controller_test test its parts in the fast tier.
+def test_a_job_whose_lease_was_deleted_and_taken_writes_nothing_more(tmp_path):
+  # A user (or a cleanup script) deletes lease.json from a live run, and a second job takes
+  # the directory: the first must stop before its next write, however soon it would end.
+  settings = _config(tmp_path / "run", epochs=1)
+  train.configure_process(settings, tf.distribute.get_strategy())
+  job = train.prepare(settings, tf.distribute.get_strategy(), helpers.learnable_splits())
+  try:
+    (tmp_path / "run" / lease_lib.LEASE_NAME).unlink()
+    second = lease_lib.Lease.acquire(str(tmp_path / "run"))
+    with pytest.raises(lease_lib.LeaseLost, match="another job took over the run directory"):
+      train.fit(job)
+  finally:
+    job.close()
+  assert os.listdir(tmp_path / "run") == [lease_lib.LEASE_NAME]  # The second job's only.
+  assert json.loads((tmp_path / "run" / lease_lib.LEASE_NAME).read_text())["token"] == (
+      second.token)
+  second.release()
 
 
 def test_a_diverging_job_stops_at_its_step_and_writes_nothing(tmp_path):

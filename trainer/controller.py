@@ -172,19 +172,23 @@ class Controller:
   `checkpoint_dir` is where every worker restores from; `save_dir` where this worker saves
   (a non-chief worker saves into scratch: saving is collective under multi-worker). With a
   `summary_dir` (the chief's), the task's logs go to TensorBoard at every call, at the global
-  step. `on_first_save()` runs once, before this process's first checkpoint: by then every
-  check has passed and training has proven sound.
+  step. `before_save()` runs before each checkpoint, and stops the job by raising where it may
+  no longer write (its run directory taken over, say); `after_first_save()` runs once, after
+  this process's first checkpoint: by then every check has passed and training has proven
+  sound, and a file it writes never stands for a checkpoint that is not there.
   """
 
   def __init__(self, strategy: tf.distribute.Strategy, task: Task, schedule: Schedule,
                checkpoint_dir: str, checkpoints_to_keep: int, save_dir: Optional[str] = None,
                summary_dir: Optional[str] = None, show_progress: bool = False,
-               on_first_save: Optional[Callable[[], None]] = None,
+               before_save: Optional[Callable[[], None]] = None,
+               after_first_save: Optional[Callable[[], None]] = None,
                clock: Callable[[], float] = time.perf_counter):
     self.strategy, self.task, self.schedule, self._clock = strategy, task, schedule, clock
     self.checkpoint_dir = checkpoint_dir
     self._summary_dir, self._show_progress = summary_dir, show_progress
-    self._on_first_save, self._saved_once, self._writer = on_first_save, False, None
+    self._before_save, self._after_first_save = before_save, after_first_save
+    self._saved_once, self._writer = False, None
     # Training scalars wait in memory for this process's first checkpoint: a job refused or
     # diverging before it leaves no file behind.
     self._unsaved_summaries = []
@@ -244,11 +248,13 @@ class Controller:
 
   def save(self) -> str:
     """Saves a checkpoint numbered by the global step; returns its path."""
-    if not self._saved_once and self._on_first_save:
-      self._on_first_save()
-    self._saved_once = True
+    if self._before_save:
+      self._before_save()
     with storage.writing(self._save_dir, "a checkpoint"):
       path = self.latest_checkpoint = self.manager.save(checkpoint_number=self.step)
+    if not self._saved_once and self._after_first_save:
+      self._after_first_save()
+    self._saved_once = True
     self._flush_summaries()
     return path
 

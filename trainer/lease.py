@@ -41,6 +41,7 @@ _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _ATTEMPTS = 3  # Each lost race re-applies the rules to the winner; more is churn.
 _FIX = "wait for it to end or stop it; a run directory takes one job at a time"
+_DELETED = "deleted"  # What `_lost_to` holds where the file holds no lease at all.
 
 
 class LeaseHeld(UserInputError):
@@ -80,7 +81,16 @@ def this_process() -> Dict[str, object]:
     user = ""
   return {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _proc_text(_BOOT_ID),
           "process_start": _process_start(os.getpid()), "user": user,
-          "command": " ".join(sys.argv)[:200]}
+          "command": _command()[:200]}
+
+
+def _command() -> str:
+  """This process's command as its user typed it: `python -m trainer.task ...` where Python
+  ran a module (sys.argv[0] is then the module's file path)."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  module = spec.name.removesuffix(".__main__") if spec and spec.name else ""
+  program = f"python -m {module}" if module else sys.argv[0]
+  return " ".join([program, *sys.argv[1:]])
 
 
 def process_alive(holder: Dict) -> Optional[bool]:
@@ -196,7 +206,21 @@ class Lease:
                            "give a run directory this job may write") from None
 
   def check(self) -> None:
-    """Raises LeaseLost once the renewal found another job's lease, or none, in the file."""
+    """Raises LeaseLost where the file holds another job's lease, or none (deleted or
+    damaged). It reads the file: a job checks before each write of its outputs, so that it
+    writes nothing once its lease is gone, however long ago the renewal looked."""
+    if self._lost_to is None:
+      try:
+        holder = _parse(_read(self.path))[0]
+      except (tf.errors.OpError, OSError):  # Unreadable now: the renewal warns and retries.
+        holder = {"token": self.token}
+      if holder.get("token") != self.token:
+        self._lost_to = self._who(holder) if holder else _DELETED
+    if self._lost_to == _DELETED:
+      raise LeaseLost(_one_line(
+          f"this job's lease {self.path} was deleted or damaged while it ran, so another job "
+          "may be writing the run directory too; this job stops without writing more; once "
+          "no other job uses it, run the same command to resume from its last checkpoint", 1000))
     if self._lost_to is not None:
       raise LeaseLost(_one_line(f"another job took over the run directory {self.directory} while "
                                 f"this job ran: {self._lost_to}; this job stops so as not to mix "
@@ -280,7 +304,7 @@ class Lease:
       try:
         holder = _parse(_read(self.path))[0]
         if holder.get("token") != self.token:
-          self._lost_to = self._who(holder) if holder else "its lease was deleted or damaged"
+          self._lost_to = self._who(holder) if holder else _DELETED
           return
         renewed = {**self._record, "renewals": self._record["renewals"] + 1,
                    "renewed": time.strftime(_TIME_FORMAT, time.gmtime(self._clock()))}

@@ -12,12 +12,16 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from typing import Dict, List, Optional
 
 import tensorflow as tf
 from absl import logging
+from google.protobuf import message
+from tensorflow.core.protobuf import saved_model_pb2
 
 from trainer import storage
+from trainer.export import KERAS_FILE
 from trainer.config import TrainConfig, UserInputError, first_line
 
 # What a JSON value of each setting's type must be, and its name in an error line.
@@ -98,7 +102,7 @@ class RunOutputs:
     self._validation_writer = None
 
   def read_config(self) -> Optional[Dict]:
-    """The configuration the run saved at its first checkpoint (and at each resume's); None if
+    """The configuration the run saved after its first checkpoint (and each resume's); None if
     there is none. A run directory with checkpoints but no config.json (deleted by hand)
     adopts the current flags: trainers too old to write one are refused by their checkpoint.
     """
@@ -106,7 +110,7 @@ class RunOutputs:
                              "command's flags")
 
   def trained_files(self) -> List[str]:
-    """The files of this run that show it has trained (config.json is written at its first
+    """The files of this run that show it has trained (config.json is written after its first
     checkpoint, history.json at its first epoch's end)."""
     return [path for path in (self.config_path, self.history_path) if tf.io.gfile.exists(path)]
 
@@ -171,6 +175,26 @@ class RunOutputs:
             f"{self.metrics_path} is damaged: no {name} number in it; delete it and run the "
             "same command again to evaluate and export the trained model")
     return metrics if metrics["epochs"] >= epochs else None
+
+  def export_problem(self) -> Optional[str]:
+    """What is missing or unreadable in the run's shared export (under --model_dir on every
+    worker, so that all agree), or None where it is whole: the SavedModel's graph and
+    variables, and the Keras file."""
+    export = os.path.join(self.model_dir, "export")
+    graph = os.path.join(export, "saved_model.pb")
+    needed = [graph, os.path.join(export, "variables", "variables.index"),
+              os.path.join(export, KERAS_FILE)]
+    missing = [path for path in needed if not tf.io.gfile.exists(path)]
+    if missing:
+      return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+    try:
+      with tf.io.gfile.GFile(graph, "rb") as f:
+        saved_model_pb2.SavedModel.FromString(f.read())
+      with tf.io.gfile.GFile(needed[2], "rb") as f, zipfile.ZipFile(f) as keras_file:
+        keras_file.getinfo("config.json")
+    except (message.DecodeError, zipfile.BadZipFile, KeyError) as e:
+      return f"the export is damaged ({first_line(e)})"
+    return None
 
   def unmark_complete(self) -> None:
     """Removes metrics.json before the export is replaced: where it exists, the export beside

@@ -130,10 +130,16 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
     controller = controller_lib.Controller(
         strategy, task, schedule, outputs_lib.checkpoint_dir(config),
         config.checkpoints_to_keep, save_dir=outputs.checkpoints, summary_dir=outputs.train_logs,
-        show_progress=outputs.chief, on_first_save=lambda: outputs.write_config(config))
+        show_progress=outputs.chief, before_save=lease.check if lease else None,
+        after_first_save=lambda: outputs.write_config(config))
     job = Job(config, policy, outputs, task, controller, history=[], lease=lease,
               created_model_dir=created)
     job.finished = outputs.finished_metrics(config.epochs)
+    export_problem = job.finished is not None and outputs.export_problem()
+    if export_problem:
+      logging.warning("%s says this run has finished, but %s; exporting it again from its last "
+                      "checkpoint.", outputs.metrics_path, export_problem)
+      job.finished = None
     if job.finished is None:
       _resume(job, saved)
     return job
@@ -258,6 +264,7 @@ def finalize(job: Job, validation: Optional[Dict[str, float]]) -> Dict[str, obje
     task.export(outputs.export)
   if config.report:
     outputs.write_report(task.splits.test, job.history, metrics)
+  job.check_lease()  # The export and the report take seconds: another job may have come.
   outputs.write_metrics(metrics)
   if outputs.chief:
     tuning.report(metrics["validation_accuracy"], job.controller.step)
