@@ -77,6 +77,8 @@ ON_VERTEX = {"AIP_MODEL_DIR": "gs://b/run/model/"}
     (["--epochs=3", "mnist"], ON_VERTEX,
      "unexpected arguments mnist: every setting is a --flag=value"),
     (["--epochs=3"], {}, "no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir"),
+    (["--epochs=3"], {"AIP_MODEL_DIR": ""}, "no --model_dir given and $AIP_MODEL_DIR is set but "
+     "empty: pass --model_dir, or set $AIP_MODEL_DIR to the job's directory (local or gs://)"),
     (["--epochs=3", "-h"], ON_VERTEX, "-h would end the job with the trainer's help, before it "
      "trains: to read the trainer's flags, run python -m trainer.task --help"),
 ])

@@ -111,6 +111,19 @@ def test_model_dir_defaults_to_vertex_ai_model_dir(monkeypatch):
   assert config.default_model_dir() == "gs://bucket/model"
 
 
+def test_no_model_dir_says_whether_vertex_ais_variable_is_unset_or_empty(monkeypatch):
+  """An empty $AIP_MODEL_DIR is a default of "": the refusal must not call it unset."""
+  monkeypatch.setenv("AIP_MODEL_DIR", "")
+  with pytest.raises(config.UserInputError, match=re.escape(
+      "no --model_dir given and $AIP_MODEL_DIR is set but empty: pass --model_dir, or set "
+      "$AIP_MODEL_DIR to the job's directory (local or gs://)")):
+    config.TrainConfig(model_dir=config.default_model_dir())
+  monkeypatch.delenv("AIP_MODEL_DIR")
+  with pytest.raises(config.UserInputError, match=re.escape(
+      "no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir")):
+    config.TrainConfig(model_dir=config.default_model_dir())
+
+
 @pytest.mark.parametrize("name, variable", [("model_dir", "AIP_MODEL_DIR"),
                                             ("checkpoint_dir", "AIP_CHECKPOINT_DIR"),
                                             ("tensorboard_dir", "AIP_TENSORBOARD_LOG_DIR")])

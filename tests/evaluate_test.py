@@ -37,6 +37,14 @@ def test_help_exits_0_with_the_commands_flags():
   assert "--dataset=''" in result.stdout and "--split=test" in result.stdout
 
 
+def test_an_empty_aip_model_dir_is_said_to_be_empty_before_tensorflow_starts(monkeypatch):
+  monkeypatch.setenv("AIP_MODEL_DIR", "")
+  result = helpers.run_module_without_tensorflow("trainer.evaluate")
+  helpers.assert_one_error_line(
+      result, "no --model_dir given and $AIP_MODEL_DIR is set but empty: pass a finished job's "
+      "--model_dir, or set $AIP_MODEL_DIR to the job's directory (local or gs://)", whole=True)
+
+
 # Another TensorFlow start-up (6-7 s) for a refusal: the slow tier. The fast tier runs the
 # command once (above), and export_test checks this message where export.load raises it.
 @pytest.mark.slow

@@ -131,7 +131,7 @@ def test_bad_flags_get_one_clear_error_line(tmp_path, flags, message):
 
 def test_missing_model_dir_is_a_clear_error():
   result = helpers.run_trainer("--dataset=mnist_sample", env={"AIP_MODEL_DIR": ""}, timeout=120)
-  _assert_clear_error(result, "pass --model_dir")
+  _assert_clear_error(result, "$AIP_MODEL_DIR is set but empty: pass --model_dir")
 
 
 def test_every_setting_is_a_flag_whose_default_is_the_configurations(monkeypatch):

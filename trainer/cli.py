@@ -255,10 +255,17 @@ def trainer_flags(environ: Mapping[str, str]) -> List[flags.Flag]:
   return [scratch[field.name] for field in dataclasses.fields(config_lib.TrainConfig)]
 
 
-def trainer_config(flag_values: flags.FlagValues) -> config_lib.TrainConfig:
-  """The validated configuration that parsed trainer flags describe; raises UserInputError."""
+def trainer_config(flag_values: flags.FlagValues,
+                   environ: Mapping[str, str] = os.environ) -> config_lib.TrainConfig:
+  """The validated configuration that parsed trainer flags describe; raises UserInputError.
+
+  `environ` is the environment the flags' defaults were read from: a missing --model_dir is
+  refused first, saying whether $AIP_MODEL_DIR is unset or empty there.
+  """
   values = {field.name: flag_values[field.name].value
             for field in dataclasses.fields(config_lib.TrainConfig)}
+  if not values["model_dir"]:
+    raise config_lib.UserInputError(config_lib.no_model_dir(environ))
   values["loss_weights"] = config_lib.parse_loss_weights(values["loss_weights"])
   return config_lib.TrainConfig(**values)
 
@@ -319,7 +326,7 @@ def check_trainer_arguments(args: Sequence[str], environ: Mapping[str, str]) -> 
   except (flags.Error, ValueError) as e:  # ValueError: "--noreport=1 does not take an argument".
     raise config_lib.UserInputError(f"{e} (see {TRAINER_HELP})") from None
   refuse_positional_arguments(unparsed[1:])
-  trainer_config(flag_values)
+  trainer_config(flag_values, environ)
 
 
 def is_trainer_flag(name: str) -> bool:

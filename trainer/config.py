@@ -262,7 +262,7 @@ class TrainConfig:
       raise UserInputError(f"--unlabeled_loss={self.unlabeled_loss} needs unlabelled images: "
                            "add --labeled_examples=N (the labels kept)")
     if not self.model_dir:
-      raise UserInputError("no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir")
+      raise UserInputError(no_model_dir(os.environ))
 
 
 _SETTINGS = {field.name: field for field in dataclasses.fields(TrainConfig)}
@@ -283,6 +283,16 @@ def flag_default(name: str, environ: Optional[Mapping[str, str]] = None):
   environ = os.environ if environ is None else environ
   default = field.default_factory() if field.default is dataclasses.MISSING else field.default
   return environ.get(field.metadata["env"], default) if field.metadata["env"] else default
+
+
+def no_model_dir(environ: Mapping[str, str], wanted: str = "--model_dir") -> str:
+  """The refusal of a command given no --model_dir in `environ`, where it defaults to
+  $AIP_MODEL_DIR: the variable unset, or set but empty (which reads as unset otherwise);
+  `wanted` is what to pass instead."""
+  if environ.get(_SETTINGS["model_dir"].metadata["env"]) == "":
+    return ("no --model_dir given and $AIP_MODEL_DIR is set but empty: pass "
+            f"{wanted}, or set $AIP_MODEL_DIR to the job's directory (local or gs://)")
+  return f"no --model_dir given and $AIP_MODEL_DIR is not set: pass {wanted}"
 
 
 def default_model_dir() -> str:

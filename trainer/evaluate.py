@@ -10,6 +10,7 @@ with one `error:` line and exit code 2.
 
 import functools
 import json
+import os
 
 from absl import app
 from absl import flags
@@ -51,7 +52,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {' '.join(argv[1:])}: every setting is a --flag=value")
   if not FLAGS.model_dir:
-    cli.fail("no --model_dir given and $AIP_MODEL_DIR is not set: pass a finished job's --model_dir")
+    cli.fail(config_lib.no_model_dir(os.environ, "a finished job's --model_dir"))
   if FLAGS.dataset:
     try:
       config_lib.check_dataset_name(FLAGS.dataset)
