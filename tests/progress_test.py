@@ -1,6 +1,8 @@
 """Tests of trainer.progress: a bar on a terminal, a line about every 30 s elsewhere, and the
 cap on a call's length."""
 
+import re
+
 from absl import logging
 
 from trainer import progress
@@ -61,6 +63,24 @@ def test_on_a_terminal_shows_a_bar_per_epoch_of_the_values_given_and_logs_nothin
   assert [end[end.index(" - loss"):] for end in ends] == [" - loss: 2.5000 - accuracy: 0.5000",
                                                           " - loss: 1.2500 - accuracy: 0.5000"]
   assert not caplog.records
+
+
+def test_the_bar_shows_the_epochs_own_seconds_and_step_time_over_calls_of_many_steps(capsys):
+  clock = _Clock()
+  report = progress.Progress(epochs=2, steps_per_epoch=62, batch_size=8, bar=True, clock=clock)
+  # The first call traces for 5 s; then 0.25 s a step, in calls of 30 and 31 steps.
+  for step, seconds in ((1, 5.0), (31, 7.5), (62, 7.75), (93, 7.75), (124, 7.75)):
+    clock.now += seconds
+    report.update(step, {"loss": 1.0})
+  shown = [re.sub(r"\x1b\[\d+m|\x08", "", update).strip()
+           for update in re.split("[\r\n]", capsys.readouterr().out) if "/62" in update]
+  ends = [line for line in shown if line.startswith("62/62")]
+  # Epoch 2's first update: Keras shows a bar's first and last, others 50 ms apart at most.
+  middle = [line for line in shown if line.startswith("31/62")][-1]
+  assert re.match(r"31/62 ━+ 7s 250ms/step - loss: 1.0000", middle), shown  # ETA 7.75 s.
+  assert re.match(r"62/62 ━+ 16s 250ms/step - loss: 1.0000", ends[1]), shown
+  # Epoch 1: the trace counts in its seconds, not in its step time once steps are timed.
+  assert re.match(r"62/62 ━+ 20s 250ms/step", ends[0]), shown
 
 
 def test_the_call_cap_runs_one_step_until_a_call_after_the_first_is_timed():

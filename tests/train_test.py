@@ -239,6 +239,17 @@ def test_a_job_whose_lease_was_deleted_and_taken_writes_nothing_more(tmp_path):
   second.release()
 
 
+def test_on_a_terminal_calls_are_capped_short_so_that_the_bar_moves_smoothly(tmp_path,
+                                                                            monkeypatch):
+  # A call of 10 s moved a 15 s epoch's bar in two jumps.
+  monkeypatch.setattr(train.progress, "on_terminal", lambda: True)
+  settings = _config(tmp_path / "run", steps_per_loop=0)  # Not given: the job picks.
+  train.configure_process(settings, tf.distribute.get_strategy())
+  job = train.prepare(settings, tf.distribute.get_strategy(), helpers.learnable_splits())
+  job.close()
+  assert job.controller.schedule.max_call_seconds == train.BAR_CALL_SECONDS == 1.0
+
+
 def test_a_diverging_job_stops_at_its_step_and_writes_nothing(tmp_path):
   # A step this large takes the weights to about 1e30: the next step's activations overflow and
   # its gradients are not finite, whatever the CPU's kernels do with the NaNs in its loss.

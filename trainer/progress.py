@@ -13,8 +13,9 @@ slow: a call of 50 slow CPU steps can last minutes.
 import math
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
+import keras
 from absl import logging
 
 LOG_EVERY_SECONDS = 30.0
@@ -41,15 +42,19 @@ class Progress:
     self._bar, self._bar_epoch = None, None
     self._started = self._last_line = clock()
     self._first_step = None  # The global step at the end of the process's first call.
+    # Where the bar's step time is measured from: (time, global step) at the end of the
+    # process's first call (tracing) or of the epoch before, whichever came last.
+    self._timed_from: Optional[Tuple[float, int]] = None
+    self._epoch_started = self._started  # In this process.
 
   def update(self, global_step: int, logs: Dict[str, float]) -> None:
     """`global_step` steps of the run are done; `logs` are the train logs of its epoch so far
     (all its steps, those before a resume included), with a "loss"."""
     epoch, step = (global_step - 1) // self._steps + 1, (global_step - 1) % self._steps + 1
-    if self._use_bar:
-      self._update_bar(epoch, step, logs)
-      return
     now = self._clock()
+    if self._use_bar:
+      self._update_bar(epoch, step, global_step, logs, now)
+      return
     if self._first_step is None:  # The first call includes tracing: time from its end.
       self._first_step, self._started = global_step, now
     if step == self._steps:
@@ -65,15 +70,45 @@ class Progress:
                  step, self._steps, 100 * step // self._steps, logs["loss"],
                  "-" if speed is None else f"{speed:.0f}")
 
-  def _update_bar(self, epoch: int, step: int, logs: Dict[str, float]) -> None:
+  def _update_bar(self, epoch: int, step: int, global_step: int, logs: Dict[str, float],
+                  now: float) -> None:
     if self._bar_epoch != epoch:
-      import keras  # pylint: disable=import-outside-toplevel
       print(f"Epoch {epoch}/{self._epochs}", flush=True)
-      # Stateful: shown as given. Keras 3's bar does not average the others over calls (Keras
-      # 2's did), and the epoch's running values are already the epoch's means.
-      self._bar = keras.utils.Progbar(self._steps, stateful_metrics=list(logs))
+      self._bar = _EpochBar(self._steps, list(logs))
       self._bar_epoch = epoch
-    self._bar.update(step, sorted(logs.items(), key=lambda item: item[0] != "loss"))
+    if self._timed_from is not None and global_step > self._timed_from[1]:
+      seconds, steps = now - self._timed_from[0], global_step - self._timed_from[1]
+    else:  # The process's first call: all there is to go by.
+      seconds, steps = now - self._epoch_started, 1 + (global_step - 1) % self._steps
+    self._bar.show(step, sorted(logs.items(), key=lambda item: item[0] != "loss"),
+                   seconds / steps, now - self._epoch_started)
+    if self._timed_from is None or step == self._steps:
+      self._timed_from = (now, global_step)
+    if step == self._steps:
+      self._epoch_started = now
+
+
+class _EpochBar(keras.utils.Progbar):
+  """Keras's bar, shown with the step time and elapsed seconds its caller measured.
+
+  Keras's own assume an update per step from the bar's creation: with many steps a call, and
+  a bar made at its epoch's first update, they showed "0us/step" mid-epoch and 4 s for a 15 s
+  epoch.
+  """
+
+  def __init__(self, steps: int, stateful_metrics):
+    # Stateful: shown as given. Keras 3's bar does not average the others over calls (Keras
+    # 2's did), and the epoch's running values are already the epoch's means.
+    super().__init__(steps, stateful_metrics=stateful_metrics)
+    self._seconds_per_step = 0.0
+
+  def show(self, step: int, logs, seconds_per_step: float, elapsed_seconds: float) -> None:
+    self._seconds_per_step = seconds_per_step
+    self._start = time.time() - elapsed_seconds  # Keras's field (pinned 3.15): elapsed's origin.
+    self.update(step, logs)
+
+  def _estimate_step_duration(self, current, now):
+    return self._seconds_per_step
 
 
 class CallCap:

@@ -21,6 +21,7 @@ from trainer import lease as lease_lib
 from trainer import multitask
 from trainer import outputs as outputs_lib
 from trainer import preemption
+from trainer import progress
 from trainer import sources
 from trainer import storage
 from trainer import tuning
@@ -32,6 +33,8 @@ default_model = multitask.default_model
 # Off a terminal a progress line is promised about every 30 s, and SIGTERM and checkpoints
 # wait for a device call's end: where steps per call are ours to pick, no call lasts longer.
 MAX_CALL_SECONDS = 10.0
+# On a terminal the bar moves at each call's end: shorter calls, so that it moves smoothly.
+BAR_CALL_SECONDS = 1.0
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -126,7 +129,8 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
         steps_per_loop=config.steps_per_loop,
         checkpoint_every_steps=config.checkpoint_every_steps,
         examples_per_step=plan.global_batch,
-        max_call_seconds=MAX_CALL_SECONDS if cap_calls else 0.0)
+        max_call_seconds=(0.0 if not cap_calls else BAR_CALL_SECONDS
+                          if outputs.chief and progress.on_terminal() else MAX_CALL_SECONDS))
     controller = controller_lib.Controller(
         strategy, task, schedule, outputs_lib.checkpoint_dir(config),
         config.checkpoints_to_keep, save_dir=outputs.checkpoints, summary_dir=outputs.train_logs,
