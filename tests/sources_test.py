@@ -120,6 +120,18 @@ def test_npz_whose_header_claims_more_data_than_it_holds_is_refused_unread(tmp_p
   assert str(e.value) == huge_claim(f"{path} (array X)", "uint8", "np.savez")
 
 
+def test_an_npz_array_too_large_for_memory_is_one_error_line(tmp_path, monkeypatch):
+  # A deflated member may truly hold what its header claims, and still not fit: numpy's own
+  # allocation fails (stood in for here; a real one would take this machine's memory).
+  path = helpers.write_npz(str(tmp_path / "large.npz"), X=np.zeros((100, 784), np.uint8),
+                           y=np.zeros(100, np.uint8))
+  def no_memory(*args, **kwargs):
+    raise MemoryError()
+  monkeypatch.setattr(np.lib.format, "read_array", no_memory)
+  with pytest.raises(UserInputError, match=r"large.npz: an array in it needs more memory than "):
+    sources.load_splits(path)
+
+
 def test_missing_and_unknown_sources_are_refused(tmp_path):
   with pytest.raises(UserInputError, match="no file at"):
     sources.load_splits(f"npz:{tmp_path}/absent.npz")

@@ -173,6 +173,9 @@ def npz_arrays(file, where: str, choose: Callable[[List[str]], Sequence[str]]
       return arrays
   except UserInputError:
     raise
+  except MemoryError:  # A compressed member whose zip entry claims that much, say.
+    raise UserInputError(f"{where}: an array in it needs more memory than this machine has; "
+                         "check the file, or save a smaller one with np.savez") from None
   except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
     raise load_error(e, where, "npz", "np.savez") from None
 
