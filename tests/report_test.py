@@ -68,6 +68,23 @@ def test_the_confusion_matrix_names_its_classes_on_both_axes():
   assert digits.get_xticklabels()[0].get_rotation() == 0
 
 
+def test_a_one_dimensional_latent_is_drawn_by_class(tmp_path):
+  """--latent_dim=1 is valid: its report shows the one value, a row per class, where the
+  principal components of the wider latents would fail."""
+  from trainer import sources
+  labels = np.arange(200) % 10
+  latent = (labels + np.random.default_rng(0).normal(0, 0.2, 200))[:, np.newaxis]
+  path = tmp_path / "latent.png"
+  path.write_bytes(report.latent_png(latent.astype(np.float32), labels))
+  assert _png_size(path) == (700, 600)
+  assert tf.io.decode_png(path.read_bytes()).numpy().std() > 10
+  figure = report.latent_figure(latent, labels, sources.FASHION_MNIST_CLASSES)
+  (axes,) = figure.axes
+  assert axes.get_title() == "latent space of test images, its one value, a row per class"
+  assert [tick.get_text() for tick in axes.get_yticklabels()] == list(
+      sources.FASHION_MNIST_CLASSES)
+
+
 def test_the_report_images_go_to_tensorboard_too(finished_run):
   model_dir, _ = finished_run
   tags = set()

@@ -6,6 +6,7 @@
   curves.png           both task losses, accuracy and reconstruction MSE per epoch, train and
                        validation
   latent.png           the encoder's output on test images, projected to 2-D by PCA, by class
+                       (a one-dimensional output: its value, a row per class)
   report.md            the final metrics and the four images
 and, given a writer, sends the same images to TensorBoard. It reads the export, not the
 training model, so it shows exactly what ships, whatever the strategy was. The class names
@@ -105,25 +106,46 @@ def curves_png(history: List[Dict]) -> bytes:
   return _png(figure)
 
 
-def latent_png(latent: np.ndarray, labels: np.ndarray, class_names: Sequence[str] = DIGITS
-               ) -> bytes:
-  """The latent vectors projected on their first two principal components, coloured by class
-  and named in the legend by `class_names`."""
-  projected = decomposition.PCA(n_components=2, random_state=0).fit_transform(latent)
+def latent_view(dimensions: int) -> str:
+  """What latent.png shows of a latent of `dimensions`: the end of its title and caption."""
+  return "first two principal components" if dimensions >= 2 else "its one value, a row per class"
+
+
+def latent_figure(latent: np.ndarray, labels: np.ndarray, class_names: Sequence[str] = DIGITS
+                  ) -> Figure:
+  """The latent vectors (N, D) on a plane, coloured by class and named in the legend by
+  `class_names`: their first two principal components, or where D is 1, the value across and
+  the class down (its rows named), each point moved a little up or down so that they do not
+  hide each other."""
+  if latent.shape[1] >= 2:
+    points = decomposition.PCA(n_components=2, random_state=0).fit_transform(latent)
+  else:  # --latent_dim=1 is a valid setting: its report shows the one value, not an error.
+    jitter = np.random.default_rng(0).uniform(-0.3, 0.3, len(labels))
+    points = np.stack([latent[:, 0], labels + jitter], axis=1)
   figure = Figure(figsize=(7, 6), dpi=FIGURE_DPI)
   axes = figure.add_subplot()
   colours = matplotlib.colormaps["tab10"]
   for label in range(NUM_CLASSES):
     chosen = labels == label
-    axes.scatter(projected[chosen, 0], projected[chosen, 1], s=4, color=colours(label),
+    axes.scatter(points[chosen, 0], points[chosen, 1], s=4, color=colours(label),
                  label=class_names[label])
-  axes.set_title("latent space of test images, first two principal components")
+  if latent.shape[1] < 2:
+    axes.set_yticks(range(NUM_CLASSES), class_names)
+    axes.invert_yaxis()  # The first class on top, as in the confusion matrix.
+    axes.set_xlabel("latent value")
+  axes.set_title(f"latent space of test images, {latent_view(latent.shape[1])}")
   axes.legend(title="class", markerscale=3, loc="best", fontsize="small")
   figure.tight_layout()
-  return _png(figure)
+  return figure
 
 
-def _markdown(metrics: Dict, history: List[Dict]) -> str:
+def latent_png(latent: np.ndarray, labels: np.ndarray, class_names: Sequence[str] = DIGITS
+               ) -> bytes:
+  """`latent_figure(...)` as a PNG."""
+  return _png(latent_figure(latent, labels, class_names))
+
+
+def _markdown(metrics: Dict, history: List[Dict], latent_dimensions: int) -> str:
   rows = [("test accuracy", f"{metrics['test_accuracy']:.4f}"),
           ("test reconstruction MSE", f"{metrics['test_reconstruction_mse']:.5f}"),
           ("test classifier loss", f"{metrics['test_classifier_loss']:.4f}"),
@@ -142,7 +164,7 @@ def _markdown(metrics: Dict, history: List[Dict]) -> str:
                          "of each class.",
       "confusion_matrix": "Test confusion matrix: true class down, predicted class across.",
       "curves": "Per-epoch losses, accuracy and task loss weights, train and validation.",
-      "latent": "The shared encoder's output on test images, first two principal components.",
+      "latent": f"The shared encoder's output on test images, {latent_view(latent_dimensions)}.",
   }
   for name in IMAGES:
     lines += ["", f"## {name.replace('_', ' ').capitalize()}", "", captions[name], "",
@@ -173,7 +195,7 @@ def write_report(export_dir: str, test: Split, history: List[Dict], metrics: Dic
     with tf.io.gfile.GFile(os.path.join(directory, f"{name}.png"), "wb") as f:
       f.write(png)
   with tf.io.gfile.GFile(os.path.join(directory, "report.md"), "w") as f:
-    f.write(_markdown(metrics, history))
+    f.write(_markdown(metrics, history, latent.shape[1]))
   if writer is not None:
     with writer.as_default(step=metrics["epochs"]):
       for name, png in pngs.items():
