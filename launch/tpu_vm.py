@@ -54,10 +54,15 @@ def is_single_host(accelerator_type: str) -> bool:
 
 def trainer_arguments(name: str, accelerator_type: str,
                       trainer_args: Sequence[str]) -> List[str]:
-  """What the train step passes the trainer: the TPU to use, then the user's flags."""
+  """What the train step passes the trainer: the TPU to use, unless the user's flags say, then
+  the user's flags."""
   # On one host the TPU is local; a pod's hosts find their slice by the TPU's name.
   tpu = "local" if is_single_host(accelerator_type) else name
-  return ["--strategy=tpu", f"--tpu={tpu}", *trainer_args]
+  # Only those not given: the trainer refuses a flag given twice.
+  given = cli.trainer_flags_given(trainer_args)
+  tpu_flags = [f"--{flag}={value}" for flag, value in (("strategy", "tpu"), ("tpu", tpu))
+               if flag not in given]
+  return [*tpu_flags, *trainer_args]
 
 
 def commands(step: str, name: str, zone: str, project: str, accelerator_type: str,

@@ -79,6 +79,8 @@ ON_VERTEX = {"AIP_MODEL_DIR": "gs://b/run/model/"}
     (["--epochs=3"], {}, "no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir"),
     (["--epochs=3"], {"AIP_MODEL_DIR": ""}, "no --model_dir given and $AIP_MODEL_DIR is set but "
      "empty: pass --model_dir, or set $AIP_MODEL_DIR to the job's directory (local or gs://)"),
+    (["--epochs=3", "--learning_rate=0.01", "--epochs=5"], ON_VERTEX,
+     "--epochs is given twice (--epochs=3, then --epochs=5): give it once"),
     (["--epochs=3", "-h"], ON_VERTEX, "-h would end the job with the trainer's help, before it "
      "trains: to read the trainer's flags, run python -m trainer.task --help"),
 ])
@@ -88,6 +90,48 @@ def test_trainer_arguments_are_refused_as_the_trainer_refuses_them(monkeypatch, 
   with pytest.raises(config.UserInputError) as refused:
     cli.check_trainer_arguments(args, environ)
   assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs=3", "--epochs=5"], "--epochs is given twice (--epochs=3, then --epochs=5)"),
+    # As Vertex AI tuning appends a searched value after the user's arguments.
+    (["--learning_rate=0.01", "--epochs=3", "--learning_rate=0.0042"],
+     "--learning_rate is given twice (--learning_rate=0.01, then --learning_rate=0.0042)"),
+    (["--batch_size", "32", "-batch_size=64"],
+     "--batch_size is given twice (--batch_size 32, then -batch_size=64)"),
+    (["--report", "--noreport"], "--report is given twice (--report, then --noreport)"),
+    (["--width=8", "--width=8", "--width=16"],
+     "--width is given 3 times (--width=8, then --width=8, then --width=16)"),
+])
+def test_a_trainer_flag_given_twice_is_refused_naming_each_value(capsys, args, message):
+  """absl would take the last value silently. Refused before parsing: no flag is set here."""
+  from trainer import task
+  result = helpers.run_in_process(capsys, task.parse_flags, ["trainer.task", *args])
+  helpers.assert_one_error_line(result, f"{message}: give it once", whole=True)
+
+
+def test_a_flag_in_a_flagfile_and_on_the_command_line_is_given_twice(capsys, tmp_path):
+  from trainer import task
+  flagfile = tmp_path / "job.flags"
+  flagfile.write_text("--dataset=mnist_sample\n--epochs=4\n")
+  result = helpers.run_in_process(capsys, task.parse_flags,
+                                  ["trainer.task", f"--flagfile={flagfile}", "--epochs=5"])
+  helpers.assert_one_error_line(
+      result, "--epochs is given twice (--epochs=4, then --epochs=5): give it once", whole=True)
+
+
+def test_flag_occurrences_reads_arguments_as_absl_does():
+  flag_values = flags.FlagValues()
+  flags.DEFINE_integer("epochs", 1, "An integer.", short_name="e", flag_values=flag_values)
+  flags.DEFINE_bool("report", True, "A boolean.", flag_values=flag_values)
+  flags.DEFINE_multi_string("tag", [], "Repeated by design.", flag_values=flag_values)
+  args = ["-e", "2", "input.png", "--noreport", "--tag=a", "--tag=b", "--unknown=1",
+          "--epochs", "--report", "--", "--epochs=9"]
+  # `--epochs --report`: absl takes --report as the value of --epochs (and refuses it).
+  assert cli.flag_occurrences(args, flag_values) == {
+      "epochs": ["-e 2", "--epochs --report"], "report": ["--noreport"]}
+  cli.refuse_repeated_flags(["--epochs=1", "--tag=a", "--tag=b", "--", "--epochs=2"],
+                            flag_values)
 
 
 def test_a_bad_setting_is_refused_with_the_configurations_own_words():

@@ -45,6 +45,14 @@ def test_an_empty_aip_model_dir_is_said_to_be_empty_before_tensorflow_starts(mon
       "--model_dir, or set $AIP_MODEL_DIR to the job's directory (local or gs://)", whole=True)
 
 
+def test_a_flag_given_twice_is_refused(tmp_path):
+  result = helpers.run_module_without_tensorflow(
+      "trainer.evaluate", f"--model_dir={tmp_path}", "--split=test", "--split", "validation")
+  helpers.assert_one_error_line(
+      result, "--split is given twice (--split=test, then --split validation): give it once",
+      whole=True)
+
+
 # Another TensorFlow start-up (6-7 s) for a refusal: the slow tier. The fast tier runs the
 # command once (above), and export_test checks this message where export.load raises it.
 @pytest.mark.slow

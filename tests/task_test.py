@@ -129,6 +129,15 @@ def test_bad_flags_get_one_clear_error_line(tmp_path, flags, message):
   assert not os.listdir(tmp_path)
 
 
+def test_a_flag_given_twice_is_refused_before_tensorflow_starts(tmp_path):
+  result = helpers.run_module_without_tensorflow(
+      "trainer.task", "--dataset=mnist_sample", f"--model_dir={tmp_path}", "--epochs=3",
+      "--epochs=5")
+  helpers.assert_one_error_line(
+      result, "--epochs is given twice (--epochs=3, then --epochs=5): give it once", whole=True)
+  assert not os.listdir(tmp_path)
+
+
 def test_missing_model_dir_is_a_clear_error():
   result = helpers.run_trainer("--dataset=mnist_sample", env={"AIP_MODEL_DIR": ""}, timeout=120)
   _assert_clear_error(result, "$AIP_MODEL_DIR is set but empty: pass --model_dir")

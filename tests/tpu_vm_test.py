@@ -105,6 +105,14 @@ def test_train_runs_on_all_hosts_with_the_trainer_flags_and_keeps_a_log():
   assert "--tpu=mnist " in pod  # A pod's hosts find their slice by name.
 
 
+def test_train_names_the_tpu_unless_the_trainer_flags_do():
+  """The trainer refuses a flag given twice: one the user gives is not added again."""
+  assert tpu_vm.trainer_arguments("mnist", "v3-8", ["--epochs=3"]) == [
+      "--strategy=tpu", "--tpu=local", "--epochs=3"]
+  assert tpu_vm.trainer_arguments("mnist", "v3-8", ["--tpu", "other", "--strategy=tpu"]) == [
+      "--tpu", "other", "--strategy=tpu"]
+
+
 def test_delete_and_logs():
   assert _commands("delete") == [
       "gcloud compute tpus tpu-vm delete mnist --zone=us-west4-a --project=proj --quiet"]
@@ -198,8 +206,10 @@ def test_bad_flags_are_one_error_line_and_exit_code_2(gcloud):
                          "launch.tpu_vm: put trainer flags after --, as in python -m "
                          "launch.tpu_vm [flags] -- --dataset=mnist"),
                         ("--steps=train", "trainer argument: no --model_dir given and "
-                         "$AIP_MODEL_DIR is not set: pass --model_dir")]:
-    result, calls = gcloud(flag)
+                         "$AIP_MODEL_DIR is not set: pass --model_dir"),
+                        ("--zone=us-west4-a --zone=us-east1-d", "--zone is given twice "
+                         "(--zone=us-west4-a, then --zone=us-east1-d): give it once")]:
+    result, calls = gcloud(*flag.split(" "))
     assert not calls
     line = helpers.assert_one_error_line(result, message)
     assert line.startswith(f"error: {message}")

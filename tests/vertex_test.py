@@ -169,6 +169,12 @@ def test_a_dry_run_checks_the_trainer_arguments_without_importing_tensorflow():
       "--datset=mnist", "--epoch=20", "--batch_size=-5"],
      "trainer argument: Unknown command line flag 'datset'. Did you mean: dataset ? (see "
      "python -m trainer.task --help)"),
+    # What the trainer would refuse on the billed machine; a launcher's own flag likewise.
+    (["--dry_run", f"--image_uri={IMAGE}", "--base_output_dir=gs://b/x", "--", "--epochs=3",
+      "--epochs=5"], "trainer argument: --epochs is given twice (--epochs=3, then --epochs=5): "
+     "give it once"),
+    (["--dry_run", "--image_uri=a", f"--image_uri={IMAGE}", "--base_output_dir=gs://b/x"],
+     f"--image_uri is given twice (--image_uri=a, then --image_uri={IMAGE}): give it once"),
     (["--dry_run", f"--image_uri={IMAGE}", "--base_output_dir=gs://b/x", "--dataset=mnist"],
      "--dataset is a flag of the trainer, not of launch.vertex: put trainer flags after --, as "
      "in python -m launch.vertex [flags] -- --dataset=mnist"),

@@ -18,7 +18,7 @@ import re
 import sys
 import textwrap
 import threading
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Set
 
 from absl import app  # noqa: F401  Its flags (--pdb, --only_check_args) are the trainer's too.
 from absl import flags
@@ -40,7 +40,8 @@ def fail(message: str, exit_code: int = BAD_INPUT_EXIT_CODE) -> None:
 
 def parse_flags(argv, description: Optional[str] = None,
                 groups: Optional[Dict[str, Sequence[str]]] = None, launcher: str = ""):
-  """absl's flag parsing, with a bad flag reported as one `error:` line like other bad input.
+  """absl's flag parsing, with a bad flag, or one given twice (absl would keep the last),
+  reported as one `error:` line like other bad input.
 
   Given `description` and `groups`, `-h` or `--help` prints `help_text(...)` and exits 0
   (absl's own --help exits 1 and lists the flags by module); --helpfull stays absl's. Given
@@ -54,12 +55,62 @@ def parse_flags(argv, description: Optional[str] = None,
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
   try:
+    # Flagfiles expanded as absl expands them: a flag in one and on the command line is repeated.
+    refuse_repeated_flags(flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False))
     return flags.FLAGS(argv)
+  except config_lib.UserInputError as e:  # Before ValueError, which it is.
+    fail(str(e))
   # absl says a --noflag given a value ("--noreport=1 does not take an argument") as a ValueError.
   except (flags.Error, ValueError) as e:
     hint = (misplaced_trainer_flag(e, launcher)
             if launcher and isinstance(e, flags.UnrecognizedFlagError) else None)
     fail(hint or (f"{e} (see --help)" if description is not None else f"{e} (see --helpfull)"))
+
+
+def refuse_repeated_flags(args: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
+                          ) -> None:
+  """Raises UserInputError naming a flag of `flag_values` that `args` (no program name, flagfiles
+  expanded) give more than once, and each time it is given. absl would keep the last silently;
+  a flag given twice is a mistake (a fixed flag that Vertex AI tuning also searches, say: it
+  appends the searched value)."""
+  for name, given in flag_occurrences(args, flag_values).items():
+    if len(given) > 1:
+      times = "twice" if len(given) == 2 else f"{len(given)} times"
+      raise config_lib.UserInputError(
+          f"--{name} is given {times} ({', then '.join(given)}): give it once")
+
+
+def flag_occurrences(args: Sequence[str], flag_values: flags.FlagValues) -> Dict[str, List[str]]:
+  """Each flag of `flag_values` that `args` set, by its name, with the arguments that set it as
+  written: `--epochs=3`, `-epochs 3` (absl takes the next argument as the value of a flag that
+  is not boolean), `--noreport`, a short name. As absl reads them, up to a bare `--`, without
+  parsing values; positional arguments, flags `flag_values` lacks, --flagfile (expand it first)
+  and multi-valued flags (repeated by design) are left out."""
+  occurrences: Dict[str, List[str]] = {}
+  remaining = iter(args)
+  for arg in remaining:
+    if arg == "--":
+      break
+    if not arg.startswith("-"):
+      continue
+    name, has_value, _ = arg[2 if arg.startswith("--") else 1:].partition("=")
+    flag = _flag_named(name, flag_values)
+    if flag is None or isinstance(flag, flags.MultiFlag):
+      continue
+    if not flag.boolean and not has_value:
+      value = next(remaining, None)
+      arg = arg if value is None else f"{arg} {value}"
+    occurrences.setdefault(flag.name, []).append(arg)
+  return occurrences
+
+
+def _flag_named(name: str, flag_values: flags.FlagValues) -> Optional[flags.Flag]:
+  """The flag `--name` sets (`--noreport` sets report), or None if it is none of theirs."""
+  if name in flag_values:
+    return flag_values[name]
+  if name.startswith("no") and name[2:] in flag_values and flag_values[name[2:]].boolean:
+    return flag_values[name[2:]]
+  return None
 
 
 def wants_help(argv) -> bool:
@@ -321,12 +372,19 @@ def check_trainer_arguments(args: Sequence[str], environ: Mapping[str, str]) -> 
         f"{asked[0]} would end the job with the trainer's help, before it trains: to read the "
         f"trainer's flags, run {TRAINER_HELP}")
   flag_values = _trainer_flag_values(environ)
+  refuse_repeated_flags(args, flag_values)
   try:
     unparsed = flag_values(["trainer.task", *args])
   except (flags.Error, ValueError) as e:  # ValueError: "--noreport=1 does not take an argument".
     raise config_lib.UserInputError(f"{e} (see {TRAINER_HELP})") from None
   refuse_positional_arguments(unparsed[1:])
   trainer_config(flag_values, environ)
+
+
+def trainer_flags_given(args: Sequence[str]) -> Set[str]:
+  """The names of the trainer's flags that trainer arguments `args` give (`--noreport` gives
+  report), flagfiles unread."""
+  return set(flag_occurrences(args, _trainer_flag_values({})))
 
 
 def is_trainer_flag(name: str) -> bool:
