@@ -6,8 +6,9 @@ import setuptools
 # distribution behaviour changes between releases (model.fit broke under multi-worker in 3.15).
 # Reports to Vertex AI hyperparameter tuning (in the container images).
 TUNING = ["cloudml-hypertune==0.1.0.dev6"]
-# Vertex AI: the launcher (launch/vertex.py) too.
-VERTEX = ["google-cloud-aiplatform>=1.60,<3", *TUNING]
+# Vertex AI: the launcher (launch/vertex.py) too. 1.66: aiplatform_v1's Scheduling has
+# FLEX_START and max_wait_duration (SPOT came in 1.62).
+VERTEX = ["google-cloud-aiplatform>=1.66,<3", *TUNING]
 
 INSTALL_REQUIRES = [
     "tensorflow>=2.21,<2.22",

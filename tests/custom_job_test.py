@@ -1,5 +1,6 @@
 """Tests of launch.custom_job: the CustomJob requests, checked field by field, offline."""
 
+import datetime
 import json
 
 import pytest
@@ -67,6 +68,44 @@ def test_four_replicas_with_two_gpus_each_are_a_chief_and_three_workers():
   assert [p["replicaCount"] for p in raw["jobSpec"]["workerPoolSpecs"]] == ["1", "3"]
 
 
+def test_a_spot_job_with_a_time_limit_a_service_account_and_a_tensorboard_instance():
+  raw, job = _request(scheduling="spot", timeout="1h30m",
+                      service_account="trainer@p.iam.gserviceaccount.com",
+                      tensorboard="projects/p/locations/us-central1/tensorboards/7")
+  scheduling = job.job_spec.scheduling
+  assert scheduling.strategy == types.Scheduling.Strategy.SPOT
+  assert scheduling.timeout == datetime.timedelta(hours=1, minutes=30)
+  assert "max_wait_duration" not in scheduling  # Vertex AI's default: for flex-start only.
+  assert not scheduling.restart_job_on_worker_restart
+  assert job.job_spec.service_account == "trainer@p.iam.gserviceaccount.com"
+  assert job.job_spec.tensorboard == "projects/p/locations/us-central1/tensorboards/7"
+  assert raw["jobSpec"]["scheduling"] == {"strategy": "SPOT", "timeout": "5400s"}
+  _check_pool(job.job_spec.worker_pool_specs[0], "n1-standard-4", 1)
+  _check_outputs(job)
+
+
+@pytest.mark.parametrize("max_wait, seconds", [("2h", 7200), ("0s", 0)])  # 0: without limit.
+def test_a_flex_start_job_waits_at_most_max_wait(max_wait, seconds):
+  raw, job = _request(scheduling="flex_start", max_wait=max_wait)
+  assert job.job_spec.scheduling.strategy == types.Scheduling.Strategy.FLEX_START
+  assert job.job_spec.scheduling.max_wait_duration == datetime.timedelta(seconds=seconds)
+  assert raw["jobSpec"]["scheduling"] == {"strategy": "FLEX_START",
+                                          "maxWaitDuration": f"{seconds}s"}
+  assert "serviceAccount" not in raw["jobSpec"] and "tensorboard" not in raw["jobSpec"]
+
+
+def test_standard_scheduling_is_said_and_keeps_restarting_every_worker_together():
+  raw, job = _request(replica_count=2)
+  assert raw["jobSpec"]["scheduling"] == {"strategy": "STANDARD",
+                                          "restartJobOnWorkerRestart": True}
+
+
+@pytest.mark.parametrize("text, seconds", [("90m", 5400), ("1h30m", 5400), ("1.5h", 5400),
+                                           ("2d", 172800), ("45s", 45)])
+def test_durations_are_written_as_gcloud_writes_them(text, seconds):
+  assert custom_job.parse_duration("timeout", text) == datetime.timedelta(seconds=seconds)
+
+
 def test_tpu_v5e_2x2():
   raw, job = _request(machine_type="ct5lp-hightpu-4t", tpu_topology="2x2")
   (pool,) = job.job_spec.worker_pool_specs
@@ -89,6 +128,21 @@ def test_tpu_v3_is_a_cloud_tpu_machine_with_eight_cores():
      "TPU_V3 needs --machine_type=cloud-tpu"),
     (dict(machine_type="ct5lp-hightpu-3t"), "unknown TPU v5e --machine_type"),
     (dict(base_output_dir="/tmp/run"), "must be a gs:// path"),
+    (dict(scheduling="cheap"), "unknown --scheduling=cheap: choose one of standard, spot, "
+     "flex_start"),
+    (dict(timeout="12"), r"--timeout=12 is not a duration: write it as 90m, 12h, 1h30m or 2d"),
+    (dict(timeout="0m"), r"--timeout=0m must be more than 0"),
+    (dict(scheduling="spot", max_wait="2h"), r"--max_wait=2h is for --scheduling=flex_start "
+     "only: it bounds how long a flex-start job waits for its machines"),
+    (dict(scheduling="flex_start", max_wait="-1h"), r"--max_wait=-1h is not a duration"),
+    (dict(service_account="trainer"), r"--service_account='trainer' is not a service account's "
+     "email"),
+    (dict(tensorboard="projects/p/locations/r/tensorboards/7"), r"--tensorboard needs "
+     r"--service_account: Vertex AI writes to a TensorBoard instance only as a service account "
+     r"you give \(one with the Vertex AI User role and write access to --base_output_dir\)"),
+    (dict(tensorboard="7", service_account="a@p.iam.gserviceaccount.com"),
+     r"--tensorboard='7' is not a TensorBoard instance's resource name: "
+     "projects/P/locations/R/tensorboards/ID"),
 ])
 def test_requests_that_cannot_work_are_refused(changes, message):
   settings = dict(image_uri=IMAGE, base_output_dir=OUTPUT)
