@@ -4,17 +4,20 @@ Every call goes through the SDK's own `aiplatform_v1` clients (the `vertex` extr
 `endpoint`: Vertex AI's regional one, a Private Service Connect one, or one on this machine
 (localhost, 127.0.0.1), which is spoken to in plain gRPC with no credentials, as local
 emulators and the tests' stand-in expect. `explain` turns a failed call into one line a user can
-act on.
+act on; `resubmission` decides which ended jobs are worth submitting again.
 """
 
 import datetime
 import functools
 import os
+import re
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from launch.custom_job import LaunchError
+from trainer.cli import BAD_INPUT_EXIT_CODE
 from trainer.config import first_line
+from trainer.preemption import PREEMPTED_EXIT_CODE
 
 # Vertex AI's prebuilt TensorFlow prediction containers; 2.15 is the newest TensorFlow offered.
 SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
@@ -32,6 +35,34 @@ POLL_TIMEOUT_SECONDS = 60.0
 # UNAVAILABLE, though no retry can mend it.
 CREDENTIALS_REFRESH_FAILED = "Getting metadata from plugin failed"
 JOB_COLLECTIONS = ("customJobs", "batchPredictionJobs")
+# How each end of a job sets the exit code of `wait`.
+ENDED_EXIT_CODES = {"JOB_STATE_SUCCEEDED": 0, "JOB_STATE_PARTIALLY_SUCCEEDED": 0,
+                    "JOB_STATE_FAILED": FAILED_EXIT_CODE, "JOB_STATE_EXPIRED": FAILED_EXIT_CODE,
+                    "JOB_STATE_CANCELLED": CANCELLED_EXIT_CODE}
+
+# Which ended custom jobs are submitted again (`resubmission`): only those that ended by
+# preemption or lack of capacity, which the same spec may get past on other machines or later,
+# resuming from the newest checkpoint. A job's error is a google.rpc.Status; the first rule that
+# applies decides:
+#   never: a cancelled job (someone chose to stop it); a job that ran out its --timeout
+#     (DEADLINE_EXCEEDED, or a run as long as its limit); the trainer's own error, a replica that
+#     exited 2 (bad input, a refused restart, a divergence: it would fail again the same way).
+#   resubmitted: the codes in CAPACITY_CODES; a message with a word of PREEMPTION_WORDS; a
+#     replica that exited 143 (the trainer saved on SIGTERM, how a VM's preemption is announced;
+#     in a multi-worker job the others then exit 1, having lost contact with it).
+#   never: anything else, such as INTERNAL or another exit status (a crash would happen again).
+CAPACITY_CODES = {
+    # google.rpc.Code 8, "some resource has been exhausted": Vertex AI's "Resources are
+    # insufficient in region"; quota is not it (a job short of quota waits in JOB_STATE_QUEUED).
+    "RESOURCE_EXHAUSTED": "lack of capacity",
+    # google.rpc.Code 14, "a transient condition, which can be corrected by retrying".
+    "UNAVAILABLE": "machines unavailable",
+}
+# Vertex AI's Spot page: a job whose Spot VMs are reclaimed "fails with a STOCKOUT error";
+# Compute Engine says a reclaimed VM was "preempted".
+PREEMPTION_WORDS = ("stockout", "preempt")
+# How Vertex AI names a replica's exit: "... exited with a non-zero status of 2".
+REPLICA_EXIT_STATUS = re.compile(r"non-zero status of (\d+)")
 
 
 def default_endpoint(region: str) -> str:
@@ -133,13 +164,12 @@ def check_wait_seconds(poll_seconds: float, retry_seconds: float) -> None:
       raise LaunchError(f"--{name}={seconds} must be more than 0")
 
 
-def wait(get: Callable, name: str, link: str, poll_seconds: float,
-         say: Callable[[str], None] = functools.partial(print, flush=True),
-         retry_seconds: float = UNAVAILABLE_RETRY_SECONDS) -> int:
-  """Polls the job `name` with `get` (e.g. a JobServiceClient's get_custom_job) until it ends;
-  says each state it enters, with the time and `link`. Returns the exit code for how it ended:
-  0 succeeded (or, a batch job, partly succeeded), FAILED_EXIT_CODE failed or expired,
-  CANCELLED_EXIT_CODE cancelled.
+def follow(get: Callable, name: str, link: str, poll_seconds: float,
+           say: Callable[[str], None] = functools.partial(print, flush=True),
+           retry_seconds: float = UNAVAILABLE_RETRY_SECONDS):
+  """Polls the job `name` with `get` (e.g. a JobServiceClient's get_custom_job) until it ends,
+  and returns it as it ended; says each state it enters, with the time and `link`, then the
+  error of a job that failed.
 
   Transient failures (UNAVAILABLE, a poll past POLL_TIMEOUT_SECONDS) are retried with
   exponential backoff for `retry_seconds`, then raise `google.api_core.exceptions.RetryError`:
@@ -147,7 +177,6 @@ def wait(get: Callable, name: str, link: str, poll_seconds: float,
   retried: a wrong endpoint shows at once.
   """
   from google.api_core import retry
-  from google.cloud.aiplatform_v1 import types
 
   def on_error(error):
     say(f"{_now()} Vertex AI unavailable ({error.message}); retrying")
@@ -156,11 +185,6 @@ def wait(get: Callable, name: str, link: str, poll_seconds: float,
   patient = retry.Retry(predicate=is_transient, initial=poll_seconds,
                         maximum=max(poll_seconds, 60.0), multiplier=2.0, timeout=retry_seconds,
                         on_error=on_error)
-  ended = {types.JobState.JOB_STATE_SUCCEEDED: 0,
-           types.JobState.JOB_STATE_PARTIALLY_SUCCEEDED: 0,
-           types.JobState.JOB_STATE_FAILED: FAILED_EXIT_CODE,
-           types.JobState.JOB_STATE_EXPIRED: FAILED_EXIT_CODE,
-           types.JobState.JOB_STATE_CANCELLED: CANCELLED_EXIT_CODE}
   state = None
   while True:
     job = get(name=name, retry=patient if state is not None else None,
@@ -168,13 +192,108 @@ def wait(get: Callable, name: str, link: str, poll_seconds: float,
     if job.state != state:
       state = job.state
       say(f"{_now()} {state.name} {link}".rstrip())
-    if state in ended:
+    if state.name in ENDED_EXIT_CODES:
       if job.error.message:
         say(f"the job's error: {job.error.message}")
       for failure in getattr(job, "partial_failures", ())[:5]:  # Batch prediction only.
         say(f"a partial failure: {failure.message}")
-      return ended[state]
+      return job
     time.sleep(poll_seconds)
+
+
+def exit_code(job) -> int:
+  """The exit code for how the ended `job` ended: 0 succeeded (or, a batch job, partly
+  succeeded), FAILED_EXIT_CODE failed or expired, CANCELLED_EXIT_CODE cancelled."""
+  return ENDED_EXIT_CODES[job.state.name]
+
+
+def wait(get: Callable, name: str, link: str, poll_seconds: float,
+         say: Callable[[str], None] = functools.partial(print, flush=True),
+         retry_seconds: float = UNAVAILABLE_RETRY_SECONDS) -> int:
+  """Follows the job `name` to its end (`follow`); returns the exit code for how it ended
+  (`exit_code`)."""
+  return exit_code(follow(get, name, link, poll_seconds, say, retry_seconds))
+
+
+def wait_resubmitting(follow_job: Callable, submit_job: Callable, job, resubmit: int,
+                      say: Callable[[str], None] = functools.partial(print, flush=True)) -> int:
+  """Follows the custom job `job` to its end with `follow_job` (a job's name -> the job as it
+  ended, or None where following stopped); while it ended by preemption or lack of capacity
+  (`resubmission`) and fewer than `resubmit` jobs were resubmitted, submits its spec again as a
+  new job with `submit_job` (parent, custom job -> the created job) and follows that. Says each
+  decision in one line, with its reason. Returns the exit code of the last job's end, or
+  INTERRUPTED_EXIT_CODE where following stopped."""
+  resubmitted = 0
+  while True:
+    ended = follow_job(job.name)
+    if ended is None:
+      return INTERRUPTED_EXIT_CODE
+    code = exit_code(ended)
+    if code == 0 or not resubmit:
+      return code
+    again, reason = resubmission(ended)
+    if again and resubmitted == resubmit:
+      again, reason = False, f"{reason}; resubmitted {resubmitted} times already (--resubmit)"
+    say(f"{'resubmitting' if again else 'not resubmitting'}: {reason}")
+    if not again:
+      return code
+    resubmitted += 1
+    job = submit_job(parent_of(ended.name), resubmitted_job(ended))
+
+
+def resubmission(job) -> Tuple[bool, str]:
+  """Whether the custom job `job` is to be submitted again, by the rule above CAPACITY_CODES,
+  and why or why not, in words that finish "resubmitting: " or "not resubmitting: "."""
+  from google.rpc import code_pb2
+  state = job.state.name
+  if state not in ENDED_EXIT_CODES:
+    return False, f"the job has not ended ({state}): follow it with wait"
+  if state == "JOB_STATE_SUCCEEDED":
+    return False, "the job succeeded: there is nothing to resume"
+  if state == "JOB_STATE_CANCELLED":
+    return False, "the job was cancelled"
+  code = (code_pb2.Code.Name(job.error.code) if job.error.code in code_pb2.Code.values()
+          else str(job.error.code))
+  error = f"{code}: {job.error.message}"
+  statuses = {int(status) for status in REPLICA_EXIT_STATUS.findall(job.error.message)}
+  if code == "DEADLINE_EXCEEDED" or _ran_out_its_timeout(job):
+    return False, f"the job ran out its --timeout ({error})"
+  if BAD_INPUT_EXIT_CODE in statuses:
+    return False, (f"the trainer's own error, exit code {BAD_INPUT_EXIT_CODE}: bad input or a "
+                   f"refused restart, which would fail again the same way ({error})")
+  if code in CAPACITY_CODES:
+    return True, f"{CAPACITY_CODES[code]} ({error})"
+  if any(word in job.error.message.lower() for word in PREEMPTION_WORDS):
+    return True, f"preemption ({error})"
+  if PREEMPTED_EXIT_CODE in statuses:
+    return True, (f"preemption: the trainer saved on SIGTERM and exited {PREEMPTED_EXIT_CODE} "
+                  f"({error})")
+  return False, f"neither preemption nor lack of capacity ({error})"
+
+
+def _ran_out_its_timeout(job) -> bool:
+  """Whether `job` ran for as long as its scheduling's timeout, whatever its error says."""
+  scheduling = job.job_spec.scheduling
+  if "timeout" not in scheduling or not (job.start_time and job.end_time):
+    return False
+  return job.end_time - job.start_time >= scheduling.timeout
+
+
+def resubmitted_job(job):
+  """A new custom job with `job`'s spec (image, arguments, machines, scheduling, base output
+  directory, service account...), display name, labels and encryption; nothing of what Vertex
+  AI filled in (name, state, times, error)."""
+  from google.cloud.aiplatform_v1 import types
+  new = types.CustomJob(display_name=job.display_name, job_spec=job.job_spec,
+                        labels=dict(job.labels))
+  if "encryption_spec" in job:
+    new.encryption_spec = job.encryption_spec
+  return new
+
+
+def parent_of(name: str) -> str:
+  """The project and region (projects/P/locations/R) of a resource name."""
+  return "/".join(name.split("/")[:4])
 
 
 def _now() -> str:

@@ -3,12 +3,14 @@
 It serves the methods the launcher calls (JobService's custom and batch prediction jobs,
 ModelService's UploadModel and the long-running operations it returns) with the SDK's own
 request and response types, so the real `aiplatform_v1` clients talk to it as to Google's. It
-records every request, plays a custom job through scripted states, and answers with a gRPC
-error where a test asks for one.
+records every request, plays each custom job it creates through scripted states to a scripted
+end (an error code and message, as a preempted or failed job has), and answers a call with a
+gRPC error where a test asks for one.
 """
 
 import collections
 from concurrent import futures
+import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -18,20 +20,26 @@ from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 from google.rpc import status_pb2
 
-JOB_ID = "4321"
+JOB_ID = "4321"  # The first custom job's; each one created after it is one more.
 MODEL_ID = "987"
 BATCH_JOB_ID = "555"
 State = types.JobState
+ENDED = (State.JOB_STATE_SUCCEEDED, State.JOB_STATE_FAILED, State.JOB_STATE_CANCELLED,
+         State.JOB_STATE_EXPIRED)
 
 
 class FakeVertex:
   """Vertex AI's JobService and ModelService on 127.0.0.1; `endpoint` is its address.
 
-  `states` are what successive GetCustomJob (or GetBatchPredictionJob) calls answer (the last one repeats); `job_error`
-  is the failed job's message; `errors[method]` holds what the next calls of `method` answer
-  with, in order: a (status code, message) pair, or None for the usual answer; `delays[method]`
-  is how long each call of `method` takes, in seconds; `upload_polls` is how many GetOperation
-  calls find the upload still running.
+  `states` are what successive GetCustomJob (or GetBatchPredictionJob) calls answer (the last
+  one repeats); `job_error` is the failed job's message (code INTERNAL). `runs` script the
+  custom jobs it creates, in order, each its own: a (states, error) pair, the states its
+  GetCustomJob calls answer (the last repeats) and the (status code, message) it ends with, or
+  None; a job beyond them, or one it did not create, plays `states` and `job_error`.
+  `errors[method]` holds what the next calls of `method` answer with, in order: a (status code,
+  message) pair, or None for the usual answer; `delays[method]` is how long each call of
+  `method` takes, in seconds; `upload_polls` is how many GetOperation calls find the upload
+  still running.
   """
 
   def __init__(self, states: Sequence[int] = (State.JOB_STATE_PENDING,
@@ -41,6 +49,7 @@ class FakeVertex:
     self.states = list(states)
     self.job_error = job_error
     self.upload_polls = upload_polls
+    self.runs: List[Tuple[Sequence[int], Optional[Tuple[grpc.StatusCode, str]]]] = []
     self.errors: Dict[str, List[Optional[Tuple[grpc.StatusCode, str]]]] = (
         collections.defaultdict(list))
     self.delays: Dict[str, float] = {}
@@ -48,6 +57,7 @@ class FakeVertex:
     self.metadata: List[dict] = []
     self._gets = 0
     self._jobs = {}
+    self._runs_of = {}  # A created custom job's name: its script and how often it was read.
     self._server = None
     self.endpoint = ""
 
@@ -108,17 +118,27 @@ class FakeVertex:
 
   def _CreateCustomJob(self, request):
     job = types.CustomJob(request.custom_job)
-    job.name = f"{request.parent}/customJobs/{JOB_ID}"
+    job.name = f"{request.parent}/customJobs/{int(JOB_ID) + len(self._jobs)}"
     job.state = State.JOB_STATE_QUEUED
+    if len(self._jobs) < len(self.runs):
+      self._runs_of[job.name] = [*self.runs[len(self._jobs)], 0]
     self._jobs[job.name] = job
     return job
 
   def _GetCustomJob(self, request):
     job = types.CustomJob(self._jobs.get(request.name, types.CustomJob(name=request.name)))
-    job.state = self._next_state()
-    if job.state == State.JOB_STATE_FAILED:
-      job.error = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0],
-                                    message=self.job_error)
+    if request.name not in self._runs_of:
+      job.state = self._next_state()
+      if job.state == State.JOB_STATE_FAILED:
+        job.error = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0],
+                                      message=self.job_error)
+      return job
+    run = self._runs_of[request.name]
+    states, error, gets = run
+    run[2] += 1
+    job.state = states[min(gets, len(states) - 1)]
+    if error and job.state in ENDED:
+      job.error = status_pb2.Status(code=error[0].value[0], message=error[1])
     return job
 
   def _next_state(self):
@@ -155,15 +175,24 @@ class FakeVertex:
     return operation
 
 
-def main() -> None:
+def main(argv: Sequence[str]) -> None:
   """Serves until Ctrl-C, printing each request as the API's JSON: a way to watch what the
-  launcher sends (`python -m tests.fake_vertex`, then --api_endpoint=THE_ADDRESS)."""
+  launcher sends (`python -m tests.fake_vertex`, then --api_endpoint=THE_ADDRESS). Given a
+  google.rpc code's name and a message (`python -m tests.fake_vertex RESOURCE_EXHAUSTED
+  'Resources are insufficient in region'`), every custom job it creates has failed with them."""
   from launch import vertex_api
+  if len(argv) not in (0, 2) or argv and argv[0] not in grpc.StatusCode.__members__:
+    sys.exit("usage: python -m tests.fake_vertex [CODE MESSAGE], CODE a google.rpc.Code name")
 
   class Printing(FakeVertex):
     def __init__(self):
       super().__init__()
       self.requests = _PrintingList()
+
+    def _CreateCustomJob(self, request):
+      if argv:  # This job's script: it has ended, with the error given.
+        self.runs.append(([State.JOB_STATE_FAILED], (grpc.StatusCode[argv[0]], argv[1])))
+      return super()._CreateCustomJob(request)
 
   class _PrintingList(list):
     def append(self, item):
@@ -183,4 +212,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

@@ -1,5 +1,7 @@
 """Tests of launch.vertex_api: the SDK's real clients against a stand-in Vertex AI on loopback."""
 
+import datetime
+import functools
 import json
 import re
 
@@ -235,3 +237,157 @@ def test_cancel_asks_for_the_named_job(server):
   vertex_api.job_client(server.endpoint).cancel_custom_job(name=f"{PARENT}/customJobs/1")
   (request,) = server.requests_of("CancelCustomJob")
   assert request.name == f"{PARENT}/customJobs/1"
+
+
+def _spot_job():
+  return build_custom_job(JobSpec(
+      image_uri="IMAGE", base_output_dir="gs://b/run", trainer_args=("--epochs=3",),
+      replica_count=2, scheduling="spot", timeout="12h",
+      service_account="trainer@p.iam.gserviceaccount.com",
+      tensorboard=f"{PARENT}/tensorboards/7"))
+
+
+def test_scheduling_timeout_service_account_and_tensorboard_reach_vertex_ai(server):
+  vertex_api.submit(vertex_api.job_client(server.endpoint), PARENT, _spot_job())
+  (request,) = server.requests_of("CreateCustomJob")
+  sent = request.custom_job.job_spec
+  assert sent.scheduling.strategy == types.Scheduling.Strategy.SPOT
+  assert sent.scheduling.timeout == datetime.timedelta(hours=12)
+  assert "max_wait_duration" not in sent.scheduling
+  assert sent.scheduling.restart_job_on_worker_restart  # Two replicas: restarted together.
+  assert sent.service_account == "trainer@p.iam.gserviceaccount.com"
+  assert sent.tensorboard == f"{PARENT}/tensorboards/7"
+  assert sent.base_output_directory.output_uri_prefix == "gs://b/run"
+
+
+def test_a_flex_start_jobs_wait_reaches_vertex_ai(server):
+  job = build_custom_job(JobSpec(image_uri="IMAGE", base_output_dir="gs://b/run",
+                                 scheduling="flex_start", max_wait="30m"))
+  vertex_api.submit(vertex_api.job_client(server.endpoint), PARENT, job)
+  (request,) = server.requests_of("CreateCustomJob")
+  scheduling = request.custom_job.job_spec.scheduling
+  assert scheduling.strategy == types.Scheduling.Strategy.FLEX_START
+  assert scheduling.max_wait_duration == datetime.timedelta(minutes=30)
+  assert "timeout" not in scheduling
+
+
+def test_a_resubmitted_job_has_the_same_spec_and_nothing_vertex_ai_filled_in(server):
+  client = vertex_api.job_client(server.endpoint)
+  job = _spot_job()
+  job.labels = {"team": "vision"}
+  job.encryption_spec = types.EncryptionSpec(kms_key_name="projects/p/keys/k")
+  server.runs = [([State.JOB_STATE_FAILED], (grpc.StatusCode.RESOURCE_EXHAUSTED, "stockout"))]
+  created = vertex_api.submit(client, PARENT, job)
+  ended = client.get_custom_job(name=created.name)
+  assert ended.state == State.JOB_STATE_FAILED and ended.error.message == "stockout"
+  again = vertex_api.resubmitted_job(ended)
+  assert again == job  # Spec, display name, labels, encryption; no name, state, error.
+  vertex_api.submit(client, vertex_api.parent_of(ended.name), again)
+  first, second = server.requests_of("CreateCustomJob")
+  assert second.parent == first.parent == PARENT
+  assert second.custom_job == first.custom_job
+
+
+PREEMPTED = (grpc.StatusCode.INTERNAL,
+             "The replica workerpool0-0 exited with a non-zero status of 143. Termination "
+             "reason: Error.")
+NO_CAPACITY = (grpc.StatusCode.RESOURCE_EXHAUSTED,
+               "Resources are insufficient in region: europe-west4. Please try a different region.")
+TRAINER_ERROR = (grpc.StatusCode.INTERNAL,
+                 "The replica workerpool0-0 exited with a non-zero status of 2. Termination "
+                 "reason: Error.")
+
+
+def _failed(error):
+  return [State.JOB_STATE_RUNNING, State.JOB_STATE_FAILED], error
+
+
+@pytest.mark.parametrize("runs, exit_code, decisions", [
+    # Preempted, then short of capacity, then finished: resubmitted twice.
+    ([_failed(PREEMPTED), _failed(NO_CAPACITY),
+      ([State.JOB_STATE_RUNNING, State.JOB_STATE_SUCCEEDED], None)], 0,
+     ["resubmitting: preemption: the trainer saved on SIGTERM and exited 143 (INTERNAL: "
+      f"{PREEMPTED[1]})",
+      f"resubmitting: lack of capacity (RESOURCE_EXHAUSTED: {NO_CAPACITY[1]})"]),
+    # Preempted, then the trainer's own error: that job is not resubmitted.
+    ([_failed(PREEMPTED), _failed(TRAINER_ERROR)], vertex_api.FAILED_EXIT_CODE,
+     ["resubmitting: preemption: the trainer saved on SIGTERM and exited 143 (INTERNAL: "
+      f"{PREEMPTED[1]})",
+      "not resubmitting: the trainer's own error, exit code 2: bad input or a refused restart, "
+      f"which would fail again the same way (INTERNAL: {TRAINER_ERROR[1]})"]),
+    ([([State.JOB_STATE_RUNNING, State.JOB_STATE_CANCELLING, State.JOB_STATE_CANCELLED],
+       (grpc.StatusCode.CANCELLED, "CANCELED"))], vertex_api.CANCELLED_EXIT_CODE,
+     ["not resubmitting: the job was cancelled"]),
+    # Preempted three times: --resubmit=2 gives up on the third.
+    ([_failed(PREEMPTED), _failed((grpc.StatusCode.INTERNAL, "Spot VM stockout")),
+      _failed(NO_CAPACITY)], vertex_api.FAILED_EXIT_CODE,
+     ["resubmitting: preemption: the trainer saved on SIGTERM and exited 143 (INTERNAL: "
+      f"{PREEMPTED[1]})",
+      "resubmitting: preemption (INTERNAL: Spot VM stockout)",
+      f"not resubmitting: lack of capacity (RESOURCE_EXHAUSTED: {NO_CAPACITY[1]}); resubmitted "
+      "2 times already (--resubmit)"]),
+])
+def test_wait_resubmitting_submits_the_same_spec_again_only_after_preemption(
+    server, runs, exit_code, decisions):
+  server.runs = runs
+  client = vertex_api.job_client(server.endpoint)
+  said = []
+  created = vertex_api.submit(client, PARENT, _spot_job())
+  assert vertex_api.wait_resubmitting(
+      lambda name: vertex_api.follow(client.get_custom_job, name, "", 0.01, said.append),
+      functools.partial(vertex_api.submit, client), created, 2, said.append) == exit_code
+  assert [line for line in said if "resubmitting: " in line] == decisions
+  requests = server.requests_of("CreateCustomJob")
+  assert len(requests) == len(runs)
+  assert all(r.parent == PARENT and r.custom_job == _spot_job() for r in requests)
+  # Each job followed to its end, under its own name.
+  assert [r.name for r in server.requests_of("GetCustomJob")] == [
+      f"{PARENT}/customJobs/{int(fake_vertex.JOB_ID) + i}"
+      for i, (states, _) in enumerate(runs) for _ in states]
+
+
+def _ended(state=State.JOB_STATE_FAILED, code=grpc.StatusCode.INTERNAL, message="",
+           ran=None, timeout=None):
+  job = types.CustomJob(name=f"{PARENT}/customJobs/1", state=state,
+                        error={"code": code.value[0], "message": message})
+  if timeout:
+    job.job_spec.scheduling.timeout = timeout
+  if ran:
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    job.start_time, job.end_time = start, start + ran
+  return job
+
+
+@pytest.mark.parametrize("job, again, reason", [
+    (_ended(code=grpc.StatusCode.RESOURCE_EXHAUSTED, message=NO_CAPACITY[1]), True,
+     "lack of capacity (RESOURCE_EXHAUSTED: Resources are insufficient"),
+    (_ended(code=grpc.StatusCode.UNAVAILABLE, message="zone unavailable"), True,
+     "machines unavailable (UNAVAILABLE: zone unavailable)"),
+    (_ended(message="Job failed with a STOCKOUT error."), True, "preemption (INTERNAL: Job"),
+    (_ended(message="Instance was preempted."), True, "preemption (INTERNAL: Instance"),
+    (_ended(message=PREEMPTED[1]), True, "preemption: the trainer saved on SIGTERM and exited 143"),
+    # One worker preempted, the other lost contact with it.
+    (_ended(message="The replica workerpool0-0 exited with a non-zero status of 143. The "
+            "replica workerpool1-0 exited with a non-zero status of 1."), True, "preemption: "),
+    (_ended(code=grpc.StatusCode.RESOURCE_EXHAUSTED, message=TRAINER_ERROR[1]), False,
+     "the trainer's own error, exit code 2: bad input or a refused restart"),
+    (_ended(message="The replica workerpool0-0 exited with a non-zero status of 1."), False,
+     "neither preemption nor lack of capacity (INTERNAL: The replica"),
+    (_ended(message="Internal error occurred."), False, "neither preemption nor lack"),
+    (_ended(state=State.JOB_STATE_CANCELLED, code=grpc.StatusCode.CANCELLED, message="CANCELED"),
+     False, "the job was cancelled"),
+    (_ended(code=grpc.StatusCode.DEADLINE_EXCEEDED, message="Job ran too long."), False,
+     "the job ran out its --timeout (DEADLINE_EXCEEDED: Job ran too long.)"),
+    # Stopped by its time limit, whatever the error says.
+    (_ended(message=PREEMPTED[1], ran=datetime.timedelta(hours=2),
+            timeout=datetime.timedelta(hours=2)), False, "the job ran out its --timeout"),
+    (_ended(message=PREEMPTED[1], ran=datetime.timedelta(hours=1),
+            timeout=datetime.timedelta(hours=2)), True, "preemption: "),
+    (_ended(state=State.JOB_STATE_SUCCEEDED), False, "the job succeeded: there is nothing"),
+    (_ended(state=State.JOB_STATE_RUNNING), False,
+     "the job has not ended (JOB_STATE_RUNNING): follow it with wait"),
+])
+def test_only_jobs_ended_by_preemption_or_lack_of_capacity_are_resubmitted(job, again, reason):
+  decision = vertex_api.resubmission(job)
+  assert decision[0] is again
+  assert decision[1].startswith(reason), decision[1]
