@@ -2,7 +2,9 @@
 
 The command comes first. train, the default, submits a custom job running `python -m
 trainer.task` with the flags after `--`, which are checked first as the trainer checks them
-(under --dry_run too); COMMAND_SUMMARIES says what the others do, as `--help` does, and
+(under --dry_run too); with `--wait --resubmit=N` it submits the same job again, up to N times,
+when it ends by preemption or lack of capacity (`vertex_api.resubmission` decides), as the
+resubmit command does once. COMMAND_SUMMARIES says what the others do, as `--help` does, and
 `python -m launch.vertex COMMAND --help` lists a command's flags. `--dry_run` prints the
 request as the API's JSON and sends nothing. Calls go through `launch.vertex_api` (the `vertex`
 extra, imported only here); a refused call ends with one `error:` line, and a waited-for job's
@@ -19,15 +21,17 @@ from absl import app
 from absl import flags
 
 from launch import vertex_api
-from launch.custom_job import JobSpec, LaunchError, build_custom_job
+from launch.custom_job import SCHEDULING_STRATEGIES, JobSpec, LaunchError, build_custom_job
 from trainer import cli
 from trainer.config import UserInputError
 
 COMMON_FLAGS = {"project", "region", "api_endpoint"}
 COMMAND_FLAGS = {
     "train": {"image_uri", "machine_type", "accelerator_type", "accelerator_count",
-              "tpu_topology", "replica_count", "base_output_dir", "display_name", "dry_run",
-              "wait", "poll_seconds", "retry_seconds"},
+              "tpu_topology", "replica_count", "base_output_dir", "display_name", "scheduling",
+              "timeout", "max_wait", "service_account", "tensorboard", "dry_run", "wait",
+              "resubmit", "poll_seconds", "retry_seconds"},
+    "resubmit": {"job", "dry_run", "wait", "resubmit", "poll_seconds", "retry_seconds"},
     "wait": {"job", "poll_seconds", "retry_seconds"},
     "cancel": {"job"},
     "upload": {"model_dir", "display_name", "serving_image", "dry_run"},
@@ -38,6 +42,8 @@ COMMANDS = tuple(COMMAND_FLAGS)
 COMMAND_SUMMARIES = {
     "train": "(the default) submit a custom job running `python -m trainer.task` with the flags "
              "after `--`; --wait follows it to its end",
+    "resubmit": "submit a custom job (--job) that ended by preemption or lack of capacity again, "
+                "as a new job that resumes from its newest checkpoint",
     "wait": "follow a submitted job (--job) to its end",
     "cancel": "cancel a job (--job)",
     "upload": "register a finished job's export (--model_dir) in the Model Registry",
@@ -75,16 +81,32 @@ def _define_flags() -> None:
                       "train: gs:// directory for the job's outputs; the trainer's --model_dir "
                       "is BASE_OUTPUT_DIR/model.")
   flags.DEFINE_string("display_name", "mnist-multitask", "The job's or model's name in the console.")
+  flags.DEFINE_enum("scheduling", "standard", list(SCHEDULING_STRATEGIES),
+                    "train: which machines: standard (on demand), spot (Spot VMs: far cheaper, "
+                    "reclaimed at any time; the trainer saves and resumes) or flex_start "
+                    "(Dynamic Workload Scheduler: queued until the machines are free).")
+  flags.DEFINE_string("timeout", "", "train: the longest the job may run, as 90m, 12h, 1h30m or "
+                      "2d; default Vertex AI's, 7 days.")
+  flags.DEFINE_string("max_wait", "", "train, --scheduling=flex_start only: the longest the job "
+                      "waits for its machines (default Vertex AI's, 24h; 0s waits without limit).")
+  flags.DEFINE_string("service_account", "", "train: the service account the job runs as "
+                      "(NAME@PROJECT.iam.gserviceaccount.com); default Vertex AI's own.")
+  flags.DEFINE_string("tensorboard", "", "train: a Vertex AI TensorBoard instance "
+                      "(projects/P/locations/R/tensorboards/ID) that shows the job's logs as it "
+                      "runs; needs --service_account.")
   flags.DEFINE_bool("dry_run", False, "Print the request as JSON; send nothing (upload does not "
                     "read --model_dir either).")
-  flags.DEFINE_bool("wait", False, "train, batch_predict: follow the job to its end; the exit "
-                    "code says how it ended.")
+  flags.DEFINE_bool("wait", False, "train, resubmit, batch_predict: follow the job to its end; "
+                    "the exit code says how it ended.")
+  flags.DEFINE_integer("resubmit", 0, "train, resubmit, with --wait: when the job ends by "
+                       "preemption or lack of capacity, submit it again as a new job, which "
+                       "resumes from its newest checkpoint; at most this many times.")
   flags.DEFINE_float("poll_seconds", 30.0, "How often --wait asks for the job's state.")
   flags.DEFINE_float("retry_seconds", vertex_api.UNAVAILABLE_RETRY_SECONDS,
                      "How long --wait goes on asking while Vertex AI cannot be reached, before "
                      "it gives up (the job goes on either way).")
-  flags.DEFINE_string("job", "", "wait, cancel: the job's resource name, or its ID in "
-                      "--project and --region.")
+  flags.DEFINE_string("job", "", "wait, cancel, resubmit: the job's resource name, or its ID "
+                      "in --project and --region.")
   flags.DEFINE_string("model_dir", "", "upload: the finished job's --model_dir (gs://), which "
                       "holds metrics.json and export/.")
   flags.DEFINE_string("serving_image", vertex_api.SERVING_IMAGE,
@@ -192,6 +214,9 @@ def main(argv: List[str], command: str) -> None:
 INTERRUPTED = {
     "train": "interrupted while submitting: the job may have been created; look before "
              "submitting again: gcloud ai custom-jobs list --project={project} --region={region}",
+    "resubmit": "interrupted while submitting: the job may have been created; look before "
+                "submitting again: gcloud ai custom-jobs list --project={project} "
+                "--region={region}",
     "batch_predict": "interrupted while submitting: the job may have been created; look before "
                      "submitting again: gcloud ai batch-prediction-jobs list "
                      "--project={project} --region={region}",
@@ -214,21 +239,54 @@ def _follow_up(verb: str, name: str) -> str:
   return f"python -m launch.vertex {verb} --job={name}{endpoint}"
 
 
-def _wait(client, name: str, link: str) -> int:
-  """Follows the job `name` (custom or batch prediction); Ctrl-C stops following, not the job."""
+def _follow(client, name: str, link: str):
+  """Follows the job `name` (custom or batch prediction) and returns it as it ended; None where
+  Ctrl-C stopped following (not the job)."""
   get = (client.get_batch_prediction_job if vertex_api.collection_of(name) ==
          "batchPredictionJobs" else client.get_custom_job)
   from google.api_core import exceptions
   try:
-    return vertex_api.wait(get, name, link, FLAGS.poll_seconds,
-                           retry_seconds=FLAGS.retry_seconds)
+    return vertex_api.follow(get, name, link, FLAGS.poll_seconds,
+                             retry_seconds=FLAGS.retry_seconds)
   except exceptions.RetryError as e:  # Gave up on an unreachable API: the job is not lost.
     e.add_note(f"the job goes on: {_follow_up('wait', name)}")
     raise
   except KeyboardInterrupt:
     print(f"stopped waiting; the job goes on. Follow it again: {_follow_up('wait', name)}\n"
           f"Cancel it: {_follow_up('cancel', name)}", file=sys.stderr)
-    return vertex_api.INTERRUPTED_EXIT_CODE
+    return None
+
+
+def _wait(client, name: str, link: str) -> int:
+  """Follows the job `name` to its end; the exit code says how it ended, or that Ctrl-C
+  stopped following."""
+  job = _follow(client, name, link)
+  return vertex_api.INTERRUPTED_EXIT_CODE if job is None else vertex_api.exit_code(job)
+
+
+def _check_resubmit() -> None:
+  """Refuses a --resubmit that could not act: below 0, or without --wait (only a job followed
+  to its end is seen to end)."""
+  if FLAGS.resubmit < 0:
+    raise LaunchError(f"--resubmit={FLAGS.resubmit} must be 0 or more")
+  if FLAGS.resubmit and not FLAGS.wait:
+    raise LaunchError(f"--resubmit={FLAGS.resubmit} needs --wait: only a job followed to its "
+                      "end can be resubmitted when it ends")
+
+
+def _submit(client, parent: str, custom_job):
+  """Creates `custom_job` under `parent`; says its name and console link; returns it."""
+  created = vertex_api.submit(client, parent, custom_job)
+  print(f"submitted {created.name}", flush=True)  # First: the link's import takes seconds.
+  print(_link(created.name), flush=True)
+  return created
+
+
+def _wait_resubmitting(client, created) -> int:
+  """Follows the custom job `created` to its end, resubmitting it as --resubmit says."""
+  return vertex_api.wait_resubmitting(
+      lambda name: _follow(client, name, _link(name)), functools.partial(_submit, client),
+      created, FLAGS.resubmit)
 
 
 def _link(name: str) -> str:
@@ -237,12 +295,16 @@ def _link(name: str) -> str:
 
 
 def train(trainer_args: List[str], endpoint: str) -> int:
-  """Submits the custom job; with --wait, follows it to its end."""
+  """Submits the custom job; with --wait, follows it to its end, and with --resubmit, submits
+  it again where it ended by preemption or lack of capacity."""
+  _check_resubmit()
   spec = JobSpec(image_uri=FLAGS.image_uri, base_output_dir=FLAGS.base_output_dir,
                  machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
                  accelerator_count=FLAGS.accelerator_count, tpu_topology=FLAGS.tpu_topology,
                  replica_count=FLAGS.replica_count, trainer_args=tuple(trainer_args),
-                 display_name=FLAGS.display_name)
+                 display_name=FLAGS.display_name, scheduling=FLAGS.scheduling,
+                 timeout=FLAGS.timeout, max_wait=FLAGS.max_wait,
+                 service_account=FLAGS.service_account, tensorboard=FLAGS.tensorboard)
   try:  # Before anything is sent: a typo would otherwise fail on a billed machine.
     cli.check_trainer_arguments(trainer_args, trainer_environment(spec.base_output_dir))
   except UserInputError as e:
@@ -253,11 +315,31 @@ def train(trainer_args: List[str], endpoint: str) -> int:
     return 0
   parent = _parent()
   client = vertex_api.job_client(endpoint)
-  created = vertex_api.submit(client, parent, custom_job)
-  print(f"submitted {created.name}", flush=True)  # First: the link's import takes seconds.
-  link = _link(created.name)
-  print(link, flush=True)
-  return _wait(client, created.name, link) if FLAGS.wait else 0
+  created = _submit(client, parent, custom_job)
+  return _wait_resubmitting(client, created) if FLAGS.wait else 0
+
+
+def resubmit(_, endpoint: str) -> int:
+  """Submits --job again as a new custom job with the same spec, if it ended by preemption or
+  lack of capacity; the trainer resumes from the newest checkpoint in its base output
+  directory. With --wait, follows the new job (and --resubmit goes on resubmitting it)."""
+  _check_resubmit()
+  name = vertex_api.job_name(FLAGS.job, FLAGS.project, FLAGS.region)
+  if vertex_api.collection_of(name) != "customJobs":
+    raise LaunchError(f"--job={name} is not a custom job: resubmit takes a training job")
+  client = vertex_api.job_client(endpoint)
+  job = client.get_custom_job(name=name)
+  again, reason = vertex_api.resubmission(job)
+  if not again:
+    raise LaunchError(f"not resubmitting {name}: {reason}")
+  # A log line: what --dry_run prints on standard output stays the request's JSON alone.
+  print(f"resubmitting: {reason}", file=sys.stderr, flush=True)
+  custom_job = vertex_api.resubmitted_job(job)
+  if FLAGS.dry_run:
+    print(vertex_api.to_json(custom_job))
+    return 0
+  created = _submit(client, vertex_api.parent_of(name), custom_job)
+  return _wait_resubmitting(client, created) if FLAGS.wait else 0
 
 
 def wait(_, endpoint: str) -> int:
@@ -316,8 +398,8 @@ def batch_predict(_, endpoint: str) -> int:
   return _wait(client, created.name, "") if FLAGS.wait else 0
 
 
-COMMAND_RUNNERS = {"train": train, "wait": wait, "cancel": cancel, "upload": upload,
-                   "batch_predict": batch_predict}
+COMMAND_RUNNERS = {"train": train, "resubmit": resubmit, "wait": wait, "cancel": cancel,
+                   "upload": upload, "batch_predict": batch_predict}
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 from google.cloud.aiplatform_v1 import types
 
 from launch import vertex_api
+from launch.custom_job import JobSpec, build_custom_job
 from tests import fake_vertex, helpers
 
 IMAGE = "us-docker.pkg.dev/PROJECT/trainer/mnist:1"
@@ -154,6 +155,101 @@ def test_batch_predict_submits_and_waits_for_the_batch_job(server):
   assert result.stdout.splitlines()[-1].endswith(" JOB_STATE_SUCCEEDED")
 
 
+def test_the_scheduling_identity_and_tensorboard_flags_reach_the_request():
+  result = _launch("--dry_run", *JOB_FLAGS, "--scheduling=flex_start", "--max_wait=2h",
+                   "--timeout=1d", "--service_account=trainer@p.iam.gserviceaccount.com",
+                   "--tensorboard=projects/p/locations/us-central1/tensorboards/7")
+  assert result.returncode == 0, result.stderr[-3000:]
+  job_spec = types.CustomJob.from_json(result.stdout).job_spec
+  assert job_spec.scheduling.strategy == types.Scheduling.Strategy.FLEX_START
+  assert job_spec.scheduling.max_wait_duration.total_seconds() == 2 * 3600
+  assert job_spec.scheduling.timeout.total_seconds() == 24 * 3600
+  assert job_spec.scheduling.restart_job_on_worker_restart  # --replica_count=4.
+  assert job_spec.service_account == "trainer@p.iam.gserviceaccount.com"
+  assert job_spec.tensorboard == "projects/p/locations/us-central1/tensorboards/7"
+
+
+NO_CAPACITY = "Resources are insufficient in region: europe-west4. Please try a different region."
+
+
+def test_resubmit_sends_the_same_spec_as_a_new_job_after_lack_of_capacity(server):
+  server.runs = [([State.JOB_STATE_FAILED], (grpc.StatusCode.RESOURCE_EXHAUSTED, NO_CAPACITY))]
+  job = build_custom_job(JobSpec(image_uri=IMAGE, base_output_dir=OUTPUT, scheduling="spot",
+                                 trainer_args=("--epochs=3",)))
+  name = vertex_api.submit(vertex_api.job_client(server.endpoint),
+                           "projects/p/locations/europe-west4", job).name
+  decision = f"resubmitting: lack of capacity (RESOURCE_EXHAUSTED: {NO_CAPACITY})"
+
+  dry_run = _launch("resubmit", f"--job={name}", f"--api_endpoint={server.endpoint}",
+                    "--dry_run")
+  assert dry_run.returncode == 0, dry_run.stderr[-3000:]
+  assert types.CustomJob.from_json(dry_run.stdout) == job
+  assert dry_run.stderr.splitlines()[-1] == decision
+  assert len(server.requests_of("CreateCustomJob")) == 1  # Ours: the dry run sent nothing.
+
+  result = _launch("resubmit", f"--job={name}", f"--api_endpoint={server.endpoint}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  first, second = server.requests_of("CreateCustomJob")
+  assert second.parent == first.parent == "projects/p/locations/europe-west4"
+  assert second.custom_job == first.custom_job == job
+  again = f"projects/p/locations/europe-west4/customJobs/{int(fake_vertex.JOB_ID) + 1}"
+  assert result.stdout.splitlines() == [f"submitted {again}", vertex_api.console_link(again)]
+  assert result.stderr.splitlines()[-1] == decision
+
+
+@pytest.mark.parametrize("args, message", [
+    ([*JOB_FLAGS, "--scheduling=spot", "--max_wait=2h"], "--max_wait=2h is for "
+     "--scheduling=flex_start only: it bounds how long a flex-start job waits for its machines"),
+    ([*JOB_FLAGS, "--tensorboard=projects/p/locations/r/tensorboards/7"], "--tensorboard needs "
+     "--service_account: Vertex AI writes to a TensorBoard instance only as a service account "
+     "you give (one with the Vertex AI User role and write access to --base_output_dir)"),
+    ([*JOB_FLAGS, "--resubmit=2"], "--resubmit=2 needs --wait: only a job followed to its end "
+     "can be resubmitted when it ends"),
+    (["resubmit", "--job=projects/p/locations/r/customJobs/7"], "not resubmitting "
+     "projects/p/locations/r/customJobs/7: the trainer's own error, exit code 2: bad input or a "
+     "refused restart, which would fail again the same way (INTERNAL: The replica "
+     "workerpool0-0 exited with a non-zero status of 2. Termination reason: Error.)"),
+])
+def test_refusals_are_one_line_and_send_nothing(server, args, message):
+  server.states = [State.JOB_STATE_FAILED]
+  server.job_error = ("The replica workerpool0-0 exited with a non-zero status of 2. "
+                      "Termination reason: Error.")
+  result = _launch(*args, "--project=p", f"--api_endpoint={server.endpoint}")
+  helpers.assert_one_error_line(result, message, whole=True)
+  # resubmit reads the job to decide; nothing is created.
+  assert [method for method, _ in server.requests] == (
+      ["GetCustomJob"] if args[0] == "resubmit" else [])
+
+
+# Another launcher process (3-5 s): the slow tier. vertex_api_test follows and resubmits the
+# jobs through the same loop in the fast tier, and the resubmit command's submission is above.
+@pytest.mark.slow
+def test_train_wait_resubmit_follows_each_job_to_its_end(server):
+  preempted = (grpc.StatusCode.INTERNAL,
+               "The replica workerpool0-0 exited with a non-zero status of 143.")
+  server.runs = [([State.JOB_STATE_RUNNING, State.JOB_STATE_FAILED], preempted),
+                 ([State.JOB_STATE_RUNNING, State.JOB_STATE_SUCCEEDED], None)]
+  result = _launch("--project=p", f"--api_endpoint={server.endpoint}", "--wait",
+                   "--resubmit=2", "--poll_seconds=0.05", *JOB_FLAGS, *TRAINER_ARGS)
+  assert result.returncode == 0, result.stderr[-3000:]
+  first, second = (f"projects/p/locations/us-central1/customJobs/{int(fake_vertex.JOB_ID) + i}"
+                   for i in range(2))
+  lines = [line.split(" ", 2)[2] if "JOB_STATE" in line else line
+           for line in result.stdout.splitlines()]
+  assert lines == [
+      f"submitted {first}", vertex_api.console_link(first),
+      f"JOB_STATE_RUNNING {vertex_api.console_link(first)}",
+      f"JOB_STATE_FAILED {vertex_api.console_link(first)}",
+      f"the job's error: {preempted[1]}",
+      "resubmitting: preemption: the trainer saved on SIGTERM and exited 143 (INTERNAL: "
+      f"{preempted[1]})",
+      f"submitted {second}", vertex_api.console_link(second),
+      f"JOB_STATE_RUNNING {vertex_api.console_link(second)}",
+      f"JOB_STATE_SUCCEEDED {vertex_api.console_link(second)}"]
+  requests = server.requests_of("CreateCustomJob")
+  assert len(requests) == 2 and requests[0].custom_job == requests[1].custom_job
+
+
 def test_a_dry_run_checks_the_trainer_arguments_without_importing_tensorflow():
   result = helpers.run_module_without_tensorflow(
       "launch.vertex", "--dry_run", *JOB_FLAGS, "--", "--epochs=3", "--noreport", "--v=1")
@@ -191,6 +287,9 @@ def test_bad_trainer_arguments_are_refused_before_anything_is_sent(args, message
                   "--image_uri=''", "--project=''"], ["--job="]),
     (["wait", "--help"], ["wait: follow a submitted job (--job) to its end\n", "--job=''",
                           "--poll_seconds=30.0", "--project=''"], ["--image_uri", "--model="]),
+    (["resubmit", "--help"], ["resubmit: submit a custom job (--job) that ended by preemption",
+                              "--resubmit=0", "--job=''", "--[no]wait"],
+     ["--image_uri", "--scheduling"]),
 ])
 def test_help_exits_0_and_a_commands_help_shows_its_own_flags(args, shown, not_shown):
   result = _launch(*args)
@@ -282,10 +381,11 @@ def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
     (["--dry_run", "--image_uri=" + IMAGE, "--base_output_dir=" + OUTPUT, "--model_dir=gs://b/m"],
      "--model_dir is not a flag of train: its flags are --accelerator_count, --accelerator_type, "
      "--api_endpoint, --base_output_dir, --display_name, --dry_run, --image_uri, --machine_type, "
-     "--poll_seconds, --project, --region, --replica_count, --retry_seconds, --tpu_topology, "
-     "--wait; the trainer's --model_dir goes after --, as in python -m launch.vertex [flags] -- "
-     "--model_dir=VALUE"),
-    (["uplaod"], "unknown command 'uplaod': choose one of train, wait, cancel, upload, "
+     "--max_wait, --poll_seconds, --project, --region, --replica_count, --resubmit, "
+     "--retry_seconds, --scheduling, --service_account, --tensorboard, --timeout, "
+     "--tpu_topology, --wait; the trainer's --model_dir goes after --, as in python -m "
+     "launch.vertex [flags] -- --model_dir=VALUE"),
+    (["uplaod"], "unknown command 'uplaod': choose one of train, resubmit, wait, cancel, upload, "
      "batch_predict, first"),
     (["cancel", "--job=7", "--project=p", "--image_uri=x"],
      "--image_uri is not a flag of cancel: its flags are --api_endpoint, --job, "
