@@ -26,11 +26,12 @@ from trainer import preemption
 
 # The chaos test's seed: its signals, their delays and the second Ctrl-Cs all follow from it.
 SEED = 20251204
-# The narrow model on small data, deterministic, with the report: 2 epochs of 16 steps, two
-# steps a call and a checkpoint every 3, so that a kill has many places to land.
+# The narrow model on small data, deterministic, with the report: 2 epochs of 16 steps and a
+# checkpoint every 3, so that a kill has many places to land. The steps a call are the job's
+# own (--steps_per_loop not given), as users run it: each process times its calls and groups
+# the steps its own way, and the resumed run must still equal the uninterrupted one.
 RUN_FLAGS = ("--batch_size=32", "--epochs=2", "--width=8", "--latent_dim=16", "--warmup_steps=0",
-             "--learning_rate=0.01", "--steps_per_loop=2", "--checkpoint_every_steps=3",
-             "--deterministic")
+             "--learning_rate=0.01", "--checkpoint_every_steps=3", "--deterministic")
 LANDED_SIGNALS = 20
 # Past that, starts go on until signals have landed in start-up, in training and after it
 # (evaluating, exporting or drawing the report), up to MAX_STARTS: rarely needed.
@@ -95,6 +96,13 @@ def _start(processes, log_path, *flags) -> subprocess.Popen:
   process = helpers.start_trainer(log_path, *flags)
   processes.append(process)
   return process
+
+
+def _with(flags, *changes):
+  """`flags` with each of `changes` in place of the same flag's value (a flag given twice is
+  refused)."""
+  changed = {change.split("=", 1)[0] for change in changes}
+  return (*(flag for flag in flags if flag.split("=", 1)[0] not in changed), *changes)
 
 
 def _checkpoint_numbers(model_dir):
@@ -429,6 +437,26 @@ def test_sigterm_during_the_last_steps_epoch_end_stops_the_job(tmp_path, dataset
   assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
 
 
+@pytest.mark.slow
+def test_a_kill_as_soon_as_config_json_appears_then_the_same_command_ends_as_uninterrupted(
+    tmp_path, dataset, processes, uninterrupted):
+  # config.json once stood for a checkpoint not yet written: the directory was refused for good.
+  model_dir = str(tmp_path / "run")
+  flags = (f"--dataset={dataset}", *RUN_FLAGS, f"--model_dir={model_dir}")
+  process = _start(processes, tmp_path / "killed.log", *flags)
+  config_json = os.path.join(model_dir, "config.json")
+  deadline = time.monotonic() + 300
+  while not os.path.exists(config_json):
+    assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+    assert time.monotonic() < deadline, "no config.json after 300 s"
+    time.sleep(0.001)
+  process.kill()
+  process.wait(timeout=60)
+  resumed = helpers.run_trainer(*flags)
+  assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+  _assert_same_run(_results(model_dir), _results(uninterrupted.model_dir), "the resumed run")
+
+
 # Storage that stops taking writes mid-run.
 
 def _fill(directory) -> None:
@@ -504,7 +532,7 @@ def test_storage_failing_mid_run_ends_in_one_line_keeps_the_checkpoints_and_resu
 def test_a_second_job_on_the_same_run_directory_is_refused_and_the_first_goes_on(
     tmp_path, dataset, processes):
   model_dir = str(tmp_path / "run")
-  flags = (f"--dataset={dataset}", *RUN_FLAGS, "--epochs=50", f"--model_dir={model_dir}")
+  flags = (f"--dataset={dataset}", *_with(RUN_FLAGS, "--epochs=50"), f"--model_dir={model_dir}")
   first = _start(processes, tmp_path / "first.log", *flags)
   _wait_for_checkpoint(first, model_dir)
   lease = (tmp_path / "run" / "lease.json").read_bytes()
@@ -520,12 +548,24 @@ def test_a_second_job_on_the_same_run_directory_is_refused_and_the_first_goes_on
   assert json.loads((tmp_path / "run" / "lease.json").read_bytes())["pid"] == first.pid
   assert json.loads(lease)["token"] == json.loads(
       (tmp_path / "run" / "lease.json").read_bytes())["token"]
-  first.send_signal(signal.SIGTERM)
+
+  # Its lease deleted (by hand, or a cleanup script) and a second job started: the first
+  # stops before its next write, whoever it finds in the file, and the second goes on.
+  os.remove(tmp_path / "run" / "lease.json")
+  second = _start(processes, tmp_path / "second.log", *flags)
   first.wait(timeout=120)
-  log = (tmp_path / "first.log").read_text()
-  assert first.returncode == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
+  line = helpers.assert_one_error_line(_finished(first, tmp_path / "first.log"), "this job stops")
+  assert "another job took over" in line or "was deleted" in line, line
+  saved_by_first = _checkpoint_numbers(model_dir)
+  _wait_for_line(second, tmp_path / "second.log", "Resuming from ")
+  assert second.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
+  second.send_signal(signal.SIGTERM)
+  second.wait(timeout=120)
+  log = (tmp_path / "second.log").read_text()
+  assert second.returncode == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
   assert STOPPED_BY_SIGTERM.search(log) and "Traceback" not in log, log[-3000:]
   assert not helpers.error_lines(log), log[-3000:]
+  assert _checkpoint_numbers(model_dir)[-1] > saved_by_first[-1]  # The second's, after.
 
 
 # A stop during start-up.
