@@ -167,7 +167,7 @@ def test_a_stop_inside_tensorflows_import_is_the_stop_line_not_a_traceback(monke
   config = config_lib.TrainConfig(model_dir=str(tmp_path / "run"))
   monkeypatch.setattr(task, "config_from_flags", lambda: config)
 
-  def import_stopped(verbose):
+  def import_stopped(verbose, float16_op=True):
     raise ImportError("initialization failed") from preemption.Stopped(
         "SIGTERM while starting: nothing was trained or written; run the same command to start")
 

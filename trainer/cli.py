@@ -155,8 +155,10 @@ def _flag_usage(flag) -> str:
 # (before Abseil is initialised the time is "00:00:" and the seconds since 1970).
 _CPP_RECORD = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^ \]]+:\d+\] ")
 _ABSL_NOT_INITIALIZED = "WARNING: All log messages before absl::InitializeLog() is called"
-# Error records that only say there is no GPU: counted as warnings.
-_NO_GPU = re.compile(r"cuda_platform\.cc:\d+\] failed call to cuInit")
+# Error records that say no more than a warning would, counted as warnings: there is no GPU;
+# oneDNN has no float16 (or bfloat16) kernels on a CPU without AVX-512, so Eigen's run them.
+_NOT_ERRORS = re.compile(r"cuda_platform\.cc:\d+\] failed call to cuInit"
+                         r"|util\.cc:\d+\] oneDNN supports DT_\w+ only on platforms with AVX-512")
 _SEVERITIES = "IWEF"
 
 
@@ -167,9 +169,10 @@ def cpp_startup_log_filtered(min_level: int):
   TensorFlow's own C++ logging honours $TF_CPP_MIN_LOG_LEVEL, but the lines some of its
   libraries write while they load (oneDNN's note, cudart_stub's "Could not find cuda
   drivers") go through Abseil's logging before it is initialised, which writes everything.
-  So, around `import tensorflow` only, standard error goes into a pipe at the file
-  descriptor, and a thread forwards each line as it arrives, without those records: what
-  an import that aborts the process (an unsupported CPU, say) printed before it still shows.
+  So, around `import tensorflow` (and a first op) only, standard error goes into a pipe at
+  the file descriptor, and a thread forwards each line as it arrives, without those records:
+  what an import that aborts the process (an unsupported CPU, say) printed before it still
+  shows.
   """
   if min_level <= 0:
     yield
@@ -205,7 +208,7 @@ def _without_quiet_records(text: str, min_level: int) -> str:
   kept = []
   for line in text.splitlines(keepends=True):
     record = _CPP_RECORD.match(line)
-    severity = ("W" if line.startswith(_ABSL_NOT_INITIALIZED) or _NO_GPU.search(line) else
+    severity = ("W" if line.startswith(_ABSL_NOT_INITIALIZED) or _NOT_ERRORS.search(line) else
                 record.group(1) if record else None)
     if severity is None or _SEVERITIES.index(severity) >= min_level:
       kept.append(line)
@@ -231,17 +234,36 @@ def quiet_tensorflow(verbose: bool = False) -> int:
 
 
 @contextlib.contextmanager
-def tensorflow_imported_quietly(verbose: bool = False):
+def tensorflow_imported_quietly(verbose: bool = False, float16_op: bool = True):
   """`quiet_tensorflow(verbose)`, then the block (which imports TensorFlow, directly or not)
-  and TensorFlow's search for devices, with the C++ records below the level in force dropped.
+  and TensorFlow's search for devices, with the C++ records below the level in force dropped;
+  with `float16_op`, `float16_op_run_quietly` too.
 
   The search is made here because, on a machine without a GPU, it logs a failed cuInit as an
-  error: counted as a warning (the strategy's line says how many GPUs there are).
+  error: counted as a warning (the strategy's line says how many GPUs there are). Pass
+  `float16_op=False` where TensorFlow's context must not start yet (the trainer: its strategy
+  comes first), and call `float16_op_run_quietly` then.
   """
   with cpp_startup_log_filtered(quiet_tensorflow(verbose)):
     yield
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     tf.config.list_physical_devices()
+  if float16_op:
+    float16_op_run_quietly(verbose)
+
+
+def float16_op_run_quietly(verbose: bool = False) -> None:
+  """Runs one float16 op on the CPU, with the C++ records below the level in force dropped.
+
+  With oneDNN on (TensorFlow's default on recent Intel CPUs), the first float16 op of a process
+  on a CPU without AVX-512 logs, as an error, that Eigen's kernels run it instead: once, and
+  whenever a model or an export computes in float16. Run here, the record is counted as a
+  warning, and the model's ops say nothing. Starts TensorFlow's context.
+  """
+  with cpp_startup_log_filtered(quiet_tensorflow(verbose)):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    with tf.device("/cpu:0"):
+      tf.matmul(tf.ones((1, 1), tf.float16), tf.ones((1, 1), tf.float16))
 
 
 class _BelowWarningFrom(std_logging.Filter):

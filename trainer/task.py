@@ -61,10 +61,12 @@ def main(argv):
     with preemption.stage("starting", "nothing was trained or written; run the same command to "
                           "start"):
       # TensorFlow is imported only now: the strategy must be the first thing it sets up.
-      with cli.tensorflow_imported_quietly(config.verbose):
+      with cli.tensorflow_imported_quietly(config.verbose, float16_op=False):
         from trainer import distribution, train
       strategy = distribution.get_strategy(config.strategy, config.tpu)
-      train.configure_process(config, strategy)  # Process-wide settings: here, once.
+      policy = train.configure_process(config, strategy)  # Process-wide settings: here, once.
+      if policy == "mixed_float16":
+        cli.float16_op_run_quietly(config.verbose)  # Else oneDNN's note comes unfiltered.
       train.run(config, strategy)  # Inside: its own stages nest, with no moment uncovered.
   except config_lib.UserInputError as e:
     cli.fail(str(e))
