@@ -541,7 +541,9 @@ def test_a_second_job_on_the_same_run_directory_is_refused_and_the_first_goes_on
   seconds = time.monotonic() - started
   line = helpers.assert_one_error_line(second, "another job holds the run directory")
   assert f"pid {first.pid} " in line, line
-  assert seconds < 20, f"refused after {seconds:.1f} s"
+  # At once, not after watching the lease for its 90 s: a TensorFlow start-up (6-8 s quiet,
+  # over 20 s on a loaded machine) and the check.
+  assert seconds < 60, f"refused after {seconds:.1f} s"
   print(f"refused after {seconds:.1f} s: {line}")
   # The first is unaffected: still running, still holding its lease, stopping as it should.
   assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]

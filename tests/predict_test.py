@@ -303,3 +303,10 @@ def test_invert_never_keeps_a_black_on_white_image_as_it_is(finished_run, tmp_pa
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stderr == ""
   assert result.stdout.startswith(f"{black_on_white}: ")
+
+
+def test_an_empty_aip_model_dir_is_said_to_be_empty(monkeypatch):
+  monkeypatch.setenv("AIP_MODEL_DIR", "")
+  with pytest.raises(UserInputError, match=r"\$AIP_MODEL_DIR is set but empty: pass a finished "
+                                           r"job's --model_dir, or set"):
+    predict.check_call(["image.png"], predict.Options(""))

@@ -113,8 +113,7 @@ def check_call(paths: Sequence[str], options: Options) -> None:
   if not paths:
     raise UserInputError(f"no inputs given (images, or .npy/.npz arrays): {USAGE}")
   if not options.model_dir:
-    raise UserInputError("no --model_dir given and $AIP_MODEL_DIR is not set: pass a finished "
-                         "job's --model_dir")
+    raise UserInputError(config_lib.no_model_dir(os.environ, "a finished job's --model_dir"))
   check_targets(paths, options.output_dir)
 
 
