@@ -98,13 +98,6 @@ def _start(processes, log_path, *flags) -> subprocess.Popen:
   return process
 
 
-def _with(flags, *changes):
-  """`flags` with each of `changes` in place of the same flag's value (a flag given twice is
-  refused)."""
-  changed = {change.split("=", 1)[0] for change in changes}
-  return (*(flag for flag in flags if flag.split("=", 1)[0] not in changed), *changes)
-
-
 def _checkpoint_numbers(model_dir):
   return sorted(int(re.search(r"ckpt-(\d+)\.index$", path).group(1))
                 for path in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.index")))
@@ -532,7 +525,7 @@ def test_storage_failing_mid_run_ends_in_one_line_keeps_the_checkpoints_and_resu
 def test_a_second_job_on_the_same_run_directory_is_refused_and_the_first_goes_on(
     tmp_path, dataset, processes):
   model_dir = str(tmp_path / "run")
-  flags = (f"--dataset={dataset}", *_with(RUN_FLAGS, "--epochs=50"), f"--model_dir={model_dir}")
+  flags = (f"--dataset={dataset}", *helpers.with_flags(RUN_FLAGS, "--epochs=50"), f"--model_dir={model_dir}")
   first = _start(processes, tmp_path / "first.log", *flags)
   _wait_for_checkpoint(first, model_dir)
   lease = (tmp_path / "run" / "lease.json").read_bytes()

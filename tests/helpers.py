@@ -42,6 +42,13 @@ def run_module(module: str, *args, env=None, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def with_flags(flags, *changes) -> tuple:
+  """`flags` with each of `changes` in place of the same flag's value, or added (the trainer
+  refuses a flag given twice)."""
+  changed = {change.split("=", 1)[0] for change in changes}
+  return (*(flag for flag in flags if flag.split("=", 1)[0] not in changed), *changes)
+
+
 def run_trainer(*flags, env=None, timeout=600):
   """Runs `python -m trainer.task FLAGS`; returns the CompletedProcess."""
   return run_module("trainer.task", *flags, env=env, timeout=timeout)

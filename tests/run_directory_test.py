@@ -46,10 +46,10 @@ def _killed_after_epoch_1(finished_run, tmp_path):
 
 
 def _argv(finished_run, run, *changes):
-  """The finished run's own command line on `run`, then `changes` (the last flag wins)."""
+  """The finished run's own command line on `run`, with `changes` in place of its flags."""
   # absl's INFO lines (the resume's), which `python -m trainer.task` shows, reach caplog too.
-  return [f"--dataset={finished_run[1]}", f"--model_dir={run}", *BASE_FLAGS, "--verbosity=0",
-          *changes]
+  return list(helpers.with_flags((f"--dataset={finished_run[1]}", f"--model_dir={run}",
+                                  *BASE_FLAGS, "--verbosity=0"), *changes))
 
 
 def _finished_metrics(finished_run):
