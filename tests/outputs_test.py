@@ -1,6 +1,8 @@
 """Tests of trainer.outputs: what the chief writes under --model_dir, and what it reads back."""
 
 import json
+import re
+import shutil
 
 import pytest
 
@@ -135,3 +137,24 @@ def test_tensorboard_logs_go_where_the_configuration_says(tmp_path):
   assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["validation"]
   assert run.train_logs == str(tmp_path / "tb" / "train")
   assert not (tmp_path / "run" / "logs").exists()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (None, None),
+    ("export/model.keras", r".*/export/model.keras is missing"),
+    ("export/variables", r".*/export/variables/variables.index is missing"),
+    ("cut export/model.keras", r"the export is damaged \(File is not a zip file\)"),
+    ("cut export/saved_model.pb", r"the export is damaged \(.*\)"),
+])
+def test_the_export_problem_names_what_is_missing_or_damaged(finished_run, tmp_path, damage,
+                                                             problem):
+  run = tmp_path / "run"
+  shutil.copytree(finished_run[0], run)
+  if damage and damage.startswith("cut "):
+    path = run / damage[4:]
+    path.write_bytes(path.read_bytes()[:30])
+  elif damage:
+    target = run / damage
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+  found = outputs.RunOutputs(_config(run), chief=True).export_problem()
+  assert found is None if problem is None else re.fullmatch(problem, found), found

@@ -198,8 +198,8 @@ def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(finished_r
   assert helpers.directory_state(run / "checkpoints") == checkpoints  # Nothing trained again.
 
 
-@pytest.mark.parametrize("damage", ["export deleted",
-                                    pytest.param("keras file cut short", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 8 s each; outputs_test tests what counts as a whole export, in the fast tier.
+@pytest.mark.parametrize("damage", ["export deleted", "keras file cut short"])
 def test_a_finished_run_whose_export_is_gone_exports_again_from_its_last_checkpoint(
     finished_run, tmp_path, caplog, damage):
   _logged(caplog)
