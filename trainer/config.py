@@ -25,6 +25,12 @@ UNLABELED_LOSSES = ("none", "pseudo_label", "consistency")
 # starting point's 0.2 leaves the reconstruction well behind a 32-component PCA, and a heavier
 # reconstruction helps the classifier too (benchmarks/README.md).
 DEFAULT_LOSS_WEIGHTS = {CLASSIFIER: 1.0, DECODER: 8.0}
+# --decoder_weight's default: no weight of its own, --loss_weights' decoder weight stands.
+DECODER_WEIGHT_FROM_LOSS_WEIGHTS = -1.0
+
+# What a Vertex AI tuning job can optimise (the trial reports it, trainer.tuning), with its goal:
+# the validation metrics of each evaluation.
+TUNING_METRICS = {"validation_accuracy": "maximize", "validation_reconstruction_mse": "minimize"}
 
 # --dataset is one of DATASETS, or KIND:ARGUMENT with KIND one of DATASET_KINDS
 # (trainer.sources.load_splits reads each; this is only the name, checked without TensorFlow).
@@ -181,6 +187,13 @@ class TrainConfig:
           f"must give a non-negative weight to each of {', '.join(OUTPUT_NAMES)}, at least one "
           "of them above 0, e.g. --loss_weights=classifier=1.0,decoder=8.0"),
       help="Weight of each task's loss in the total, as NAME=WEIGHT pairs.")
+  decoder_weight: float = setting(
+      DECODER_WEIGHT_FROM_LOSS_WEIGHTS, TRAINING, REFUSED,
+      check=requirement(lambda value: value >= 0 or value == DECODER_WEIGHT_FROM_LOSS_WEIGHTS,
+                        "must be zero or more (or -1: the decoder weight of --loss_weights)"),
+      help="The decoder's weight alone, one number a tuning job can search: it replaces the "
+           "decoder weight of --loss_weights, which must then leave it at its default; -1: "
+           "that of --loss_weights.")
   latent_dim: int = setting(256, TRAINING, REFUSED, check=POSITIVE_INTEGER,
                             help="Size of the shared encoder's output.")
   width: int = setting(
@@ -220,6 +233,10 @@ class TrainConfig:
       help="Save a checkpoint every this many training steps, and at each epoch's end.")
   checkpoints_to_keep: int = setting(3, FAULTS, ALLOWED, check=POSITIVE_INTEGER,
                                      help="How many of the latest checkpoints to keep.")
+  tuning_metric: str = setting(
+      "validation_accuracy", OUTPUTS, ALLOWED, choices=tuple(TUNING_METRICS),
+      help="In a Vertex AI tuning trial, the metric reported at every evaluation (python -m "
+           "launch.vertex tune sets it from its --metric).")
   eval_every_steps: int = setting(
       0, TRAINING, ALLOWED, check=ZERO_OR_MORE,
       help="Also log validation metrics every this many steps; 0: at epoch ends only.")
@@ -251,6 +268,7 @@ class TrainConfig:
                              f"{_as_flag(field.name, flag_default(field.name, {}))} (the default)")
       if field.type is int and not -2**31 < value < 2**31:  # TensorFlow's counters are int32/64.
         raise UserInputError(f"--{field.name}={value} is out of range: use a value below 2**31")
+    self._take_decoder_weight()
     if self.jit_compile and self.deterministic:
       raise UserInputError("--jit_compile and --deterministic cannot go together: XLA has no "
                            "deterministic max-pool gradient; drop one of them")
@@ -263,6 +281,26 @@ class TrainConfig:
                            "add --labeled_examples=N (the labels kept)")
     if not self.model_dir:
       raise UserInputError(no_model_dir(os.environ))
+
+  def _take_decoder_weight(self) -> None:
+    """Puts a given --decoder_weight into loss_weights, where every part of the job reads the
+    weights, and checks them again; refuses it beside --loss_weights' own decoder weight or
+    a learned weighting. Idempotent: `dataclasses.replace` makes the configuration again."""
+    weight, given = float(self.decoder_weight), self.loss_weights[DECODER]
+    if weight == DECODER_WEIGHT_FROM_LOSS_WEIGHTS:
+      return
+    if self.loss_weighting != "fixed":
+      raise UserInputError(
+          f"--decoder_weight applies only to --loss_weighting=fixed (this run's weighting is "
+          f"{self.loss_weighting}, which learns the weights): add --loss_weighting=fixed")
+    if given not in (weight, DEFAULT_LOSS_WEIGHTS[DECODER]):
+      raise UserInputError(
+          f"--decoder_weight={weight} and {_as_flag('loss_weights', self.loss_weights)} give "
+          f"the decoder two weights: give one, with --decoder_weight (and {DECODER}="
+          f"{DEFAULT_LOSS_WEIGHTS[DECODER]}, the default, in --loss_weights) or in --loss_weights")
+    weights = {**self.loss_weights, DECODER: weight}
+    _SETTINGS["loss_weights"].metadata["check"](weights, "loss_weights")
+    object.__setattr__(self, "loss_weights", weights)  # Frozen: set once, here.
 
 
 _SETTINGS = {field.name: field for field in dataclasses.fields(TrainConfig)}
