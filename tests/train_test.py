@@ -12,6 +12,7 @@ import pathlib
 import re
 import shutil
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -554,15 +555,90 @@ def test_a_whole_job_on_tensorflows_file_systems_never_writes_with_plain_open(tm
   assert not os.listdir(work)
 
 
+def _tuning_trial(monkeypatch, metrics_file) -> None:
+  """This process as the chief of a Vertex AI tuning trial, reporting to `metrics_file`."""
+  monkeypatch.setenv("CLOUD_ML_TRIAL_ID", "1")
+  monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(metrics_file))
+
+
+def _reported(metrics_file, metric="validation_accuracy") -> list:
+  """The (global step, value) of each line of cloudml-hypertune's file, in order."""
+  reports = [json.loads(line) for line in pathlib.Path(metrics_file).read_text().splitlines()]
+  return [(int(report["global_step"]), float(report[metric])) for report in reports]
+
+
 @pytest.mark.slow
-def test_reports_validation_accuracy_to_hyperparameter_tuning(tmp_path, monkeypatch):
-  monkeypatch.setenv("CLOUD_ML_TRIAL_ID", "1")  # As in a Vertex AI tuning trial.
-  monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(tmp_path / "hypertune.metrics"))
-  metrics = _run(_config(tmp_path / "run", epochs=1))
-  (line,) = (tmp_path / "hypertune.metrics").read_text().splitlines()
-  reported = json.loads(line)
-  assert float(reported["validation_accuracy"]) == pytest.approx(metrics["validation_accuracy"])
-  assert int(reported["global_step"]) == 16
+def test_a_tuning_trial_reports_every_evaluation_the_hook_and_the_epochs_make(tmp_path,
+                                                                               monkeypatch):
+  _tuning_trial(monkeypatch, tmp_path / "hypertune.metrics")
+  hooked = {}
+
+  def validate_every_other(step, evaluate):  # The hook's evaluations are the job's between epochs.
+    if step % 12 == 0:
+      hooked[step] = evaluate("validation")["accuracy"]
+
+  metrics = _run(_config(tmp_path / "run", eval_every_steps=6), on_evaluation=validate_every_other)
+  reported = _reported(tmp_path / "hypertune.metrics")
+  # 16 steps an epoch: the epochs' ends, and the hook's validations between them, once each.
+  assert [step for step, _ in reported] == [12, 16, 24, 32]
+  assert reported[0][1] == pytest.approx(hooked[12])
+  assert reported[-1][1] == pytest.approx(metrics["validation_accuracy"])
+
+
+def test_a_finished_trial_run_again_reports_its_whole_curve_again(finished_run, tmp_path,
+                                                                  monkeypatch):
+  """A trial whose container starts again after the job finished (a preempted VM, say) has a
+  new, empty metrics file: its evaluations come from history.json."""
+  run = _copy(finished_run, tmp_path)
+  _tuning_trial(monkeypatch, tmp_path / "hypertune.metrics")
+  _rerun(run, finished_run, tuning_metric="validation_reconstruction_mse")
+  history = json.loads((run / "history.json").read_text())["epochs"]
+  assert _reported(tmp_path / "hypertune.metrics", "validation_reconstruction_mse") == [
+      (16 * entry["epoch"], pytest.approx(entry["validation"]["reconstruction_mse"]))
+      for entry in history]
+
+
+@pytest.mark.slow  # Two trainer processes, 40 s.
+def test_a_trial_killed_and_resumed_reports_every_evaluation_once(tmp_path):
+  """The trainer as Vertex AI runs a trial, on the narrow model: one line per evaluation (every
+  10 steps, and at the ends of the 32-step epochs), in increasing steps. Killed after its
+  evaluation at step 40, past the epoch's checkpoint at 32, and run again: the new process's
+  file holds every evaluation once, the first epoch's value from history.json."""
+  everything = helpers.learnable_split(1280, seed=5)
+  dataset = helpers.write_npz(str(tmp_path / "data.npz"), X=everything.images.reshape(-1, 784),
+                              y=everything.labels)
+  metrics_file, model_dir = tmp_path / "hypertune" / "output.metrics", tmp_path / "run"
+  flags = (f"--dataset={dataset}", "--batch_size=32", "--epochs=2", "--width=8",
+           "--latent_dim=16", "--warmup_steps=0", "--learning_rate=0.01", "--eval_every_steps=10",
+           "--tuning_metric=validation_reconstruction_mse", "--noreport",
+           f"--model_dir={model_dir}")
+  env = {"CLOUD_ML_TRIAL_ID": "7", "CLOUD_ML_HP_METRIC_FILE": str(metrics_file)}
+
+  def steps():
+    reported = (_reported(metrics_file, "validation_reconstruction_mse")
+                if metrics_file.exists() else [])
+    return [step for step, _ in reported]
+
+  process = helpers.start_trainer(tmp_path / "first.log", *flags, env=env)
+  try:
+    deadline = time.monotonic() + 120
+    while 40 not in steps() and process.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.02)
+    process.kill()
+  finally:
+    process.wait(timeout=60)
+  assert process.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+  assert steps()[:5] == [10, 20, 30, 32, 40]
+
+  result = helpers.run_trainer(*flags, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Reported the 4 evaluations of the first 32 steps to the tuning trial again" in (
+      result.stderr)
+  assert steps() == [10, 20, 30, 32, 40, 50, 60, 64]
+  reported = dict(_reported(metrics_file, "validation_reconstruction_mse"))
+  history = json.loads((model_dir / "history.json").read_text())["epochs"]
+  assert [reported[32 * entry["epoch"]] for entry in history] == [
+      pytest.approx(entry["validation"]["reconstruction_mse"]) for entry in history]
 
 
 @pytest.mark.slow  # XLA compiles for twelve seconds.

@@ -69,11 +69,18 @@ class Job:
   finished: Optional[Dict[str, object]] = None
   lease: Optional[lease_lib.Lease] = None
   created_model_dir: bool = False  # By this job: it goes again if the job writes nothing.
+  tuning_reporter: Optional[tuning.Reporter] = None  # The chief's, in a tuning trial.
 
   def check_lease(self) -> None:
     """Raises `lease.LeaseLost` where another job has taken the run directory over."""
     if self.lease:
       self.lease.check()
+
+  def report_evaluation(self, step: int, validation: Dict[str, float]) -> None:
+    """Reports the validation metrics of the evaluation at `step` to the tuning trial this
+    process is the chief of, if any."""
+    if self.tuning_reporter:
+      self.tuning_reporter.report(step, validation)
 
   def close(self) -> None:
     _give_back(self.lease, self.config.model_dir, self.created_model_dir)
@@ -146,6 +153,8 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
       job.finished = None
     if job.finished is None:
       _resume(job, saved)
+    if outputs.chief:
+      job.tuning_reporter = _tuning_reporter(job)
     return job
   except BaseException:
     _give_back(lease, config.model_dir, created)
@@ -184,6 +193,27 @@ def _resume(job: Job, saved: Optional[Dict]) -> None:
                  controller.step % steps_per_epoch, steps_per_epoch)
 
 
+def _tuning_reporter(job: Job) -> Optional[tuning.Reporter]:
+  """In a tuning trial, the reporter of the job's evaluations, having reported again those of
+  the steps trained before this process (every one, where the job has finished); None
+  elsewhere."""
+  steps_per_epoch = job.task.plan.steps_per_epoch
+  reporter = tuning.trial_reporter(job.config.tuning_metric, job.config.model_dir,
+                                   steps_per_epoch, before_write=job.check_lease)
+  if reporter is None:
+    return None
+  if job.finished is None:
+    history, trained_steps = job.history, job.controller.step
+  else:  # Not restored: its metrics say how far it trained.
+    epochs = job.finished["epochs"]
+    history, trained_steps = job.outputs.read_history(epochs), epochs * steps_per_epoch
+  reported = reporter.resume(history, trained_steps)
+  if reported:
+    logging.info("Reported the %d evaluations of the first %d steps to the tuning trial again.",
+                 reported, trained_steps)
+  return reporter
+
+
 def _log_extension(config: TrainConfig, old_epochs: int, step: int, steps_per_epoch: int) -> None:
   """Says that a larger --epochs stretches the learning-rate schedule, and what that does to
   the rate where training resumes: it rises again where the old run had decayed it."""
@@ -201,7 +231,9 @@ def fit(job: Job, on_evaluation: Optional[OnEvaluation] = None) -> Optional[Dict
   where no epoch ended in this process).
 
   `on_evaluation(global_step, evaluate)` runs every `eval_every_steps` and at each epoch's
-  end; without it, validation metrics are logged every `eval_every_steps`.
+  end; without it, validation metrics are logged every `eval_every_steps`. In a tuning trial
+  the validation metrics of each epoch's end are reported, and between epoch ends those
+  the job (or `on_evaluation`) computed.
   """
   config, task, steps_per_epoch = job.config, job.task, job.task.plan.steps_per_epoch
   last = {}
@@ -213,16 +245,26 @@ def fit(job: Job, on_evaluation: Optional[OnEvaluation] = None) -> Optional[Dict
     job.check_lease()  # Before its record: two jobs' epochs must not mix.
     job.history = job.outputs.record_epoch(job.history, entry, config.epochs, step,
                                            images_per_second)
+    job.report_evaluation(step, validation)
 
   def evaluate_between_epochs(step: int) -> None:
     if controller_lib.itstime(step, steps_per_epoch):
       return  # The epoch's end has evaluated.
     if on_evaluation:
-      on_evaluation(step, task.evaluate)
+      evaluated = {}
+
+      def evaluate(split: str) -> Dict[str, float]:  # What the hook computes is reported.
+        evaluated[split] = task.evaluate(split)
+        return evaluated[split]
+
+      on_evaluation(step, evaluate)
+      if "validation" in evaluated:
+        job.report_evaluation(step, evaluated["validation"])
       return
     metrics = task.evaluate("validation")
     logging.info("step %d: validation accuracy %.4f, reconstruction_mse %.4f", step,
                  metrics["accuracy"], metrics["reconstruction_mse"])
+    job.report_evaluation(step, metrics)
 
   # The hook at an epoch's end runs after the epoch's checkpoint: one that raises (to stop
   # early, say) loses nothing.
@@ -270,8 +312,9 @@ def finalize(job: Job, validation: Optional[Dict[str, float]]) -> Dict[str, obje
     outputs.write_report(task.splits.test, job.history, metrics)
   job.check_lease()  # The export and the report take seconds: another job may have come.
   outputs.write_metrics(metrics)
+  # Reported at the last epoch's end already, unless history.json lost it.
+  job.report_evaluation(job.controller.step, validation)
   if outputs.chief:
-    tuning.report(metrics["validation_accuracy"], job.controller.step)
     logging.info("Done: %s", outputs_lib.results_line(metrics, config.model_dir))
   return metrics
 
