@@ -4,11 +4,13 @@ The command comes first. train, the default, submits a custom job running `pytho
 trainer.task` with the flags after `--`, which are checked first as the trainer checks them
 (under --dry_run too); with `--wait --resubmit=N` it submits the same job again, up to N times,
 when it ends by preemption or lack of capacity (`vertex_api.resubmission` decides), as the
-resubmit command does once. COMMAND_SUMMARIES says what the others do, as `--help` does, and
-`python -m launch.vertex COMMAND --help` lists a command's flags. `--dry_run` prints the
-request as the API's JSON and sends nothing. Calls go through `launch.vertex_api` (the `vertex`
-extra, imported only here); a refused call ends with one `error:` line, and a waited-for job's
-end sets the exit code (see the README).
+resubmit command does once. tune submits a hyperparameter tuning job whose trials are that
+custom job, each given values of the --search settings (`launch.tuning_job`).
+COMMAND_SUMMARIES says what the others do, as `--help` does, and `python -m launch.vertex
+COMMAND --help` lists a command's flags. `--dry_run` prints the request as the API's JSON and
+sends nothing. Calls go through `launch.vertex_api` (the `vertex` extra, imported only here); a
+refused call ends with one `error:` line, and a waited-for job's end sets the exit code (see
+the README).
 """
 
 import functools
@@ -20,17 +22,23 @@ from typing import Dict, List
 from absl import app
 from absl import flags
 
+from launch import tuning_job
 from launch import vertex_api
 from launch.custom_job import SCHEDULING_STRATEGIES, JobSpec, LaunchError, build_custom_job
 from trainer import cli
-from trainer.config import UserInputError
+from trainer.config import TUNING_METRICS, UserInputError
 
 COMMON_FLAGS = {"project", "region", "api_endpoint"}
+# What a custom job of the trainer runs on, and where its outputs go: train's, and each trial's.
+TRAINER_JOB_FLAGS = {"image_uri", "machine_type", "accelerator_type", "accelerator_count",
+                     "tpu_topology", "replica_count", "base_output_dir", "display_name",
+                     "scheduling", "timeout", "max_wait", "service_account", "tensorboard"}
 COMMAND_FLAGS = {
-    "train": {"image_uri", "machine_type", "accelerator_type", "accelerator_count",
-              "tpu_topology", "replica_count", "base_output_dir", "display_name", "scheduling",
-              "timeout", "max_wait", "service_account", "tensorboard", "dry_run", "wait",
-              "resubmit", "poll_seconds", "retry_seconds"},
+    "train": TRAINER_JOB_FLAGS | {"dry_run", "wait", "resubmit", "poll_seconds",
+                                  "retry_seconds"},
+    "tune": TRAINER_JOB_FLAGS | {"search", "metric", "goal", "max_trials", "parallel_trials",
+                                 "max_failed_trials", "algorithm", "early_stopping", "dry_run",
+                                 "wait", "poll_seconds", "retry_seconds"},
     "resubmit": {"job", "dry_run", "wait", "resubmit", "poll_seconds", "retry_seconds"},
     "wait": {"job", "poll_seconds", "retry_seconds"},
     "cancel": {"job"},
@@ -39,9 +47,14 @@ COMMAND_FLAGS = {
                       "display_name", "dry_run", "wait", "poll_seconds", "retry_seconds"},
 }
 COMMANDS = tuple(COMMAND_FLAGS)
+# The commands that pass the arguments after `--` to the trainer.
+TRAINER_COMMANDS = ("train", "tune")
 COMMAND_SUMMARIES = {
     "train": "(the default) submit a custom job running `python -m trainer.task` with the flags "
              "after `--`; --wait follows it to its end",
+    "tune": "submit a hyperparameter tuning job whose trials run the trainer with the flags "
+            "after `--` and values of the --search settings; --wait follows it to its end and "
+            "says its best trial",
     "resubmit": "submit a custom job (--job) that ended by preemption or lack of capacity again, "
                 "as a new job that resumes from its newest checkpoint",
     "wait": "follow a submitted job (--job) to its end",
@@ -54,6 +67,17 @@ TRAINER_FLAGS_NOTE = """\
 The trainer's flags go after `--`; its --model_dir defaults to BASE_OUTPUT_DIR/model, and
 python -m trainer.task --help lists them. For example:
   python -m launch.vertex --image_uri=IMAGE --base_output_dir=gs://BUCKET/run -- --epochs=20"""
+# Said by the help of tune.
+TUNE_NOTE = """\
+Each --search is a trainer setting the trials search, which the trainer flags
+after `--` must not fix:
+  NAME:double:MIN:MAX[:SCALE]      NAME:integer:MIN:MAX[:SCALE]
+  NAME:discrete:V1,V2,...[:SCALE]  NAME:categorical:V1,V2,...
+SCALE is linear (the default), log or reverse_log. Each trial writes under
+BASE_OUTPUT_DIR/<trial id>/ and reports --metric at every evaluation. For example:
+  python -m launch.vertex tune --image_uri=IMAGE --base_output_dir=gs://BUCKET/tune \\
+    --search=learning_rate:double:1e-4:1e-2:log --search=decoder_weight:double:1:32:log \\
+    --early_stopping=decay_curve -- --dataset=mnist --epochs=10"""
 
 FLAGS = flags.FLAGS
 
@@ -66,38 +90,45 @@ def _define_flags() -> None:
                       "Vertex AI's address; default REGION-aiplatform.googleapis.com. Give it "
                       "for a Private Service Connect endpoint. On localhost or 127.0.0.1 it is "
                       "spoken to without TLS or credentials (local emulators).")
-  flags.DEFINE_string("image_uri", "", "train: the trainer's container image.")
+  flags.DEFINE_string("image_uri", "", "train, tune: the trainer's container image.")
   flags.DEFINE_string("machine_type", JobSpec.machine_type,
-                      "train, batch_predict: machine of every replica: n1-standard-8, "
+                      "train, tune, batch_predict: machine of every replica: n1-standard-8, "
                       "a2-highgpu-1g, cloud-tpu, ct5lp-hightpu-4t, ...")
   flags.DEFINE_string("accelerator_type", "",
-                      "train: GPU or TPU v2/v3 type, as Vertex AI names it: NVIDIA_TESLA_T4, "
-                      "NVIDIA_L4, TPU_V3, ... Empty for CPU and for TPU v5e machines.")
-  flags.DEFINE_integer("accelerator_count", 0, "train: accelerators per replica (8 for TPU v2/v3).")
-  flags.DEFINE_string("tpu_topology", "", "train: TPU v5e topology, e.g. 2x2; default the machine's.")
-  flags.DEFINE_integer("replica_count", 1, "train: the chief plus replica_count - 1 workers; "
-                       "batch_predict: at most this many machines.")
+                      "train, tune: GPU or TPU v2/v3 type, as Vertex AI names it: "
+                      "NVIDIA_TESLA_T4, NVIDIA_L4, TPU_V3, ... Empty for CPU and for TPU v5e "
+                      "machines.")
+  flags.DEFINE_integer("accelerator_count", 0, "train, tune: accelerators per replica (8 for "
+                       "TPU v2/v3).")
+  flags.DEFINE_string("tpu_topology", "", "train, tune: TPU v5e topology, e.g. 2x2; default the "
+                      "machine's.")
+  flags.DEFINE_integer("replica_count", 1, "train, tune: the chief plus replica_count - 1 "
+                       "workers; batch_predict: at most this many machines.")
   flags.DEFINE_string("base_output_dir", "",
                       "train: gs:// directory for the job's outputs; the trainer's --model_dir "
-                      "is BASE_OUTPUT_DIR/model.")
-  flags.DEFINE_string("display_name", "mnist-multitask", "The job's or model's name in the console.")
+                      "is BASE_OUTPUT_DIR/model. tune: each trial's is BASE_OUTPUT_DIR/<trial "
+                      "id>/model.")
+  flags.DEFINE_string("display_name", "mnist-multitask",
+                      "The job's or model's name in the console.")
   flags.DEFINE_enum("scheduling", "standard", list(SCHEDULING_STRATEGIES),
-                    "train: which machines: standard (on demand), spot (Spot VMs: far cheaper, "
-                    "reclaimed at any time; the trainer saves and resumes) or flex_start "
-                    "(Dynamic Workload Scheduler: queued until the machines are free).")
-  flags.DEFINE_string("timeout", "", "train: the longest the job may run, as 90m, 12h, 1h30m or "
-                      "2d; default Vertex AI's, 7 days.")
-  flags.DEFINE_string("max_wait", "", "train, --scheduling=flex_start only: the longest the job "
-                      "waits for its machines (default Vertex AI's, 24h; 0s waits without limit).")
-  flags.DEFINE_string("service_account", "", "train: the service account the job runs as "
+                    "train, tune: which machines: standard (on demand), spot (Spot VMs: far "
+                    "cheaper, reclaimed at any time; the trainer saves and resumes) or "
+                    "flex_start (Dynamic Workload Scheduler: queued until the machines are "
+                    "free).")
+  flags.DEFINE_string("timeout", "", "train, tune: the longest the job (a trial) may run, as "
+                      "90m, 12h, 1h30m or 2d; default Vertex AI's, 7 days.")
+  flags.DEFINE_string("max_wait", "", "train, tune, --scheduling=flex_start only: the longest "
+                      "the job waits for its machines (default Vertex AI's, 24h; 0s waits "
+                      "without limit).")
+  flags.DEFINE_string("service_account", "", "train, tune: the service account the job runs as "
                       "(NAME@PROJECT.iam.gserviceaccount.com); default Vertex AI's own.")
-  flags.DEFINE_string("tensorboard", "", "train: a Vertex AI TensorBoard instance "
+  flags.DEFINE_string("tensorboard", "", "train, tune: a Vertex AI TensorBoard instance "
                       "(projects/P/locations/R/tensorboards/ID) that shows the job's logs as it "
                       "runs; needs --service_account.")
   flags.DEFINE_bool("dry_run", False, "Print the request as JSON; send nothing (upload does not "
                     "read --model_dir either).")
-  flags.DEFINE_bool("wait", False, "train, resubmit, batch_predict: follow the job to its end; "
-                    "the exit code says how it ended.")
+  flags.DEFINE_bool("wait", False, "train, tune, resubmit, batch_predict: follow the job to "
+                    "its end; the exit code says how it ended.")
   flags.DEFINE_integer("resubmit", 0, "train, resubmit, with --wait: when the job ends by "
                        "preemption or lack of capacity, submit it again as a new job, which "
                        "resumes from its newest checkpoint; at most this many times.")
@@ -105,8 +136,33 @@ def _define_flags() -> None:
   flags.DEFINE_float("retry_seconds", vertex_api.UNAVAILABLE_RETRY_SECONDS,
                      "How long --wait goes on asking while Vertex AI cannot be reached, before "
                      "it gives up (the job goes on either way).")
-  flags.DEFINE_string("job", "", "wait, cancel, resubmit: the job's resource name, or its ID "
-                      "in --project and --region.")
+  flags.DEFINE_string("job", "", "wait, cancel, resubmit: the job's resource name (a custom, "
+                      "batch prediction or tuning job's), or a custom job's numeric ID in "
+                      "--project and --region.")
+  flags.DEFINE_multi_string("search", [], "tune: a trainer setting the trials search, one "
+                            f"--search each: {tuning_job.SEARCH_SYNTAX}; SCALE linear (the "
+                            "default), log or reverse_log")
+  flags.DEFINE_enum("metric", tuning_job.Study.metric, list(TUNING_METRICS),
+                    "tune: what each trial reports at every evaluation, and the study "
+                    "optimises: " + ", ".join(f"{metric} (to {goal})"
+                                              for metric, goal in TUNING_METRICS.items()) + ".")
+  flags.DEFINE_string("goal", "", "tune: maximize or minimize, which must be --metric's own (a "
+                      "check for scripts); default --metric's.")
+  flags.DEFINE_integer("max_trials", tuning_job.Study.max_trials, "tune: how many trials in all.")
+  flags.DEFINE_integer("parallel_trials", tuning_job.Study.parallel_trials,
+                       "tune: how many trials run at once (fewer let each learn from more "
+                       "finished ones).")
+  flags.DEFINE_integer("max_failed_trials", tuning_job.Study.max_failed_trials,
+                       "tune: how many trials may fail before the job does; 0: Vertex AI "
+                       "decides.")
+  flags.DEFINE_enum("algorithm", tuning_job.Study.algorithm, list(tuning_job.ALGORITHMS),
+                    "tune: how trials pick their values: bayesian (Vertex AI's default), grid "
+                    "(every combination; no double ranges) or random.")
+  flags.DEFINE_enum("early_stopping", tuning_job.Study.early_stopping,
+                    list(tuning_job.EARLY_STOPPING),
+                    "tune: stop trials whose --metric is unpromising by their global step: "
+                    "decay_curve (by their predicted final value), median (below the median of "
+                    "the others at the same step) or none.")
   flags.DEFINE_string("model_dir", "", "upload: the finished job's --model_dir (gs://), which "
                       "holds metrics.json and export/.")
   flags.DEFINE_string("serving_image", vertex_api.SERVING_IMAGE,
@@ -133,9 +189,10 @@ def help_description(command: str, named: bool) -> str:
             "python -m launch.vertex COMMAND --help lists a command's own flags; below, train's.")
   summary = wrapped(f"{command}: {COMMAND_SUMMARIES[command]}")
   usage = f"usage: python -m launch.vertex {command} [flags]"
-  if command != "train":
+  if command not in TRAINER_COMMANDS:
     return f"{summary}\n\n{usage}"
-  return f"{summary}\n\n{usage} [-- trainer flags]\n\n{TRAINER_FLAGS_NOTE}"
+  note = TRAINER_FLAGS_NOTE if command == "train" else TUNE_NOTE
+  return f"{summary}\n\n{usage} [-- trainer flags]\n\n{note}"
 
 
 def help_groups(command: str) -> Dict[str, List[str]]:
@@ -145,6 +202,12 @@ def help_groups(command: str) -> Dict[str, List[str]]:
     return [name for name in FLAGS if name in names]
   return {f"{command} flags": in_order(COMMAND_FLAGS[command]),
           "common flags": in_order(COMMON_FLAGS)}
+
+
+def trial_environment(base_output_dir: str) -> Dict[str, str]:
+  """The variables Vertex AI sets for a tuning job's trial: its directories are under
+  BASE_OUTPUT_DIR/<trial id>/ (here trial 1's)."""
+  return trainer_environment(f"{base_output_dir.rstrip('/')}/1")
 
 
 def trainer_environment(base_output_dir: str) -> Dict[str, str]:
@@ -174,7 +237,7 @@ def _refuse_other_commands_flags(command: str) -> None:
   # --model_dir is upload's, and the trainer's too: given to train, it is meant for the trainer.
   trainers = (f"; the trainer's --{foreign[0]} goes after --, as in python -m launch.vertex "
               f"[flags] -- --{foreign[0]}=VALUE"
-              if command == "train" and cli.is_trainer_flag(foreign[0]) else "")
+              if command in TRAINER_COMMANDS and cli.is_trainer_flag(foreign[0]) else "")
   cli.fail(f"--{foreign[0]} is not a flag of {command}: its flags are "
            f"{', '.join('--' + name for name in sorted(own))}{trainers}")
 
@@ -182,7 +245,7 @@ def _refuse_other_commands_flags(command: str) -> None:
 def main(argv: List[str], command: str) -> None:
   """Runs `command` with the parsed flags; exits with its code, or one `error:` line."""
   _refuse_other_commands_flags(command)
-  if command != "train" and argv[1:]:
+  if command not in TRAINER_COMMANDS and argv[1:]:
     cli.fail(f"{command} takes no arguments, only flags: {shlex.join(argv[1:])}")
   # A job's full name carries its region, and only that region's endpoint knows it.
   region = vertex_api.region_of(FLAGS.job) or FLAGS.region
@@ -217,6 +280,9 @@ INTERRUPTED = {
     "resubmit": "interrupted while submitting: the job may have been created; look before "
                 "submitting again: gcloud ai custom-jobs list --project={project} "
                 "--region={region}",
+    "tune": "interrupted while submitting: the tuning job may have been created; look before "
+            "submitting again: gcloud ai hp-tuning-jobs list --project={project} "
+            "--region={region}",
     "batch_predict": "interrupted while submitting: the job may have been created; look before "
                      "submitting again: gcloud ai batch-prediction-jobs list "
                      "--project={project} --region={region}",
@@ -239,11 +305,18 @@ def _follow_up(verb: str, name: str) -> str:
   return f"python -m launch.vertex {verb} --job={name}{endpoint}"
 
 
+def _job_method(client, verb: str, name: str):
+  """The client's method that does `verb` (get, cancel) to the job `name`, of its kind."""
+  kind = {"batchPredictionJobs": "batch_prediction_job",
+          vertex_api.TUNING_JOBS: "hyperparameter_tuning_job"}.get(
+              vertex_api.collection_of(name), "custom_job")
+  return getattr(client, f"{verb}_{kind}")
+
+
 def _follow(client, name: str, link: str):
-  """Follows the job `name` (custom or batch prediction) and returns it as it ended; None where
-  Ctrl-C stopped following (not the job)."""
-  get = (client.get_batch_prediction_job if vertex_api.collection_of(name) ==
-         "batchPredictionJobs" else client.get_custom_job)
+  """Follows the job `name` (custom, batch prediction or tuning) and returns it as it ended;
+  None where Ctrl-C stopped following (not the job)."""
+  get = _job_method(client, "get", name)
   from google.api_core import exceptions
   try:
     return vertex_api.follow(get, name, link, FLAGS.poll_seconds,
@@ -258,10 +331,14 @@ def _follow(client, name: str, link: str):
 
 
 def _wait(client, name: str, link: str) -> int:
-  """Follows the job `name` to its end; the exit code says how it ended, or that Ctrl-C
-  stopped following."""
+  """Follows the job `name` to its end, and a tuning job's trials after it; the exit code says
+  how it ended, or that Ctrl-C stopped following."""
   job = _follow(client, name, link)
-  return vertex_api.INTERRUPTED_EXIT_CODE if job is None else vertex_api.exit_code(job)
+  if job is None:
+    return vertex_api.INTERRUPTED_EXIT_CODE
+  if vertex_api.collection_of(name) == vertex_api.TUNING_JOBS:
+    print("\n".join(vertex_api.tuning_summary(job)), flush=True)
+  return vertex_api.exit_code(job)
 
 
 def _check_resubmit() -> None:
@@ -294,21 +371,32 @@ def _link(name: str) -> str:
   return vertex_api.console_link(name) if vertex_api.collection_of(name) == "customJobs" else ""
 
 
-def train(trainer_args: List[str], endpoint: str) -> int:
-  """Submits the custom job; with --wait, follows it to its end, and with --resubmit, submits
-  it again where it ended by preemption or lack of capacity."""
-  _check_resubmit()
-  spec = JobSpec(image_uri=FLAGS.image_uri, base_output_dir=FLAGS.base_output_dir,
+def _job_spec(trainer_args: List[str]) -> JobSpec:
+  """The custom job of the trainer with `trainer_args` that TRAINER_JOB_FLAGS describe."""
+  return JobSpec(image_uri=FLAGS.image_uri, base_output_dir=FLAGS.base_output_dir,
                  machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
                  accelerator_count=FLAGS.accelerator_count, tpu_topology=FLAGS.tpu_topology,
                  replica_count=FLAGS.replica_count, trainer_args=tuple(trainer_args),
                  display_name=FLAGS.display_name, scheduling=FLAGS.scheduling,
                  timeout=FLAGS.timeout, max_wait=FLAGS.max_wait,
                  service_account=FLAGS.service_account, tensorboard=FLAGS.tensorboard)
-  try:  # Before anything is sent: a typo would otherwise fail on a billed machine.
-    cli.check_trainer_arguments(trainer_args, trainer_environment(spec.base_output_dir))
+
+
+def _check_trainer_arguments(trainer_args: List[str], environ: Dict[str, str]) -> None:
+  """Raises LaunchError where the trainer would refuse `trainer_args` in `environ`: before
+  anything is sent, since a typo would otherwise fail on a billed machine."""
+  try:
+    cli.check_trainer_arguments(trainer_args, environ)
   except UserInputError as e:
     raise LaunchError(f"trainer argument: {e}") from None
+
+
+def train(trainer_args: List[str], endpoint: str) -> int:
+  """Submits the custom job; with --wait, follows it to its end, and with --resubmit, submits
+  it again where it ended by preemption or lack of capacity."""
+  _check_resubmit()
+  spec = _job_spec(trainer_args)
+  _check_trainer_arguments(trainer_args, trainer_environment(spec.base_output_dir))
   custom_job = build_custom_job(spec)
   if FLAGS.dry_run:
     print(vertex_api.to_json(custom_job))
@@ -317,6 +405,34 @@ def train(trainer_args: List[str], endpoint: str) -> int:
   client = vertex_api.job_client(endpoint)
   created = _submit(client, parent, custom_job)
   return _wait_resubmitting(client, created) if FLAGS.wait else 0
+
+
+def tune(trainer_args: List[str], endpoint: str) -> int:
+  """Submits a hyperparameter tuning job whose trials run the trainer with `trainer_args` and
+  the --search settings' values, each checked as the trainer checks it; with --wait, follows
+  it to its end and says its best trial."""
+  trial_args = [*trainer_args, f"--{tuning_job.TUNING_METRIC_FLAG}={FLAGS.metric}"]
+  spec = _job_spec(trial_args)
+  study = tuning_job.Study(
+      parameters=tuple(map(tuning_job.parse_search, FLAGS.search)), metric=FLAGS.metric,
+      goal=FLAGS.goal, algorithm=FLAGS.algorithm, early_stopping=FLAGS.early_stopping,
+      max_trials=FLAGS.max_trials, parallel_trials=FLAGS.parallel_trials,
+      max_failed_trials=FLAGS.max_failed_trials)
+  tuning_job.check_trial_arguments(trainer_args)
+  environ = trial_environment(spec.base_output_dir)
+  _check_trainer_arguments(trial_args, environ)
+  tuning_job.check_search(study.parameters, trial_args, environ)
+  job = tuning_job.build_tuning_job(study, build_custom_job(spec), FLAGS.display_name)
+  if FLAGS.dry_run:
+    print(vertex_api.to_json(job))
+    return 0
+  client = vertex_api.job_client(endpoint)
+  created = vertex_api.submit_tuning_job(client, _parent(), job)
+  print(f"submitted {created.name}", flush=True)
+  if not FLAGS.wait:
+    print(f"follow it: {_follow_up('wait', created.name)}")
+    return 0
+  return _wait(client, created.name, "")
 
 
 def resubmit(_, endpoint: str) -> int:
@@ -349,13 +465,9 @@ def wait(_, endpoint: str) -> int:
 
 
 def cancel(_, endpoint: str) -> int:
-  """Asks Vertex AI to cancel --job (custom or batch prediction)."""
+  """Asks Vertex AI to cancel --job (custom, batch prediction or tuning)."""
   name = vertex_api.job_name(FLAGS.job, FLAGS.project, FLAGS.region)
-  client = vertex_api.job_client(endpoint)
-  if vertex_api.collection_of(name) == "batchPredictionJobs":
-    client.cancel_batch_prediction_job(name=name)
-  else:
-    client.cancel_custom_job(name=name)
+  _job_method(vertex_api.job_client(endpoint), "cancel", name)(name=name)
   print(f"asked Vertex AI to cancel {name}; it ends as JOB_STATE_CANCELLED: "
         f"{_follow_up('wait', name)}")
   return 0
@@ -398,16 +510,16 @@ def batch_predict(_, endpoint: str) -> int:
   return _wait(client, created.name, "") if FLAGS.wait else 0
 
 
-COMMAND_RUNNERS = {"train": train, "resubmit": resubmit, "wait": wait, "cancel": cancel,
-                   "upload": upload, "batch_predict": batch_predict}
+COMMAND_RUNNERS = {"train": train, "tune": tune, "resubmit": resubmit, "wait": wait,
+                   "cancel": cancel, "upload": upload, "batch_predict": batch_predict}
 
 
 if __name__ == "__main__":
   _define_flags()
   command, argv = split_command(sys.argv)
   named = len(argv) < len(sys.argv)  # The command was given, not train by default.
-  # A bad flag is one `error:` line and exit code 2, as elsewhere; only train passes the
-  # arguments after `--` to the trainer, so only there is a trainer flag before it misplaced.
+  # A bad flag is one `error:` line and exit code 2, as elsewhere; only train and tune pass
+  # the arguments after `--` to the trainer, so only there is a trainer flag before it misplaced.
   app.run(functools.partial(main, command=command), argv=argv, flags_parser=functools.partial(
-      cli.parse_flags, description=help_description(command, named),
-      groups=help_groups(command), launcher="launch.vertex" if command == "train" else ""))
+      cli.parse_flags, description=help_description(command, named), groups=help_groups(command),
+      launcher="launch.vertex" if command in TRAINER_COMMANDS else ""))

@@ -11,10 +11,12 @@ import datetime
 import functools
 import os
 import re
+import shlex
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from launch.custom_job import LaunchError
+from launch.tuning_job import TUNING_METRIC_FLAG
 from trainer.cli import BAD_INPUT_EXIT_CODE
 from trainer.config import first_line
 from trainer.preemption import PREEMPTED_EXIT_CODE
@@ -34,7 +36,8 @@ POLL_TIMEOUT_SECONDS = 60.0
 # How gRPC reports google-auth failing to refresh the credentials (an expired login): as
 # UNAVAILABLE, though no retry can mend it.
 CREDENTIALS_REFRESH_FAILED = "Getting metadata from plugin failed"
-JOB_COLLECTIONS = ("customJobs", "batchPredictionJobs")
+JOB_COLLECTIONS = ("customJobs", "batchPredictionJobs", "hyperparameterTuningJobs")
+TUNING_JOBS = "hyperparameterTuningJobs"
 # How each end of a job sets the exit code of `wait`.
 ENDED_EXIT_CODES = {"JOB_STATE_SUCCEEDED": 0, "JOB_STATE_PARTIALLY_SUCCEEDED": 0,
                     "JOB_STATE_FAILED": FAILED_EXIT_CODE, "JOB_STATE_EXPIRED": FAILED_EXIT_CODE,
@@ -139,20 +142,92 @@ def submit(client, parent: str, custom_job):
 
 
 def job_name(job: str, project: str, region: str) -> str:
-  """A job's resource name from `job`: the name itself (of a custom or batch prediction job),
-  or a custom job's ID within --project/--region."""
+  """A job's resource name from `job`: the name itself (of a custom, batch prediction or tuning
+  job), or a custom job's ID within --project/--region (a bare ID is always a custom job's: the
+  other kinds are named in full, as the commands that submit them print them)."""
   kind = "customJobs"
   if job.startswith("projects/"):
     if not region_of(job) or collection_of(job) not in JOB_COLLECTIONS:
       raise LaunchError(f"--job={job!r} is not a job's resource name: projects/P/locations/R/"
-                        f"customJobs/ID or .../batchPredictionJobs/ID")
+                        f"customJobs/ID, .../batchPredictionJobs/ID or "
+                        f".../{TUNING_JOBS}/ID")
     return job
   if not job.isdigit():
     raise LaunchError(f"--job={job!r} is neither a job's resource name "
-                      f"(projects/P/locations/R/{kind}/ID) nor its numeric ID")
+                      f"(projects/P/locations/R/{kind}/ID) nor a custom job's numeric ID")
   if not project:
     raise LaunchError(f"--job={job} is an ID: give --project too, or the full resource name")
   return f"projects/{project}/locations/{region}/{kind}/{job}"
+
+
+def submit_tuning_job(client, parent: str, tuning_job):
+  """Creates `tuning_job` (a HyperparameterTuningJob) under `parent`; returns the created job.
+  Never retried, as `submit`."""
+  return client.create_hyperparameter_tuning_job(parent=parent,
+                                                 hyperparameter_tuning_job=tuning_job)
+
+
+def tuning_summary(job) -> List[str]:
+  """How the ended tuning `job` went, a line each: its best trial (parameters, metric, output
+  directory), the trainer arguments that train its settings again, then every trial's state."""
+  metric_spec = job.study_spec.metrics[0]
+  kinds = {spec.parameter_id: _parameter_kind(spec) for spec in job.study_spec.parameters}
+  return _best_trial_lines(job, metric_spec, kinds) + [
+      _trial_line(trial, metric_spec.metric_id, kinds) for trial in job.trials]
+
+
+def _best_trial_lines(job, metric_spec, kinds) -> List[str]:
+  """The trial whose final measurement is best by the study's goal, with its output directory
+  (BASE_OUTPUT_DIR/<trial id>/model/) and the trainer arguments that train its settings again;
+  or that no trial has one."""
+  metric = metric_spec.metric_id
+  measured = [(trial, _final_value(trial, metric)) for trial in job.trials]
+  measured = [(trial, value) for trial, value in measured if value is not None]
+  if not measured:
+    return [f"no trial reported {metric}: see each trial's state below"]
+  best_of = max if metric_spec.goal.name == "MAXIMIZE" else min
+  best, value = best_of(measured, key=lambda pair: pair[1])
+  base = job.trial_job_spec.base_output_directory.output_uri_prefix.rstrip("/")
+  fixed = [arg for arg in job.trial_job_spec.worker_pool_specs[0].container_spec.args
+           if not arg.startswith(f"--{TUNING_METRIC_FLAG}=")]  # Only trials report.
+  searched = _arguments(best, kinds)
+  return [f"best trial {best.id}: {metric} {value:.6g} at step "
+          f"{best.final_measurement.step_count}, {' '.join(searched)}; outputs "
+          f"{base}/{best.id}/model/",
+          "train its settings again: python -m launch.vertex train [flags] -- "
+          + shlex.join([*fixed, *searched])]
+
+
+def _parameter_kind(spec) -> str:
+  """Which value spec a study's ParameterSpec has: double, integer, discrete or categorical."""
+  return next(kind for kind in ("double", "integer", "discrete", "categorical")
+              if f"{kind}_value_spec" in spec)
+
+
+def _final_value(trial, metric: str) -> Optional[float]:
+  """The trial's final `metric`, or None where it has no final measurement of it."""
+  return next((m.value for m in trial.final_measurement.metrics if m.metric_id == metric), None)
+
+
+def _arguments(trial, kinds) -> List[str]:
+  """The trial's parameters as the trainer arguments Vertex AI gave it: --NAME=VALUE each."""
+  def value(parameter):
+    if kinds.get(parameter.parameter_id) == "integer":
+      return str(int(parameter.value))
+    return repr(parameter.value) if isinstance(parameter.value, float) else str(parameter.value)
+  return [f"--{p.parameter_id}={value(p)}" for p in trial.parameters]
+
+
+def _trial_line(trial, metric: str, kinds) -> str:
+  """One trial: its state, its final metric and step where it has them, its parameters and
+  why it was infeasible, if it was."""
+  parts = [trial.state.name]
+  value = _final_value(trial, metric)
+  if value is not None:
+    parts.append(f"{metric} {value:.6g} at step {trial.final_measurement.step_count}")
+  parts.append(" ".join(_arguments(trial, kinds)))
+  reason = f": {trial.infeasible_reason}" if trial.infeasible_reason else ""
+  return f"trial {trial.id}: {', '.join(part for part in parts if part)}{reason}"
 
 
 def check_wait_seconds(poll_seconds: float, retry_seconds: float) -> None:

@@ -1,11 +1,12 @@
 """A stand-in for Vertex AI on a loopback gRPC port, for the launcher's tests.
 
-It serves the methods the launcher calls (JobService's custom and batch prediction jobs,
-ModelService's UploadModel and the long-running operations it returns) with the SDK's own
-request and response types, so the real `aiplatform_v1` clients talk to it as to Google's. It
-records every request, plays each custom job it creates through scripted states to a scripted
-end (an error code and message, as a preempted or failed job has), and answers a call with a
-gRPC error where a test asks for one.
+It serves the methods the launcher calls (JobService's custom, batch prediction and
+hyperparameter tuning jobs, ModelService's UploadModel and the long-running operations it
+returns) with the SDK's own request and response types, so the real `aiplatform_v1` clients talk
+to it as to Google's. It records every request, plays each custom job it creates through
+scripted states to a scripted end (an error code and message, as a preempted or failed job
+has), gives each tuning job it creates scripted trials, and answers a call with a gRPC error
+where a test asks for one.
 """
 
 import collections
@@ -23,6 +24,7 @@ from google.rpc import status_pb2
 JOB_ID = "4321"  # The first custom job's; each one created after it is one more.
 MODEL_ID = "987"
 BATCH_JOB_ID = "555"
+TUNING_JOB_ID = "777"  # The first tuning job's; each one created after it is one more.
 State = types.JobState
 ENDED = (State.JOB_STATE_SUCCEEDED, State.JOB_STATE_FAILED, State.JOB_STATE_CANCELLED,
          State.JOB_STATE_EXPIRED)
@@ -31,8 +33,10 @@ ENDED = (State.JOB_STATE_SUCCEEDED, State.JOB_STATE_FAILED, State.JOB_STATE_CANC
 class FakeVertex:
   """Vertex AI's JobService and ModelService on 127.0.0.1; `endpoint` is its address.
 
-  `states` are what successive GetCustomJob (or GetBatchPredictionJob) calls answer (the last
-  one repeats); `job_error` is the failed job's message (code INTERNAL). `runs` script the
+  `states` are what successive GetCustomJob (or GetBatchPredictionJob, or
+  GetHyperparameterTuningJob) calls answer (the last one repeats); `job_error` is the failed
+  job's message (code INTERNAL). A tuning job it created is read back as created, in the next
+  of `states`, with `trials` (types.Trial) as its trials. `runs` script the
   custom jobs it creates, in order, each its own: a (states, error) pair, the states its
   GetCustomJob calls answer (the last repeats) and the (status code, message) it ends with, or
   None; a job beyond them, or one it did not create, plays `states` and `job_error`.
@@ -53,10 +57,12 @@ class FakeVertex:
     self.errors: Dict[str, List[Optional[Tuple[grpc.StatusCode, str]]]] = (
         collections.defaultdict(list))
     self.delays: Dict[str, float] = {}
+    self.trials: List[types.Trial] = []
     self.requests: List[Tuple[str, object]] = []
     self.metadata: List[dict] = []
     self._gets = 0
     self._jobs = {}
+    self._tuning_jobs = {}
     self._runs_of = {}  # A created custom job's name: its script and how often it was read.
     self._server = None
     self.endpoint = ""
@@ -92,6 +98,17 @@ class FakeVertex:
             "GetBatchPredictionJob": unary(
                 "GetBatchPredictionJob", types.GetBatchPredictionJobRequest.deserialize,
                 types.BatchPredictionJob.serialize),
+            "CreateHyperparameterTuningJob": unary(
+                "CreateHyperparameterTuningJob",
+                types.CreateHyperparameterTuningJobRequest.deserialize,
+                types.HyperparameterTuningJob.serialize),
+            "GetHyperparameterTuningJob": unary(
+                "GetHyperparameterTuningJob", types.GetHyperparameterTuningJobRequest.deserialize,
+                types.HyperparameterTuningJob.serialize),
+            "CancelHyperparameterTuningJob": unary(
+                "CancelHyperparameterTuningJob",
+                types.CancelHyperparameterTuningJobRequest.deserialize,
+                empty_pb2.Empty.SerializeToString),
         }),
         grpc.method_handlers_generic_handler("google.cloud.aiplatform.v1.ModelService", {
             "UploadModel": unary("UploadModel", types.UploadModelRequest.deserialize,
@@ -160,6 +177,26 @@ class FakeVertex:
 
   def _GetBatchPredictionJob(self, request):
     return types.BatchPredictionJob(name=request.name, state=self._next_state())
+
+  def _CreateHyperparameterTuningJob(self, request):
+    job = types.HyperparameterTuningJob(request.hyperparameter_tuning_job)
+    job.name = (f"{request.parent}/hyperparameterTuningJobs/"
+                f"{int(TUNING_JOB_ID) + len(self._tuning_jobs)}")
+    job.state = State.JOB_STATE_PENDING
+    self._tuning_jobs[job.name] = job
+    return job
+
+  def _GetHyperparameterTuningJob(self, request):
+    job = types.HyperparameterTuningJob(self._tuning_jobs.get(
+        request.name, types.HyperparameterTuningJob(name=request.name)))
+    job.state = self._next_state()
+    job.trials = self.trials
+    if job.state == State.JOB_STATE_FAILED:
+      job.error = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=self.job_error)
+    return job
+
+  def _CancelHyperparameterTuningJob(self, request):
+    return empty_pb2.Empty()
 
   def _UploadModel(self, request):
     return operations_pb2.Operation(name=f"{request.parent}/operations/77", done=False)

@@ -10,7 +10,7 @@ import pytest
 from google.api_core import exceptions
 from google.cloud.aiplatform_v1 import types
 
-from launch import vertex_api
+from launch import tuning_job, vertex_api
 from launch.custom_job import JobSpec, LaunchError, build_custom_job
 from tests import fake_vertex
 
@@ -391,3 +391,239 @@ def test_only_jobs_ended_by_preemption_or_lack_of_capacity_are_resubmitted(job, 
   decision = vertex_api.resubmission(job)
   assert decision[0] is again
   assert decision[1].startswith(reason), decision[1]
+
+
+# Tuning jobs. A trial is the custom job train builds, with the trainer's fixed arguments.
+TRIAL = JobSpec(image_uri="IMAGE", base_output_dir="gs://b/tune", machine_type="n1-standard-8",
+                accelerator_type="NVIDIA_L4", accelerator_count=1, replica_count=2,
+                scheduling="spot", timeout="2h",
+                service_account="trainer@p.iam.gserviceaccount.com",
+                trainer_args=("--epochs=3", "--tuning_metric=validation_reconstruction_mse"))
+SEARCH = ("learning_rate:double:1e-4:1e-2:log", "decoder_weight:double:1:32:reverse_log",
+          "width:integer:8:32", "unlabeled_weight:discrete:2,0.5,1",
+          "precision:categorical:float32,mixed_bfloat16")
+ParameterSpec = types.StudySpec.ParameterSpec
+
+
+def _study(search=SEARCH, **settings):
+  return tuning_job.Study(parameters=tuple(map(tuning_job.parse_search, search)), **settings)
+
+
+def test_a_tuning_job_reaches_vertex_ai_field_by_field(server):
+  study = _study(metric="validation_reconstruction_mse", algorithm="random",
+                 early_stopping="decay_curve", max_trials=12, parallel_trials=3,
+                 max_failed_trials=2)
+  trial_job = build_custom_job(TRIAL)
+  job = tuning_job.build_tuning_job(study, trial_job, "tune-mnist")
+  created = vertex_api.submit_tuning_job(vertex_api.job_client(server.endpoint), PARENT, job)
+  assert created.name == f"{PARENT}/hyperparameterTuningJobs/{fake_vertex.TUNING_JOB_ID}"
+  (request,) = server.requests_of("CreateHyperparameterTuningJob")
+  assert request.parent == PARENT
+  sent = request.hyperparameter_tuning_job
+  assert sent.display_name == "tune-mnist"
+  assert (sent.max_trial_count, sent.parallel_trial_count, sent.max_failed_trial_count) == (
+      12, 3, 2)
+  spec = sent.study_spec
+  assert [(m.metric_id, m.goal) for m in spec.metrics] == [
+      ("validation_reconstruction_mse", types.StudySpec.MetricSpec.GoalType.MINIMIZE)]
+  assert spec.algorithm == types.StudySpec.Algorithm.RANDOM_SEARCH
+  assert "decay_curve_stopping_spec" in spec and "median_automated_stopping_spec" not in spec
+  assert not spec.decay_curve_stopping_spec.use_elapsed_duration  # By global step.
+  rate, decoder, width, unlabeled, precision = spec.parameters
+  assert [p.parameter_id for p in spec.parameters] == [
+      "learning_rate", "decoder_weight", "width", "unlabeled_weight", "precision"]
+  assert (rate.double_value_spec.min_value, rate.double_value_spec.max_value) == (1e-4, 1e-2)
+  assert rate.scale_type == ParameterSpec.ScaleType.UNIT_LOG_SCALE
+  assert (decoder.double_value_spec.min_value, decoder.double_value_spec.max_value) == (1, 32)
+  assert decoder.scale_type == ParameterSpec.ScaleType.UNIT_REVERSE_LOG_SCALE
+  assert (width.integer_value_spec.min_value, width.integer_value_spec.max_value) == (8, 32)
+  assert width.scale_type == ParameterSpec.ScaleType.UNIT_LINEAR_SCALE
+  assert list(unlabeled.discrete_value_spec.values) == [0.5, 1.0, 2.0]  # In increasing order.
+  assert list(precision.categorical_value_spec.values) == ["float32", "mixed_bfloat16"]
+  assert precision.scale_type == ParameterSpec.ScaleType.SCALE_TYPE_UNSPECIFIED
+  trial = sent.trial_job_spec
+  chief, workers = trial.worker_pool_specs
+  assert (chief.replica_count, workers.replica_count) == (1, 1)
+  assert chief.machine_spec.machine_type == "n1-standard-8"
+  assert chief.machine_spec.accelerator_type == types.AcceleratorType.NVIDIA_L4
+  assert chief.machine_spec.accelerator_count == 1
+  assert chief.container_spec.image_uri == "IMAGE"
+  assert list(chief.container_spec.args) == [
+      "--epochs=3", "--tuning_metric=validation_reconstruction_mse"]
+  assert trial.scheduling.strategy == types.Scheduling.Strategy.SPOT
+  assert trial.scheduling.timeout == datetime.timedelta(hours=2)
+  assert trial.scheduling.restart_job_on_worker_restart
+  assert trial.base_output_directory.output_uri_prefix == "gs://b/tune"
+  assert trial.service_account == "trainer@p.iam.gserviceaccount.com"
+  assert trial == trial_job.job_spec  # Nothing else: as train builds it.
+
+
+@pytest.mark.parametrize("early_stopping, present", [
+    ("none", []), ("decay_curve", ["decay_curve_stopping_spec"]),
+    ("median", ["median_automated_stopping_spec"])])
+@pytest.mark.parametrize("algorithm, expected", [
+    ("bayesian", types.StudySpec.Algorithm.ALGORITHM_UNSPECIFIED),  # Vertex AI's default.
+    ("grid", types.StudySpec.Algorithm.GRID_SEARCH),
+    ("random", types.StudySpec.Algorithm.RANDOM_SEARCH)])
+def test_each_algorithm_and_early_stopping_reach_the_study(server, early_stopping, present,
+                                                           algorithm, expected):
+  study = _study(SEARCH[2:], algorithm=algorithm, early_stopping=early_stopping)
+  job = tuning_job.build_tuning_job(study, build_custom_job(TRIAL), "tune")
+  vertex_api.submit_tuning_job(vertex_api.job_client(server.endpoint), PARENT, job)
+  (request,) = server.requests_of("CreateHyperparameterTuningJob")
+  spec = request.hyperparameter_tuning_job.study_spec
+  assert spec.algorithm == expected
+  assert [name for name in ("decay_curve_stopping_spec", "median_automated_stopping_spec",
+                            "convex_automated_stopping_spec") if name in spec] == present
+  assert spec.metrics[0].goal == types.StudySpec.MetricSpec.GoalType.MAXIMIZE  # Accuracy.
+
+
+def _trial(trial_id, state, rate, width, mse=None, step=0, reason=""):
+  measurement = types.Measurement(step_count=step, metrics=[
+      types.Measurement.Metric(metric_id="validation_reconstruction_mse", value=mse)])
+  return types.Trial(id=trial_id, state=state, infeasible_reason=reason, parameters=[
+      types.Trial.Parameter(parameter_id="learning_rate", value=rate),
+      types.Trial.Parameter(parameter_id="width", value=width)],
+      final_measurement=measurement if mse is not None else None)
+
+
+def test_a_finished_tuning_job_says_its_best_trial_and_each_trials_state(server):
+  Trial = types.Trial.State
+  server.states = [State.JOB_STATE_RUNNING, State.JOB_STATE_SUCCEEDED]
+  server.trials = [_trial("1", Trial.SUCCEEDED, 0.001, 16.0, mse=0.0213, step=640),
+                   _trial("2", Trial.SUCCEEDED, 0.0042, 32.0, mse=0.0187, step=640),
+                   _trial("3", Trial.SUCCEEDED, 0.0003, 8.0, mse=0.0402, step=192),
+                   _trial("4", Trial.INFEASIBLE, 0.009, 8.0, reason="training diverged")]
+  client = vertex_api.job_client(server.endpoint)
+  study = _study(("learning_rate:double:1e-4:1e-2:log", "width:integer:8:32"),
+                 metric="validation_reconstruction_mse", early_stopping="median")
+  created = vertex_api.submit_tuning_job(client, PARENT, tuning_job.build_tuning_job(
+      study, build_custom_job(TRIAL), "tune"))
+  ended = vertex_api.follow(client.get_hyperparameter_tuning_job, created.name, "", 0.01,
+                            [].append)
+  assert vertex_api.exit_code(ended) == 0
+  assert vertex_api.tuning_summary(ended) == [
+      "best trial 2: validation_reconstruction_mse 0.0187 at step 640, --learning_rate=0.0042 "
+      "--width=32; outputs gs://b/tune/2/model/",
+      "train its settings again: python -m launch.vertex train [flags] -- --epochs=3 "
+      "--learning_rate=0.0042 --width=32",
+      "trial 1: SUCCEEDED, validation_reconstruction_mse 0.0213 at step 640, "
+      "--learning_rate=0.001 --width=16",
+      "trial 2: SUCCEEDED, validation_reconstruction_mse 0.0187 at step 640, "
+      "--learning_rate=0.0042 --width=32",
+      # Stopped early, at its 192nd step.
+      "trial 3: SUCCEEDED, validation_reconstruction_mse 0.0402 at step 192, "
+      "--learning_rate=0.0003 --width=8",
+      "trial 4: INFEASIBLE, --learning_rate=0.009 --width=8: training diverged"]
+
+
+def test_a_tuning_job_without_a_measured_trial_says_so():
+  study = _study(("learning_rate:double:1e-4:1e-2:log", "width:integer:8:32"))
+  job = tuning_job.build_tuning_job(study, build_custom_job(TRIAL), "tune")
+  job.trials = [_trial("1", types.Trial.State.INFEASIBLE, 0.001, 8.0, reason="out of memory")]
+  assert vertex_api.tuning_summary(job) == [
+      "no trial reported validation_accuracy: see each trial's state below",
+      "trial 1: INFEASIBLE, --learning_rate=0.001 --width=8: out of memory"]
+
+
+TRIAL_ENVIRONMENT = {"AIP_MODEL_DIR": "gs://b/tune/1/model/"}
+
+
+@pytest.mark.parametrize("search, fixed, message", [
+    ("learnig_rate:double:1e-4:1e-2", [], "--search=learnig_rate:double:1e-4:1e-2: learnig_rate "
+     "is not a setting of the trainer (did you mean learning_rate?): python -m trainer.task "
+     "--help lists them"),
+    # A range the setting's own check refuses, at either end.
+    ("learning_rate:double:0:0.1", [], "--search=learning_rate:double:0:0.1: the trainer "
+     "refuses 0.0: --learning_rate=0.0 must be positive"),
+    ("shift_pixels:integer:0:9", [], "--search=shift_pixels:integer:0:9: the trainer refuses 9: "
+     "--shift_pixels=9 must be between 0 and 8"),
+    ("strategy:categorical:mirrored,horovod", [], "the trainer refuses horovod: flag "
+     "--strategy=horovod: value should be one of"),
+    # Checked beside the fixed arguments, as the trial gets them.
+    ("decoder_weight:double:1:32:log", ["--loss_weights=classifier=1,decoder=2"],
+     "the trainer refuses 1.0: --decoder_weight=1.0 and --loss_weights=classifier=1.0,"
+     "decoder=2.0 give the decoder two weights"),
+    ("learning_rate:double:1e-4:1e-2", ["--epochs=3", "--learning_rate=0.01"],
+     "--learning_rate is also fixed after --: Vertex AI appends the searched value to the "
+     "trial's arguments, and the trainer refuses a flag given twice; drop one of them"),
+    ("width:double:8:64", [], "--width takes integers, which a double parameter cannot set: "
+     "make it integer or categorical"),
+    ("width:discrete:8,16", [], "--width takes integers, which a discrete parameter cannot set"),
+    ("loss_weights:categorical:a,b", [], "--loss_weights is NAME=WEIGHT pairs, which Vertex AI "
+     "cannot search: search the decoder's weight, --search=decoder_weight:double:1:32:log"),
+    ("model_dir:categorical:gs://b/a,gs://b/c", [], "--model_dir is not searched: each trial "
+     "has its own"),
+    ("tuning_metric:categorical:validation_accuracy", [], "--tuning_metric is not searched: "
+     "--metric sets it"),
+])
+def test_a_search_the_trainer_would_refuse_is_refused_with_its_reason(search, fixed, message):
+  parameter = tuning_job.parse_search(search)
+  with pytest.raises(LaunchError, match=re.escape(message)):
+    tuning_job.check_search([parameter], fixed, TRIAL_ENVIRONMENT)
+
+
+@pytest.mark.parametrize("search, message", [
+    ("learning_rate", "--search=learning_rate: write it as NAME:double:MIN:MAX[:SCALE], "),
+    ("learning_rate:float:1:2", "write it as NAME:double"),
+    ("learning_rate:double:1e-2:1e-4", "its MIN 1e-2 must be below its MAX 1e-4 (a fixed value "
+     "goes after --)"),
+    ("learning_rate:double:1e-4:1e-2:cubic", "unknown scale 'cubic': choose one of linear, log, "
+     "reverse_log"),
+    ("learning_rate:double:0:1e-2:log", "a log scale needs every value above 0"),
+    ("width:integer:8:3e1", "'3e1' is not an integer"),
+    ("learning_rate:double:1e-4:inf", "'inf' is not a number"),
+    ("unlabeled_weight:discrete:1,,2", "a value is empty"),
+    ("precision:categorical:float32,float32", "a value is listed twice"),
+])
+def test_a_search_that_is_not_one_is_refused_with_its_syntax(search, message):
+  with pytest.raises(LaunchError, match=re.escape(message)):
+    tuning_job.parse_search(search)
+
+
+def test_a_searched_setting_once_and_each_search_checked():
+  parameters = [tuning_job.parse_search(text) for text in SEARCH]
+  tuning_job.check_search(parameters, ["--epochs=3"], TRIAL_ENVIRONMENT)  # All fine.
+  with pytest.raises(LaunchError, match=re.escape(
+      "--search=width:integer:16:64: --width is searched twice: give it one --search")):
+    tuning_job.check_search([*parameters, tuning_job.parse_search("width:integer:16:64")],
+                            ["--epochs=3"], TRIAL_ENVIRONMENT)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model_dir=gs://b/m"], "trainer argument --model_dir: each trial writes under its own "
+     "directory, BASE_OUTPUT_DIR/<trial id>/ ($AIP_MODEL_DIR is its model/), and one directory "
+     "for all would make its lease refuse every trial but one; drop it"),
+    (["--epochs=3", "--checkpoint_dir", "gs://b/c"], "trainer argument --checkpoint_dir: "),
+    (["--tensorboard_dir=gs://b/l"], "trainer argument --tensorboard_dir: "),
+    (["--tuning_metric=validation_accuracy"], "trainer argument --tuning_metric: tune sets it "
+     "from --metric; drop it"),
+    (["--flagfile=gs://b/flags"], "trainer argument --flagfile: a tuning job's trainer "
+     "arguments are checked against its --search"),
+])
+def test_a_trials_directories_metric_and_flagfile_are_not_fixed_arguments(args, message):
+  with pytest.raises(LaunchError, match=re.escape(message)):
+    tuning_job.check_trial_arguments(args)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(search=()), "no --search: give a trainer setting to search, as NAME:double:"),
+    (dict(goal="minimize"), "--goal=minimize: validation_accuracy is to maximize; drop --goal "
+     "(its default is the metric's goal) or choose another --metric"),
+    (dict(algorithm="grid"), "--algorithm=grid cannot search a double range (--search="
+     "learning_rate:double:1e-4:1e-2:log): list its values as NAME:discrete:V1,V2,... or choose "
+     "another --algorithm"),
+    (dict(max_trials=0), "--max_trials=0 must be 1 or more"),
+    (dict(parallel_trials=11), "--parallel_trials=11 must be between 1 and --max_trials (10)"),
+    (dict(max_failed_trials=-1), "--max_failed_trials=-1 must be 0 (Vertex AI decides) or more"),
+])
+def test_a_study_vertex_ai_would_refuse_or_that_contradicts_itself_is_refused(settings, message):
+  with pytest.raises(LaunchError, match=re.escape(message)):
+    _study(**settings)
+
+
+def test_tuning_jobs_are_named_in_full_and_a_bare_id_is_a_custom_jobs():
+  name = f"{PARENT}/hyperparameterTuningJobs/777"
+  assert vertex_api.job_name(name, "", "r") == name
+  assert vertex_api.collection_of(name) == vertex_api.TUNING_JOBS
+  assert vertex_api.job_name("777", "p", "r") == "projects/p/locations/r/customJobs/777"

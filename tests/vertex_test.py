@@ -385,8 +385,8 @@ def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
      "--retry_seconds, --scheduling, --service_account, --tensorboard, --timeout, "
      "--tpu_topology, --wait; the trainer's --model_dir goes after --, as in python -m "
      "launch.vertex [flags] -- --model_dir=VALUE"),
-    (["uplaod"], "unknown command 'uplaod': choose one of train, resubmit, wait, cancel, upload, "
-     "batch_predict, first"),
+    (["uplaod"], "unknown command 'uplaod': choose one of train, tune, resubmit, wait, cancel, "
+     "upload, batch_predict, first"),
     (["cancel", "--job=7", "--project=p", "--image_uri=x"],
      "--image_uri is not a flag of cancel: its flags are --api_endpoint, --job, "
      "--project, --region"),
@@ -402,3 +402,96 @@ def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
 ])
 def test_bad_commands_are_one_error_line(args, message):
   helpers.assert_one_error_line(_launch(*args), message, whole=True)
+
+
+# Tuning jobs: the trials run the trainer with the arguments after `--` and the searched values.
+TUNE_FLAGS = [f"--image_uri={IMAGE}", "--base_output_dir=gs://BUCKET/tune",
+              "--machine_type=g2-standard-8", "--accelerator_type=NVIDIA_L4",
+              "--accelerator_count=1", "--scheduling=spot",
+              "--search=learning_rate:double:1e-4:1e-2:log",
+              "--search=decoder_weight:double:1:32:log", "--early_stopping=decay_curve",
+              "--max_trials=12", "--parallel_trials=3"]
+
+
+def test_tune_sends_what_its_dry_run_prints_and_wait_ends_with_the_best_trial(server):
+  # Its checks use the trainer's flags and validation, without importing TensorFlow.
+  dry_run = helpers.run_module_without_tensorflow("launch.vertex", "tune", "--dry_run",
+                                                  *TUNE_FLAGS, "--", "--epochs=3",
+                                                  "--dataset=mnist")
+  assert dry_run.returncode == 0, dry_run.stderr[-3000:]
+  printed = types.HyperparameterTuningJob.from_json(dry_run.stdout)
+  spec = printed.study_spec
+  assert [(p.parameter_id, p.double_value_spec.min_value, p.double_value_spec.max_value,
+           p.scale_type.name) for p in spec.parameters] == [
+      ("learning_rate", 1e-4, 1e-2, "UNIT_LOG_SCALE"), ("decoder_weight", 1, 32, "UNIT_LOG_SCALE")]
+  assert [(m.metric_id, m.goal.name) for m in spec.metrics] == [
+      ("validation_accuracy", "MAXIMIZE")]
+  assert "decay_curve_stopping_spec" in spec
+  (pool,) = printed.trial_job_spec.worker_pool_specs
+  # The metric the trials report is the study's; the searched settings are Vertex AI's to add.
+  assert list(pool.container_spec.args) == [
+      "--epochs=3", "--dataset=mnist", "--tuning_metric=validation_accuracy"]
+  assert printed.trial_job_spec.scheduling.strategy == types.Scheduling.Strategy.SPOT
+  assert pool.machine_spec.accelerator_type == types.AcceleratorType.NVIDIA_L4
+
+  server.states = [State.JOB_STATE_PENDING, State.JOB_STATE_RUNNING, State.JOB_STATE_SUCCEEDED]
+  measured = types.Measurement(step_count=9380, metrics=[
+      types.Measurement.Metric(metric_id="validation_accuracy", value=0.9731)])
+  server.trials = [types.Trial(id="1", state=types.Trial.State.SUCCEEDED, parameters=[
+      types.Trial.Parameter(parameter_id="learning_rate", value=0.0021),
+      types.Trial.Parameter(parameter_id="decoder_weight", value=4.5)],
+      final_measurement=measured)]
+  result = _launch("tune", "--project=p", f"--api_endpoint={server.endpoint}", "--wait",
+                   "--poll_seconds=0.05", *TUNE_FLAGS, "--", "--epochs=3", "--dataset=mnist")
+  assert result.returncode == 0, result.stderr[-3000:]
+  (request,) = server.requests_of("CreateHyperparameterTuningJob")
+  assert request.parent == "projects/p/locations/us-central1"
+  assert request.hyperparameter_tuning_job == printed
+  name = f"projects/p/locations/us-central1/hyperparameterTuningJobs/{fake_vertex.TUNING_JOB_ID}"
+  lines = [line.split(" ", 2)[2] if "JOB_STATE" in line else line
+           for line in result.stdout.splitlines()]
+  assert lines == [
+      f"submitted {name}", "JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED",
+      "best trial 1: validation_accuracy 0.9731 at step 9380, --learning_rate=0.0021 "
+      "--decoder_weight=4.5; outputs gs://BUCKET/tune/1/model/",
+      "train its settings again: python -m launch.vertex train [flags] -- --epochs=3 "
+      "--dataset=mnist --learning_rate=0.0021 --decoder_weight=4.5",
+      "trial 1: SUCCEEDED, validation_accuracy 0.9731 at step 9380, --learning_rate=0.0021 "
+      "--decoder_weight=4.5"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--search=learnig_rate:double:1e-4:1e-2"], "--search=learnig_rate:double:1e-4:1e-2: "
+     "learnig_rate is not a setting of the trainer (did you mean learning_rate?): python -m "
+     "trainer.task --help lists them"),
+    (["--search=learning_rate:double:0:0.1"], "--search=learning_rate:double:0:0.1: the "
+     "trainer refuses 0.0: --learning_rate=0.0 must be positive"),
+    (["--search=learning_rate:double:1e-4:1e-2", "--", "--learning_rate=0.01"],
+     "--search=learning_rate:double:1e-4:1e-2: --learning_rate is also fixed after --: Vertex "
+     "AI appends the searched value to the trial's arguments, and the trainer refuses a flag "
+     "given twice; drop one of them"),
+    (["--search=learning_rate:double:1e-4:1e-2", "--", "--model_dir=gs://BUCKET/m"],
+     "trainer argument --model_dir: each trial writes under its own directory, "
+     "BASE_OUTPUT_DIR/<trial id>/ ($AIP_MODEL_DIR is its model/), and one directory for all "
+     "would make its lease refuse every trial but one; drop it"),
+    (["--search=learning_rate:double:1e-4:1e-2", "--algorithm=grid"], "--algorithm=grid cannot "
+     "search a double range (--search=learning_rate:double:1e-4:1e-2): list its values as "
+     "NAME:discrete:V1,V2,... or choose another --algorithm"),
+    (["--search=width:integer:8:64", "--", "--epoch=3"], "trainer argument: Unknown command line "
+     "flag 'epoch'. Did you mean: epochs ? (see python -m trainer.task --help)"),
+])
+def test_tune_refusals_are_one_line_and_send_nothing(server, args, message):
+  result = _launch("tune", "--project=p", f"--api_endpoint={server.endpoint}",
+                   f"--image_uri={IMAGE}", "--base_output_dir=gs://BUCKET/tune", *args)
+  helpers.assert_one_error_line(result, message, whole=True)
+  assert result.stdout == "" and server.requests == []
+
+
+def test_cancel_takes_a_tuning_job_by_its_name(server):
+  # (wait takes one as tune --wait follows it, above.)
+  name = f"projects/p/locations/europe-west4/hyperparameterTuningJobs/{fake_vertex.TUNING_JOB_ID}"
+  result = _launch("cancel", f"--job={name}", f"--api_endpoint={server.endpoint}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [method for method, _ in server.requests] == ["CancelHyperparameterTuningJob"]
+  assert server.requests[0][1].name == name
+  assert result.stdout.startswith(f"asked Vertex AI to cancel {name}; ")
