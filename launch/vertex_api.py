@@ -112,6 +112,23 @@ def model_client(endpoint: str):
   return _client(ModelServiceClient, ModelServiceGrpcTransport, endpoint)
 
 
+def endpoint_client(endpoint: str):
+  """An EndpointServiceClient for `endpoint` (as `job_client`)."""
+  from google.cloud.aiplatform_v1 import EndpointServiceClient
+  from google.cloud.aiplatform_v1.services.endpoint_service.transports import (
+      EndpointServiceGrpcTransport)
+  return _client(EndpointServiceClient, EndpointServiceGrpcTransport, endpoint)
+
+
+def prediction_client(endpoint: str):
+  """A PredictionServiceClient for `endpoint` (as `job_client`): online predictions go to the
+  same regional endpoint as the other calls."""
+  from google.cloud.aiplatform_v1 import PredictionServiceClient
+  from google.cloud.aiplatform_v1.services.prediction_service.transports import (
+      PredictionServiceGrpcTransport)
+  return _client(PredictionServiceClient, PredictionServiceGrpcTransport, endpoint)
+
+
 def _client(client_type, transport_type, endpoint: str):
   if _is_loopback(endpoint):
     import grpc
