@@ -598,7 +598,7 @@ def test_a_finished_trial_run_again_reports_its_whole_curve_again(finished_run, 
       for entry in history]
 
 
-@pytest.mark.slow  # Two trainer processes, 40 s.
+@pytest.mark.slow  # Two trainer processes, 45 s on an idle machine.
 def test_a_trial_killed_and_resumed_reports_every_evaluation_once(tmp_path):
   """The trainer as Vertex AI runs a trial, on the narrow model: one line per evaluation (every
   10 steps, and at the ends of the 32-step epochs), in increasing steps. Killed after its
