@@ -5,7 +5,8 @@ trainer.task` with the flags after `--`, which are checked first as the trainer 
 (under --dry_run too); with `--wait --resubmit=N` it submits the same job again, up to N times,
 when it ends by preemption or lack of capacity (`vertex_api.resubmission` decides), as the
 resubmit command does once. tune submits a hyperparameter tuning job whose trials are that
-custom job, each given values of the --search settings (`launch.tuning_job`).
+custom job, each given values of the --search settings (`launch.tuning_job`). deploy, predict
+and undeploy serve a registered model online, from an endpoint (`launch.endpoints`).
 COMMAND_SUMMARIES says what the others do, as `--help` does, and `python -m launch.vertex
 COMMAND --help` lists a command's flags. `--dry_run` prints the request as the API's JSON and
 sends nothing. Calls go through `launch.vertex_api` (the `vertex` extra, imported only here); a
@@ -22,6 +23,7 @@ from typing import Dict, List
 from absl import app
 from absl import flags
 
+from launch import endpoints
 from launch import tuning_job
 from launch import vertex_api
 from launch.custom_job import SCHEDULING_STRATEGIES, JobSpec, LaunchError, build_custom_job
@@ -45,6 +47,11 @@ COMMAND_FLAGS = {
     "upload": {"model_dir", "display_name", "serving_image", "dry_run"},
     "batch_predict": {"model", "instances", "output_dir", "machine_type", "replica_count",
                       "display_name", "dry_run", "wait", "poll_seconds", "retry_seconds"},
+    "deploy": {"model", "model_dir", "serving_image", "endpoint", "machine_type",
+               "accelerator_type", "accelerator_count", "min_replicas", "max_replicas", "spot",
+               "replace", "display_name", "dry_run"},
+    "predict": {"endpoint", "model_dir", "invert", "resize", "key", "dry_run"},
+    "undeploy": {"endpoint", "deployed_model", "keep_endpoint", "dry_run"},
 }
 COMMANDS = tuple(COMMAND_FLAGS)
 # The commands that pass the arguments after `--` to the trainer.
@@ -61,7 +68,16 @@ COMMAND_SUMMARIES = {
     "cancel": "cancel a job (--job)",
     "upload": "register a finished job's export (--model_dir) in the Model Registry",
     "batch_predict": "run a registered model (--model) over JSON lines (--instances)",
+    "deploy": "serve a registered model (--model), or a finished run's export (--model_dir, "
+              "uploaded first), from an endpoint for online prediction: a new one, or "
+              "--endpoint, whose traffic it then takes",
+    "predict": "send images (PNG, .npy, .npz) to an endpoint (--endpoint) and print each "
+               "answer, with the class names of the run's metrics.json (--model_dir)",
+    "undeploy": "take a deployed model off its endpoint (--endpoint), and delete the endpoint "
+                "once nothing is deployed on it",
 }
+# predict's flags come first, then its inputs.
+PREDICT_USAGE = "python -m launch.vertex predict --endpoint=ENDPOINT --model_dir=DIR INPUT..."
 # Said by the help of train, and of no command.
 TRAINER_FLAGS_NOTE = """\
 The trainer's flags go after `--`; its --model_dir defaults to BASE_OUTPUT_DIR/model, and
@@ -92,14 +108,14 @@ def _define_flags() -> None:
                       "spoken to without TLS or credentials (local emulators).")
   flags.DEFINE_string("image_uri", "", "train, tune: the trainer's container image.")
   flags.DEFINE_string("machine_type", JobSpec.machine_type,
-                      "train, tune, batch_predict: machine of every replica: n1-standard-8, "
-                      "a2-highgpu-1g, cloud-tpu, ct5lp-hightpu-4t, ...")
+                      "train, tune, batch_predict, deploy: machine of every replica: "
+                      "n1-standard-8, a2-highgpu-1g, cloud-tpu, ct5lp-hightpu-4t, ...")
   flags.DEFINE_string("accelerator_type", "",
-                      "train, tune: GPU or TPU v2/v3 type, as Vertex AI names it: "
+                      "train, tune, deploy: GPU or TPU v2/v3 type, as Vertex AI names it: "
                       "NVIDIA_TESLA_T4, NVIDIA_L4, TPU_V3, ... Empty for CPU and for TPU v5e "
-                      "machines.")
-  flags.DEFINE_integer("accelerator_count", 0, "train, tune: accelerators per replica (8 for "
-                       "TPU v2/v3).")
+                      "machines. deploy: a GPU needs a GPU --serving_image.")
+  flags.DEFINE_integer("accelerator_count", 0, "train, tune, deploy: accelerators per replica "
+                       "(8 for TPU v2/v3).")
   flags.DEFINE_string("tpu_topology", "", "train, tune: TPU v5e topology, e.g. 2x2; default the "
                       "machine's.")
   flags.DEFINE_integer("replica_count", 1, "train, tune: the chief plus replica_count - 1 "
@@ -109,7 +125,7 @@ def _define_flags() -> None:
                       "is BASE_OUTPUT_DIR/model. tune: each trial's is BASE_OUTPUT_DIR/<trial "
                       "id>/model.")
   flags.DEFINE_string("display_name", "mnist-multitask",
-                      "The job's or model's name in the console.")
+                      "The job's, model's or endpoint's name in the console.")
   flags.DEFINE_enum("scheduling", "standard", list(SCHEDULING_STRATEGIES),
                     "train, tune: which machines: standard (on demand), spot (Spot VMs: far "
                     "cheaper, reclaimed at any time; the trainer saves and resumes) or "
@@ -125,8 +141,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("tensorboard", "", "train, tune: a Vertex AI TensorBoard instance "
                       "(projects/P/locations/R/tensorboards/ID) that shows the job's logs as it "
                       "runs; needs --service_account.")
-  flags.DEFINE_bool("dry_run", False, "Print the request as JSON; send nothing (upload does not "
-                    "read --model_dir either).")
+  flags.DEFINE_bool("dry_run", False, "Print the request as JSON; send nothing (upload and "
+                    "deploy do not read --model_dir either). deploy, predict, undeploy: each "
+                    "request, after a `--- Service.Method` line on standard error; undeploy, and "
+                    "deploy with --endpoint, read that endpoint.")
   flags.DEFINE_bool("wait", False, "train, tune, resubmit, batch_predict: follow the job to "
                     "its end; the exit code says how it ended.")
   flags.DEFINE_integer("resubmit", 0, "train, resubmit, with --wait: when the job ends by "
@@ -163,15 +181,41 @@ def _define_flags() -> None:
                     "tune: stop trials whose --metric is unpromising by their global step: "
                     "decay_curve (by their predicted final value), median (below the median of "
                     "the others at the same step) or none.")
-  flags.DEFINE_string("model_dir", "", "upload: the finished job's --model_dir (gs://), which "
-                      "holds metrics.json and export/.")
+  flags.DEFINE_string("model_dir", "", "upload, deploy: the finished job's --model_dir (gs://), "
+                      "which holds metrics.json and export/; deploy uploads it first. predict: "
+                      "the run's (local or gs://), whose metrics.json names the classes and the "
+                      "background the model was trained on.")
   flags.DEFINE_string("serving_image", vertex_api.SERVING_IMAGE,
-                      "upload: the prediction container that serves the export.")
-  flags.DEFINE_string("model", "", "batch_predict: the registered model's resource name (what "
-                      "upload prints).")
+                      "upload, deploy: the prediction container that serves the export.")
+  flags.DEFINE_string("model", "", "batch_predict, deploy: the registered model's resource "
+                      "name (what upload prints).")
   flags.DEFINE_string("instances", "", "batch_predict: gs:// JSON lines file, one 28x28 image "
                       "per line (python -m launch.batch_input makes it).")
   flags.DEFINE_string("output_dir", "", "batch_predict: gs:// directory for the predictions.")
+  flags.DEFINE_string("endpoint", "", "deploy, predict, undeploy: the endpoint's resource name "
+                      "(deploy prints it) or its ID in --project and --region; deploy creates "
+                      "one without it.")
+  flags.DEFINE_integer("min_replicas", 1, "deploy: how many machines always serve the model.")
+  flags.DEFINE_integer("max_replicas", 0, "deploy: how many machines may serve it under load "
+                       "(Vertex AI adds them); default --min_replicas.")
+  flags.DEFINE_bool("spot", False, "deploy: serve from Spot VMs: far cheaper, but reclaimed at "
+                    "any time (Vertex AI replaces them; requests may fail meanwhile).")
+  flags.DEFINE_bool("replace", False, "deploy, with --endpoint: take the models deployed there "
+                    "before off it once the new one serves; without it they stay, with no "
+                    "traffic, and billed.")
+  flags.DEFINE_string("deployed_model", "", "undeploy: the deployed model's ID on --endpoint "
+                      "(deploy prints it); default the only one there.")
+  flags.DEFINE_bool("keep_endpoint", False, "undeploy: keep the endpoint once nothing is "
+                    "deployed on it (an empty endpoint costs nothing).")
+  flags.DEFINE_enum("invert", "auto", ["auto", "always", "never"],
+                    "predict: invert images (255 - pixel) before sending them: auto inverts "
+                    "those whose background (outer ring of pixels) is not like the training "
+                    "images', with a note, as trainer.predict does.")
+  flags.DEFINE_bool("resize", False, "predict: scale images of another size to 28x28 instead "
+                    "of refusing.")
+  flags.DEFINE_string("key", "", "predict: the array of each npz input that holds the images; "
+                      "default the only array, else 'images', else 'X' (the trainer's npz "
+                      "layout).")
 
 
 def help_description(command: str, named: bool) -> str:
@@ -189,6 +233,11 @@ def help_description(command: str, named: bool) -> str:
             "python -m launch.vertex COMMAND --help lists a command's own flags; below, train's.")
   summary = wrapped(f"{command}: {COMMAND_SUMMARIES[command]}")
   usage = f"usage: python -m launch.vertex {command} [flags]"
+  if command == "predict":
+    inputs = wrapped("INPUTs (local or gs://) are 28x28 greyscale images (PNG, JPEG, GIF, BMP) "
+                     "and .npy/.npz arrays of them, read and inverted as python -m "
+                     "trainer.predict reads them.")
+    return f"{summary}\n\n{usage} INPUT...\n\n{inputs}"
   if command not in TRAINER_COMMANDS:
     return f"{summary}\n\n{usage}"
   note = TRAINER_FLAGS_NOTE if command == "train" else TUNE_NOTE
@@ -245,10 +294,12 @@ def _refuse_other_commands_flags(command: str) -> None:
 def main(argv: List[str], command: str) -> None:
   """Runs `command` with the parsed flags; exits with its code, or one `error:` line."""
   _refuse_other_commands_flags(command)
-  if command not in TRAINER_COMMANDS and argv[1:]:
+  if command not in (*TRAINER_COMMANDS, "predict") and argv[1:]:
     cli.fail(f"{command} takes no arguments, only flags: {shlex.join(argv[1:])}")
-  # A job's full name carries its region, and only that region's endpoint knows it.
-  region = vertex_api.region_of(FLAGS.job) or FLAGS.region
+  # A job's or endpoint's full name carries its region, as does the model deploy serves, and
+  # only that region's endpoint knows them.
+  named = FLAGS.job or FLAGS.endpoint or (FLAGS.model if command == "deploy" else "")
+  region = vertex_api.region_of(named) or FLAGS.region
   endpoint = FLAGS.api_endpoint or vertex_api.default_endpoint(region)
   try:
     vertex_api.check_wait_seconds(FLAGS.poll_seconds, FLAGS.retry_seconds)  # Before any request.
@@ -289,6 +340,13 @@ INTERRUPTED = {
     "upload": "interrupted while registering: the model may have been registered; look before "
               "uploading again: gcloud ai models list --project={project} --region={region}",
     "cancel": "interrupted: the job may or may not have been asked to cancel; run cancel again",
+    "deploy": "interrupted: a model may have been registered, an endpoint created or a "
+              "deployment started, which goes on; look before deploying again: gcloud ai "
+              "endpoints list --project={project} --region={region}",
+    "undeploy": "interrupted: a model may be coming off its endpoint, or the endpoint being "
+                "deleted, which goes on; look: gcloud ai endpoints list --project={project} "
+                "--region={region}",
+    "predict": "interrupted: the answers above are all that were printed",
     "wait": "stopped waiting; the job goes on",
 }
 
@@ -510,8 +568,75 @@ def batch_predict(_, endpoint: str) -> int:
   return _wait(client, created.name, "") if FLAGS.wait else 0
 
 
+def _command(verb: str, *args: str) -> str:
+  """The launch.vertex command line that does `verb` with `args` from here."""
+  endpoint = (f"--api_endpoint={FLAGS.api_endpoint}",) if FLAGS.api_endpoint else ()
+  return shlex.join(["python", "-m", "launch.vertex", verb, *args, *endpoint])
+
+
+def _deployment_parent(endpoint: str) -> str:
+  """Where deploy works: the project and region of --endpoint, else of --model, else --project
+  in --region (PROJECT in a dry run without it)."""
+  if endpoint:
+    return vertex_api.parent_of(endpoint)
+  if FLAGS.model:
+    return vertex_api.parent_of(endpoints.check_model_name(FLAGS.model))
+  if FLAGS.dry_run and not FLAGS.project:
+    return f"projects/PROJECT/locations/{FLAGS.region}"
+  return _parent()
+
+
+def deploy(_, endpoint: str) -> int:
+  """Deploys --model, or the export of --model_dir (uploaded first), on --endpoint or a new
+  endpoint; says how to predict with it and take it down."""
+  name = FLAGS.endpoint and endpoints.endpoint_name(FLAGS.endpoint, FLAGS.project, FLAGS.region)
+  serving = endpoints.Serving(FLAGS.machine_type, FLAGS.accelerator_type, FLAGS.accelerator_count,
+                              FLAGS.min_replicas, FLAGS.max_replicas, FLAGS.spot)
+  plan = endpoints.Deployment(_deployment_parent(name), serving, model=FLAGS.model,
+                              model_dir=FLAGS.model_dir, serving_image=FLAGS.serving_image,
+                              endpoint=name, display_name=FLAGS.display_name,
+                              replace=FLAGS.replace)
+  done = endpoints.deploy(plan, endpoints.Clients(endpoint), FLAGS.dry_run)
+  if FLAGS.dry_run:
+    return 0
+  predict_command = _command("predict", f"--endpoint={done.endpoint}",
+                             f"--model_dir={done.model_dir or 'MODEL_DIR'}")
+  undeploy_command = _command("undeploy", f"--endpoint={done.endpoint}",
+                              f"--deployed_model={done.deployed_model_id}")
+  print(f"predict with it: {predict_command} INPUT...\ntake it down: {undeploy_command}")
+  return 0
+
+
+def predict(inputs: List[str], endpoint: str) -> int:
+  """Sends the images of `inputs` to --endpoint and prints each answer; exits 2, sending
+  nothing, where an input cannot be read (each said in one `error:` line)."""
+  name = endpoints.endpoint_name(FLAGS.endpoint, FLAGS.project, FLAGS.region)
+  if not FLAGS.model_dir:
+    raise LaunchError("no --model_dir: give the run's (local or gs://); its metrics.json names "
+                      "the classes and the background the model was trained on")
+  if not inputs:
+    raise LaunchError(f"no inputs given (images, or .npy/.npz arrays): {PREDICT_USAGE}")
+  from trainer import predict as trainer_predict
+  with cli.tensorflow_imported_quietly():
+    import tensorflow  # noqa: F401  It reads the inputs; here, its start-up lines are filtered.
+  options = trainer_predict.Options(model_dir=FLAGS.model_dir, invert=FLAGS.invert,
+                                    resize=FLAGS.resize, key=FLAGS.key)
+  failed = endpoints.predict(name, inputs, options, endpoints.Clients(endpoint), FLAGS.dry_run)
+  return cli.BAD_INPUT_EXIT_CODE if failed else 0
+
+
+def undeploy(_, endpoint: str) -> int:
+  """Takes --deployed_model (by default the only one) off --endpoint, and deletes the endpoint
+  once nothing is deployed on it, unless --keep_endpoint."""
+  name = endpoints.endpoint_name(FLAGS.endpoint, FLAGS.project, FLAGS.region)
+  endpoints.undeploy(name, FLAGS.deployed_model, FLAGS.keep_endpoint,
+                     endpoints.Clients(endpoint), FLAGS.dry_run)
+  return 0
+
+
 COMMAND_RUNNERS = {"train": train, "tune": tune, "resubmit": resubmit, "wait": wait,
-                   "cancel": cancel, "upload": upload, "batch_predict": batch_predict}
+                   "cancel": cancel, "upload": upload, "batch_predict": batch_predict,
+                   "deploy": deploy, "predict": predict, "undeploy": undeploy}
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ import sys
 import time
 
 import grpc
+import numpy as np
 import pytest
 from google.cloud.aiplatform_v1 import types
 
 from launch import vertex_api
 from launch.custom_job import JobSpec, build_custom_job
-from tests import fake_vertex, helpers
+from tests import endpoints_test, fake_vertex, helpers
 
 IMAGE = "us-docker.pkg.dev/PROJECT/trainer/mnist:1"
 OUTPUT = "gs://BUCKET/run"
@@ -290,6 +291,9 @@ def test_bad_trainer_arguments_are_refused_before_anything_is_sent(args, message
     (["resubmit", "--help"], ["resubmit: submit a custom job (--job) that ended by preemption",
                               "--resubmit=0", "--job=''", "--[no]wait"],
      ["--image_uri", "--scheduling"]),
+    (["deploy", "--help"], ["deploy: serve a registered model (--model)", "--min_replicas=1",
+                            "--max_replicas=0", "--[no]spot", "--[no]replace", "--endpoint=''"],
+     ["--image_uri", "--deployed_model", "--invert"]),
 ])
 def test_help_exits_0_and_a_commands_help_shows_its_own_flags(args, shown, not_shown):
   result = _launch(*args)
@@ -386,7 +390,7 @@ def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
      "--tpu_topology, --wait; the trainer's --model_dir goes after --, as in python -m "
      "launch.vertex [flags] -- --model_dir=VALUE"),
     (["uplaod"], "unknown command 'uplaod': choose one of train, tune, resubmit, wait, cancel, "
-     "upload, batch_predict, first"),
+     "upload, batch_predict, deploy, predict, undeploy, first"),
     (["cancel", "--job=7", "--project=p", "--image_uri=x"],
      "--image_uri is not a flag of cancel: its flags are --api_endpoint, --job, "
      "--project, --region"),
@@ -399,6 +403,12 @@ def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
      "--retry_seconds=-5.0 must be more than 0"),
     (["wait", "--job=7", "--project=p", "--retry_seconds=nan"],
      "--retry_seconds=nan must be more than 0"),
+    (["deploy", "--model=projects/p/locations/r/models/1", "--min_replicas=3",
+      "--max_replicas=2"], "--max_replicas=2 is below --min_replicas=3: give a --max_replicas of "
+     "3 or more, or leave it out to serve from --min_replicas machines"),
+    (["predict", "--endpoint=projects/p/locations/r/endpoints/1", "digit.png"], "no "
+     "--model_dir: give the run's (local or gs://); its metrics.json names the classes and the "
+     "background the model was trained on"),
 ])
 def test_bad_commands_are_one_error_line(args, message):
   helpers.assert_one_error_line(_launch(*args), message, whole=True)
@@ -495,3 +505,68 @@ def test_cancel_takes_a_tuning_job_by_its_name(server):
   assert [method for method, _ in server.requests] == ["CancelHyperparameterTuningJob"]
   assert server.requests[0][1].name == name
   assert result.stdout.startswith(f"asked Vertex AI to cancel {name}; ")
+
+
+# Online serving: deploy, predict and undeploy through the command line (launch.endpoints'
+# tests check each request and answer in-process; these, that the flags reach them).
+MODEL = "projects/p/locations/europe-west4/models/42"
+ENDPOINT = "projects/p/locations/europe-west4/endpoints/77"
+
+
+def test_deploy_dry_run_prints_each_request_without_importing_tensorflow():
+  result = helpers.run_module_without_tensorflow(
+      "launch.vertex", "deploy", "--dry_run", f"--model={MODEL}", "--machine_type=n1-standard-2",
+      "--min_replicas=2", "--max_replicas=5", "--spot")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stderr.splitlines() == ["--- EndpointService.CreateEndpoint",
+                                        "--- EndpointService.DeployModel"]
+  create, deploy = endpoints_test.json_documents(result.stdout)
+  assert types.CreateEndpointRequest.from_json(create).parent == (
+      "projects/p/locations/europe-west4")  # The model's: it deploys only in its region.
+  request = types.DeployModelRequest.from_json(deploy)
+  assert request.deployed_model.model == MODEL
+  resources = request.deployed_model.dedicated_resources
+  assert resources.machine_spec.machine_type == "n1-standard-2"
+  assert (resources.min_replica_count, resources.max_replica_count, resources.spot) == (2, 5, True)
+  assert dict(request.traffic_split) == {"0": 100}
+
+
+def test_undeploy_takes_the_model_off_and_deletes_the_endpoint_without_tensorflow(server):
+  server.endpoints[ENDPOINT] = types.Endpoint(
+      name=ENDPOINT, deployed_models=[types.DeployedModel(id="5", model=MODEL)],
+      traffic_split={"5": 100})
+  result = helpers.run_module_without_tensorflow(
+      "launch.vertex", "undeploy", "--endpoint=77", "--project=p", "--region=europe-west4",
+      f"--api_endpoint={server.endpoint}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [method for method, _ in server.requests if method != "GetOperation"] == [
+      "GetEndpoint", "UndeployModel", "DeleteEndpoint"]
+  assert server.requests_of("UndeployModel")[0].deployed_model_id == "5"
+  assert server.requests_of("DeleteEndpoint")[0].name == ENDPOINT
+  assert result.stdout.splitlines()[-1] == (f"deleted {ENDPOINT}: nothing was deployed on it "
+                                            "any more")
+
+
+# A launcher process that imports TensorFlow to read images (5-20 s each): the slow tier.
+# endpoints_test sends and answers the same requests in-process in the fast one.
+@pytest.mark.slow
+def test_predict_prints_the_endpoints_answers_and_refuses_a_file_that_is_not_an_image(
+    server, tmp_path):
+  endpoints_test.serving_endpoint(server, ("6", MODEL, 100))
+  run = endpoints_test.run_directory(tmp_path / "run")
+  images = endpoints_test.images_of(2, seed=4)
+  np.save(tmp_path / "items.npy", images)
+  (tmp_path / "notes.txt").write_text("not an image")
+  flags = [f"--endpoint={ENDPOINT}", f"--model_dir={run}", f"--api_endpoint={server.endpoint}"]
+
+  result = _launch("predict", *flags, str(tmp_path / "items.npy"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  labels = [endpoints_test.label_of(image) for image in images]
+  assert result.stdout.splitlines() == [
+      f"{tmp_path / 'items.npy'}[{index}]: {label} {endpoints_test.FASHION[label]} (probability "
+      "0.9100)" for index, label in enumerate(labels)]
+
+  refused = _launch("predict", *flags, str(tmp_path / "items.npy"), str(tmp_path / "notes.txt"))
+  helpers.assert_one_error_line(refused, f"{tmp_path / 'notes.txt'}: not an image; give a PNG, "
+                                "JPEG, GIF or BMP image, or .npy/.npz arrays", whole=True)
+  assert len(server.requests_of("Predict")) == 1  # The first call's: the second sent nothing.
