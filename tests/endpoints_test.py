@@ -33,7 +33,7 @@ def server():
   fake.stop()
 
 
-def _serving_endpoint(server, *deployed):
+def serving_endpoint(server, *deployed):
   """ENDPOINT in the stand-in, serving `deployed`: (deployed model ID, model, traffic %), the
   first deployed first."""
   server.endpoints[ENDPOINT] = types.Endpoint(
@@ -89,7 +89,7 @@ def test_deploy_creates_an_endpoint_and_gives_the_model_all_of_its_traffic(serve
 
 @pytest.mark.parametrize("replace", [False, True])
 def test_deploy_onto_an_endpoint_serving_another_model(server, replace):
-  _serving_endpoint(server, ("5", OLD_MODEL, 100))
+  serving_endpoint(server, ("5", OLD_MODEL, 100))
   said = []
   endpoints.deploy(endpoints.Deployment(PARENT, endpoints.Serving(), model=MODEL,
                                         endpoint=ENDPOINT, replace=replace),
@@ -137,7 +137,7 @@ def test_deploy_from_a_run_directory_uploads_its_export_first(server, monkeypatc
   assert done == endpoints.Deployed(NEW_ENDPOINT, NEW_ID, RUN)
 
 
-def _documents(text: str) -> list:
+def json_documents(text: str) -> list:
   """The JSON documents printed one after another in `text`."""
   decoder, documents, at = json.JSONDecoder(), [], 0
   while text[at:].strip():
@@ -155,7 +155,7 @@ def test_a_dry_run_prints_each_request_as_the_apis_json_and_sends_nothing(server
 
   assert err.splitlines() == ["--- ModelService.UploadModel", "--- EndpointService.CreateEndpoint",
                               "--- EndpointService.DeployModel"]
-  upload, create, deploy = _documents(out)
+  upload, create, deploy = json_documents(out)
   assert types.UploadModelRequest.from_json(upload) == types.UploadModelRequest(
       parent=PARENT, model=vertex_api.model_for(RUN, "digits", vertex_api.SERVING_IMAGE, {}))
   assert types.CreateEndpointRequest.from_json(create) == types.CreateEndpointRequest(
@@ -172,7 +172,7 @@ def test_a_dry_run_prints_each_request_as_the_apis_json_and_sends_nothing(server
 
 @pytest.mark.parametrize("keep_endpoint", [False, True])
 def test_undeploy_deletes_the_endpoint_once_nothing_is_deployed_on_it(server, keep_endpoint):
-  _serving_endpoint(server, ("5", OLD_MODEL, 100))
+  serving_endpoint(server, ("5", OLD_MODEL, 100))
   said = []
   endpoints.undeploy(ENDPOINT, "", keep_endpoint, endpoints.Clients(server.endpoint),
                      say=said.append)
@@ -198,7 +198,7 @@ def test_undeploy_deletes_the_endpoint_once_nothing_is_deployed_on_it(server, ke
 
 def test_undeploying_the_model_with_the_traffic_gives_it_to_those_left(server):
   # A rollback: the new model (6) took all traffic from the old one (5), which stayed.
-  _serving_endpoint(server, ("5", OLD_MODEL, 0), ("6", MODEL, 100))
+  serving_endpoint(server, ("5", OLD_MODEL, 0), ("6", MODEL, 100))
   said = []
   endpoints.undeploy(ENDPOINT, "6", False, endpoints.Clients(server.endpoint), say=said.append)
 
@@ -221,7 +221,7 @@ def test_a_removed_models_traffic_goes_to_the_others_in_proportion_adding_up_to_
 
 
 def test_undeploy_names_the_deployed_models_where_it_cannot_tell_which(server):
-  _serving_endpoint(server, ("5", OLD_MODEL, 0), ("6", MODEL, 100))
+  serving_endpoint(server, ("5", OLD_MODEL, 0), ("6", MODEL, 100))
   clients = endpoints.Clients(server.endpoint)
   with pytest.raises(LaunchError) as raised:
     endpoints.undeploy(ENDPOINT, "", False, clients)
@@ -296,7 +296,7 @@ def test_endpoint_names_from_ids_or_resource_names():
 FASHION = list(sources.FASHION_MNIST_CLASSES)
 
 
-def _run_directory(path, class_names=FASHION, background="dark") -> str:
+def run_directory(path, class_names=FASHION, background="dark") -> str:
   """A finished run's directory, as predict reads it: metrics.json and its export."""
   (path / "export").mkdir(parents=True)
   (path / "export" / "saved_model.pb").write_bytes(b"")
@@ -305,24 +305,24 @@ def _run_directory(path, class_names=FASHION, background="dark") -> str:
   return str(path)
 
 
-def _images(count: int, seed: int, background: int = 0) -> np.ndarray:
+def images_of(count: int, seed: int, background: int = 0) -> np.ndarray:
   """`count` uint8 28x28 images: a bright square on a dark background, or the reverse."""
   images = np.random.default_rng(seed).integers(0, 30, (count, 28, 28)).astype(np.uint8)
   images[:, 8:20, 8:20] = 220
   return 255 - images if background else images
 
 
-def _label(image: np.ndarray) -> int:
+def label_of(image: np.ndarray) -> int:
   return int(fake_vertex.FakeVertex().classify(image.tolist()))
 
 
 def test_predict_sends_prepared_instances_and_prints_each_answer_with_its_class_name(
     server, tmp_path, capsys):
-  _serving_endpoint(server, ("6", MODEL, 100))
-  run = _run_directory(tmp_path / "run")
-  drawing = _images(1, seed=1, background=255)[0]  # Dark on light: inverted for this run.
+  serving_endpoint(server, ("6", MODEL, 100))
+  run = run_directory(tmp_path / "run")
+  drawing = images_of(1, seed=1, background=255)[0]  # Dark on light: inverted for this run.
   (tmp_path / "coat.png").write_bytes(tf.io.encode_png(drawing[..., np.newaxis]).numpy())
-  rows = _images(2, seed=2)
+  rows = images_of(2, seed=2)
   np.savez(tmp_path / "items.npz", images=rows)
   paths = [str(tmp_path / "coat.png"), str(tmp_path / "items.npz")]
   options = trainer_predict.Options(model_dir=run)
@@ -345,14 +345,14 @@ def test_predict_sends_prepared_instances_and_prints_each_answer_with_its_class_
   assert err.splitlines() == [f"note: {paths[0]} has a light background, unlike the images the "
                               "model was trained on; inverted it (--invert=never to keep it)"]
   names = [paths[0], f"{paths[1]}[0]", f"{paths[1]}[1]"]
-  assert out.splitlines() == [f"{name}: {_label(image)} {FASHION[_label(image)]} (probability "
+  assert out.splitlines() == [f"{name}: {label_of(image)} {FASHION[label_of(image)]} (probability "
                               "0.9100)" for name, image in zip(names, sent)]
 
 
 def test_predict_batches_requests_under_the_online_size_limit(server, tmp_path, capsys):
-  _serving_endpoint(server, ("6", MODEL, 100))
-  run = _run_directory(tmp_path / "run", class_names=list(sources.DIGITS))
-  images = _images(7, seed=3)
+  serving_endpoint(server, ("6", MODEL, 100))
+  run = run_directory(tmp_path / "run", class_names=list(sources.DIGITS))
+  images = images_of(7, seed=3)
   np.savez(tmp_path / "digits.npz", images=images)
   one = types.PredictRequest(endpoint=ENDPOINT)
   one.instances.extend([images[0].tolist()])
@@ -369,7 +369,7 @@ def test_predict_batches_requests_under_the_online_size_limit(server, tmp_path, 
   assert [len(request.instances) for request in requests] == [3, 3, 1]
   assert all(types.PredictRequest.pb(request).ByteSize() <= limit for request in requests)
   assert capsys.readouterr().out.splitlines() == [
-      f"{tmp_path / 'digits.npz'}[{index}]: {_label(image)} (probability 0.9100)"
+      f"{tmp_path / 'digits.npz'}[{index}]: {label_of(image)} (probability 0.9100)"
       for index, image in enumerate(images)]
   # At Vertex AI's limit: 170 images a request, under the stand-in's (Vertex AI's) 1.5 MiB.
   value = types.PredictRequest.pb(one).instances[0]
@@ -379,9 +379,9 @@ def test_predict_batches_requests_under_the_online_size_limit(server, tmp_path, 
 
 
 def test_predict_refuses_a_file_that_is_not_an_image_before_sending(server, tmp_path, capsys):
-  _serving_endpoint(server, ("6", MODEL, 100))
-  run = _run_directory(tmp_path / "run")
-  np.savez(tmp_path / "items.npz", images=_images(2, seed=2))
+  serving_endpoint(server, ("6", MODEL, 100))
+  run = run_directory(tmp_path / "run")
+  np.savez(tmp_path / "items.npz", images=images_of(2, seed=2))
   (tmp_path / "notes.txt").write_text("not an image")
   paths = [str(tmp_path / "items.npz"), str(tmp_path / "notes.txt")]
 
