@@ -193,8 +193,8 @@ def test_bad_flag_is_refused_and_the_run_is_untouched(case, finished, capsys):
   dataset, model_dir = finished
   argv, message = BAD_FLAGS[case]
   before = helpers.directory_state(model_dir)
-  result = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}",
-                      *helpers.with_flags(BASE_FLAGS, *argv)], capsys)
+  result = _run_task(list(helpers.with_flags(
+      (f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS), *argv)), capsys)
   helpers.assert_one_error_line(result, message)
   assert helpers.directory_state(model_dir) == before
 
