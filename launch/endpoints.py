@@ -506,9 +506,7 @@ def predict(endpoint: str, paths: Sequence[str], options, clients: Clients,
         types.PredictRequest.pb()(endpoint=endpoint, instances=values[batch]))
     response = _send_prediction(clients, request)
     for item, probabilities in zip(items[batch], _probabilities(response, count)):
-      label = int(np.argmax(probabilities))
-      _print(f"{item.name}: {trainer_predict._class_text(label, trained.class_names)} (probability "
-             f"{probabilities[label]:.4f})")
+      _print(trainer_predict.answer_line(item.name, probabilities, trained.class_names))
   return 0
 
 

@@ -251,16 +251,19 @@ def predict_inputs(paths: Sequence[str], options: Options) -> int:
       _error(f"{item.name}: {problem}")
       failed += 1
       continue
-    label = int(np.argmax(probabilities))
-    print(f"{item.name}: {_class_text(label, trained.class_names)} (probability "
-          f"{probabilities[label]:.4f}), reconstruction {item.target}")
+    print(f"{answer_line(item.name, probabilities, trained.class_names)}, reconstruction "
+          f"{item.target}")
   return failed
 
 
-def _class_text(label: int, class_names: Sequence[str]) -> str:
-  """'7' for a class named by its own digit; '9 Ankle boot' for a named one."""
-  name = class_names[label]
-  return str(label) if name == str(label) else f"{label} {name}"
+def answer_line(name: str, probabilities: Sequence[float], class_names: Sequence[str]) -> str:
+  """'NAME: 7 (probability 0.9876)': the input's most probable class, named as
+  `class_names` name it ('9 Ankle boot'; a digit class by its digit alone). Online
+  prediction (launch.endpoints) prints its answers so too."""
+  label = int(np.argmax(probabilities))
+  class_name = class_names[label]
+  shown = str(label) if class_name == str(label) else f"{label} {class_name}"
+  return f"{name}: {shown} (probability {probabilities[label]:.4f})"
 
 
 def _make_directory(output_dir: str) -> None:
