@@ -123,8 +123,8 @@ def test_a_run_logs_its_own_lines_and_not_tensorflows_chatter(tmp_path):
                  marks=pytest.mark.slow),
 ])
 def test_bad_flags_get_one_clear_error_line(tmp_path, flags, message):
-  result = helpers.run_trainer("--dataset=mnist_sample", f"--model_dir={tmp_path}", *flags,
-                               timeout=120)
+  result = helpers.run_trainer(*helpers.with_flags(
+      ("--dataset=mnist_sample", f"--model_dir={tmp_path}"), *flags), timeout=120)
   _assert_clear_error(result, message)
   assert not os.listdir(tmp_path)
 
