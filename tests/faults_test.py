@@ -232,8 +232,8 @@ def test_unwritable_model_dir_is_refused(finished, tmp_path, capsys):
 def test_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(finished, capsys):
   dataset, model_dir = finished
   before = helpers.directory_state(model_dir)
-  result = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *BASE_FLAGS,
-                      "--epochs=3", "--learning_rate=1e30"], capsys)
+  result = _run_task([f"--dataset={dataset}", f"--model_dir={model_dir}", *helpers.with_flags(
+      BASE_FLAGS, "--epochs=3", "--learning_rate=1e30")], capsys)
   line = helpers.assert_one_error_line(result, "training diverged: non-finite ")
   assert re.search(r"at step 34 \(epoch 3, step 2\).*last good checkpoint is .*ckpt-32", line)
   assert helpers.directory_state(model_dir) == before
