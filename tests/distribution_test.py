@@ -117,10 +117,54 @@ def test_a_task_index_past_the_cluster_ends_the_job_with_one_line(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_precision_auto_is_float32_on_cpu_and_names_pass_through():
+# Flags as /proc/cpuinfo lists them, cut to what matters here.
+AVX2 = "fpu sse2 avx fma avx2".split()
+AVX512 = AVX2 + "avx512f avx512bw avx512vl avx512_vnni".split()  # Skylake to Ice Lake.
+ZEN4 = AVX512 + ["avx512_bf16"]
+SAPPHIRE_RAPIDS = AVX512 + "avx512_bf16 amx_bf16 amx_tile amx_int8".split()
+AMX_ONLY = AVX2 + ["amx_bf16"]
+
+
+@pytest.mark.parametrize("flags, onednn, machine, policy, why", [
+    (ZEN4, None, "x86_64", "mixed_bfloat16", "a CPU with avx512_bf16: oneDNN computes"),
+    (SAPPHIRE_RAPIDS, None, "x86_64", "mixed_bfloat16", "avx512_bf16 and amx_bf16"),
+    (AMX_ONLY, "1", "x86_64", "mixed_bfloat16", "a CPU with amx_bf16: oneDNN"),
+    (AVX2, None, "x86_64", "float32", "without avx512_bf16 or amx_bf16"),
+    (AVX2, "1", "x86_64", "float32", "without avx512_bf16 or amx_bf16"),
+    (AVX512, None, "x86_64", "float32", "without avx512_bf16 or amx_bf16"),
+    ([], None, "x86_64", "float32", "without avx512_bf16 or amx_bf16"),
+    (None, None, "x86_64", "float32", "flags cannot be read"),
+    (ZEN4, "0", "x86_64", "float32", "oneDNN turned off (TF_ENABLE_ONEDNN_OPTS=0)"),
+    (ZEN4, "False", "x86_64", "float32", "oneDNN turned off"),
+    (ZEN4 + ["bf16"], None, "aarch64", "float32", "a aarch64 CPU"),
+])
+def test_auto_precision_on_a_cpu_is_bfloat16_only_where_it_is_native(flags, onednn, machine,
+                                                                      policy, why):
+  chosen = distribution.cpu_precision(flags, onednn, machine)
+  assert chosen.policy == policy
+  assert why in chosen.reason
+
+
+def test_cpu_flags_are_read_from_the_flags_line_and_missing_ones_are_none(tmp_path):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n"
+                     "flags\t\t: fpu\n")
+  assert distribution.read_cpu_flags(str(cpuinfo)) == ["fpu", "avx2", "avx512_bf16"]
+  cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # ARM's file.
+  assert distribution.read_cpu_flags(str(cpuinfo)) is None
+  assert distribution.read_cpu_flags(str(tmp_path / "none")) is None
+
+
+def test_precision_auto_on_this_cpu_follows_its_flags_and_names_pass_through(monkeypatch):
   strategy = tf.distribute.get_strategy()
-  assert distribution.resolve_precision("auto", strategy) == "float32"
-  assert distribution.resolve_precision("mixed_bfloat16", strategy) == "mixed_bfloat16"
+  monkeypatch.setattr(distribution, "read_cpu_flags", lambda: ZEN4)
+  monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+  monkeypatch.setattr(distribution.platform, "machine", lambda: "x86_64")
+  assert distribution.resolve_precision("auto", strategy).policy == "mixed_bfloat16"
+  monkeypatch.setattr(distribution, "read_cpu_flags", lambda: AVX2)
+  assert distribution.resolve_precision("auto", strategy).policy == "float32"
+  assert distribution.resolve_precision("mixed_bfloat16", strategy) == (
+      "mixed_bfloat16", "asked for by --precision")
   with pytest.raises(UserInputError, match="unknown --precision='half'"):
     distribution.resolve_precision("half", strategy)
 

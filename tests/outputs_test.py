@@ -110,8 +110,10 @@ def test_the_configuration_is_saved_and_read_back(tmp_path):
                            chief=True)
   assert run.read_config() is None
   saved = _config(tmp_path, loss_weights={"classifier": 1.0, "decoder": 0.5})
-  run.write_config(saved)
+  run.write_config(saved, "mixed_bfloat16")
   assert config.resume_changes(run.read_config(), saved) == []
+  assert outputs.saved_precision(run.read_config()) == "mixed_bfloat16"  # Beside `auto`.
+  assert outputs.saved_precision({"precision": "auto"}) is None  # Written before it was kept.
   for content, problem in (("[1, 2]", "not a JSON object"), ("{x", "not JSON (Expecting property name enclosed in double quotes: line 1 "
                                   "column 2 (char 1))"),
                            ('{"epochs": "2"}', 'epochs is "2", not an integer'),

@@ -91,12 +91,13 @@ def test_trains_and_writes_every_output(finished_run):
 
 
 @pytest.mark.slow
-def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog):
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog, precision):
   # Semi-supervised with denoising: every stream of the pipeline (order, labelled slots, shifts,
   # noise, strong views) must resume exactly; supervised resume is its subset.
   settings = dict(epochs=2, checkpoint_every_steps=3, deterministic=True, shift_pixels=1,
                   labeled_examples=40, input_noise=0.2, unlabeled_loss="pseudo_label",
-                  pseudo_label_threshold=0.5)
+                  pseudo_label_threshold=0.5, precision=precision)
   splits = helpers.learnable_splits(train=256)  # 8 steps an epoch.
   uninterrupted = _run(_config(tmp_path / "a", **settings), splits=splits)
   checkpoints = tmp_path / "a" / "checkpoints"
@@ -251,14 +252,17 @@ def test_on_a_terminal_calls_are_capped_short_so_that_the_bar_moves_smoothly(tmp
   assert job.controller.schedule.max_call_seconds == train.BAR_CALL_SECONDS == 1.0
 
 
-def test_a_diverging_job_stops_at_its_step_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("precision", [
+    "float32", pytest.param("mixed_bfloat16", marks=pytest.mark.slow)])
+def test_a_diverging_job_stops_at_its_step_and_writes_nothing(tmp_path, precision):
   # A step this large takes the weights to about 1e30: the next step's activations overflow and
-  # its gradients are not finite, whatever the CPU's kernels do with the NaNs in its loss.
+  # its gradients are not finite, whatever the CPU's kernels do with the NaNs in its loss
+  # (bfloat16 has float32's range: it overflows at the same step).
   with pytest.raises(controller.Diverged,
                      match=r"training diverged: non-finite (gradients|weights) at step 2 \(epoch "
                            r"1, step 2\); stopped without saving; the last good checkpoint is "
                            r"none"):
-    _run(_config(tmp_path, epochs=1, learning_rate=1e30))
+    _run(_config(tmp_path, epochs=1, learning_rate=1e30, precision=precision))
   # Not even an empty directory: the first call diverged, so no scalars either.
   assert os.listdir(tmp_path) == []
 
@@ -372,6 +376,35 @@ def test_mixed_precision_trains(tmp_path, precision):
   metrics = _run(_config(tmp_path, precision=precision, epochs=1))
   assert metrics["precision"] == precision
   assert np.isfinite(metrics["test_reconstruction_mse"])
+
+
+@pytest.mark.slow
+def test_auto_precision_resolved_otherwise_on_restart_resumes_from_the_same_checkpoint(
+    tmp_path, caplog, monkeypatch):
+  # `auto` is bfloat16 on a CPU with avx512_bf16 and float32 on one without: a run moved
+  # between such machines goes on from its checkpoint, and says so.
+  from trainer import distribution
+  monkeypatch.setattr(distribution.platform, "machine", lambda: "x86_64")
+  monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+  monkeypatch.setattr(distribution, "read_cpu_flags", lambda: ["avx2", "avx512_bf16"])
+  settings = _config(tmp_path, epochs=2, checkpoint_every_steps=5, checkpoints_to_keep=10)
+  first = _run(settings)
+  assert (first["precision"], first["config"]["precision"]) == ("mixed_bfloat16", "auto")
+  assert "avx512_bf16" in first["precision_reason"]
+  for later in ("ckpt-16", "ckpt-20", "ckpt-25", "ckpt-30", "ckpt-32"):  # Back to step 15.
+    for path in (tmp_path / "checkpoints").glob(later + ".*"):
+      path.unlink()
+  (tmp_path / "metrics.json").unlink()
+  monkeypatch.setattr(distribution, "read_cpu_flags", lambda: ["avx2"])
+  _logged(caplog)
+  second = _run(settings)
+  assert "ckpt-15: epoch 1 of 2, step 15 of 16" in caplog.text
+  assert ("Changed since this run was last started: precision mixed_bfloat16 -> float32 (a CPU "
+          "without avx512_bf16 or amx_bf16" in caplog.text)
+  assert second["precision"] == "float32"
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert (saved["precision"], saved["resolved"]) == ("auto", {"precision": "float32"})
+  assert second["test_accuracy"] > 0.5  # It went on from the checkpoint's weights.
 
 
 @pytest.mark.slow

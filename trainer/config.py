@@ -157,7 +157,8 @@ class TrainConfig:
       help="Distribution strategy; auto picks TPU, multi-worker, mirrored or default.")
   precision: str = setting(
       "auto", DISTRIBUTION, ALLOWED, choices=PRECISIONS,
-      help="auto: mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU.")
+      help="auto: mixed_bfloat16 on TPU and on CPUs that compute bfloat16 natively "
+      "(avx512_bf16 or amx_bf16, oneDNN on), mixed_float16 on GPU, else float32.")
   batch_size: int = setting(64, TRAINING, REFUSED, check=POSITIVE_INTEGER,
                             help="Global batch size, split evenly over the replicas.")
   epochs: int = setting(10, TRAINING, EXTENDING, check=POSITIVE_INTEGER,

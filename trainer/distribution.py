@@ -7,7 +7,8 @@ One function picks the `tf.distribute.Strategy`, one the Keras dtype policy; bot
 import glob
 import json
 import os
-from typing import Dict, Optional, Tuple
+import platform
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -163,24 +164,78 @@ def strategy_name(strategy: tf.distribute.Strategy) -> str:
   return "default"
 
 
-def resolve_precision(name: str, strategy: tf.distribute.Strategy) -> str:
-  """The Keras dtype policy for `name`: `auto` is bfloat16 on TPU, float16 on GPU, else float32."""
+class Precision(NamedTuple):
+  """A resolved `--precision`: the Keras dtype policy, and why it was chosen (for the log and
+  metrics.json)."""
+  policy: str
+  reason: str
+
+
+# The CPU flags (Linux's names) of a native bfloat16 dot product: oneDNN then runs bfloat16
+# convolutions and matmuls for real; without them it converts to float32 and back, slower.
+CPU_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def read_cpu_flags(path: str = "/proc/cpuinfo") -> Optional[List[str]]:
+  """The first processor's flags in `path`, or None where there is no such file or line (not
+  Linux, or not x86: ARM lists "Features" instead)."""
+  try:
+    with open(path) as f:
+      for line in f:
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+          return value.split()
+  except OSError:
+    return None
+  return None
+
+
+def cpu_precision(cpu_flags: Optional[Iterable[str]], onednn_setting: Optional[str],
+                  machine: str) -> Precision:
+  """`auto` on a CPU: mixed_bfloat16 where oneDNN computes bfloat16 natively, float32 where it
+  would be emulated.
+
+  `cpu_flags` are /proc/cpuinfo's (None: unknown); `onednn_setting` is $TF_ENABLE_ONEDNN_OPTS
+  (None: unset, and TensorFlow turns oneDNN on by itself on CPUs with these flags);
+  `machine` is `platform.machine()`. Pure, so that each CPU can be tested from its flags.
+  """
+  if machine.lower() not in ("x86_64", "amd64"):
+    return Precision("float32", f"a {machine or 'unknown'} CPU: bfloat16 is not native to "
+                     "TensorFlow's kernels there")
+  if onednn_setting is not None and onednn_setting.strip().lower() in ("0", "false"):
+    return Precision("float32", f"a CPU with oneDNN turned off (TF_ENABLE_ONEDNN_OPTS="
+                     f"{onednn_setting}): bfloat16 would be emulated")
+  if cpu_flags is None:
+    return Precision("float32", "a CPU whose flags cannot be read (no /proc/cpuinfo): "
+                     "bfloat16 may be emulated")
+  native = [flag for flag in CPU_BFLOAT16_FLAGS if flag in set(cpu_flags)]
+  if native:
+    return Precision("mixed_bfloat16", f"a CPU with {' and '.join(native)}: oneDNN computes "
+                     "bfloat16 natively")
+  return Precision("float32", "a CPU without avx512_bf16 or amx_bf16: bfloat16 would be "
+                   "emulated")
+
+
+def resolve_precision(name: str, strategy: tf.distribute.Strategy) -> Precision:
+  """The Keras dtype policy for `name`, and why: `auto` is bfloat16 on TPU, float16 on GPU,
+  and on a CPU what `cpu_precision` says of this one."""
   if name not in PRECISIONS:
     raise UserInputError(unknown_choice("precision", name, PRECISIONS))
   if name != "auto":
-    return name
+    return Precision(name, "asked for by --precision")
   if isinstance(strategy, tf.distribute.TPUStrategy):
-    return "mixed_bfloat16"
+    return Precision("mixed_bfloat16", "a TPU")
   if tf.config.list_logical_devices("GPU"):
-    return "mixed_float16"
-  return "float32"
+    return Precision("mixed_float16", "a GPU")
+  return cpu_precision(read_cpu_flags(), os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+                       platform.machine())
 
 
-def set_precision(policy: str) -> None:
+def set_precision(precision: Precision) -> None:
   """Sets the global Keras dtype policy; do it once, before any layer is built."""
-  keras.mixed_precision.set_dtype_policy(policy)
-  logging.info("Precision: %s (compute %s, variables %s).", policy,
-               keras.mixed_precision.dtype_policy().compute_dtype,
+  keras.mixed_precision.set_dtype_policy(precision.policy)
+  logging.info("Precision: %s (%s; compute %s, variables %s).", precision.policy,
+               precision.reason, keras.mixed_precision.dtype_policy().compute_dtype,
                keras.mixed_precision.dtype_policy().variable_dtype)
 
 

@@ -60,6 +60,18 @@ def read_json(path: str, fix: str, kind=dict):
   return value
 
 
+# The key of config.json that holds what the settings resolved to, beside the settings.
+RESOLVED = "resolved"
+
+
+def saved_precision(saved: Dict) -> Optional[str]:
+  """The dtype policy a saved configuration's job resolved `--precision` to; None where its
+  file does not say (written before it did)."""
+  resolved = saved.get(RESOLVED)
+  precision = resolved.get("precision") if isinstance(resolved, dict) else None
+  return precision if isinstance(precision, str) else None
+
+
 def read_saved_config(model_dir: str, fix: str) -> Optional[Dict]:
   """The configuration a run saved in `model_dir`/config.json, its fields' types checked; None
   if there is none. A damaged file raises `UserInputError` ending in `fix`."""
@@ -114,10 +126,12 @@ class RunOutputs:
     checkpoint, history.json at its first epoch's end)."""
     return [path for path in (self.config_path, self.history_path) if tf.io.gfile.exists(path)]
 
-  def write_config(self, config: TrainConfig) -> None:
-    """Saves the configuration (chief only), once every check has passed."""
+  def write_config(self, config: TrainConfig, precision: str) -> None:
+    """Saves the configuration (chief only), once every check has passed, with the dtype policy
+    its `--precision` resolved to in this job (`auto` may resolve otherwise on another CPU)."""
     if self.chief:
-      storage.write_json(self.config_path, dataclasses.asdict(config))
+      storage.write_json(self.config_path,
+                         {**dataclasses.asdict(config), RESOLVED: {"precision": precision}})
 
   def read_history(self, epochs_done: int) -> List[Dict]:
     """The per-epoch entries of the epochs a restored checkpoint has done (none if no file)."""

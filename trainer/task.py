@@ -64,8 +64,8 @@ def main(argv):
       with cli.tensorflow_imported_quietly(config.verbose, float16_op=False):
         from trainer import distribution, train
       strategy = distribution.get_strategy(config.strategy, config.tpu)
-      policy = train.configure_process(config, strategy)  # Process-wide settings: here, once.
-      if policy == "mixed_float16":
+      precision = train.configure_process(config, strategy)  # Process-wide: here, once.
+      if precision.policy == "mixed_float16":
         cli.float16_op_run_quietly(config.verbose)  # Else oneDNN's note comes unfiltered.
       train.run(config, strategy)  # Inside: its own stages nest, with no moment uncovered.
   except config_lib.UserInputError as e:

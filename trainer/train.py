@@ -42,17 +42,18 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   return bool(strategy.extended.should_checkpoint)
 
 
-def configure_process(config: TrainConfig, strategy: tf.distribute.Strategy) -> str:
+def configure_process(config: TrainConfig,
+                      strategy: tf.distribute.Strategy) -> distribution.Precision:
   """Makes the process-wide settings a job needs, once, before any model is built: the seeds,
   op determinism and the Keras dtype policy. The entry point calls it, and so do notebooks
-  and tests, before `run`, which checks the policy. Returns the policy."""
+  and tests, before `run`, which checks the policy. Returns the policy and why it was chosen."""
   keras.utils.set_random_seed(config.seed)
   if config.deterministic:
     # The input pipeline is deterministic anyway; this makes the kernels so.
     tf.config.experimental.enable_op_determinism()
-  policy = distribution.resolve_precision(config.precision, strategy)
-  distribution.set_precision(policy)
-  return policy
+  precision = distribution.resolve_precision(config.precision, strategy)
+  distribution.set_precision(precision)
+  return precision
 
 
 @dataclasses.dataclass
@@ -61,7 +62,7 @@ class Job:
   already trained all its epochs (it is not trained again); None where there is work left.
   `close()` ends it: it gives back the chief's lease on the run directory."""
   config: TrainConfig
-  policy: str
+  precision: distribution.Precision
   outputs: outputs_lib.RunOutputs
   task: multitask.MultitaskTask
   controller: controller_lib.Controller
@@ -94,13 +95,14 @@ def _give_back(lease: Optional[lease_lib.Lease], model_dir: str, created: bool) 
     storage.remove_if_empty(model_dir)
 
 
-def _checked_policy(config: TrainConfig, strategy: tf.distribute.Strategy) -> str:
-  policy = distribution.resolve_precision(config.precision, strategy)
-  if keras.mixed_precision.dtype_policy().name != policy:
+def _checked_precision(config: TrainConfig,
+                       strategy: tf.distribute.Strategy) -> distribution.Precision:
+  precision = distribution.resolve_precision(config.precision, strategy)
+  if keras.mixed_precision.dtype_policy().name != precision.policy:
     raise RuntimeError(f"the Keras dtype policy is {keras.mixed_precision.dtype_policy().name}, "
-                       f"but the configuration asks for {policy}: call "
+                       f"but the configuration asks for {precision.policy}: call "
                        "train.configure_process(config, strategy) before train.run")
-  return policy
+  return precision
 
 
 def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
@@ -110,7 +112,7 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
   run's saved settings, in that order and before anything is written; builds the task and the
   controller, and restores the newest checkpoint that reads back whole. Call `close()` on the
   job it returns (`run` does)."""
-  policy = _checked_policy(config, strategy)
+  precision = _checked_precision(config, strategy)
   # Only a single worker may cap its calls by its own measured speed (see Schedule), and a
   # TPU's calls are short and costly to retrace; a given --steps_per_loop is taken as given.
   cap_calls = (not config.steps_per_loop and
@@ -130,7 +132,11 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
     saved = outputs.read_config()
     for change in config_lib.resume_changes(saved, config) if saved else []:
       logging.info("Changed since this run was last started: %s", change)
-    task = multitask.MultitaskTask(config, strategy, splits, plan, policy, model_fn)
+    if saved and outputs_lib.saved_precision(saved) not in (None, precision.policy):
+      # `auto` resolves on each start: a run resumed on another CPU may compute otherwise.
+      logging.info("Changed since this run was last started: precision %s -> %s (%s)",
+                   outputs_lib.saved_precision(saved), precision.policy, precision.reason)
+    task = multitask.MultitaskTask(config, strategy, splits, plan, precision.policy, model_fn)
     schedule = controller_lib.Schedule(
         total_steps=config.epochs * plan.steps_per_epoch, steps_per_epoch=plan.steps_per_epoch,
         steps_per_loop=config.steps_per_loop,
@@ -142,8 +148,8 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
         strategy, task, schedule, outputs_lib.checkpoint_dir(config),
         config.checkpoints_to_keep, save_dir=outputs.checkpoints, summary_dir=outputs.train_logs,
         show_progress=outputs.chief, before_save=lease.check if lease else None,
-        after_first_save=lambda: outputs.write_config(config))
-    job = Job(config, policy, outputs, task, controller, history=[], lease=lease,
+        after_first_save=lambda: outputs.write_config(config, precision.policy))
+    job = Job(config, precision, outputs, task, controller, history=[], lease=lease,
               created_model_dir=created)
     job.finished = outputs.finished_metrics(config.epochs)
     export_problem = job.finished is not None and outputs.export_problem()
@@ -291,7 +297,8 @@ def finalize(job: Job, validation: Optional[Dict[str, float]]) -> Dict[str, obje
       "global_batch_size": task.plan.global_batch,
       "num_replicas": task.strategy.num_replicas_in_sync,
       "strategy": distribution.strategy_name(task.strategy),
-      "precision": job.policy,
+      "precision": job.precision.policy,
+      "precision_reason": job.precision.reason,
       "train_images_per_second": job.controller.throughput.overall(),
       "dataset": config.dataset,
       # What the model was trained on, for trainer.predict: its class names, and whether its
