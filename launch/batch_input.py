@@ -36,7 +36,7 @@ from absl import flags
 
 from trainer import cli
 from trainer import image_files
-from trainer.config import UserInputError, first_line
+from trainer.errors import UserInputError, first_line
 
 FLAGS = flags.FLAGS
 # Kept here for the callers that convert arrays through this module (benchmarks/serving_compat).

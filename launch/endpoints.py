@@ -481,7 +481,7 @@ def predict(endpoint: str, paths: Sequence[str], options, clients: Clients,
   from google.protobuf import json_format, struct_pb2
   from launch import batch_input
   from trainer import predict as trainer_predict
-  from trainer.config import UserInputError
+  from trainer.errors import UserInputError
   vertex_api.check_finished(options.model_dir)  # Not finished: metrics.json's defaults would lie.
   try:
     trained = trainer_predict.trained_on(options.model_dir)

@@ -26,7 +26,7 @@ from absl import flags
 
 from launch import requirements
 from trainer import cli
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("create", "install", "train", "logs", "delete")

@@ -14,6 +14,7 @@ import math
 from typing import Mapping, Sequence, Tuple
 
 from launch.custom_job import LaunchError
+from trainer import errors
 from trainer import cli
 from trainer import config as config_lib
 
@@ -147,7 +148,7 @@ def check_search(parameters: Sequence[SearchParameter], trainer_args: Sequence[s
     for value in parameter.tried_values:
       try:
         cli.check_trainer_arguments([*trainer_args, f"--{parameter.name}={value}"], environ)
-      except config_lib.UserInputError as e:
+      except errors.UserInputError as e:
         raise _refused(parameter.text, f"the trainer refuses {value}: {e}") from None
 
 
@@ -211,7 +212,7 @@ class Study:
     if not self.parameters:
       raise LaunchError(f"no --search: give a trainer setting to search, as {SEARCH_SYNTAX}")
     if self.metric not in config_lib.TUNING_METRICS:
-      raise LaunchError(config_lib.unknown_choice("metric", self.metric,
+      raise LaunchError(errors.unknown_choice("metric", self.metric,
                                                   config_lib.TUNING_METRICS))
     own = config_lib.TUNING_METRICS[self.metric]
     if self.goal not in ("", own):

@@ -28,7 +28,8 @@ from launch import tuning_job
 from launch import vertex_api
 from launch.custom_job import SCHEDULING_STRATEGIES, JobSpec, LaunchError, build_custom_job
 from trainer import cli
-from trainer.config import TUNING_METRICS, UserInputError
+from trainer.config import TUNING_METRICS
+from trainer.errors import UserInputError
 
 COMMON_FLAGS = {"project", "region", "api_endpoint"}
 # What a custom job of the trainer runs on, and where its outputs go: train's, and each trial's.

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple
 from launch.custom_job import LaunchError
 from launch.tuning_job import TUNING_METRIC_FLAG
 from trainer.cli import BAD_INPUT_EXIT_CODE
-from trainer.config import first_line
+from trainer.errors import first_line
 from trainer.preemption import PREEMPTED_EXIT_CODE
 
 # Vertex AI's prebuilt TensorFlow prediction containers; 2.15 is the newest TensorFlow offered.

@@ -12,7 +12,7 @@ import tensorflow as tf
 from launch import batch_input
 from tests import helpers
 from trainer import image_files
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 
 SAMPLE = str(importlib.resources.files("trainer") / "assets" / "mnist_5k.npz")
 

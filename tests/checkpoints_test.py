@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import checkpoints
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 
 
 def _save(directory, steps, size=1000, keep=10):

@@ -11,6 +11,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from tests import helpers
+from trainer import errors
 from trainer import cli
 from trainer import config
 
@@ -87,7 +88,7 @@ ON_VERTEX = {"AIP_MODEL_DIR": "gs://b/run/model/"}
 def test_trainer_arguments_are_refused_as_the_trainer_refuses_them(monkeypatch, args, environ,
                                                                    message):
   monkeypatch.setenv("AIP_MODEL_DIR", "/here")  # Only the environment given counts.
-  with pytest.raises(config.UserInputError) as refused:
+  with pytest.raises(errors.UserInputError) as refused:
     cli.check_trainer_arguments(args, environ)
   assert str(refused.value) == message
 
@@ -135,9 +136,9 @@ def test_flag_occurrences_reads_arguments_as_absl_does():
 
 
 def test_a_bad_setting_is_refused_with_the_configurations_own_words():
-  with pytest.raises(config.UserInputError) as by_the_config:
+  with pytest.raises(errors.UserInputError) as by_the_config:
     config.TrainConfig(model_dir="gs://b/run/model/", batch_size=-5, jit_compile=True)
-  with pytest.raises(config.UserInputError) as by_the_check:
+  with pytest.raises(errors.UserInputError) as by_the_check:
     cli.check_trainer_arguments(["--batch_size=-5", "--jit_compile"], ON_VERTEX)
   assert str(by_the_check.value) == str(by_the_config.value)
 

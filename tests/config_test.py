@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from trainer import errors
 from trainer import config
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -58,7 +59,7 @@ def test_defaults_are_valid_and_weight_the_reconstruction_eight_times_the_classi
                                       "below 1"),
 ])
 def test_bad_settings_are_refused_with_the_fix(changes, message):
-  with pytest.raises(config.UserInputError, match=re.escape(message)):
+  with pytest.raises(errors.UserInputError, match=re.escape(message)):
     config.TrainConfig(**{"model_dir": "/tmp/x", **changes})
 
 
@@ -69,7 +70,7 @@ def test_bad_settings_are_refused_with_the_fix(changes, message):
      "--jit_compile and --deterministic cannot go together"),
 ])
 def test_each_kind_of_check_refuses_with_its_message(changes, message):
-  with pytest.raises(config.UserInputError, match=re.escape(message)):
+  with pytest.raises(errors.UserInputError, match=re.escape(message)):
     config.TrainConfig(**{"model_dir": "/tmp/x", **changes})
 
 
@@ -88,7 +89,7 @@ def test_each_kind_of_check_refuses_with_its_message(changes, message):
 def test_an_infinite_or_nan_number_is_refused_in_every_float_setting(changes, message):
   """A check such as "must be positive" lets inf through, and a NaN weight through "at least
   one of them above 0": the job would fail seconds into training instead."""
-  with pytest.raises(config.UserInputError, match=re.escape(message)):
+  with pytest.raises(errors.UserInputError, match=re.escape(message)):
     config.TrainConfig(**{"model_dir": "/tmp/x", **changes})
 
 
@@ -102,7 +103,7 @@ def test_every_kind_of_dataset_name_is_accepted(dataset):
 def test_parse_loss_weights():
   assert config.parse_loss_weights("classifier=1,decoder=0.5") == {
       "classifier": 1.0, "decoder": 0.5}
-  with pytest.raises(config.UserInputError, match="classifier=1.0,decoder=8.0"):
+  with pytest.raises(errors.UserInputError, match="classifier=1.0,decoder=8.0"):
     config.parse_loss_weights("classifier:1")
 
 
@@ -114,12 +115,12 @@ def test_model_dir_defaults_to_vertex_ai_model_dir(monkeypatch):
 def test_no_model_dir_says_whether_vertex_ais_variable_is_unset_or_empty(monkeypatch):
   """An empty $AIP_MODEL_DIR is a default of "": the refusal must not call it unset."""
   monkeypatch.setenv("AIP_MODEL_DIR", "")
-  with pytest.raises(config.UserInputError, match=re.escape(
+  with pytest.raises(errors.UserInputError, match=re.escape(
       "no --model_dir given and $AIP_MODEL_DIR is set but empty: pass --model_dir, or set "
       "$AIP_MODEL_DIR to the job's directory (local or gs://)")):
     config.TrainConfig(model_dir=config.default_model_dir())
   monkeypatch.delenv("AIP_MODEL_DIR")
-  with pytest.raises(config.UserInputError, match=re.escape(
+  with pytest.raises(errors.UserInputError, match=re.escape(
       "no --model_dir given and $AIP_MODEL_DIR is not set: pass --model_dir")):
     config.TrainConfig(model_dir=config.default_model_dir())
 
@@ -137,8 +138,8 @@ def test_a_flag_default_comes_from_vertex_ais_variable_where_it_is_set(monkeypat
 
 
 def test_first_line_of_an_error_message():
-  assert config.first_line(ValueError("bad thing\n  details")) == "bad thing"
-  assert config.first_line(AssertionError()) == "AssertionError"
+  assert errors.first_line(ValueError("bad thing\n  details")) == "bad thing"
+  assert errors.first_line(AssertionError()) == "AssertionError"
 
 
 def test_every_setting_has_a_rule_for_restarts_and_a_help_group():
@@ -183,7 +184,7 @@ def test_a_restart_names_every_refused_change_and_returns_the_allowed_ones():
       "--model_dir: /runs/a -> /copies/a", "--learning_rate: 0.003 -> 0.001"]
   changed = config.TrainConfig(model_dir="/runs/a", epochs=5, latent_dim=8,
                                loss_weights={"classifier": 1.0, "decoder": 0.5})
-  with pytest.raises(config.UserInputError, match=re.escape(
+  with pytest.raises(errors.UserInputError, match=re.escape(
       "this run was trained with --loss_weights=classifier=1.0,decoder=8.0 --latent_dim=256, "
       "not --loss_weights=classifier=1.0,decoder=0.5 --latent_dim=8; ")):
     config.resume_changes(saved, changed)
@@ -193,5 +194,5 @@ def test_a_setting_an_older_config_json_lacks_counts_as_its_default():
   saved = dataclasses.asdict(config.TrainConfig(model_dir="/runs/a"))
   del saved["shift_pixels"]
   assert config.resume_changes(saved, config.TrainConfig(model_dir="/runs/a")) == []
-  with pytest.raises(config.UserInputError, match="--shift_pixels=1, not --shift_pixels=2"):
+  with pytest.raises(errors.UserInputError, match="--shift_pixels=1, not --shift_pixels=2"):
     config.resume_changes(saved, config.TrainConfig(model_dir="/runs/a", shift_pixels=2))

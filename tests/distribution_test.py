@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from tests import helpers
 from trainer import distribution
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 
 
 @pytest.fixture(autouse=True)

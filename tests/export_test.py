@@ -15,7 +15,7 @@ import tensorflow as tf
 from tests import helpers
 from trainer import export as export_lib
 from trainer import model as model_lib
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from tests.sources_test import HUGE_SHAPE, huge_claim, npy_claiming
 from trainer import image_files
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
   """Random uint8 images (N, 28, 28) that hold both ends of the range, 0 and 255."""

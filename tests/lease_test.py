@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import lease as lease_lib
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 from trainer.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

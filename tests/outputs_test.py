@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from trainer import errors
 from trainer import config, outputs
 
 ENTRY = {"epoch": 1, "train": {"loss": 0.5, "classifier_loss": 0.4, "reconstruction_mse": 0.05,
@@ -65,7 +66,7 @@ def test_finished_means_metrics_of_these_epochs_whatever_the_checkpoints(tmp_pat
 def test_damaged_metrics_are_one_line_naming_the_file_and_the_fix(tmp_path, content, problem):
   run = outputs.RunOutputs(_config(tmp_path), chief=True)
   (tmp_path / "metrics.json").write_text(content)
-  with pytest.raises(config.UserInputError) as raised:
+  with pytest.raises(errors.UserInputError) as raised:
     run.finished_metrics(2)
   message = str(raised.value)
   assert message.startswith(f"{tmp_path}/metrics.json is damaged: {problem}") and "\n" not in message
@@ -82,7 +83,7 @@ def test_damaged_metrics_are_one_line_naming_the_file_and_the_fix(tmp_path, cont
 def test_a_damaged_history_is_one_line_naming_the_file_and_the_fix(tmp_path, content, problem):
   run = outputs.RunOutputs(_config(tmp_path), chief=True)
   (tmp_path / "history.json").write_text(content)
-  with pytest.raises(config.UserInputError, match=f"history.json is damaged: .*{problem}.*; delete "
+  with pytest.raises(errors.UserInputError, match=f"history.json is damaged: .*{problem}.*; delete "
                                                   "it"):
     run.read_history(1)
 
@@ -101,7 +102,7 @@ def test_the_closing_line_names_the_report_only_where_there_is_one(tmp_path):
 def test_an_unwritable_model_dir_is_refused_up_front(tmp_path):
   blocker = tmp_path / "a-file"
   blocker.write_text("in the way")
-  with pytest.raises(config.UserInputError, match=f"cannot write to --model_dir={blocker}/run"):
+  with pytest.raises(errors.UserInputError, match=f"cannot write to --model_dir={blocker}/run"):
     outputs.RunOutputs(_config(blocker / "run"), chief=True)
 
 
@@ -124,7 +125,7 @@ def test_the_configuration_is_saved_and_read_back(tmp_path):
                            ('{"loss_weights": {"decoder": "8"}}',
                             'loss_weights is {"decoder": "8"}, not NAME: WEIGHT pairs')):
     (tmp_path / "config.json").write_text(content)
-    with pytest.raises(config.UserInputError) as raised:
+    with pytest.raises(errors.UserInputError) as raised:
       run.read_config()
     assert str(raised.value) == (f"{tmp_path}/config.json is damaged: {problem}; restore it, or "
                                  "delete it to adopt this command's flags")

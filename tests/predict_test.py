@@ -21,7 +21,7 @@ from tests.sources_test import (HUGE_SHAPE, fashion_mnist_dir, huge_claim, needs
                                 npy_claiming)
 from trainer import predict
 from trainer import sources
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 
 # A class and its probability as a line prints them; for digits, the digit alone.
 CLASS = r"(\d)(?: ([^(]+))? \(probability (0\.\d{4}|1\.0000)\)"

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from tests import helpers
 from trainer import sources
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 
 
 def _check_splits(splits, sizes):

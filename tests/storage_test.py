@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import storage
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 
 # Bigger than the whole 1 MB disk: 2 MB of float32.
 TOO_BIG = 1 << 19

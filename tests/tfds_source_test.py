@@ -24,7 +24,7 @@ from tensorflow_datasets.core.download import checksums
 
 from tests import helpers
 from trainer import sources
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 
 FASHION_MNIST_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",

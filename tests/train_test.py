@@ -21,6 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from tests import helpers
+from trainer import errors
 from trainer import config, controller, losses, multitask, preemption, train
 from trainer import lease as lease_lib
 
@@ -156,7 +157,7 @@ def test_a_larger_epochs_extends_the_job_and_a_lower_rate_is_logged_and_kept(
       caplog.text)
   assert helpers.directory_state(run) == before
   (run / "metrics.json").unlink()  # Not finished: fewer epochs than its checkpoint are refused.
-  with pytest.raises(config.UserInputError, match=r"--epochs=2 is fewer than the 3 epochs"):
+  with pytest.raises(errors.UserInputError, match=r"--epochs=2 is fewer than the 3 epochs"):
     _rerun(run, finished_run, epochs=2)
 
 
@@ -172,7 +173,7 @@ def test_a_restart_that_changes_what_the_run_computes_is_refused_untouched(
     finished_run, tmp_path, changes, message):
   run = _copy(finished_run, tmp_path)
   before = helpers.directory_state(run)
-  with pytest.raises(config.UserInputError, match=message):
+  with pytest.raises(errors.UserInputError, match=message):
     _rerun(run, finished_run, **changes)
   assert helpers.directory_state(run) == before
 
@@ -182,7 +183,7 @@ def test_without_its_config_json_a_checkpoint_of_another_shape_refuses_itself(fi
   run = _copy(finished_run, tmp_path)
   (run / "config.json").unlink()  # Deleted by hand: the command's flags are adopted.
   before = helpers.directory_state(run)
-  with pytest.raises(config.UserInputError, match="holds another model.*--latent_dim"):
+  with pytest.raises(errors.UserInputError, match="holds another model.*--latent_dim"):
     _rerun(run, finished_run, epochs=3, latent_dim=32)
   assert helpers.directory_state(run) == before
 
@@ -330,7 +331,7 @@ def test_semi_supervised_over_two_replicas_learns_from_few_labels(tmp_path, two_
 
 
 def test_global_batch_that_does_not_divide_fails_before_training(tmp_path, two_replicas):
-  with pytest.raises(config.UserInputError, match="multiple of the 2 replicas"):
+  with pytest.raises(errors.UserInputError, match="multiple of the 2 replicas"):
     _run(_config(tmp_path, batch_size=33), two_replicas)
   assert not os.listdir(tmp_path)
 
@@ -341,7 +342,7 @@ def test_an_unwritable_directory_fails_before_training(tmp_path, flag):
   blocker.write_text("not a directory")
   settings = ({"checkpoint_dir": str(blocker / "ckpt")} if flag == "checkpoint_dir" else {})
   model_dir = blocker / "run" if flag == "model_dir" else tmp_path / "run"
-  with pytest.raises(config.UserInputError, match=f"cannot write to --{flag}"):
+  with pytest.raises(errors.UserInputError, match=f"cannot write to --{flag}"):
     _run(_config(model_dir, **settings))
   assert blocker.read_text() == "not a directory"
 
@@ -363,7 +364,7 @@ def test_run_checks_the_process_wide_policy_matches_its_configuration(tmp_path):
 
 
 def test_xla_and_determinism_together_are_refused(tmp_path):
-  with pytest.raises(config.UserInputError, match="--jit_compile and --deterministic"):
+  with pytest.raises(errors.UserInputError, match="--jit_compile and --deterministic"):
     _config(tmp_path, jit_compile=True, deterministic=True)
 
 

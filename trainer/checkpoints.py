@@ -16,7 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import storage
-from trainer.config import UserInputError, first_line
+from trainer.errors import UserInputError, first_line
 
 PREFIX = "ckpt"  # The CheckpointManager's default checkpoint_name.
 SET_ASIDE = "unreadable"  # The subdirectory unreadable checkpoints are moved into.

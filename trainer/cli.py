@@ -24,6 +24,7 @@ from absl import app  # noqa: F401  Its flags (--pdb, --only_check_args) are the
 from absl import flags
 from absl import logging
 
+from trainer import errors
 from trainer import config as config_lib
 
 BAD_INPUT_EXIT_CODE = 2
@@ -58,7 +59,7 @@ def parse_flags(argv, description: Optional[str] = None,
     # Flagfiles expanded as absl expands them: a flag in one and on the command line is repeated.
     refuse_repeated_flags(flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False))
     return flags.FLAGS(argv)
-  except config_lib.UserInputError as e:  # Before ValueError, which it is.
+  except errors.UserInputError as e:  # Before ValueError, which it is.
     fail(str(e))
   # absl says a --noflag given a value ("--noreport=1 does not take an argument") as a ValueError.
   except (flags.Error, ValueError) as e:
@@ -76,7 +77,7 @@ def refuse_repeated_flags(args: Sequence[str], flag_values: flags.FlagValues = f
   for name, given in flag_occurrences(args, flag_values).items():
     if len(given) > 1:
       times = "twice" if len(given) == 2 else f"{len(given)} times"
-      raise config_lib.UserInputError(
+      raise errors.UserInputError(
           f"--{name} is given {times} ({', then '.join(given)}): give it once")
 
 
@@ -338,7 +339,7 @@ def trainer_config(flag_values: flags.FlagValues,
   values = {field.name: flag_values[field.name].value
             for field in dataclasses.fields(config_lib.TrainConfig)}
   if not values["model_dir"]:
-    raise config_lib.UserInputError(config_lib.no_model_dir(environ))
+    raise errors.UserInputError(config_lib.no_model_dir(environ))
   values["loss_weights"] = config_lib.parse_loss_weights(values["loss_weights"])
   return config_lib.TrainConfig(**values)
 
@@ -346,7 +347,7 @@ def trainer_config(flag_values: flags.FlagValues,
 def refuse_positional_arguments(args: Sequence[str]) -> None:
   """Raises UserInputError if there are any: the trainer takes every setting as a flag."""
   if args:
-    raise config_lib.UserInputError(
+    raise errors.UserInputError(
         f"unexpected arguments {' '.join(args)}: every setting is a --flag=value")
 
 
@@ -390,7 +391,7 @@ def check_trainer_arguments(args: Sequence[str], environ: Mapping[str, str]) -> 
     return
   asked = [arg for name, arg in given.items() if name in _HELP_NAMES]
   if asked:
-    raise config_lib.UserInputError(
+    raise errors.UserInputError(
         f"{asked[0]} would end the job with the trainer's help, before it trains: to read the "
         f"trainer's flags, run {TRAINER_HELP}")
   flag_values = _trainer_flag_values(environ)
@@ -398,7 +399,7 @@ def check_trainer_arguments(args: Sequence[str], environ: Mapping[str, str]) -> 
   try:
     unparsed = flag_values(["trainer.task", *args])
   except (flags.Error, ValueError) as e:  # ValueError: "--noreport=1 does not take an argument".
-    raise config_lib.UserInputError(f"{e} (see {TRAINER_HELP})") from None
+    raise errors.UserInputError(f"{e} (see {TRAINER_HELP})") from None
   refuse_positional_arguments(unparsed[1:])
   trainer_config(flag_values, environ)
 

@@ -1,4 +1,4 @@
-"""The job's configuration: one validated dataclass, and the error type for bad input.
+"""The job's configuration: one validated dataclass of settings.
 
 Each setting is one field, made by `setting()` with its help, `--help` group, check and rule on
 restart; the flags (`trainer.task`), `RESUME_RULES` and the README's restart table come from
@@ -10,6 +10,8 @@ import difflib
 import math
 import os
 from typing import Callable, Dict, Mapping, Optional, Sequence
+
+from trainer.errors import UserInputError, unknown_choice
 
 CLASSIFIER = "classifier"
 DECODER = "decoder"
@@ -61,10 +63,6 @@ RESTART_ROWS = {
                 "trained: it says the job is finished and where its results are; fewer than an "
                 "unfinished job's checkpoint has trained: refused"),
 }
-
-
-class UserInputError(ValueError):
-  """Bad input the user can fix: the message names the problem and the fix."""
 
 
 def requirement(holds: Callable[[object], bool], wording: str) -> Callable[[object, str], None]:
@@ -379,17 +377,6 @@ def resume_changes(saved: Dict, config: "TrainConfig") -> list:
         + ", not " + " ".join(_as_flag(n, new) for n, _, new in refused)
         + "; run it with its own settings (see --model_dir/config.json), or use a new --model_dir")
   return [f"--{name}: {old} -> {new}" for name, old, new in allowed]
-
-
-def first_line(error: BaseException) -> str:
-  """The first line of an exception's message (its type name if it has none), for error lines."""
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
-
-
-def unknown_choice(flag: str, value: str, choices) -> str:
-  """The error message for a --flag value that is not one of `choices`."""
-  return f"unknown --{flag}={value!r}: choose one of {', '.join(choices)}"
 
 
 def parse_loss_weights(text: str) -> Dict[str, float]:

@@ -30,7 +30,7 @@ from trainer import checkpoints
 from trainer import preemption
 from trainer import progress as progress_lib
 from trainer import storage
-from trainer.config import UserInputError
+from trainer.errors import JobError, UserInputError
 
 # A task's step output whose name starts so counts the replicas where something went
 # non-finite (gradients, weights): any count above zero is a divergence.
@@ -82,7 +82,7 @@ class Action:
   run: Callable[[int], None]
 
 
-class Diverged(UserInputError):
+class Diverged(JobError):
   """Training went non-finite; nothing from the call where it happened was saved."""
 
 

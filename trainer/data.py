@@ -15,7 +15,8 @@ import numpy as np
 import tensorflow as tf
 from sklearn import model_selection
 
-from trainer.config import CLASSIFIER, DECODER, TrainConfig, UserInputError, first_line
+from trainer.config import CLASSIFIER, DECODER, TrainConfig
+from trainer.errors import UserInputError, first_line
 from trainer.sources import IMAGE_SHAPE, NUM_CLASSES, Split
 
 # The strong view of pseudo-label and consistency training (`strong_view`).

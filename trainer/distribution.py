@@ -14,7 +14,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer.config import PRECISIONS, STRATEGIES, UserInputError, first_line, unknown_choice
+from trainer.config import PRECISIONS, STRATEGIES
+from trainer.errors import UserInputError, first_line, unknown_choice
 
 
 def _tpu_hint(tpu: str) -> Optional[str]:

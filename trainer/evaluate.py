@@ -15,6 +15,7 @@ import os
 from absl import app
 from absl import flags
 
+from trainer import errors
 from trainer import cli
 from trainer import config as config_lib
 
@@ -40,7 +41,7 @@ def run_dataset(model_dir: str):
     return dataset, data_dir
   saved = outputs.read_saved_config(model_dir, "restore it, or pass --dataset and --data_dir")
   if saved is None and not dataset:
-    raise config_lib.UserInputError(
+    raise errors.UserInputError(
         f"no --dataset given and {model_dir} holds no config.json naming the run's own: pass "
         "--dataset (and --data_dir for a TFDS set), or point --model_dir at a finished job")
   saved = saved or {}
@@ -56,7 +57,7 @@ def main(argv):
   if FLAGS.dataset:
     try:
       config_lib.check_dataset_name(FLAGS.dataset)
-    except config_lib.UserInputError as e:
+    except errors.UserInputError as e:
       cli.fail(str(e))
   with cli.tensorflow_imported_quietly():
     from trainer import export, losses, sources  # pylint: disable=import-outside-toplevel
@@ -65,7 +66,7 @@ def main(argv):
     dataset, data_dir = run_dataset(model_dir)
     split = getattr(sources.load_splits(dataset, data_dir), FLAGS.split)
     outputs = export.predict_batches(export.load(f"{model_dir}/export"), split.images)
-  except config_lib.UserInputError as e:
+  except errors.JobError as e:
     cli.fail(str(e))
   metrics = losses.metrics_from_outputs(outputs["classifier"], outputs["decoder"], split)
   print(json.dumps({"dataset": dataset, "split": FLAGS.split, "examples": len(split),

@@ -24,7 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.config import CLASSIFIER, DECODER, UserInputError, first_line
+from trainer.config import CLASSIFIER, DECODER
+from trainer.errors import UserInputError, first_line
 from trainer.sources import IMAGE_SHAPE
 
 # Unknown rank, so that both shapes MNIST code holds get in; `_checked_images` does the check the

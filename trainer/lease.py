@@ -28,7 +28,7 @@ from typing import Callable, Dict, Optional, Tuple
 import tensorflow as tf
 from absl import logging
 
-from trainer.config import UserInputError, first_line
+from trainer.errors import JobError, UserInputError, first_line
 
 LEASE_NAME = "lease.json"
 RENEW_EVERY_SECONDS = 30.0
@@ -44,11 +44,11 @@ _FIX = "wait for it to end or stop it; a run directory takes one job at a time"
 _DELETED = "deleted"  # What `_lost_to` holds where the file holds no lease at all.
 
 
-class LeaseHeld(UserInputError):
+class LeaseHeld(JobError):
   """Another live job holds the run directory."""
 
 
-class LeaseLost(UserInputError):
+class LeaseLost(JobError):
   """Another job took over this job's lease while it ran."""
 
 

@@ -22,7 +22,8 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from trainer import storage
 from trainer.export import KERAS_FILE
-from trainer.config import TrainConfig, UserInputError, first_line
+from trainer.config import TrainConfig
+from trainer.errors import UserInputError, first_line
 
 # What a JSON value of each setting's type must be, and its name in an error line.
 _JSON_TYPES = {str: ((str,), "a string"), int: ((int,), "an integer"),

@@ -52,7 +52,7 @@ from trainer import cli
 from trainer import config as config_lib
 from trainer import image_files
 from trainer import sources
-from trainer.config import UserInputError, first_line
+from trainer.errors import JobError, UserInputError, first_line
 
 FLAGS = flags.FLAGS
 
@@ -304,7 +304,7 @@ def main(argv: List[str]) -> None:
     from trainer import export  # noqa: F401
   try:
     failed = predict_inputs(paths, options)
-  except UserInputError as e:
+  except JobError as e:
     cli.fail(str(e))
   if failed:
     sys.exit(cli.BAD_INPUT_EXIT_CODE)

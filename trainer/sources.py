@@ -27,7 +27,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from trainer.config import UserInputError, check_dataset_name, first_line
+from trainer.config import check_dataset_name
+from trainer.errors import UserInputError, first_line
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import tensorflow as tf
 from absl import logging
 
-from trainer.config import UserInputError, first_line
+from trainer.errors import JobError, UserInputError, first_line
 
 # Each storage failure: its errno, the OS's text for it (TensorFlow keeps only the text), the
 # cause in words and its fix. Observed with TF 2.21 on a 1 MB tmpfs, full and remounted `ro`, a
@@ -55,7 +55,7 @@ _TEMPORARY_DIR = re.compile(r"-\d+_temp$")
 _SHARD_FILE = re.compile(r"^part-\d+-of-\d+\.(index|data-\d+-of-\d+)(\.tempstate\d+)?$")
 
 
-class WriteFailed(UserInputError):
+class WriteFailed(JobError):
   """Writing under the run's outputs failed after the job started (disk full, read-only,
   permission)."""
 

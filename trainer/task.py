@@ -11,6 +11,7 @@ import sys
 from absl import app
 from absl import flags
 
+from trainer import errors
 from trainer import cli
 from trainer import config as config_lib
 from trainer import preemption
@@ -55,7 +56,7 @@ def main(argv):
   try:
     cli.refuse_positional_arguments(argv[1:])
     config = config_from_flags()
-  except config_lib.UserInputError as e:
+  except errors.UserInputError as e:
     cli.fail(str(e))
   try:
     with preemption.stage("starting", "nothing was trained or written; run the same command to "
@@ -68,7 +69,7 @@ def main(argv):
       if precision.policy == "mixed_float16":
         cli.float16_op_run_quietly(config.verbose)  # Else oneDNN's note comes unfiltered.
       train.run(config, strategy)  # Inside: its own stages nest, with no moment uncovered.
-  except config_lib.UserInputError as e:
+  except errors.JobError as e:
     cli.fail(str(e))
   except preemption.Preempted as e:
     print(f"{e.verb}: {e}; run the same command to resume", file=sys.stderr)

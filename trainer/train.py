@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from trainer import errors
 from trainer import config as config_lib
 from trainer import controller as controller_lib
 from trainer import distribution
@@ -178,11 +179,11 @@ def _resume(job: Job, saved: Optional[Dict]) -> None:
              else f"there is no checkpoint in {where}")
     old_dir = (saved or {}).get("checkpoint_dir") or os.path.join(config.model_dir, "checkpoints")
     elsewhere = f" (it saved them in {old_dir})" if old_dir != controller.checkpoint_dir else ""
-    raise config_lib.UserInputError(
+    raise errors.UserInputError(
         f"this run has trained ({', '.join(trained_files)}) but {state}{elsewhere}; "
         "point --checkpoint_dir at its checkpoints, or start over in a new --model_dir")
   if controller.epochs_done > config.epochs:
-    raise config_lib.UserInputError(
+    raise errors.UserInputError(
         f"--epochs={config.epochs} is fewer than the {controller.epochs_done} epochs the "
         f"checkpoint {latest} has trained; pass --epochs={controller.epochs_done} or more, or "
         "a new --model_dir")

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from absl import logging
 
+from trainer import errors
 from trainer import config as config_lib
 from trainer import storage
 from trainer.outputs import read_json
@@ -94,7 +95,7 @@ class Reporter:
             "tuning trial again")
     try:
       record = read_json(self._record_path, lost) or {"evaluations": []}
-    except config_lib.UserInputError as e:
+    except errors.UserInputError as e:
       logging.warning("%s", e)
       return []
     evaluations = record.get("evaluations")
