@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from tests import helpers
 from trainer import data, sources
-from trainer.config import UserInputError
+from trainer.errors import UserInputError
 
 
 def test_per_replica_batch_must_divide():
