@@ -1,10 +1,13 @@
 """What checkpointing costs: seconds per checkpoint, and its share of a training epoch.
 
     python -m benchmarks.checkpoint_cost [--dataset=mnist_sample] [--saves=20]
+        [--precision=auto]
 
 Trains the default model for two epochs (the second gives the steady epoch time), then
 times `--saves` checkpoint saves of that trained state, the way the training loop saves
-them. Prints a table and writes it to benchmarks/checkpoint_cost.json.
+them. Both under --precision's policy (set once, through train.configure_process; the
+resolved policy and its reason are recorded). Prints a table and writes it to
+benchmarks/checkpoint_cost.json.
 """
 
 import json
@@ -12,18 +15,26 @@ import os
 import statistics
 import tempfile
 import time
+from typing import List, Tuple
 
 import tensorflow as tf
 from absl import app, flags
 
+from benchmarks import precision as precision_lib
 from trainer import controller, data, multitask, outputs, sources, train
-from trainer.config import TrainConfig
+from trainer.config import PRECISIONS, TrainConfig
 
-flags.DEFINE_string("dataset", "mnist_sample", "Any --dataset the trainer takes.")
-flags.DEFINE_integer("saves", 20, "How many checkpoint saves to time.")
-flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "checkpoint_cost.json"),
-                    "Where to write the results.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so that tests may import this module alongside
+  trainer.task (whose --dataset is defined on import)."""
+  flags.DEFINE_string("dataset", "mnist_sample", "Any --dataset the trainer takes.")
+  flags.DEFINE_integer("saves", 20, "How many checkpoint saves to time.")
+  flags.DEFINE_enum("precision", "auto", PRECISIONS, precision_lib.FLAG_HELP)
+  flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "checkpoint_cost.json"),
+                      "Where to write the results.")
 
 
 def _directory_bytes(directory: str, prefix: str) -> int:
@@ -31,38 +42,51 @@ def _directory_bytes(directory: str, prefix: str) -> int:
              if name.startswith(prefix))
 
 
-def main(_):
+def timed_saves(config: TrainConfig, splits, policy: str, saves: int
+                ) -> Tuple[multitask.MultitaskTask, List[float], int]:
+  """Builds the task under `policy` (already in force), restores the latest checkpoint in
+  `config.model_dir` (none: the fresh state), and saves it `saves` times as the controller
+  saves it, into model_dir/timed; the task, each save's seconds and the last one's bytes."""
   strategy = tf.distribute.get_strategy()
-  splits = sources.load_splits(FLAGS.dataset)
-  with tempfile.TemporaryDirectory() as model_dir:
-    config = TrainConfig(dataset=FLAGS.dataset, model_dir=model_dir, epochs=2)
-    train.configure_process(config, strategy)
-    metrics = train.run(config, strategy, splits)
-    steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
-    epoch_seconds = steps_per_epoch * config.batch_size / metrics["train_images_per_second"]
+  steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
+  plan = multitask.plan_batches(config, 1, splits.train)
+  task = multitask.MultitaskTask(config, strategy, splits, plan, policy)
+  schedule = controller.Schedule(config.epochs * steps_per_epoch, steps_per_epoch,
+                                 config.steps_per_loop or 50, config.checkpoint_every_steps,
+                                 config.batch_size)
+  directory = os.path.join(config.model_dir, "timed")
+  saver = controller.Controller(strategy, task, schedule, outputs.checkpoint_dir(config),
+                                config.checkpoints_to_keep, save_dir=directory)
+  saver.restore()
+  manager = saver.manager
+  seconds = []
+  for number in range(saves):
+    started = time.perf_counter()
+    manager.save(checkpoint_number=number)
+    seconds.append(time.perf_counter() - started)
+  return task, seconds, _directory_bytes(directory, f"ckpt-{saves - 1}.")
 
-    # The trained state, saved again and again as the controller would save it.
-    plan = multitask.plan_batches(config, 1, splits.train)
-    task = multitask.MultitaskTask(config, strategy, splits, plan, "float32")
-    schedule = controller.Schedule(config.epochs * steps_per_epoch, steps_per_epoch,
-                                   config.steps_per_loop or 50, config.checkpoint_every_steps,
-                                   config.batch_size)
-    directory = os.path.join(model_dir, "timed")
-    saver = controller.Controller(strategy, task, schedule, outputs.checkpoint_dir(config),
-                                  config.checkpoints_to_keep, save_dir=directory)
-    saver.restore()
-    manager = saver.manager
-    seconds = []
-    for number in range(FLAGS.saves):
-      started = time.perf_counter()
-      manager.save(checkpoint_number=number)
-      seconds.append(time.perf_counter() - started)
-    checkpoint_bytes = _directory_bytes(directory, f"ckpt-{FLAGS.saves - 1}.")
 
-  per_checkpoint = statistics.median(seconds[1:])  # The first save also traces the saver.
+def checkpoint_cost(config: TrainConfig, splits, saves: int) -> dict:
+  """Trains `config` (in its model_dir) under its precision's policy, then times `saves`
+  checkpoint saves of the trained state as the controller saves them; the figures."""
+  strategy = tf.distribute.get_strategy()
+  resolved = precision_lib.configure(config, strategy)  # Once, before anything is built.
+  metrics = train.run(config, strategy, splits)
+  steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
+  epoch_seconds = steps_per_epoch * config.batch_size / metrics["train_images_per_second"]
+  # The trained state, saved again and again as the controller would save it.
+  task, seconds, checkpoint_bytes = timed_saves(config, splits, resolved.policy, saves)
+
+  # The first save also traces the saver (a single save: it is all there is).
+  per_checkpoint = statistics.median(seconds[1:] or seconds)
   saves_per_epoch = -(-steps_per_epoch // config.checkpoint_every_steps)  # And one at its end.
-  results = {
-      "dataset": FLAGS.dataset,
+  return {
+      "dataset": config.dataset,
+      "precision": resolved.policy,
+      "precision_reason": resolved.reason,
+      "precision_flag": config.precision,
+      "compute_dtype": task.model.compute_dtype,
       "steps_per_epoch": steps_per_epoch,
       "epoch_seconds": round(epoch_seconds, 3),
       "seconds_per_checkpoint_median": round(per_checkpoint, 4),
@@ -73,6 +97,14 @@ def main(_):
       "share_of_epoch_by_default": round(saves_per_epoch * per_checkpoint / epoch_seconds, 4),
       "share_of_epoch_per_checkpoint": round(per_checkpoint / epoch_seconds, 4),
   }
+
+
+def main(_):
+  splits = sources.load_splits(FLAGS.dataset)
+  with tempfile.TemporaryDirectory() as model_dir:
+    config = TrainConfig(dataset=FLAGS.dataset, model_dir=model_dir, epochs=2,
+                         precision=FLAGS.precision)
+    results = checkpoint_cost(config, splits, FLAGS.saves)
   width = max(map(len, results))
   for name, value in results.items():
     print(f"{name:<{width}}  {value}")
@@ -82,4 +114,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -5,18 +5,27 @@ as the training loop, and how many FLOPs a training step really asks of them.
 
 A peak computed from /proc/cpuinfo flags is not a limit a user's kernels meet: AMD's Zen 4
 reports avx512f but runs 512-bit FMAs on 256-bit units, two vCPUs may be one core's two
-threads, and the listed clock is not the running one. So the limit is measured: a large
-float32 matrix product (the kernel closest to the machine's peak), and the model's heaviest
-convolution alone, forward and backward. The best of a few timed repeats of each counts.
+threads, and the listed clock is not the running one. So the limit is measured: large
+matrix products (the kernel closest to the machine's peak; the best of a few sizes), and the
+model's heaviest convolution alone, forward and backward. The best of a few timed repeats of
+each counts.
+
+Each is measured in every compute dtype asked for (float32, and bfloat16 for the
+mixed_bfloat16 policy: issue 39), so that a training step's achieved rate is compared with
+the limit of its own precision. Where bfloat16 is emulated (no avx512_bf16 or AMX), its
+limit is low, and so is the mixed_bfloat16 step's rate.
 """
 
 import os
 import platform
 import re
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterable
 
-MATMUL_SIZE = 2048
+# The matmul's rate grows with its size up to the cache's and the threads' sweet spot, which
+# differs by CPU and dtype: the best of these counts.
+MATMUL_SIZES = (1024, 2048, 4096)
+DTYPES = ("float32", "bfloat16")
 REPEATS = 5
 SECONDS_PER_REPEAT = 1.0
 
@@ -59,11 +68,11 @@ def _best_rate(run: Callable[[], object], flops_per_run: float) -> float:
   return best
 
 
-def matmul_rate(size: int = MATMUL_SIZE) -> float:
-  """FLOP/s of a float32 (size x size) @ (size x size) product, 2 size^3 FLOPs each."""
+def matmul_rate(size: int = 2048, dtype: str = "float32") -> float:
+  """FLOP/s of a (size x size) @ (size x size) product in `dtype`, 2 size^3 FLOPs each."""
   import tensorflow as tf
-  left = tf.random.stateless_normal((size, size), seed=(1, 2))
-  right = tf.random.stateless_normal((size, size), seed=(3, 4))
+  left = tf.random.stateless_normal((size, size), seed=(1, 2), dtype=dtype)
+  right = tf.random.stateless_normal((size, size), seed=(3, 4), dtype=dtype)
   product = tf.function(lambda: tf.linalg.matmul(left, right))
   return _best_rate(product, 2.0 * size ** 3)
 
@@ -86,14 +95,16 @@ def heaviest_convolution(model) -> Dict[str, int]:
              * s["kernel"] ** 2)
 
 
-def convolution_rates(shape: Dict[str, int], batch: int) -> Dict[str, float]:
-  """FLOP/s of one 'same' float32 convolution of `shape` on `batch` images: forward alone, and
-  forward with both backward products (input and kernel gradients, each as many FLOPs)."""
+def convolution_rates(shape: Dict[str, int], batch: int, dtype: str = "float32"
+                      ) -> Dict[str, float]:
+  """FLOP/s of one 'same' convolution of `shape` on `batch` images in `dtype`: forward alone,
+  and forward with both backward products (input and kernel gradients, each as many FLOPs)."""
   import tensorflow as tf
   images = tf.random.stateless_normal(
-      (batch, shape["height"], shape["width"], shape["channels"]), seed=(5, 6))
+      (batch, shape["height"], shape["width"], shape["channels"]), seed=(5, 6), dtype=dtype)
   kernel = tf.Variable(tf.random.stateless_normal(
-      (shape["kernel"], shape["kernel"], shape["channels"], shape["filters"]), seed=(7, 8)))
+      (shape["kernel"], shape["kernel"], shape["channels"], shape["filters"]), seed=(7, 8),
+      dtype=dtype))
   forward_flops = (2.0 * batch * shape["height"] * shape["width"] * shape["channels"]
                    * shape["filters"] * shape["kernel"] ** 2)
 
@@ -109,8 +120,9 @@ def convolution_rates(shape: Dict[str, int], batch: int) -> Dict[str, float]:
     input_gradient, kernel_gradient = tape.gradient(output, [images, kernel])
     # The output is used too: the gradients of a linear op do not need it, and the graph
     # optimizer would prune the forward product, leaving 2 of the 3 products counted.
-    return (tf.reduce_sum(output) + tf.reduce_sum(input_gradient)
-            + tf.reduce_sum(kernel_gradient))
+    return (tf.reduce_sum(tf.cast(output, tf.float32))
+            + tf.reduce_sum(tf.cast(input_gradient, tf.float32))
+            + tf.reduce_sum(tf.cast(kernel_gradient, tf.float32)))
 
   return {"forward": _best_rate(forward, forward_flops),
           "forward_and_backward": _best_rate(forward_and_backward, 3 * forward_flops)}
@@ -137,8 +149,23 @@ def counted_training_flops(model, batch: int) -> float:
   return profile.total_float_ops / batch
 
 
-def measure(batch: int) -> Dict[str, object]:
-  """Every figure of this module for the default model at `batch` images a step."""
+def dtype_limits(shape: Dict[str, int], batch: int, dtype: str,
+                 sizes: Iterable[int] = MATMUL_SIZES) -> Dict[str, object]:
+  """The rates of `dtype`'s kernels: the matmul at each of `sizes`, the heaviest convolution
+  `shape` at `batch`, and the best of them all, `limit_flops_per_second`."""
+  matmuls = {str(size): matmul_rate(size, dtype) for size in sizes}
+  convolution = convolution_rates(shape, batch, dtype)
+  return {"matmul_flops_per_second_by_size": matmuls,
+          "matmul_flops_per_second": max(matmuls.values()),
+          "convolution_forward_flops_per_second": convolution["forward"],
+          "convolution_forward_and_backward_flops_per_second":
+              convolution["forward_and_backward"],
+          "limit_flops_per_second": max(*matmuls.values(), *convolution.values())}
+
+
+def measure(batch: int, dtypes: Iterable[str] = DTYPES) -> Dict[str, object]:
+  """Every figure of this module for the default model at `batch` images a step, the kernels'
+  rates in each of `dtypes` (`by_dtype`)."""
   import tensorflow as tf
   from trainer.config import TrainConfig
   from trainer.model import build_model
@@ -148,9 +175,9 @@ def measure(batch: int) -> Dict[str, object]:
       "cpu": cpu_description(), "tensorflow": tf.__version__,
       "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
       "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",
-      "matmul_size": MATMUL_SIZE, "matmul_flops_per_second": matmul_rate(),
-      "heaviest_convolution": {**shape, "batch": batch,
-                               **{f"{name}_flops_per_second": rate for name, rate in
-                                  convolution_rates(shape, batch).items()}},
+      "heaviest_convolution": {**shape, "batch": batch},
+      "by_dtype": {dtype: dtype_limits(shape, batch, dtype) for dtype in dtypes},
+      # The same work under every policy: the count is of the float32 graph (a mixed policy
+      # adds only casts, which the count leaves out as it leaves out other elementwise work).
       "counted_training_flops_per_image": counted_training_flops(model, batch),
   }

@@ -6,7 +6,8 @@ is one line, `RESULT {json}`, on standard output. `benchmarks.run` runs them all
 
   pipeline            the training input pipeline alone, images/s
   package             the package's training loop (controller.make_train_loop), steady images/s,
-                      without shift augmentation unless --shift_pixels (the exercise has none)
+                      without shift augmentation unless --shift_pixels (the exercise has none),
+                      under --precision (the resolved policy and its reason are in the result)
   exercise            the same model the original exercise's way: float64 NumPy arrays / 255
                       into Keras `model.fit`, batch 128, steady images/s
   package_tta         wall-clock time until the test metrics reach the bar, package recipe
@@ -16,12 +17,20 @@ is one line, `RESULT {json}`, on standard output. `benchmarks.run` runs them all
   startup             time from process start to the package's first training step, by stage
   pytorch             the same model in plain PyTorch (benchmarks.torch_peer), steady images/s,
                       on --arrays (an npz of the training and test splits: this process imports
-                      no TensorFlow, so the two frameworks' thread pools never share one)
+                      no TensorFlow, so the two frameworks' thread pools never share one), in
+                      the recipe --channels_last, --autocast_bfloat16, --compile say (default:
+                      eager float32 NCHW); torch.compile's compilation is in the warm-up
   pytorch_tta         package_tta's recipe in PyTorch: --epochs of the same schedule, batch,
                       shifts, loss weights and optimizer, the test split evaluated every
-                      --eval_every_steps and at each epoch's end
-  limits              what this machine's kernels reach and what a step's FLOPs are, as
-                      TensorFlow counts them (benchmarks.limits), at --batch_size
+                      --eval_every_steps and at each epoch's end; the same recipe options, and
+                      the time from process start counts torch.compile's compilation
+  limits              what this machine's kernels reach, in float32 and bfloat16, and what a
+                      step's FLOPs are, as TensorFlow counts them (benchmarks.limits), at
+                      --batch_size
+
+The package's measurements (package, package_tta, startup) build the task under --precision
+(default auto), set once through train.configure_process; their results record the resolved
+`precision` and `precision_reason`.
 """
 
 import json
@@ -32,32 +41,51 @@ import time
 
 from absl import app, flags
 
-from trainer.config import DEFAULT_LOSS_WEIGHTS, TrainConfig, format_loss_weights
+from benchmarks import precision as precision_lib
+from trainer.config import DEFAULT_LOSS_WEIGHTS, PRECISIONS, TrainConfig, format_loss_weights
 
 # The trainer's defaults (trainer.config imports no TensorFlow, so start-up times stay whole).
 DEFAULTS = TrainConfig
-flags.DEFINE_string("dataset", "idx:/usr/share/datasets/fashion-mnist", "Any --dataset source.")
-flags.DEFINE_integer("batch_size", DEFAULTS.batch_size, "Global batch size.")
-flags.DEFINE_integer("steps_per_loop", 50, "Package loop: steps per call into the device.")
-flags.DEFINE_integer("measure_steps", 600, "Throughput: steps timed after the warm-up.")
-flags.DEFINE_bool("jit_compile", False, "Package loop: XLA-compile each replica's step.")
-flags.DEFINE_float("target_accuracy", 0.90, "Time to accuracy: test accuracy to reach.")
-flags.DEFINE_float("target_mse", 0.015, "Time to accuracy: test reconstruction MSE to reach.")
-flags.DEFINE_integer("epochs", 3, "Package time to accuracy: --epochs of its recipe.")
-flags.DEFINE_integer("eval_every_steps", 250, "Package time to accuracy: evaluation cadence.")
-flags.DEFINE_integer("shift_pixels", 0, "Package loop and time to accuracy: --shift_pixels (0: "
-                     "none, the exercise's work per step).")
-flags.DEFINE_float("learning_rate", DEFAULTS.learning_rate,
-                   "Package time to accuracy: --learning_rate.")
-flags.DEFINE_string("loss_weights", format_loss_weights(DEFAULT_LOSS_WEIGHTS),
-                    "Package time to accuracy: --loss_weights.")
-flags.DEFINE_string("loss_weighting", DEFAULTS.loss_weighting,
-                    "Package time to accuracy: --loss_weighting.")
-flags.DEFINE_string("arrays", "", "PyTorch peer: an npz of uint8 `images` (N, 28, 28, 1) and "
-                    "`labels`, and `test_images` and `test_labels`, written by benchmarks.run "
-                    "from --dataset's training and test splits.")
-flags.DEFINE_integer("max_epochs", 20, "Exercise time to accuracy: give up after this many.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so that tests may import this module alongside
+  trainer.task (whose --dataset and --batch_size are defined on import)."""
+  flags.DEFINE_string("dataset", "idx:/usr/share/datasets/fashion-mnist", "Any --dataset source.")
+  flags.DEFINE_integer("batch_size", DEFAULTS.batch_size, "Global batch size.")
+  flags.DEFINE_integer("steps_per_loop", 50, "Package loop: steps per call into the device.")
+  flags.DEFINE_integer("measure_steps", 600, "Throughput: steps timed after the warm-up.")
+  flags.DEFINE_bool("jit_compile", False, "Package loop: XLA-compile each replica's step.")
+  flags.DEFINE_float("target_accuracy", 0.90, "Time to accuracy: test accuracy to reach.")
+  flags.DEFINE_float("target_mse", 0.015, "Time to accuracy: test reconstruction MSE to reach.")
+  flags.DEFINE_integer("epochs", 3, "Package time to accuracy: --epochs of its recipe.")
+  flags.DEFINE_integer("eval_every_steps", 250, "Package time to accuracy: evaluation cadence.")
+  flags.DEFINE_integer("shift_pixels", 0, "Package loop and time to accuracy: --shift_pixels (0: "
+                       "none, the exercise's work per step).")
+  flags.DEFINE_float("learning_rate", DEFAULTS.learning_rate,
+                     "Package time to accuracy: --learning_rate.")
+  flags.DEFINE_string("loss_weights", format_loss_weights(DEFAULT_LOSS_WEIGHTS),
+                      "Package time to accuracy: --loss_weights.")
+  flags.DEFINE_string("loss_weighting", DEFAULTS.loss_weighting,
+                      "Package time to accuracy: --loss_weighting.")
+  flags.DEFINE_string("arrays", "", "PyTorch peer: an npz of uint8 `images` (N, 28, 28, 1) and "
+                      "`labels`, and `test_images` and `test_labels`, written by benchmarks.run "
+                      "from --dataset's training and test splits.")
+  flags.DEFINE_integer("max_epochs", 20, "Exercise time to accuracy: give up after this many.")
+  flags.DEFINE_enum("precision", "auto", PRECISIONS, "Package: " + precision_lib.FLAG_HELP)
+  flags.DEFINE_bool("channels_last", False, "PyTorch peer: the model and its inputs in "
+                    "channels_last memory format (NHWC in memory).")
+  flags.DEFINE_bool("autocast_bfloat16", False, "PyTorch peer: each step's forward pass under "
+                    'torch.autocast("cpu", dtype=torch.bfloat16); the losses in float32.')
+  flags.DEFINE_bool("compile", False, "PyTorch peer: the model through torch.compile (its "
+                    "compilation is in the warm-up of `pytorch`, and in the time from process "
+                    "start of `pytorch_tta`).")
+  flags.DEFINE_integer("width", DEFAULTS.width, "Package loop and start-up: --width "
+                       "(tests take a narrow model).")
+  flags.DEFINE_integer("latent_dim", DEFAULTS.latent_dim, "Package loop and start-up: "
+                       "--latent_dim.")
+
 
 # Set by benchmarks.run just before it starts this process (time.time(), so comparable here).
 PROCESS_START = float(os.environ.get("BENCHMARK_PROCESS_START", time.time()))
@@ -88,11 +116,21 @@ def measure_pipeline(splits) -> None:
 
 
 def _package_loop(config, splits, strategy):
-  """The package's task and the controller's loop over it, as `trainer.train` builds them."""
+  """The package's task and the controller's loop over it, as `trainer.train` builds them,
+  under `config.precision`'s policy (set here, once, before anything is built); and the
+  resolved policy with its reason."""
   from trainer import controller, multitask
+  resolved = precision_lib.configure(config, strategy)
   plan = multitask.plan_batches(config, strategy.num_replicas_in_sync, splits.train)
-  task = multitask.MultitaskTask(config, strategy, splits, plan, "float32")
-  return controller.make_train_loop(strategy, task), iter(task.train_dataset(0))
+  task = multitask.MultitaskTask(config, strategy, splits, plan, resolved.policy)
+  return (task, controller.make_train_loop(strategy, task), iter(task.train_dataset(0)),
+          resolved)
+
+
+def _precision_figures(resolved, config) -> dict:
+  """What a result records of its precision: the policy, why, and the flag asked."""
+  return {"precision": resolved.policy, "precision_reason": resolved.reason,
+          "precision_flag": config.precision}
 
 
 def measure_package(splits) -> None:
@@ -101,8 +139,10 @@ def measure_package(splits) -> None:
   strategy = tf.distribute.get_strategy()
   config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(),
                        batch_size=FLAGS.batch_size, steps_per_loop=FLAGS.steps_per_loop,
-                       shift_pixels=FLAGS.shift_pixels, jit_compile=FLAGS.jit_compile)
-  loop, batches = _package_loop(config, splits, strategy)
+                       shift_pixels=FLAGS.shift_pixels, jit_compile=FLAGS.jit_compile,
+                       precision=FLAGS.precision, width=FLAGS.width,
+                       latent_dim=FLAGS.latent_dim)
+  _, loop, batches, resolved = _package_loop(config, splits, strategy)
   calls = max(2, FLAGS.measure_steps // config.steps_per_loop)
   steps, no_stop = tf.constant(config.steps_per_loop), tf.constant(0.0)
   for _ in range(2):  # Tracing, compilation and the first steps are left out.
@@ -111,7 +151,8 @@ def measure_package(splits) -> None:
   for _ in range(calls):
     loop(batches, steps, no_stop)[0].numpy()  # The host reads the outputs each call.
   seconds = time.perf_counter() - started
-  _emit(images_per_second=calls * config.steps_per_loop * config.batch_size / seconds)
+  _emit(images_per_second=calls * config.steps_per_loop * config.batch_size / seconds,
+        **_precision_figures(resolved, config))
 
 
 def _exercise_model():
@@ -185,17 +226,19 @@ def measure_package_tta(splits) -> None:
                        eval_every_steps=FLAGS.eval_every_steps, shift_pixels=FLAGS.shift_pixels,
                        learning_rate=FLAGS.learning_rate,
                        loss_weights=parse_loss_weights(FLAGS.loss_weights),
-                       loss_weighting=FLAGS.loss_weighting)
+                       loss_weighting=FLAGS.loss_weighting, precision=FLAGS.precision)
+  resolved = None
 
   def stop_at_target(global_step, evaluate):
     metrics = evaluate("test")
     print(f"step {global_step} at {time.time() - PROCESS_START:.1f} s: {metrics}", file=sys.stderr,
           flush=True)
     if _reached(metrics):
-      _emit(reached_at=time.time(), step=global_step, **metrics)
+      _emit(reached_at=time.time(), step=global_step, **metrics,
+            **_precision_figures(resolved, config))
       raise _Reached
 
-  train.configure_process(config, tf.distribute.get_strategy())
+  resolved = precision_lib.configure(config, tf.distribute.get_strategy())
   try:
     metrics = train.run(config, tf.distribute.get_strategy(), splits,
                         on_evaluation=stop_at_target)
@@ -203,7 +246,8 @@ def measure_package_tta(splits) -> None:
     return
   # Not reached: say so, with where the run ended.
   _emit(step=None, accuracy=metrics["test_accuracy"],
-        reconstruction_mse=metrics["test_reconstruction_mse"])
+        reconstruction_mse=metrics["test_reconstruction_mse"],
+        **_precision_figures(resolved, config))
 
 
 def measure_startup(_) -> None:
@@ -217,12 +261,19 @@ def measure_startup(_) -> None:
   mark("data_loaded")
   strategy = distribution.get_strategy("auto")
   mark("strategy_ready")
-  config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp())
-  loop, batches = _package_loop(config, splits, strategy)
+  config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(),
+                       precision=FLAGS.precision, width=FLAGS.width, latent_dim=FLAGS.latent_dim)
+  _, loop, batches, resolved = _package_loop(config, splits, strategy)
   mark("model_and_input_pipeline_built")
   loop(batches, tf.constant(1), tf.constant(0.0))[0].numpy()
   mark("first_step_done")
-  _emit(**stages)
+  _emit(**stages, **_precision_figures(resolved, config))
+
+
+def _peer_recipe():
+  from benchmarks import torch_peer
+  return torch_peer.Recipe(channels_last=FLAGS.channels_last,
+                           autocast_bfloat16=FLAGS.autocast_bfloat16, compile=FLAGS.compile)
 
 
 def measure_pytorch(_) -> None:
@@ -232,18 +283,24 @@ def measure_pytorch(_) -> None:
 
   from benchmarks import torch_peer
   torch_peer.use_all_cores()
+  recipe = _peer_recipe()
   with np.load(FLAGS.arrays, allow_pickle=False) as arrays:
     images, labels = arrays["images"], arrays["labels"]
   model = torch_peer.build_model()
-  warm = 20  # As `exercise`: the first steps (allocation, kernel choice) are left out.
+  warm = 20  # As `exercise`: the first steps (allocation, kernel choice, compilation) are out.
   optimizer, scheduler = torch_peer.make_optimizer(model, warm + FLAGS.measure_steps)
+  step = torch_peer.prepare(model, recipe)
   batches = torch_peer.shuffled_batches(images, labels, FLAGS.batch_size)
-  torch_peer.train_steps(model, optimizer, scheduler, itertools.islice(batches, warm))
   started = time.perf_counter()
-  torch_peer.train_steps(model, optimizer, scheduler,
-                         itertools.islice(batches, FLAGS.measure_steps))
+  torch_peer.train_steps(step, optimizer, scheduler, itertools.islice(batches, warm),
+                         recipe=recipe)
+  warm_seconds = time.perf_counter() - started
+  started = time.perf_counter()
+  torch_peer.train_steps(step, optimizer, scheduler,
+                         itertools.islice(batches, FLAGS.measure_steps), recipe=recipe)
   _emit(images_per_second=FLAGS.measure_steps * FLAGS.batch_size
-        / (time.perf_counter() - started))
+        / (time.perf_counter() - started), warm_up_seconds=warm_seconds,
+        recipe=recipe.name, **recipe._asdict())
 
 
 def measure_pytorch_tta(_) -> None:
@@ -263,9 +320,11 @@ def measure_pytorch_tta(_) -> None:
     test_images, test_labels = arrays["test_images"], arrays["test_labels"]
   steps_per_epoch = len(labels) // FLAGS.batch_size  # The remainder dropped, as the package.
   total_steps = FLAGS.epochs * steps_per_epoch
+  recipe = _peer_recipe()
   model = torch_peer.build_model()
   optimizer, scheduler = torch_peer.make_optimizer(model, total_steps,
                                                    peak=FLAGS.learning_rate)
+  step_model = torch_peer.prepare(model, recipe)  # Compiled on its first call, timed here.
   batches = torch_peer.shuffled_batches(images, labels, FLAGS.batch_size,
                                         shift_pixels=FLAGS.shift_pixels)
   weights = parse_loss_weights(FLAGS.loss_weights)
@@ -275,17 +334,18 @@ def measure_pytorch_tta(_) -> None:
     stop = min(total_steps, (step // steps_per_epoch + 1) * steps_per_epoch)
     if FLAGS.eval_every_steps:  # 0: at epoch ends only, as the package.
       stop = min(stop, (step // FLAGS.eval_every_steps + 1) * FLAGS.eval_every_steps)
-    torch_peer.train_steps(model, optimizer, scheduler,
-                           (next(batches) for _ in range(stop - step)), weights)
+    torch_peer.train_steps(step_model, optimizer, scheduler,
+                           (next(batches) for _ in range(stop - step)), weights, recipe=recipe)
     step = stop
-    # In batches of the training batch, as the package evaluates.
-    metrics = torch_peer.evaluate(model, test_images, test_labels, FLAGS.batch_size)
+    # In batches of the training batch, as the package evaluates, in the same recipe.
+    metrics = torch_peer.evaluate(step_model, test_images, test_labels, FLAGS.batch_size,
+                                  recipe=recipe)
     print(f"step {step} at {time.time() - PROCESS_START:.1f} s: {metrics}", file=sys.stderr,
           flush=True)
     if _reached(metrics):
-      _emit(reached_at=time.time(), step=step, **metrics)
+      _emit(reached_at=time.time(), step=step, **metrics, recipe=recipe.name)
       return
-  _emit(step=None, **metrics)
+  _emit(step=None, **metrics, recipe=recipe.name)
 
 
 def measure_limits(_) -> None:
@@ -313,4 +373,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

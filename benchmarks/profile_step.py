@@ -2,11 +2,13 @@
 
     pip install -e '.[bench]'                  # xprof: the TensorBoard profile plugin's tools
     python -m benchmarks.profile_step [--dataset=idx:/usr/share/datasets/fashion-mnist]
-        [--batch_size=64] [--steps_per_loop=50] [--logdir=DIR] [--output=FILE]
+        [--batch_size=64] [--steps_per_loop=50] [--precision=auto] [--logdir=DIR]
+        [--output=FILE]
 
 Builds the training loop as `benchmarks.measure package` does (the package's task and
-`controller.make_train_loop`, float32, the default strategy; the model, batch and the rest
-are TrainConfig's defaults), runs two calls so that tracing and oneDNN's kernel choice stay
+`controller.make_train_loop` under --precision's policy, set once through
+train.configure_process, the default strategy; the model, batch and the rest are
+TrainConfig's defaults; the resolved policy and its reason head the summary), runs two calls so that tracing and oneDNN's kernel choice stay
 out, times a third, then runs ONE call of --steps_per_loop steps under TensorFlow's profiler.
 xprof's `framework_op_stats` tool (TensorBoard's profile plugin shows it as "framework op
 stats") reads the trace and gives each TensorFlow op's self-time; those are summed by category:
@@ -41,7 +43,8 @@ from typing import Dict, Iterable, List, Tuple
 
 from absl import app, flags
 
-from trainer.config import TrainConfig
+from benchmarks import precision as precision_lib
+from trainer.config import PRECISIONS, TrainConfig
 
 FLAGS = flags.FLAGS
 
@@ -52,6 +55,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("dataset", "idx:/usr/share/datasets/fashion-mnist", "Any --dataset source.")
   flags.DEFINE_integer("batch_size", TrainConfig.batch_size, "Global batch size.")
   flags.DEFINE_integer("steps_per_loop", 50, "Steps in the profiled call.")
+  flags.DEFINE_enum("precision", "auto", PRECISIONS, precision_lib.FLAG_HELP)
   flags.DEFINE_string("logdir", "", "Where the trace goes (empty: a new temporary directory).")
   flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                              "profile_step.txt"),
@@ -74,6 +78,8 @@ class Profile:
   unprofiled_seconds: float  # The same call's wall time without the profiler, just before.
   by_category: Dict[str, float]
   by_type: Dict[str, float]
+  precision: str = "float32"  # The Keras dtype policy the loop was built under.
+  precision_reason: str = ""  # Why --precision resolved to it.
 
   @property
   def op_seconds(self) -> float:
@@ -118,14 +124,18 @@ def _timed(call) -> float:
 
 def package_loop(config: TrainConfig, splits):
   """The package's task and the controller's loop over it, under the default strategy and
-  float32, as `benchmarks.measure`'s `_package_loop` builds them (that module is not imported:
-  it defines its flags on import, and they clash with trainer.task's)."""
+  `config.precision`'s policy (set once, here, before anything is built), as
+  `benchmarks.measure`'s `_package_loop` builds them (that module is not imported: it
+  defines its flags on import, and they clash with trainer.task's); and the resolved policy
+  with its reason."""
   import tensorflow as tf
   from trainer import controller, multitask
   strategy = tf.distribute.get_strategy()
+  resolved = precision_lib.configure(config, strategy)
   plan = multitask.plan_batches(config, strategy.num_replicas_in_sync, splits.train)
-  task = multitask.MultitaskTask(config, strategy, splits, plan, "float32")
-  return task, controller.make_train_loop(strategy, task), iter(task.train_dataset(0))
+  task = multitask.MultitaskTask(config, strategy, splits, plan, resolved.policy)
+  return (task, controller.make_train_loop(strategy, task), iter(task.train_dataset(0)),
+          resolved)
 
 
 def capture(loop, batches, steps: int, logdir: str) -> Tuple[float, float]:
@@ -167,7 +177,8 @@ def op_self_times(logdir: str) -> List[Tuple[str, str, float]]:
 
 
 def summarise(ops: Iterable[Tuple[str, str, float]], optimizer_name: str, steps: int,
-              batch_size: int, wall_seconds: float, unprofiled_seconds: float) -> Profile:
+              batch_size: int, wall_seconds: float, unprofiled_seconds: float,
+              precision: str = "float32", precision_reason: str = "") -> Profile:
   """Sums op self-times by category (every category present, zero if unseen) and by type."""
   optimizer = optimizer_scope(optimizer_name)
   by_category = dict.fromkeys(CATEGORIES, 0.0)
@@ -176,16 +187,17 @@ def summarise(ops: Iterable[Tuple[str, str, float]], optimizer_name: str, steps:
     by_category[category(name, op_type, optimizer)] += seconds
     by_type[op_type] += seconds
   return Profile(steps, batch_size, wall_seconds, unprofiled_seconds, by_category,
-                 dict(by_type))
+                 dict(by_type), precision, precision_reason)
 
 
 def profile(config: TrainConfig, splits, logdir: str) -> Profile:
   """Profiles one call of the package's loop on `splits` under `config` (its steps_per_loop
   steps) into `logdir`, and summarises it."""
-  task, loop, batches = package_loop(config, splits)
+  task, loop, batches, resolved = package_loop(config, splits)
   wall_seconds, unprofiled_seconds = capture(loop, batches, config.steps_per_loop, logdir)
   return summarise(op_self_times(logdir), task.optimizer.name, config.steps_per_loop,
-                   config.batch_size, wall_seconds, unprofiled_seconds)
+                   config.batch_size, wall_seconds, unprofiled_seconds, resolved.policy,
+                   resolved.reason)
 
 
 def report(result: Profile, dataset: str = "", load_average: float = 0.0) -> str:
@@ -194,7 +206,9 @@ def report(result: Profile, dataset: str = "", load_average: float = 0.0) -> str
   per_step = lambda seconds: 1e3 * seconds / result.steps
   shares = result.shares()
   lines = [f"One call of the package's training loop: {result.steps} steps of batch "
-           f"{result.batch_size}, float32, {os.cpu_count()} logical CPUs."]
+           f"{result.batch_size}, {result.precision}, {os.cpu_count()} logical CPUs."]
+  lines += [f"Precision: {result.precision} ({result.precision_reason})."
+            ] if result.precision_reason else []
   lines += [f"Data: {dataset}."] if dataset else []
   lines += ["Self-time of each TensorFlow op (xprof framework_op_stats), summed:", "",
            f"{'category':<34}{'ms/step':>9}{'share':>8}"]
@@ -222,7 +236,8 @@ def main(argv) -> None:
   from trainer import sources
   logdir = FLAGS.logdir or tempfile.mkdtemp(prefix="profile_step_")
   config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(),
-                       batch_size=FLAGS.batch_size, steps_per_loop=FLAGS.steps_per_loop)
+                       batch_size=FLAGS.batch_size, steps_per_loop=FLAGS.steps_per_loop,
+                       precision=FLAGS.precision)
   text = report(profile(config, sources.load_splits(FLAGS.dataset), logdir), FLAGS.dataset,
                 load_average)
   print(text, end="")

@@ -5,6 +5,11 @@
 
 Every figure comes from its own process (`benchmarks.measure`). Prints a table and writes
 the figures to benchmarks/results.json (--output).
+
+Each framework is measured as it runs by default and at its best on this CPU (issue 39): the
+package at --precision=auto beside --precision=float32, and the PyTorch peer in eager float32
+NCHW beside its best CPU recipe, bfloat16 autocast with channels_last, and torch.compile on
+top where short throughput runs of both, alternating in this run, find it faster.
 """
 
 import json
@@ -15,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import app, flags
@@ -33,6 +38,9 @@ def _define_flags() -> None:
                        "VM's speed drifts between runs).")
   flags.DEFINE_integer("measure_steps", 600, "Steps each throughput of the package's loop and "
                        "PyTorch is timed over, after the warm-up (the exercise's: one epoch).")
+  flags.DEFINE_integer("recipe_rounds", 2, "Rounds of the short throughput runs that decide "
+                       "whether torch.compile joins the PyTorch peer's best recipe.")
+  flags.DEFINE_integer("recipe_measure_steps", 150, "Steps each of those runs is timed over.")
   flags.DEFINE_integer("exercise_max_epochs", 20, "The exercise's time to accuracy gives up "
                        "after this many epochs (the ratio is then an upper bound).")
   flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -47,11 +55,26 @@ PACKAGE_TTA_FLAGS = ("--epochs=2", "--shift_pixels=0", "--eval_every_steps=130")
 # The default recipe as the README runs it (5 epochs, shifts on), timed to issue 13's bar.
 PACKAGE_FINAL_BAR = {"test_accuracy": 0.93, "test_reconstruction_mse": 0.0098}
 PACKAGE_FINAL_FLAGS = ("--epochs=5", "--shift_pixels=1", "--eval_every_steps=130")
+# The PyTorch peer's recipes, as `benchmarks.measure pytorch` takes them (torch_peer.Recipe's
+# names and flags; not imported: this process imports no PyTorch). Eager float32 NCHW is the
+# peer as it runs by default; the best CPU recipe is bfloat16 autocast with channels_last,
+# with torch.compile where it is faster: the candidates, in order of preference on a tie.
+PEER_EAGER = "eager_float32_nchw"
+PEER_RECIPES = {
+    PEER_EAGER: (),
+    "autocast_bfloat16+channels_last": ("--channels_last", "--autocast_bfloat16"),
+    "autocast_bfloat16+channels_last+compile": ("--channels_last", "--autocast_bfloat16",
+                                                "--compile"),
+}
+PEER_BEST_CANDIDATES = ("autocast_bfloat16+channels_last",
+                        "autocast_bfloat16+channels_last+compile")
 
 
-def measure(name: str, *flags_: str, bar: Optional[dict] = None) -> dict:
+def measure(name: str, *flags_: str, bar: Optional[dict] = None, required: bool = True
+            ) -> Optional[dict]:
   """Runs one measurement in a fresh process; returns its result, and its process's seconds.
-  `bar` (test accuracy and MSE to reach) defaults to --target_accuracy and --target_mse."""
+  `bar` (test accuracy and MSE to reach) defaults to --target_accuracy and --target_mse. A
+  failed measurement ends the run, or, not `required`, is reported and gives None."""
   bar = bar or {"test_accuracy": FLAGS.target_accuracy,
                 "test_reconstruction_mse": FLAGS.target_mse}
   started = time.time()
@@ -63,6 +86,10 @@ def measure(name: str, *flags_: str, bar: Optional[dict] = None) -> dict:
       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "BENCHMARK_PROCESS_START": str(started)})
   lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
   if result.returncode or not lines:
+    if not required:
+      print(f"  {name} {' '.join(flags_)}: failed, left out:\n{result.stderr[-2000:]}",
+            file=sys.stderr, flush=True)
+      return None
     sys.exit(f"error: measurement {name} {' '.join(flags_)} failed:\n{result.stderr[-3000:]}")
   figures = json.loads(lines[-1][len("RESULT "):])
   for moment in ("reached_at", "ended_at"):
@@ -112,28 +139,75 @@ def split_arrays(dataset: str, directory: str) -> str:
   return path
 
 
-def flops_figures(flops_per_image: float, images_per_second: float, limits: dict) -> dict:
-  """The package's achieved FLOP rate as a share of the best rate this machine's kernels were
-  measured at in the same run (benchmarks.limits), with both FLOP counts.
+def share_figures(counted_flops_per_image: float, images_per_second: float, policy: str,
+                  limits: dict) -> dict:
+  """A package loop's achieved FLOP rate (TensorFlow's count x its images/s) as a share of
+  the best rate measured for its own precision: the kernels of `policy`'s compute dtype
+  (float32 for float32, bfloat16 for mixed_bfloat16)."""
+  from benchmarks.precision import compute_dtype
+  dtype = compute_dtype(policy)
+  if dtype not in limits["by_dtype"]:
+    sys.exit(f"error: no limit was measured in {dtype}, {policy}'s compute dtype")
+  limit = limits["by_dtype"][dtype]["limit_flops_per_second"]
+  achieved = counted_flops_per_image * images_per_second
+  return {"precision": policy, "compute_dtype": dtype, "images_per_second": images_per_second,
+          "achieved_flops_per_second": achieved, "measured_limit_flops_per_second": limit,
+          "share_of_measured_limit": achieved / limit}
+
+
+def flops_figures(flops_per_image: float, package: Dict[str, Tuple[str, float]],
+                  limits: dict) -> dict:
+  """Each package loop's achieved FLOP rate as a share of the best rate this machine's
+  kernels of its own precision were measured at in the same run (benchmarks.limits), with
+  both FLOP counts. `package` maps a name to the loop's (policy, images/s).
 
   The achieved rate uses TensorFlow's own count of a training step's FLOPs; the count from
-  the layers' shapes is kept beside it as a check. Exits with an error where the share is
+  the layers' shapes is kept beside it as a check. Exits with an error where a share is
   above 1: the count or the limit would then be wrong, and no figure of this run is trusted.
   """
-  convolution = limits["heaviest_convolution"]
-  limit = max(limits["matmul_flops_per_second"], convolution["forward_flops_per_second"],
-              convolution["forward_and_backward_flops_per_second"])
   counted = limits["counted_training_flops_per_image"]
-  achieved = counted * images_per_second
   figures = {"training_flops_per_image_counted_by_tensorflow": counted,
              "training_flops_per_image_from_layer_shapes": flops_per_image,
-             "achieved_flops_per_second": achieved, "measured_limit_flops_per_second": limit,
-             "share_of_measured_limit": achieved / limit, **limits}
-  if figures["share_of_measured_limit"] > 1:
-    sys.exit(f"error: the package's {achieved / 1e9:.1f} GFLOP/s is above the "
-             f"{limit / 1e9:.1f} GFLOP/s measured as this machine's limit: the FLOP count or "
-             f"the limit is wrong; nothing written ({json.dumps(figures)})")
+             "package": {name: share_figures(counted, images_per_second, policy, limits)
+                         for name, (policy, images_per_second) in package.items()},
+             **limits}
+  for name, share in figures["package"].items():
+    if share["share_of_measured_limit"] > 1:
+      sys.exit(f"error: the package's {share['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s "
+               f"({name}, {share['precision']}) is above the "
+               f"{share['measured_limit_flops_per_second'] / 1e9:.1f} GFLOP/s measured as this "
+               f"machine's {share['compute_dtype']} limit: the FLOP count or the limit is "
+               f"wrong; nothing written ({json.dumps(figures)})")
   return figures
+
+
+def best_recipe(runs: Dict[str, Sequence[Optional[float]]],
+                candidates: Sequence[str] = PEER_BEST_CANDIDATES) -> str:
+  """The candidate recipe with the highest median images/s over its rounds (None: a round
+  that failed, left out); on a tie the earlier candidate (the simpler recipe). Exits where
+  none has a figure."""
+  medians = {name: statistics.median(values) for name in candidates
+             if (values := [value for value in runs.get(name, ()) if value is not None])}
+  if not medians:
+    sys.exit(f"error: no recipe of the PyTorch peer could be measured: {runs}")
+  return max(medians, key=lambda name: (medians[name], -list(candidates).index(name)))
+
+
+def round_ratios(numerators: Sequence[float], denominators: Sequence[float]
+                 ) -> Tuple[float, List[float]]:
+  """The median of each round's own ratio, and the rounds' ratios: measured in the same
+  round, the two share the VM's speed of the moment."""
+  if len(numerators) != len(denominators) or not numerators:
+    raise ValueError(f"rounds do not pair: {numerators} and {denominators}")
+  ratios = [numerator / denominator for numerator, denominator in zip(numerators, denominators)]
+  return statistics.median(ratios), ratios
+
+
+def time_ratio(package: dict, peer: dict) -> Optional[float]:
+  """The package's seconds to the bar over the peer's; None unless both reached it."""
+  if package.get("step") is None or peer.get("step") is None:
+    return None
+  return package["seconds"] / peer["seconds"]
 
 
 def main(_) -> None:
@@ -142,42 +216,85 @@ def main(_) -> None:
              "bar": {"test_accuracy": FLAGS.target_accuracy,
                      "test_reconstruction_mse": FLAGS.target_mse},
              "settings": {"repeats": FLAGS.repeats, "measure_steps": FLAGS.measure_steps,
+                          "recipe_rounds": FLAGS.recipe_rounds,
+                          "recipe_measure_steps": FLAGS.recipe_measure_steps,
                           "exercise_max_epochs": FLAGS.exercise_max_epochs}}
   steps = f"--measure_steps={FLAGS.measure_steps}"
-  # The three alternate in rounds, so a drift in the VM's speed reaches each alike.
-  runs = {"exercise_fit_batch128": [], "package_loop_batch128": [], "pytorch_batch128": []}
   # Removed when this process ends (a failed measurement exits it), at the latest.
   scratch = tempfile.TemporaryDirectory()
   arrays = split_arrays(FLAGS.dataset, scratch.name)
+
+  # The peer's best recipe on this machine: short runs of each candidate, alternating. A
+  # candidate that fails here (torch.compile without a C++ compiler, say) is left out.
+  candidates = {name: [] for name in PEER_BEST_CANDIDATES}
+  for _ in range(FLAGS.recipe_rounds):
+    for name in PEER_BEST_CANDIDATES:
+      figures = measure("pytorch", "--batch_size=128",
+                        f"--measure_steps={FLAGS.recipe_measure_steps}", f"--arrays={arrays}",
+                        *PEER_RECIPES[name], required=False)
+      candidates[name].append(figures and figures["images_per_second"])
+  best = best_recipe(candidates)
+  results["pytorch_best_recipe"] = {"recipe": best, "flags": PEER_RECIPES[best],
+                                    "candidates_images_per_second": candidates}
+  best_flags = PEER_RECIPES[best]
+
+  # The throughputs alternate in rounds, so a drift in the VM's speed reaches each alike. The
+  # package at float32 is measured apart only where auto resolves to another policy.
+  runs = {"exercise_fit_batch128": [], "package_loop_batch128": [],
+          "package_loop_batch128_float32": [], "pytorch_batch128": [],
+          "pytorch_best_batch128": []}
+  package_precision = None
   for _ in range(FLAGS.repeats):
     runs["exercise_fit_batch128"].append(measure("exercise")["images_per_second"])
-    runs["package_loop_batch128"].append(
-        measure("package", "--batch_size=128", steps)["images_per_second"])
+    auto = measure("package", "--batch_size=128", steps, "--precision=auto")
+    package_precision = {"flag": "auto", "policy": auto["precision"],
+                         "reason": auto.get("precision_reason", "")}
+    runs["package_loop_batch128"].append(auto["images_per_second"])
+    if auto["precision"] == "float32":
+      runs["package_loop_batch128_float32"].append(auto["images_per_second"])
+    else:
+      runs["package_loop_batch128_float32"].append(measure(
+          "package", "--batch_size=128", steps, "--precision=float32")["images_per_second"])
     runs["pytorch_batch128"].append(measure(
         "pytorch", "--batch_size=128", steps, f"--arrays={arrays}")["images_per_second"])
+    runs["pytorch_best_batch128"].append(measure(
+        "pytorch", "--batch_size=128", steps, f"--arrays={arrays}",
+        *best_flags)["images_per_second"])
+  results["package_precision"] = package_precision
+  float32_is_auto = package_precision["policy"] == "float32"
+  results["package_float32_is_auto"] = float32_is_auto
   results["throughput_runs"] = runs
-  # Each round's own ratio: their spread says how far the median can be trusted.
-  round_ratios = [package / peer for package, peer in
-                  zip(runs["package_loop_batch128"], runs["pytorch_batch128"])]
-  results["throughput_ratio_vs_pytorch"] = statistics.median(round_ratios)
-  results["throughput_ratio_vs_pytorch_rounds"] = round_ratios
+  # Like for like, package float32 against eager float32 (as before issue 39); and each at
+  # its best on this CPU. Each round's own ratio: their spread says how far to trust them.
+  (results["throughput_ratio_vs_pytorch"],
+   results["throughput_ratio_vs_pytorch_rounds"]) = round_ratios(
+       runs["package_loop_batch128_float32"], runs["pytorch_batch128"])
+  (results["throughput_ratio_vs_pytorch_best"],
+   results["throughput_ratio_vs_pytorch_best_rounds"]) = round_ratios(
+       runs["package_loop_batch128"], runs["pytorch_best_batch128"])
   throughput = {
       "input_pipeline_alone": measure("pipeline")["images_per_second"],
       **{name: statistics.median(values) for name, values in runs.items()},
       "package_loop_batch128_steps_per_loop1": measure(
-          "package", "--batch_size=128", "--steps_per_loop=1", "--measure_steps=300"
-      )["images_per_second"],
+          "package", "--batch_size=128", "--steps_per_loop=1", "--measure_steps=300",
+          "--precision=auto")["images_per_second"],
   }
   results["images_per_second"] = throughput
-  results["throughput_ratio_vs_exercise"] = (throughput["package_loop_batch128"]
+  # The exercise is float32 (float64 arrays into a float32 model): like for like.
+  results["throughput_ratio_vs_exercise"] = (throughput["package_loop_batch128_float32"]
                                              / throughput["exercise_fit_batch128"])
 
-  results["flops"] = flops_figures(training_flops_per_image(),
-                                   throughput["package_loop_batch128"],
-                                   measure("limits", "--batch_size=128"))
-  results["share_of_measured_limit"] = results["flops"]["share_of_measured_limit"]
+  results["flops"] = flops_figures(
+      training_flops_per_image(),
+      {"auto": (package_precision["policy"], throughput["package_loop_batch128"]),
+       "float32": ("float32", throughput["package_loop_batch128_float32"])},
+      measure("limits", "--batch_size=128"))
+  shares = results["flops"]["package"]
+  results["share_of_measured_limit"] = shares["auto"]["share_of_measured_limit"]
+  results["share_of_measured_limit_by_precision"] = {
+      share["precision"]: share["share_of_measured_limit"] for share in shares.values()}
 
-  package_tta = measure("package_tta", *PACKAGE_TTA_FLAGS)
+  package_tta = measure("package_tta", *PACKAGE_TTA_FLAGS, "--precision=auto")
   if package_tta["step"] is None:
     sys.exit(f"error: the package's recipe ({' '.join(PACKAGE_TTA_FLAGS)}) never reached the "
              f"bar: {reached(package_tta)}")
@@ -187,17 +304,28 @@ def main(_) -> None:
   # If the exercise's way never reaches the bar, its time is a lower bound, the ratio an upper.
   results["time_to_accuracy_ratio_vs_exercise"] = package_tta["seconds"] / exercise_tta["seconds"]
   results["time_to_accuracy_ratio_is_upper_bound"] = exercise_tta["epochs"] is None
-  results["time_to_final_bar"] = {
+  final_package = measure("package_tta", *PACKAGE_FINAL_FLAGS, "--precision=auto",
+                          bar=PACKAGE_FINAL_BAR)
+  final = {
       "bar": PACKAGE_FINAL_BAR, "package_flags": PACKAGE_FINAL_FLAGS,
-      "package": measure("package_tta", *PACKAGE_FINAL_FLAGS, bar=PACKAGE_FINAL_BAR),
+      "package": final_package,
+      "package_float32": final_package if float32_is_auto else measure(
+          "package_tta", *PACKAGE_FINAL_FLAGS, "--precision=float32", bar=PACKAGE_FINAL_BAR),
       "pytorch": measure("pytorch_tta", *PACKAGE_FINAL_FLAGS, f"--arrays={arrays}",
-                         bar=PACKAGE_FINAL_BAR)}
+                         bar=PACKAGE_FINAL_BAR),
+      # torch.compile's compilation is in its time: the clock runs from process start.
+      "pytorch_best": measure("pytorch_tta", *PACKAGE_FINAL_FLAGS, f"--arrays={arrays}",
+                              *best_flags, bar=PACKAGE_FINAL_BAR),
+      "pytorch_best_recipe": best}
+  results["time_to_final_bar"] = final
   scratch.cleanup()
-  final = results["time_to_final_bar"]
-  if final["package"]["step"] is not None and final["pytorch"]["step"] is not None:
-    results["time_to_final_bar_ratio_vs_pytorch"] = (final["package"]["seconds"]
-                                                     / final["pytorch"]["seconds"])
-  results["startup_seconds"] = measure("startup")
+  for key, package, peer in (("time_to_final_bar_ratio_vs_pytorch", "package_float32", "pytorch"),
+                             ("time_to_final_bar_ratio_vs_pytorch_best", "package",
+                              "pytorch_best")):
+    ratio = time_ratio(final[package], final[peer])
+    if ratio is not None:
+      results[key] = ratio
+  results["startup_seconds"] = measure("startup", "--precision=auto")
 
   with open(FLAGS.output, "w") as f:
     json.dump(results, f, indent=2)
@@ -221,54 +349,91 @@ def exercise_reached(figures: dict) -> str:
   return f"{figures['seconds']:.0f} s (epoch {figures['epochs']})"
 
 
+def _limit_cell(limits: dict, dtype: str) -> str:
+  """How one dtype's limit was found: each kernel's rate, GFLOP/s."""
+  figures = limits["by_dtype"][dtype]
+  sizes = ", ".join(f"{size}: {rate / 1e9:.0f}"
+                    for size, rate in figures["matmul_flops_per_second_by_size"].items())
+  return (f"the best of square matmuls ({sizes}) and the heaviest convolution, forward "
+          f"({figures['convolution_forward_flops_per_second'] / 1e9:.0f}) and forward and "
+          f"backward ({figures['convolution_forward_and_backward_flops_per_second'] / 1e9:.0f})")
+
+
 def table(results: dict) -> str:
   """The figures as a Markdown table."""
   ips = results["images_per_second"]
   tta = results["time_to_accuracy"]
   flops = results["flops"]
   final = results["time_to_final_bar"]
+  precision = results["package_precision"]
+  policy = precision["policy"]
+  best = results["pytorch_best_recipe"]["recipe"]
+  cpu = flops["cpu"]
+  ratio = lambda key: (f"**{results[key]:.2f}** ({min(results[key + '_rounds']):.2f} to "
+                       f"{max(results[key + '_rounds']):.2f})")
   rows = [
       ("input pipeline alone (no model)", f"{ips['input_pipeline_alone']:,.0f} images/s"),
       ("exercise way: float64 arrays into model.fit, batch 128 (median)",
        f"{ips['exercise_fit_batch128']:,.0f} images/s"),
-      ("package loop, batch 128 (the job defaults to 64), 50 steps per call (median)",
-       f"{ips['package_loop_batch128']:,.0f} images/s"),
-      ("package loop, batch 128, 1 step per call",
+      ("package loop, float32, batch 128 (the job defaults to 64), 50 steps per call (median)",
+       f"{ips['package_loop_batch128_float32']:,.0f} images/s"),
+      (f"package loop, --precision=auto ({policy}: {precision['reason'] or 'no reason given'}), "
+       "batch 128 (median)",
+       f"{ips['package_loop_batch128']:,.0f} images/s"
+       + (" (the float32 runs)" if results.get("package_float32_is_auto") else "")),
+      ("package loop, --precision=auto, batch 128, 1 step per call",
        f"{ips['package_loop_batch128_steps_per_loop1']:,.0f} images/s"),
-      ("the same model in plain PyTorch, batch 128 (median)",
+      ("the same model in plain PyTorch, eager float32 NCHW, batch 128 (median)",
        f"{ips['pytorch_batch128']:,.0f} images/s"),
-      ("**throughput ratio, package / exercise (batch 128)**",
+      (f"PyTorch at its best CPU recipe ({best}), batch 128 (median)",
+       f"{ips['pytorch_best_batch128']:,.0f} images/s"),
+      ("**throughput ratio, package float32 / exercise (batch 128)**",
        f"**{results['throughput_ratio_vs_exercise']:.2f}**"),
-      ("**throughput ratio, package / PyTorch (batch 128), median of the rounds' (range)**",
-       f"**{results['throughput_ratio_vs_pytorch']:.2f}** "
-       f"({min(results['throughput_ratio_vs_pytorch_rounds']):.2f} to "
-       f"{max(results['throughput_ratio_vs_pytorch_rounds']):.2f})"),
+      ("**throughput ratio, package float32 / PyTorch eager float32 (batch 128), median of "
+       "the rounds' (range)**", ratio("throughput_ratio_vs_pytorch")),
+      (f"**throughput ratio, package at auto ({policy}) / PyTorch at its best ({best}), "
+       "median of the rounds' (range)**", ratio("throughput_ratio_vs_pytorch_best")),
       ("training FLOPs per image: TensorFlow's count (layer shapes x3)",
        f"{flops['training_flops_per_image_counted_by_tensorflow'] / 1e6:.1f} MFLOP "
        f"({flops['training_flops_per_image_from_layer_shapes'] / 1e6:.1f})"),
-      ("achieved, package loop batch 128", f"{flops['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s"),
-      (f"measured limit: the best of a {flops['matmul_size']}-square matmul "
-       f"({flops['matmul_flops_per_second'] / 1e9:.0f}) and the heaviest convolution, forward "
-       f"({flops['heaviest_convolution']['forward_flops_per_second'] / 1e9:.0f}) and forward "
-       f"and backward ({flops['heaviest_convolution']['forward_and_backward_flops_per_second'] / 1e9:.0f}); "
-       f"{flops['cpu']['model_name']} family {flops['cpu']['family']} model "
-       f"{flops['cpu']['model']}, {flops['cpu']['logical_cpus']} CPUs",
-       f"{flops['measured_limit_flops_per_second'] / 1e9:.0f} GFLOP/s "
-       f"(**{flops['share_of_measured_limit']:.0%}** used)"),
+  ]
+  for dtype in flops["by_dtype"]:
+    rows.append((f"measured limit, {dtype}: {_limit_cell(flops, dtype)}; {cpu['model_name']} "
+                 f"family {cpu['family']} model {cpu['model']}, {cpu['logical_cpus']} CPUs",
+                 f"{flops['by_dtype'][dtype]['limit_flops_per_second'] / 1e9:.0f} GFLOP/s"))
+  shown = set()
+  for name, share in flops["package"].items():
+    if share["precision"] in shown:
+      continue
+    shown.add(share["precision"])
+    rows.append((f"achieved, package loop {share['precision']} batch 128, of the measured "
+                 f"{share['compute_dtype']} limit",
+                 f"{share['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s "
+                 f"(**{share['share_of_measured_limit']:.0%}** used)"))
+  rows += [
       (f"time to test accuracy {results['bar']['test_accuracy']} and MSE "
-       f"{results['bar']['test_reconstruction_mse']}, package",
+       f"{results['bar']['test_reconstruction_mse']}, package at auto",
        reached(tta["package"])),
       ("the same, exercise way", exercise_reached(tta["exercise"])),
       ("**time-to-accuracy ratio, package / exercise**",
        f"**{'< ' if results.get('time_to_accuracy_ratio_is_upper_bound') else ''}"
        f"{results['time_to_accuracy_ratio_vs_exercise']:.2f}**"),
       (f"time to test accuracy {final['bar']['test_accuracy']} and MSE "
-       f"{final['bar']['test_reconstruction_mse']}, package, default recipe "
+       f"{final['bar']['test_reconstruction_mse']}, package at auto ({policy}), default recipe "
        f"({' '.join(final['package_flags'])})", reached(final["package"])),
-      ("the same, PyTorch peer, the same recipe", reached(final["pytorch"])),
-      ("**time to that bar, package / PyTorch**",
+  ]
+  if not results.get("package_float32_is_auto"):
+    rows.append(("the same, package at float32", reached(final["package_float32"])))
+  rows += [
+      ("the same, PyTorch peer eager float32, the same recipe", reached(final["pytorch"])),
+      (f"the same, PyTorch peer at its best ({best}; compilation counted)",
+       reached(final["pytorch_best"])),
+      ("**time to that bar, package float32 / PyTorch eager float32**",
        f"**{results['time_to_final_bar_ratio_vs_pytorch']:.2f}**"
        if "time_to_final_bar_ratio_vs_pytorch" in results else "not both reached"),
+      ("**time to that bar, package at auto / PyTorch at its best**",
+       f"**{results['time_to_final_bar_ratio_vs_pytorch_best']:.2f}**"
+       if "time_to_final_bar_ratio_vs_pytorch_best" in results else "not both reached"),
       ("start-up to the first training step",
        f"{results['startup_seconds']['first_step_done']:.1f} s"),
   ]

@@ -14,6 +14,14 @@ and rescales inside; the Rescaling layer has no weights). It returns {"classifie
 (N, 10), "decoder": pixels (N, 1, 28, 28) in [0, 1]}: the classifier's softmax is folded into
 the cross-entropy (Keras's recovers the logits from its softmax where it can).
 
+The recipe (issue 39): `Recipe(channels_last, autocast_bfloat16, compile)`, eager float32
+NCHW by default. `prepare(model, recipe)` moves the model to channels_last memory format and
+compiles it with torch.compile, as asked; `train_steps` and `evaluate` then convert each
+batch to that memory format and run the forward pass under
+`torch.autocast("cpu", dtype=torch.bfloat16)`, as asked, with the losses and metrics in
+float32 (the package's mixed_bfloat16 computes its losses in float32 too). The shapes, the
+parameters (float32, as Keras's mixed policies keep them) and the optimizer do not change.
+
 Needs the `bench` extra (pip install -e '.[bench]'); the package itself does not depend on
 PyTorch. No TensorFlow here, so PyTorch and TensorFlow do not share a benchmark's process
 (trainer.config and trainer.sources import none on import). Call `use_all_cores()` once, at
@@ -31,9 +39,10 @@ What differs, and why it is left so:
 """
 
 import collections
+import contextlib
 import math
 import os
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Tuple
 
 import torch
 from torch import nn
@@ -48,6 +57,52 @@ from trainer.sources import NUM_CLASSES  # TensorFlow only inside the functions 
 BN_MOMENTUM = 0.1
 BN_EPSILON = 1e-3
 ADAM_EPSILON = 1e-7  # Keras's AdamW default; PyTorch's is 1e-8.
+
+
+class Recipe(NamedTuple):
+  """How the peer runs on CPU; every option off is today's eager float32 NCHW."""
+  channels_last: bool = False  # The model and its inputs in channels_last memory format.
+  autocast_bfloat16: bool = False  # The forward pass under torch.autocast to bfloat16.
+  compile: bool = False  # The model through torch.compile (compiled on its first call).
+
+  @property
+  def name(self) -> str:
+    """"eager_float32_nchw" for the default; else the options on, joined: say
+    "autocast_bfloat16+channels_last+compile"."""
+    on = [option for option, value in zip(self._fields, self) if value]
+    return "+".join(sorted(on)) if on else "eager_float32_nchw"
+
+  def flags(self) -> List[str]:
+    """The options as `benchmarks.measure pytorch` takes them."""
+    return [f"--{option}" for option, value in zip(self._fields, self) if value]
+
+
+EAGER_FLOAT32 = Recipe()
+
+
+def prepare(model: nn.Module, recipe: Recipe = EAGER_FLOAT32) -> nn.Module:
+  """`model` as `recipe` runs it: moved to channels_last (in place) and compiled, as asked.
+  Train and evaluate what this returns; the optimizer is made from `model`'s parameters (the
+  compiled module shares them). torch.compile compiles on the first call, so its cost falls in
+  the first step, where a user pays it."""
+  if recipe.channels_last:
+    model.to(memory_format=torch.channels_last)
+  if recipe.compile:
+    return torch.compile(model)
+  return model
+
+
+def _inputs(images: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+  if recipe.channels_last:
+    return images.contiguous(memory_format=torch.channels_last)
+  return images
+
+
+def _precision(recipe: Recipe):
+  """The context a forward pass runs in under `recipe`."""
+  if recipe.autocast_bfloat16:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+  return contextlib.nullcontext()
 
 
 def use_all_cores() -> None:
@@ -221,14 +276,21 @@ def loss(outputs: Dict[str, torch.Tensor], images: torch.Tensor, labels: torch.T
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler,
                 batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-                loss_weights: Dict[str, float] = DEFAULT_LOSS_WEIGHTS) -> List[float]:
+                loss_weights: Dict[str, float] = DEFAULT_LOSS_WEIGHTS,
+                recipe: Recipe = EAGER_FLOAT32) -> List[float]:
   """One training step per (images, labels) batch, images as `build_model`'s take them and
-  labels int64 (N,); returns each step's total loss."""
+  labels int64 (N,); returns each step's total loss. `model` as `prepare(model, recipe)`
+  returned it: the batches are converted to its memory format here, and the forward pass
+  runs under the recipe's autocast (the losses in float32)."""
   model.train()
   losses = []
   for images, labels in batches:
+    images = _inputs(images, recipe)
     optimizer.zero_grad(set_to_none=True)
-    total = loss(model(images), images, labels, loss_weights)
+    with _precision(recipe):
+      outputs = model(images)
+    outputs = {name: output.float() for name, output in outputs.items()}
+    total = loss(outputs, images, labels, loss_weights)
     total.backward()
     optimizer.step()
     scheduler.step()
@@ -236,17 +298,20 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
   return losses
 
 
-def evaluate(model: nn.Module, images, labels, batch_size: int = 1000) -> Dict[str, float]:
+def evaluate(model: nn.Module, images, labels, batch_size: int = 1000,
+             recipe: Recipe = EAGER_FLOAT32) -> Dict[str, float]:
   """Test metrics as the package reports them: accuracy and reconstruction MSE over every
   example of uint8 NHWC `images` and int `labels`, batch normalisation on its moving
-  statistics."""
+  statistics; the forward pass in `recipe` (as `train_steps`), the metrics in float32."""
   model.eval()
   correct, squared_error = 0, 0.0
   with torch.no_grad():
     for start in range(0, len(labels), batch_size):
       pixels = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2)
-      pixels = pixels.float().div_(255.0)
-      outputs = model(pixels)
+      pixels = _inputs(pixels.float().div_(255.0), recipe)
+      with _precision(recipe):
+        outputs = model(pixels)
+      outputs = {name: output.float() for name, output in outputs.items()}
       correct += int((outputs[CLASSIFIER].argmax(1)
                       == torch.from_numpy(labels[start:start + batch_size]).long()).sum())
       squared_error += float(((outputs[DECODER] - pixels) ** 2).sum())

@@ -61,3 +61,18 @@ def test_a_profile_of_the_narrow_model_finds_every_category(tmp_path):
   for name in ("convolution", "batch normalisation", "optimizer update", "dense (MatMul)"):
     assert shares[name] > 0, (name, shares)
   assert result.steps == 3 and result.wall_seconds > 0 and result.unprofiled_seconds > 0
+
+
+def test_the_loop_is_built_under_the_precision_and_the_summary_names_it(tmp_path):
+  settings = config.TrainConfig(dataset="mnist_sample", model_dir=str(tmp_path / "run"),
+                                batch_size=32, latent_dim=16, width=8, steps_per_loop=3,
+                                precision="mixed_bfloat16")
+  task, _, _, resolved = profile_step.package_loop(settings, helpers.learnable_splits(train=128))
+  assert resolved.policy == "mixed_bfloat16" and task.model.compute_dtype == "bfloat16"
+  result = profile_step.summarise([(OPS[0][0], OPS[0][1], 0.01)], "adam_w", steps=3,
+                                  batch_size=32, wall_seconds=0.01, unprofiled_seconds=0.01,
+                                  precision=resolved.policy, precision_reason=resolved.reason)
+  text = profile_step.report(result)
+  assert text.startswith("One call of the package's training loop: 3 steps of batch 32, "
+                         "mixed_bfloat16, ")
+  assert f"Precision: mixed_bfloat16 ({resolved.reason})." in text

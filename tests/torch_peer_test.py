@@ -266,3 +266,100 @@ def test_the_time_to_the_bar_evaluates_on_the_packages_cadence_and_says_where_it
   assert evaluated == ["2", "3", "4"]
   (line,) = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
   assert '"step": null' in line and '"accuracy": ' in line
+
+
+# Issue 39: the peer's recipe options.
+
+def test_the_default_recipe_is_eager_float32_nchw_and_each_option_has_its_flag():
+  assert torch_peer.Recipe() == torch_peer.EAGER_FLOAT32
+  assert torch_peer.EAGER_FLOAT32.name == "eager_float32_nchw"
+  assert torch_peer.EAGER_FLOAT32.flags() == []
+  best = torch_peer.Recipe(channels_last=True, autocast_bfloat16=True, compile=True)
+  assert best.name == "autocast_bfloat16+channels_last+compile"
+  assert best.flags() == ["--channels_last", "--autocast_bfloat16", "--compile"]
+  from benchmarks import run
+  for name, options in run.PEER_RECIPES.items():  # What benchmarks.run asks for, by name.
+    recipe = torch_peer.Recipe(**{option[2:]: True for option in options})
+    assert recipe.name == name and recipe.flags() == list(options)
+
+
+def _step_observed(recipe: "torch_peer.Recipe"):
+  """One training step of the narrow peer on a tiny batch under `recipe`: the memory format
+  each convolution's input and weight had, the dtype its output had, and the loss."""
+  torch.manual_seed(0)
+  model = torch_peer.build_model(16, 8)
+  optimizer, scheduler = torch_peer.make_optimizer(model, total_steps=10, warmup_steps=0)
+  stepped = torch_peer.prepare(model, recipe)
+  seen = []
+
+  def hook(module, inputs, output):
+    seen.append((inputs[0].is_contiguous(memory_format=torch.channels_last),
+                 module.weight.is_contiguous(memory_format=torch.channels_last), output.dtype))
+
+  # The encoder's second block: 8 channels in, 16 out (a channel of 1 is both formats).
+  model.encoder.encoder1_0.register_forward_hook(hook)
+  losses = torch_peer.train_steps(stepped, optimizer, scheduler,
+                                  [(torch.rand(4, 1, 28, 28), torch.arange(4))], recipe=recipe)
+  return seen, losses
+
+
+def test_eager_float32_steps_in_nchw_and_float32():
+  (seen,), losses = _step_observed(torch_peer.EAGER_FLOAT32)
+  assert seen == (False, False, torch.float32) and np.isfinite(losses[0])
+
+
+def test_channels_last_and_bfloat16_autocast_are_applied_in_a_step():
+  recipe = torch_peer.Recipe(channels_last=True, autocast_bfloat16=True)
+  (seen,), losses = _step_observed(recipe)
+  assert seen == (True, True, torch.bfloat16) and np.isfinite(losses[0])
+
+
+def test_each_option_alone_is_applied_alone():
+  (seen,), _ = _step_observed(torch_peer.Recipe(channels_last=True))
+  assert seen == (True, True, torch.float32)
+  (seen,), _ = _step_observed(torch_peer.Recipe(autocast_bfloat16=True))
+  assert seen == (False, False, torch.bfloat16)
+
+
+def test_the_parameters_and_the_evaluation_stay_float32_under_autocast(narrow_pair):
+  recipe = torch_peer.Recipe(channels_last=True, autocast_bfloat16=True)
+  torch.manual_seed(0)
+  model = torch_peer.build_model(16, 8)
+  stepped = torch_peer.prepare(model, recipe)
+  assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+  rng = np.random.default_rng(0)
+  metrics = torch_peer.evaluate(stepped, rng.integers(0, 256, (6, 28, 28, 1), dtype=np.uint8),
+                                rng.integers(0, 10, 6), batch_size=4, recipe=recipe)
+  assert 0 <= metrics["accuracy"] <= 1 and 0 < metrics["reconstruction_mse"] < 1
+
+
+def test_compile_hands_back_the_compiled_model_sharing_the_parameters():
+  # Compiling itself takes a minute here: the first call is in the slow test below.
+  model = torch_peer.build_model(16, 8)
+  compiled = torch_peer.prepare(model, torch_peer.Recipe(compile=True))
+  assert compiled is not model and isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+  assert compiled._orig_mod is model
+  assert torch_peer.prepare(model, torch_peer.EAGER_FLOAT32) is model
+
+
+@pytest.mark.slow  # torch.compile's first call: about a minute on this project's 2-CPU machine.
+def test_a_compiled_step_with_the_best_recipe_trains():
+  recipe = torch_peer.Recipe(channels_last=True, autocast_bfloat16=True, compile=True)
+  (seen,), losses = _step_observed(recipe)
+  assert np.isfinite(losses[0])
+
+
+@pytest.mark.slow  # The default model, 22 steps of batch 8: about a minute where bfloat16 is emulated.
+def test_measure_pytorch_passes_the_recipe_through(tmp_path):
+  rng = np.random.default_rng(0)
+  arrays = tmp_path / "splits.npz"
+  np.savez(arrays, images=rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
+           labels=rng.integers(0, 10, 64))
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.measure", "pytorch", f"--arrays={arrays}",
+       "--batch_size=8", "--measure_steps=2", "--channels_last", "--autocast_bfloat16"],
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  (line,) = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+  assert '"recipe": "autocast_bfloat16+channels_last"' in line
+  assert '"channels_last": true' in line and '"compile": false' in line
