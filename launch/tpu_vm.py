@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 
 from launch import requirements
+from trainer import errors
 from trainer import cli
 from trainer.errors import UserInputError
 
@@ -32,7 +33,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("create", "install", "train", "logs", "delete")
 LOG = "~/trainer.log"
 STEP_FAILED_EXIT_CODE = 1
-INTERRUPTED_EXIT_CODE = 130
 GCLOUD_MISSING = ("gcloud not found on PATH: install the Google Cloud CLI "
                   "(https://cloud.google.com/sdk/docs/install), run `gcloud auth login`, and rerun")
 
@@ -172,7 +172,7 @@ def main(argv: List[str]) -> None:
       except KeyboardInterrupt:
         print(f"interrupted in step {step}: rerun with --steps={','.join(FLAGS.steps[index:])} "
               "to go on from it", file=sys.stderr)
-        sys.exit(INTERRUPTED_EXIT_CODE)
+        sys.exit(errors.INTERRUPTED_EXIT_CODE)
       # gcloud's own code is not passed on: it is 1 for most errors, 2 for its usage errors
       # (our 2 means bad flags or set-up) and, through ssh, the remote command's or ssh's 255.
       # The message reports it; the exit code says only "a step failed".

@@ -27,6 +27,7 @@ from launch import endpoints
 from launch import tuning_job
 from launch import vertex_api
 from launch.custom_job import SCHEDULING_STRATEGIES, JobSpec, LaunchError, build_custom_job
+from trainer import errors
 from trainer import cli
 from trainer.config import TUNING_METRICS
 from trainer.errors import UserInputError
@@ -308,7 +309,7 @@ def main(argv: List[str], command: str) -> None:
   except KeyboardInterrupt:
     print(INTERRUPTED[command].format(project=FLAGS.project or "PROJECT", region=region),
           file=sys.stderr)
-    sys.exit(vertex_api.INTERRUPTED_EXIT_CODE)
+    sys.exit(errors.INTERRUPTED_EXIT_CODE)
   except LaunchError as e:
     cli.fail(str(e))
   except ImportError as e:
@@ -322,7 +323,7 @@ def main(argv: List[str], command: str) -> None:
     cause = getattr(e, "cause", None) or e
     line += "".join(f"; {note}" for note in getattr(e, "__notes__", ()))
     cli.fail(line, exit_code=vertex_api.UNREACHABLE_EXIT_CODE
-             if vertex_api.is_transient(cause) else cli.BAD_INPUT_EXIT_CODE)
+             if vertex_api.is_transient(cause) else errors.BAD_INPUT_EXIT_CODE)
 
 
 # What Ctrl-C outside waiting leaves behind: a request may have reached Vertex AI.
@@ -394,7 +395,7 @@ def _wait(client, name: str, link: str) -> int:
   how it ended, or that Ctrl-C stopped following."""
   job = _follow(client, name, link)
   if job is None:
-    return vertex_api.INTERRUPTED_EXIT_CODE
+    return errors.INTERRUPTED_EXIT_CODE
   if vertex_api.collection_of(name) == vertex_api.TUNING_JOBS:
     print("\n".join(vertex_api.tuning_summary(job)), flush=True)
   return vertex_api.exit_code(job)
@@ -623,7 +624,7 @@ def predict(inputs: List[str], endpoint: str) -> int:
   options = trainer_predict.Options(model_dir=FLAGS.model_dir, invert=FLAGS.invert,
                                     resize=FLAGS.resize, key=FLAGS.key)
   failed = endpoints.predict(name, inputs, options, endpoints.Clients(endpoint), FLAGS.dry_run)
-  return cli.BAD_INPUT_EXIT_CODE if failed else 0
+  return errors.BAD_INPUT_EXIT_CODE if failed else 0
 
 
 def undeploy(_, endpoint: str) -> int:

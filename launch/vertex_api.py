@@ -17,9 +17,8 @@ from typing import Callable, List, Optional, Tuple
 
 from launch.custom_job import LaunchError
 from launch.tuning_job import TUNING_METRIC_FLAG
-from trainer.cli import BAD_INPUT_EXIT_CODE
-from trainer.errors import first_line
-from trainer.preemption import PREEMPTED_EXIT_CODE
+from trainer.errors import (BAD_INPUT_EXIT_CODE, INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE,
+                            first_line)
 
 # Vertex AI's prebuilt TensorFlow prediction containers; 2.15 is the newest TensorFlow offered.
 SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
@@ -28,7 +27,6 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 FAILED_EXIT_CODE = 1
 UNREACHABLE_EXIT_CODE = 3
 CANCELLED_EXIT_CODE = 4
-INTERRUPTED_EXIT_CODE = 130
 # An outage while waiting is retried for this long before the launcher gives up; each poll
 # may take this long before it counts as failed (the API sets no deadline of its own).
 UNAVAILABLE_RETRY_SECONDS = 600.0

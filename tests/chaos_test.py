@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
+from trainer import errors
 from trainer import preemption
 
 # The chaos test's seed: its signals, their delays and the second Ctrl-Cs all follow from it.
@@ -244,9 +245,9 @@ def _check_stop(kind: str, code: int, log: str, seen: str) -> str:
   # the next in microseconds): the documented outcome, as below.
   assert "Traceback" not in log, shown
   if kind == "SIGTERM":
-    assert code == preemption.PREEMPTED_EXIT_CODE and STOPPED_BY_SIGTERM.search(log), shown
+    assert code == errors.PREEMPTED_EXIT_CODE and STOPPED_BY_SIGTERM.search(log), shown
   else:
-    assert code == preemption.INTERRUPTED_EXIT_CODE and INTERRUPTED.search(log), shown
+    assert code == errors.INTERRUPTED_EXIT_CODE and INTERRUPTED.search(log), shown
   return _stage_said(log, seen)
 
 
@@ -424,7 +425,7 @@ def test_sigterm_during_the_last_steps_epoch_end_stops_the_job(tmp_path, dataset
   process.send_signal(signal.SIGTERM)
   process.wait(timeout=120)
   log = log_path.read_text()
-  assert process.returncode == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
+  assert process.returncode == errors.PREEMPTED_EXIT_CODE, log[-3000:]
   assert STOPPED_BY_SIGTERM.search(log) and "Traceback" not in log, log[-3000:]
   assert not os.path.exists(os.path.join(model_dir, "lease.json"))
   assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
@@ -557,7 +558,7 @@ def test_a_second_job_on_the_same_run_directory_is_refused_and_the_first_goes_on
   second.send_signal(signal.SIGTERM)
   second.wait(timeout=120)
   log = (tmp_path / "second.log").read_text()
-  assert second.returncode == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
+  assert second.returncode == errors.PREEMPTED_EXIT_CODE, log[-3000:]
   assert STOPPED_BY_SIGTERM.search(log) and "Traceback" not in log, log[-3000:]
   assert not helpers.error_lines(log), log[-3000:]
   assert _checkpoint_numbers(model_dir)[-1] > saved_by_first[-1]  # The second's, after.
@@ -576,7 +577,7 @@ def test_sigterm_during_start_up_stops_at_once_and_leaves_no_run_directory(
   process.send_signal(signal.SIGTERM)
   process.wait(timeout=60)
   log = log_path.read_text()
-  assert process.returncode == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
+  assert process.returncode == errors.PREEMPTED_EXIT_CODE, log[-3000:]
   assert re.search(r"^stopped: SIGTERM while starting: nothing was trained or written; run the "
                    r"same command to start$", log, re.MULTILINE), log[-3000:]
   assert "Traceback" not in log, log[-3000:]

@@ -26,6 +26,8 @@ def test_defaults_are_valid_and_weight_the_reconstruction_eight_times_the_classi
     ({"batch_size": -8}, "--batch_size=-8 must be a positive integer"),
     ({"epochs": -1}, "--epochs=-1 must be a positive integer"),
     ({"epochs": 0}, "--epochs=0 must be a positive integer"),
+    ({"batch_size": 32.5}, "--batch_size=32.5 must be a positive integer"),  # From a notebook.
+    ({"epochs": True}, "--epochs=True must be a positive integer"),
     ({"dataset": "mnist_smaple"}, "unknown --dataset='mnist_smaple' (did you mean mnist_sample?): "
                                   "use mnist, mnist_sample, tfds:NAME, idx:DIR or npz:PATH"),
     ({"dataset": "cifar10"}, "unknown --dataset='cifar10': use mnist"),

@@ -17,6 +17,7 @@ import tensorflow as tf
 from absl import flags
 
 from tests import helpers
+from trainer import errors
 from trainer import cli, preemption, task
 
 # The narrow model: these prove what survives a fault, not the quality.
@@ -103,7 +104,7 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path):
   finally:
     _wait_all(workers, timeout=120)
   logs = [(tmp_path / f"run-worker{i}.log").read_text() for i in range(2)]
-  assert [p.returncode for p in workers] == [preemption.PREEMPTED_EXIT_CODE] * 2, (
+  assert [p.returncode for p in workers] == [errors.PREEMPTED_EXIT_CODE] * 2, (
       logs[0][-3000:] + logs[1][-3000:])
   saved_at = [re.search(r"preempted: checkpoint \S+ saved (at epoch \d+, step \d+)", log).group(1)
               for log in logs]

@@ -128,9 +128,10 @@ def test_clashing_reconstructions_are_refused_from_the_paths_alone(paths, output
 # The command in this process: every input answered or refused on its own.
 
 
-def _checked_lines(text: str, pattern: str) -> list:
+def _checked_lines(text: str, pattern: str, count: int) -> list:
+  """The lines of `text`: exactly `count`, each matching `pattern`."""
   lines = text.splitlines()
-  assert all(re.fullmatch(pattern, line) for line in lines), text
+  assert len(lines) == count and all(re.fullmatch(pattern, line) for line in lines), text
   return lines
 
 
@@ -162,7 +163,7 @@ def test_each_input_is_predicted_or_refused_on_its_own_into_an_output_dir(finish
       f"error: {missing}: no such file"]
   names = [good] + [f"{inputs}/rows.npz[{i}]" for i in range(3)] + [f"{inputs}/row.npy[0]"]
   targets = ["item"] + [f"rows_{i}" for i in range(3)] + ["row_0"]
-  lines = _checked_lines(out, rf"\S+: {CLASS}, reconstruction \S+")
+  lines = _checked_lines(out, rf"\S+: {CLASS}, reconstruction \S+", len(names))
   for line, name, target, label in zip(lines, names, targets, split.labels[:5]):
     assert line.startswith(f"{name}: {label} (probability "), line  # The easy classes: right.
     assert line.endswith(f", reconstruction {output_dir}/{target}_reconstruction.png")
@@ -211,7 +212,8 @@ def test_class_names_and_the_training_background_come_from_the_run(finished_run,
   assert err.splitlines() == [
       f"note: {dark} has a dark background, unlike the images the model was trained on; "
       "inverted it (--invert=never to keep it)"]
-  for line, label in zip(_checked_lines(out, rf"\S+: {CLASS}, reconstruction \S+"), split.labels):
+  lines = _checked_lines(out, rf"\S+: {CLASS}, reconstruction \S+", 2)
+  for line, label in zip(lines, split.labels):
     label_shown, name = re.search(CLASS, line).group(1, 2)
     assert name == sources.FASHION_MNIST_CLASSES[int(label_shown)]
 

@@ -474,10 +474,16 @@ def test_evaluation_every_n_steps_reaches_the_hook_with_both_splits(tmp_path):
       assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith(
           f"ckpt-{global_step}")
 
-  _run(_config(tmp_path, eval_every_steps=6), on_evaluation=record)
+  metrics = _run(_config(tmp_path, eval_every_steps=6), on_evaluation=record)
   # Every 6 steps, and at each epoch's end (16 steps an epoch).
   assert [step for step, _, _ in seen] == [6, 12, 16, 18, 24, 30, 32]
-  assert all(0 <= test <= 1 and 0 <= validation <= 1 for _, test, validation in seen)
+  # What the hook evaluates is the job's model at that step: at each epoch's end, the
+  # validation accuracy history.json records; at the last step, the final test accuracy.
+  history = json.loads((tmp_path / "history.json").read_text())["epochs"]
+  validation_at = {step: validation for step, _, validation in seen}
+  assert [validation_at[16], validation_at[32]] == [
+      entry["validation"]["accuracy"] for entry in history]
+  assert seen[-1][1] == metrics["test_accuracy"]
 
 
 @pytest.mark.slow

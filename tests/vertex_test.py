@@ -15,6 +15,7 @@ from google.cloud.aiplatform_v1 import types
 from launch import vertex_api
 from launch.custom_job import JobSpec, build_custom_job
 from tests import endpoints_test, fake_vertex, helpers
+from trainer import errors
 
 IMAGE = "us-docker.pkg.dev/PROJECT/trainer/mnist:1"
 OUTPUT = "gs://BUCKET/run"
@@ -104,7 +105,7 @@ def test_ctrl_c_stops_waiting_not_the_job_and_says_how_to_cancel_it(server, tmp_
       tmp_path, ["wait", "--job=projects/p/locations/r/customJobs/7",
                  f"--api_endpoint={server.endpoint}", "--poll_seconds=0.05"],
       lambda out: "JOB_STATE_RUNNING" in out)
-  assert returncode == vertex_api.INTERRUPTED_EXIT_CODE, stderr[-3000:]
+  assert returncode == errors.INTERRUPTED_EXIT_CODE, stderr[-3000:]
   assert "Traceback" not in stderr
   assert stderr.splitlines()[-2:] == [
       "stopped waiting; the job goes on. Follow it again: python -m launch.vertex wait "
@@ -136,7 +137,7 @@ def test_ctrl_c_during_submission_says_the_job_may_exist(server, tmp_path):
   returncode, stderr = _interrupt(
       tmp_path, ["--project=p", "--region=europe-west4", f"--api_endpoint={server.endpoint}",
                  *JOB_FLAGS], lambda _: bool(server.requests_of("CreateCustomJob")))
-  assert returncode == vertex_api.INTERRUPTED_EXIT_CODE, stderr[-3000:]
+  assert returncode == errors.INTERRUPTED_EXIT_CODE, stderr[-3000:]
   assert "Traceback" not in stderr
   assert stderr.splitlines()[-1] == (
       "interrupted while submitting: the job may have been created; look before submitting "

@@ -27,13 +27,12 @@ from absl import logging
 from trainer import errors
 from trainer import config as config_lib
 
-BAD_INPUT_EXIT_CODE = 2
 
 # absl defines --help (short -?) and --helpshort; -h is what users type first.
 HELP_ARGUMENTS = frozenset({"-h", "--help", "-help", "--helpshort", "-helpshort", "-?", "--?"})
 
 
-def fail(message: str, exit_code: int = BAD_INPUT_EXIT_CODE) -> None:
+def fail(message: str, exit_code: int = errors.BAD_INPUT_EXIT_CODE) -> None:
   """Prints `error: message` to standard error and exits with `exit_code`."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(exit_code)

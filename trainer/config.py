@@ -75,7 +75,10 @@ def requirement(holds: Callable[[object], bool], wording: str) -> Callable[[obje
 
 
 POSITIVE = requirement(lambda value: value > 0, "must be positive")
-POSITIVE_INTEGER = requirement(lambda value: value > 0, "must be a positive integer")
+# A bool is an int to Python, not to a user.
+POSITIVE_INTEGER = requirement(
+    lambda value: isinstance(value, int) and not isinstance(value, bool) and value > 0,
+    "must be a positive integer")
 ZERO_OR_MORE = requirement(lambda value: value >= 0, "must be zero or more")
 
 
@@ -94,7 +97,7 @@ def between(low, high, note: str = "") -> Callable[[object, str], None]:
 def check_dataset_name(dataset: str, name: str = "dataset") -> None:
   """Raises UserInputError unless `dataset` names a kind of source --dataset takes.
 
-  Only the name: whether the files or the TFDS set exist is for trainer.data to find out.
+  Only the name: whether the files or the TFDS set exist is for trainer.sources.load_splits to find out.
   """
   kind, _, argument = dataset.partition(":")
   if dataset in DATASETS or (kind in DATASET_KINDS and argument):
@@ -327,9 +330,11 @@ def no_model_dir(environ: Mapping[str, str], wanted: str = "--model_dir") -> str
   $AIP_MODEL_DIR: the variable unset, or set but empty (which reads as unset otherwise);
   `wanted` is what to pass instead."""
   if environ.get(_SETTINGS["model_dir"].metadata["env"]) == "":
-    return ("no --model_dir given and $AIP_MODEL_DIR is set but empty: pass "
-            f"{wanted}, or set $AIP_MODEL_DIR to the job's directory (local or gs://)")
-  return f"no --model_dir given and $AIP_MODEL_DIR is not set: pass {wanted}"
+    state = "is set but empty"
+    also = ", or set $AIP_MODEL_DIR to the job's directory (local or gs://)"
+  else:
+    state, also = "is not set", ""
+  return f"no --model_dir given and $AIP_MODEL_DIR {state}: pass {wanted}{also}"
 
 
 def default_model_dir() -> str:

@@ -6,6 +6,16 @@ directory); the job's own kinds (a divergence, a full disk, a lost lease) derive
 `JobError` beside it, where they are raised.
 """
 
+import signal
+
+# How a command ends, for the launchers that read it back: 2, as absl says a bad flag, for
+# any `JobError`; 128 + the signal for a stop on SIGTERM or Ctrl-C, as a shell counts it (143,
+# SIGTERM's, is also what TensorFlow's own preemption handler exits with so that Google Cloud
+# restarts the job).
+BAD_INPUT_EXIT_CODE = 2
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+
 
 class JobError(Exception):
   """Ends the command with one line: the message names the problem and the fix."""

@@ -48,6 +48,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from trainer import errors
 from trainer import cli
 from trainer import config as config_lib
 from trainer import image_files
@@ -307,7 +308,7 @@ def main(argv: List[str]) -> None:
   except JobError as e:
     cli.fail(str(e))
   if failed:
-    sys.exit(cli.BAD_INPUT_EXIT_CODE)
+    sys.exit(errors.BAD_INPUT_EXIT_CODE)
 
 
 def _define_flags() -> None:

@@ -1,4 +1,4 @@
-"""Stop signals: SIGTERM (preemption) and SIGINT (Ctrl-C), and the exit codes that report them.
+"""Stop signals: SIGTERM (preemption) and SIGINT (Ctrl-C), and how a job stops on each.
 
 Vertex AI, Compute Engine and Kubernetes announce preemption with SIGTERM and a short grace
 period; a user at a terminal presses Ctrl-C. While training, either only raises a flag: the
@@ -18,10 +18,6 @@ import signal
 import threading
 from typing import Optional
 
-# 128 + the signal: what a shell reports for a job the signal ended. 143, SIGTERM's, is also
-# what TensorFlow's own preemption handler exits with so that Google Cloud restarts the job.
-PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
-INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
