@@ -97,7 +97,8 @@ def between(low, high, note: str = "") -> Callable[[object, str], None]:
 def check_dataset_name(dataset: str, name: str = "dataset") -> None:
   """Raises UserInputError unless `dataset` names a kind of source --dataset takes.
 
-  Only the name: whether the files or the TFDS set exist is for trainer.sources.load_splits to find out.
+  Only the name: whether the files or the TFDS set exist is for `sources.load_splits` to find
+  out.
   """
   kind, _, argument = dataset.partition(":")
   if dataset in DATASETS or (kind in DATASET_KINDS and argument):
