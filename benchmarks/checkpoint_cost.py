@@ -10,6 +10,7 @@ resolved policy and its reason are recorded). Prints a table and writes it to
 benchmarks/checkpoint_cost.json.
 """
 
+import functools
 import json
 import os
 import statistics
@@ -48,14 +49,10 @@ def timed_saves(config: TrainConfig, splits, policy: str, saves: int
   `config.model_dir` (none: the fresh state), and saves it `saves` times as the controller
   saves it, into model_dir/timed; the task, each save's seconds and the last one's bytes."""
   strategy = tf.distribute.get_strategy()
-  steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
-  plan = multitask.plan_batches(config, 1, splits.train)
-  task = multitask.MultitaskTask(config, strategy, splits, plan, policy)
-  schedule = controller.Schedule(config.epochs * steps_per_epoch, steps_per_epoch,
-                                 config.steps_per_loop or 50, config.checkpoint_every_steps,
-                                 config.batch_size)
+  task = multitask.make_task(config, strategy, policy, splits)
   directory = os.path.join(config.model_dir, "timed")
-  saver = controller.Controller(strategy, task, schedule, outputs.checkpoint_dir(config),
+  saver = controller.Controller(strategy, task, train.make_schedule(config, task, strategy),
+                                outputs.paths_of(config).checkpoints,
                                 config.checkpoints_to_keep, save_dir=directory)
   saver.restore()
   manager = saver.manager
@@ -72,7 +69,7 @@ def checkpoint_cost(config: TrainConfig, splits, saves: int) -> dict:
   checkpoint saves of the trained state as the controller saves them; the figures."""
   strategy = tf.distribute.get_strategy()
   resolved = precision_lib.configure(config, strategy)  # Once, before anything is built.
-  metrics = train.run(config, strategy, splits)
+  metrics = train.run(config, strategy, functools.partial(multitask.make_task, splits=splits))
   steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
   epoch_seconds = steps_per_epoch * config.batch_size / metrics["train_images_per_second"]
   # The trained state, saved again and again as the controller would save it.

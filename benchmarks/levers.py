@@ -13,6 +13,7 @@ test evaluations left out) and its step. Finished runs are written to --output a
 once; a rerun skips them, so an interrupted one resumes.
 """
 
+import functools
 import json
 import os
 import statistics
@@ -72,7 +73,7 @@ def train_one(dataset: str, variant: str, seed: int, epochs: int, eval_every_ste
   (seconds and step None where no evaluation met it)."""
   import time
   import tensorflow as tf
-  from trainer import model, train
+  from trainer import model, multitask, train
   from trainer.config import TrainConfig
   _, overrides, architecture = VARIANTS[variant]
   strategy = tf.distribute.get_strategy()
@@ -94,9 +95,9 @@ def train_one(dataset: str, variant: str, seed: int, epochs: int, eval_every_ste
         reached.update(seconds_to_bar=evaluated_from - started - measuring[0], step_to_bar=step)
       measuring[0] += time.time() - evaluated_from
 
-    metrics = train.run(config, strategy, on_evaluation=time_to_bar,
-                        model_fn=lambda c: model.build_model(c.latent_dim, c.width,
-                                                             **architecture))
+    make_task = functools.partial(multitask.make_task, model_fn=lambda c: model.build_model(
+        c.latent_dim, c.width, **architecture))
+    metrics = train.run(config, strategy, make_task, on_evaluation=time_to_bar)
   return {"variant": variant, "seed": seed, **reached,
           **{name: metrics[name] for name in ("test_accuracy", "test_reconstruction_mse",
                                               "train_images_per_second")}}

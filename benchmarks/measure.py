@@ -33,6 +33,7 @@ The package's measurements (package, package_tta, startup) build the task under 
 `precision` and `precision_reason`.
 """
 
+import functools
 import json
 import os
 import sys
@@ -121,8 +122,7 @@ def _package_loop(config, splits, strategy):
   resolved policy with its reason."""
   from trainer import controller, multitask
   resolved = precision_lib.configure(config, strategy)
-  plan = multitask.plan_batches(config, strategy.num_replicas_in_sync, splits.train)
-  task = multitask.MultitaskTask(config, strategy, splits, plan, resolved.policy)
+  task = multitask.make_task(config, strategy, resolved.policy, splits)
   return (task, controller.make_train_loop(strategy, task), iter(task.train_dataset(0)),
           resolved)
 
@@ -219,7 +219,7 @@ class _Reached(Exception):
 
 def measure_package_tta(splits) -> None:
   import tensorflow as tf
-  from trainer import train
+  from trainer import multitask, train
   from trainer.config import TrainConfig, parse_loss_weights
   config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(), report=False,
                        batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
@@ -240,7 +240,8 @@ def measure_package_tta(splits) -> None:
 
   resolved = precision_lib.configure(config, tf.distribute.get_strategy())
   try:
-    metrics = train.run(config, tf.distribute.get_strategy(), splits,
+    metrics = train.run(config, tf.distribute.get_strategy(),
+                        functools.partial(multitask.make_task, splits=splits),
                         on_evaluation=stop_at_target)
   except _Reached:
     return

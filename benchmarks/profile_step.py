@@ -132,8 +132,7 @@ def package_loop(config: TrainConfig, splits):
   from trainer import controller, multitask
   strategy = tf.distribute.get_strategy()
   resolved = precision_lib.configure(config, strategy)
-  plan = multitask.plan_batches(config, strategy.num_replicas_in_sync, splits.train)
-  task = multitask.MultitaskTask(config, strategy, splits, plan, resolved.policy)
+  task = multitask.make_task(config, strategy, resolved.policy, splits)
   return (task, controller.make_train_loop(strategy, task), iter(task.train_dataset(0)),
           resolved)
 

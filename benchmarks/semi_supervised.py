@@ -15,6 +15,7 @@ extended run resumes, and runs of other code are dropped.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -138,7 +139,7 @@ def code_version() -> str:
 
 def main(_) -> None:
   import tensorflow as tf
-  from trainer import data, sources, train
+  from trainer import data, multitask, sources, train
   from trainer.config import TrainConfig
   settings = {"dataset": FLAGS.dataset, "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size,
               "width": FLAGS.width}
@@ -176,7 +177,8 @@ def main(_) -> None:
                                labeled_examples=labeled, seed=seed, report=False,
                                **settings_of_method)
           train.configure_process(config, strategy)
-          metrics = train.run(config, strategy, run_splits)
+          metrics = train.run(config, strategy,
+                              functools.partial(multitask.make_task, splits=run_splits))
         runs[key] = {"labeled_examples_flag": labeled, "method": method, "seed": seed,
                      "labeled_examples": metrics["labeled_examples"],
                      "test_accuracy": metrics["test_accuracy"],

@@ -23,7 +23,6 @@ import tensorflow as tf
 
 from tests import helpers
 from trainer import errors
-from trainer import preemption
 
 # The chaos test's seed: its signals, their delays and the second Ctrl-Cs all follow from it.
 SEED = 20251204

@@ -16,6 +16,7 @@ from absl import logging
 
 from tests import helpers
 from trainer import controller as controller_lib
+from trainer import outputs as outputs_lib
 from trainer import preemption
 from trainer import progress as progress_lib
 
@@ -62,6 +63,12 @@ class StandInTask:
 
   def summaries(self):
     return {"value": float(self.value.numpy())}
+
+
+def _summaries(tmp_path):
+  """Writes a controller's TensorBoard scalars under tmp_path/logs, as the run's outputs do."""
+  writers = outputs_lib.SummaryWriters(str(tmp_path))
+  return lambda entries: writers.write("logs", entries)
 
 
 def _controller(tmp_path, strategy=None, total_steps=25, steps_per_loop=4,
@@ -206,7 +213,7 @@ def test_divergence_stops_at_its_step_before_saving_anything_of_that_call(tmp_pa
                                                                           problem):
   task = StandInTask(tf.distribute.get_strategy(), diverge_at=12, health=health)
   controller = _controller(tmp_path, task=task, steps_per_loop=5, checkpoint_every_steps=100,
-                           summary_dir=str(tmp_path / "logs"))
+                           write_summaries=_summaries(tmp_path))
   recorder = Recorder()
   with pytest.raises(controller_lib.Diverged,
                      match=rf"training diverged: {re.escape(problem)} at step 13 \(epoch 2, step 3\); "
@@ -221,8 +228,9 @@ def test_divergence_stops_at_its_step_before_saving_anything_of_that_call(tmp_pa
 def test_divergence_before_any_checkpoint_says_there_is_none(tmp_path):
   first_saves = []
   task = StandInTask(tf.distribute.get_strategy(), diverge_at=6)
-  controller = _controller(tmp_path, task=task, steps_per_loop=2, summary_dir=str(
-      tmp_path / "logs"), after_first_save=lambda: first_saves.append(1))
+  controller = _controller(tmp_path, task=task, steps_per_loop=2,
+                           write_summaries=_summaries(tmp_path),
+                           after_first_save=lambda: first_saves.append(1))
   with pytest.raises(controller_lib.Diverged, match=r"at step 7 \(epoch 1, step 7\).*checkpoint is "
                                                     r"none: nothing was saved; lower"):
     controller.train(Recorder().epoch_end)
@@ -232,9 +240,9 @@ def test_divergence_before_any_checkpoint_says_there_is_none(tmp_path):
 
 
 def test_a_finished_run_trains_and_writes_nothing(tmp_path):
-  _controller(tmp_path, summary_dir=str(tmp_path / "logs")).train(Recorder().epoch_end)
+  _controller(tmp_path, write_summaries=_summaries(tmp_path)).train(Recorder().epoch_end)
   before = helpers.directory_state(str(tmp_path))
-  finished, recorder = _controller(tmp_path, summary_dir=str(tmp_path / "logs")), Recorder()
+  finished, recorder = _controller(tmp_path, write_summaries=_summaries(tmp_path)), Recorder()
   finished.restore()
   finished.train(recorder.epoch_end, [controller_lib.Action(1, recorder.action("any"))])
   assert finished.step == 25 and not recorder.events
@@ -256,7 +264,7 @@ def test_before_save_raising_stops_the_job_before_it_writes_anything(tmp_path):
 
   def taken_over():
     raise TakenOver()
-  controller = _controller(tmp_path, summary_dir=str(tmp_path / "logs"), before_save=taken_over)
+  controller = _controller(tmp_path, write_summaries=_summaries(tmp_path), before_save=taken_over)
   with pytest.raises(TakenOver):
     controller.train(Recorder().epoch_end)
   assert controller.step == 7 and helpers.directory_state(tmp_path) == {}
@@ -271,7 +279,7 @@ def _logged_steps(directory, tag):
 
 def test_tensorboard_gets_every_calls_logs_at_the_global_step(tmp_path):
   controller = _controller(tmp_path, steps_per_loop=4, checkpoint_every_steps=100,
-                           summary_dir=str(tmp_path / "logs"))
+                           write_summaries=_summaries(tmp_path))
   controller.train(Recorder().epoch_end)
   # Calls end at 4, 8, 10 (the epoch), 14, 18, 20, 24, 25.
   expected = [4, 8, 10, 14, 18, 20, 24, 25]

@@ -4,6 +4,7 @@ the Keras file beside it (loaded, fine-tuned and saved as the README shows)."""
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -355,3 +356,30 @@ def test_a_mixed_precision_export_holds_a_float32_keras_file(tmp_path, monkeypat
   assert np.isfinite(history.history["loss"][0])
   assert any(not np.array_equal(before, after)
              for before, after in zip(weights_before, loaded.get_weights()))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (None, None),
+    ("export/model.keras", r".*/export/model.keras is missing"),
+    ("export/variables", r".*/export/variables/variables.index is missing"),
+    ("cut export/model.keras", r"the export is damaged \(File is not a zip file\)"),
+    ("flip export/model.keras", r"the export is damaged \(\S+ in .*/export/model.keras is corrupt\)"),
+    ("cut export/saved_model.pb", r"the export is damaged \(.*\)"),
+])
+def test_the_export_problem_names_what_is_missing_or_damaged(finished_run, tmp_path, damage,
+                                                             problem):
+  run = tmp_path / "run"
+  shutil.copytree(finished_run[0], run)
+  if damage and damage.startswith("cut "):
+    path = run / damage[4:]
+    path.write_bytes(path.read_bytes()[:30])
+  elif damage and damage.startswith("flip "):  # A byte of a member's data: the zip still opens.
+    path = run / damage[5:]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+  elif damage:
+    target = run / damage
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+  found = export_lib.export_problem(str(run / "export"))
+  assert found is None if problem is None else re.fullmatch(problem, found), found

@@ -18,7 +18,7 @@ from absl import flags
 
 from tests import helpers
 from trainer import errors
-from trainer import cli, preemption, task
+from trainer import cli, task
 
 # The narrow model: these prove what survives a fault, not the quality.
 SAMPLE_FLAGS = ("--dataset=mnist_sample", "--width=8", "--latent_dim=16", "--noreport",

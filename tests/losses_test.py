@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from trainer import losses
+from trainer import losses, multitask
 from trainer.config import CLASSIFIER, DECODER
 from trainer.model import build_model
 
@@ -62,7 +62,7 @@ def test_metrics_from_outputs_agree_with_the_jobs_batch_sums(model):
   outputs = model(split.images, training=False)
   targets = {CLASSIFIER: tf.constant(split.labels), DECODER: tf.constant(split.images)}
   ones = {CLASSIFIER: tf.ones([50]), DECODER: tf.ones([50])}
-  job = losses.means(losses.batch_sums(
+  job = multitask.means(multitask.batch_sums(
       *losses.per_example_losses(model, split.images, targets, False), ones))
   ours = losses.metrics_from_outputs(outputs[CLASSIFIER].numpy(), outputs[DECODER].numpy(), split)
   for name in job:

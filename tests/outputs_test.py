@@ -1,8 +1,6 @@
 """Tests of trainer.outputs: what the chief writes under --model_dir, and what it reads back."""
 
 import json
-import re
-import shutil
 
 import pytest
 
@@ -13,6 +11,9 @@ ENTRY = {"epoch": 1, "train": {"loss": 0.5, "classifier_loss": 0.4, "reconstruct
                                "accuracy": 0.9},
          "validation": {"classifier_loss": 0.3, "reconstruction_mse": 0.04, "accuracy": 0.92},
          "loss_weights": {"classifier": 1.0, "decoder": 0.2}}
+
+
+HEADLINE = ("accuracy", "reconstruction_mse")  # The test metrics a finished run must hold.
 
 
 def _config(model_dir, **changes):
@@ -33,27 +34,31 @@ def test_the_chief_records_epochs_in_history_and_validation_at_the_global_step(t
   logs.Reload()
   assert set(logs.Runs()) == {"validation"}  # The controller writes the train run.
   assert [event.step for event in logs.Tensors("validation", "accuracy")] == [16, 32, 32]
-  assert run.train_logs == str(tmp_path / "logs" / "train")
+  # The controller's train run goes through the same writers, beside it.
+  run.summaries_of("train")([(5, {"loss": 1.5}), (10, {"loss": 0.5})])
+  logs = event_multiplexer.EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "logs"))
+  logs.Reload()
+  assert [event.step for event in logs.Tensors("train", "loss")] == [5, 10]
 
 
 def test_other_workers_write_nothing_under_model_dir(tmp_path):
   run = outputs.RunOutputs(_config(tmp_path / "shared"), chief=False)
   run.record_epoch([], ENTRY, 1, 16, 10.0)
   run.write_metrics({"test_accuracy": 1.0})
-  assert not (tmp_path / "shared").exists() and run.train_logs is None
+  assert not (tmp_path / "shared").exists() and run.summaries_of("train") is None
   assert not run.checkpoints.startswith(str(tmp_path))
 
 
 def test_finished_means_metrics_of_these_epochs_whatever_the_checkpoints(tmp_path):
   run = outputs.RunOutputs(_config(tmp_path), chief=True)
-  assert run.finished_metrics(epochs=2) is None  # No file.
+  assert run.finished_metrics(epochs=2, headline=HEADLINE) is None  # No file.
   done = {"epochs": 1, "test_accuracy": 0.9, "test_reconstruction_mse": 0.01}
   run.write_metrics(done)
-  assert run.finished_metrics(epochs=2) is None  # A shorter run's do not finish a longer one.
+  assert run.finished_metrics(epochs=2, headline=HEADLINE) is None  # A shorter run's do not finish a longer one.
   run.write_metrics({**done, "epochs": 2})
-  assert run.finished_metrics(2) == {**done, "epochs": 2}
-  assert run.finished_metrics(3) is None  # A larger --epochs extends it.
-  assert run.finished_metrics(1) == {**done, "epochs": 2}  # A smaller one finds it finished.
+  assert run.finished_metrics(2, HEADLINE) == {**done, "epochs": 2}
+  assert run.finished_metrics(3, HEADLINE) is None  # A larger --epochs extends it.
+  assert run.finished_metrics(1, HEADLINE) == {**done, "epochs": 2}  # A smaller one finds it finished.
 
 
 @pytest.mark.parametrize("content, problem", [
@@ -67,7 +72,7 @@ def test_damaged_metrics_are_one_line_naming_the_file_and_the_fix(tmp_path, cont
   run = outputs.RunOutputs(_config(tmp_path), chief=True)
   (tmp_path / "metrics.json").write_text(content)
   with pytest.raises(errors.UserInputError) as raised:
-    run.finished_metrics(2)
+    run.finished_metrics(2, HEADLINE)
   message = str(raised.value)
   assert message.startswith(f"{tmp_path}/metrics.json is damaged: {problem}") and "\n" not in message
   assert message.endswith("delete it and run the same command again to evaluate and export the "
@@ -90,12 +95,13 @@ def test_a_damaged_history_is_one_line_naming_the_file_and_the_fix(tmp_path, con
 
 def test_the_closing_line_names_the_report_only_where_there_is_one(tmp_path):
   metrics = {"test_accuracy": 0.98, "test_reconstruction_mse": 0.0107}
-  line = outputs.results_line(metrics, str(tmp_path))
+  run = outputs.RunOutputs(_config(tmp_path), chief=True)
+  line = run.results_line(metrics, HEADLINE)
   assert line == (f"test accuracy 0.9800, reconstruction_mse 0.0107; metrics "
                   f"{tmp_path}/metrics.json, export {tmp_path}/export")
   (tmp_path / "report").mkdir()
   (tmp_path / "report" / "report.md").write_text("# report")
-  assert outputs.results_line(metrics, str(tmp_path)).endswith(
+  assert run.results_line(metrics, HEADLINE).endswith(
       f", report {tmp_path}/report/report.md")
 
 
@@ -137,27 +143,8 @@ def test_tensorboard_logs_go_where_the_configuration_says(tmp_path):
   run = outputs.RunOutputs(_config(tmp_path / "run", tensorboard_dir=str(tmp_path / "tb")),
                            chief=True)
   run.record_epoch([], ENTRY, 1, 16, 10.0)
-  assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["validation"]
-  assert run.train_logs == str(tmp_path / "tb" / "train")
+  run.summaries_of("train")([(16, {"loss": 0.5})])
+  assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["train", "validation"]
   assert not (tmp_path / "run" / "logs").exists()
 
 
-@pytest.mark.parametrize("damage, problem", [
-    (None, None),
-    ("export/model.keras", r".*/export/model.keras is missing"),
-    ("export/variables", r".*/export/variables/variables.index is missing"),
-    ("cut export/model.keras", r"the export is damaged \(File is not a zip file\)"),
-    ("cut export/saved_model.pb", r"the export is damaged \(.*\)"),
-])
-def test_the_export_problem_names_what_is_missing_or_damaged(finished_run, tmp_path, damage,
-                                                             problem):
-  run = tmp_path / "run"
-  shutil.copytree(finished_run[0], run)
-  if damage and damage.startswith("cut "):
-    path = run / damage[4:]
-    path.write_bytes(path.read_bytes()[:30])
-  elif damage:
-    target = run / damage
-    shutil.rmtree(target) if target.is_dir() else target.unlink()
-  found = outputs.RunOutputs(_config(run), chief=True).export_problem()
-  assert found is None if problem is None else re.fullmatch(problem, found), found

@@ -5,6 +5,7 @@ with a stand-in task in tests/controller_test.py; these prove the wiring, on the
 Restarts of one trained run share it (the session's `finished_run`): each test copies it.
 """
 
+import functools
 import io
 import json
 import os
@@ -35,7 +36,12 @@ def _run(settings, strategy=None, splits=None, **kwargs):
   strategy = strategy or tf.distribute.get_strategy()
   train.configure_process(settings, strategy)
   splits = None if splits is _FROM_DATASET else splits or helpers.learnable_splits()
-  return train.run(settings, strategy, splits, **kwargs)
+  return train.run(settings, strategy, _tasks(splits), **kwargs)
+
+
+def _tasks(splits=None):
+  """The multitask task's factory, on `splits` (None: those the configuration names)."""
+  return functools.partial(multitask.make_task, splits=splits)
 
 
 def _config(model_dir, **changes):
@@ -228,7 +234,7 @@ def test_a_job_whose_lease_was_deleted_and_taken_writes_nothing_more(tmp_path):
   # the directory: the first must stop before its next write, however soon it would end.
   settings = _config(tmp_path / "run", epochs=1)
   train.configure_process(settings, tf.distribute.get_strategy())
-  job = train.prepare(settings, tf.distribute.get_strategy(), helpers.learnable_splits())
+  job = train.prepare(settings, tf.distribute.get_strategy(), _tasks(helpers.learnable_splits()))
   try:
     (tmp_path / "run" / lease_lib.LEASE_NAME).unlink()
     second = lease_lib.Lease.acquire(str(tmp_path / "run"))
@@ -248,7 +254,7 @@ def test_on_a_terminal_calls_are_capped_short_so_that_the_bar_moves_smoothly(tmp
   monkeypatch.setattr(train.progress, "on_terminal", lambda: True)
   settings = _config(tmp_path / "run", steps_per_loop=0)  # Not given: the job picks.
   train.configure_process(settings, tf.distribute.get_strategy())
-  job = train.prepare(settings, tf.distribute.get_strategy(), helpers.learnable_splits())
+  job = train.prepare(settings, tf.distribute.get_strategy(), _tasks(helpers.learnable_splits()))
   job.close()
   assert job.controller.schedule.max_call_seconds == train.BAR_CALL_SECONDS == 1.0
 
@@ -359,7 +365,7 @@ def test_run_checks_the_process_wide_policy_matches_its_configuration(tmp_path):
   # The policy is float32 here (conftest); the configuration asks for bfloat16.
   with pytest.raises(RuntimeError, match="call train.configure_process"):
     train.run(_config(tmp_path, precision="mixed_bfloat16"), tf.distribute.get_strategy(),
-              helpers.learnable_splits())
+              _tasks(helpers.learnable_splits()))
   assert not os.listdir(tmp_path)
 
 
@@ -506,7 +512,7 @@ def test_sigterm_at_an_epochs_last_step_keeps_that_epochs_history(tmp_path):
 def test_a_non_finite_weight_stops_training_before_saving(tmp_path):
   settings = _config(tmp_path, epochs=1, eval_every_steps=4)
   train.configure_process(settings, tf.distribute.get_strategy())
-  job = train.prepare(settings, tf.distribute.get_strategy(), helpers.learnable_splits())
+  job = train.prepare(settings, tf.distribute.get_strategy(), _tasks(helpers.learnable_splits()))
   kernel = job.task.model.get_layer("encoder").get_layer("latent").kernel
 
   def break_a_weight(step, evaluate):
@@ -587,7 +593,7 @@ def test_a_whole_job_on_tensorflows_file_systems_never_writes_with_plain_open(tm
   settings = config.TrainConfig(dataset="npz:ram://data/train.npz", model_dir="ram://run",
                                 epochs=1, batch_size=32, latent_dim=16, width=8)
   train.configure_process(settings, tf.distribute.get_strategy())
-  metrics = train.run(settings, tf.distribute.get_strategy())
+  metrics = train.run(settings, tf.distribute.get_strategy(), multitask.make_task)
   monkeypatch.undo()
   assert sorted(tf.io.gfile.listdir("ram://run")) == [
       "checkpoints", "config.json", "export", "history.json", "logs", "metrics.json", "report"]

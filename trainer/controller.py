@@ -170,9 +170,9 @@ class Controller:
   """Trains `task` to `schedule.total_steps`, checkpointing into `save_dir`.
 
   `checkpoint_dir` is where every worker restores from; `save_dir` where this worker saves
-  (a non-chief worker saves into scratch: saving is collective under multi-worker). With a
-  `summary_dir` (the chief's), the task's logs go to TensorBoard at every call, at the global
-  step. `before_save()` runs before each checkpoint, and stops the job by raising where it may
+  (a non-chief worker saves into scratch: saving is collective under multi-worker). With
+  `write_summaries` (the chief's), the task's logs of every call go to TensorBoard at the
+  global step, as a list of (step, scalars) at each checkpoint. `before_save()` runs before each checkpoint, and stops the job by raising where it may
   no longer write (its run directory taken over, say); `after_first_save()` runs once, after
   this process's first checkpoint: by then every check has passed and training has proven
   sound, and a file it writes never stands for a checkpoint that is not there.
@@ -180,15 +180,17 @@ class Controller:
 
   def __init__(self, strategy: tf.distribute.Strategy, task: Task, schedule: Schedule,
                checkpoint_dir: str, checkpoints_to_keep: int, save_dir: Optional[str] = None,
-               summary_dir: Optional[str] = None, show_progress: bool = False,
+               write_summaries: Optional[Callable[[Sequence[Tuple[int, Dict[str, float]]]],
+                                                 None]] = None,
+               show_progress: bool = False,
                before_save: Optional[Callable[[], None]] = None,
                after_first_save: Optional[Callable[[], None]] = None,
                clock: Callable[[], float] = time.perf_counter):
     self.strategy, self.task, self.schedule, self._clock = strategy, task, schedule, clock
     self.checkpoint_dir = checkpoint_dir
-    self._summary_dir, self._show_progress = summary_dir, show_progress
+    self._summary_sink, self._show_progress = write_summaries, show_progress
     self._before_save, self._after_first_save = before_save, after_first_save
-    self._saved_once, self._writer = False, None
+    self._saved_once = False
     # Training scalars wait in memory for this process's first checkpoint: a job refused or
     # diverging before it leaves no file behind.
     self._unsaved_summaries = []
@@ -356,19 +358,12 @@ class Controller:
     They are written at the next checkpoint: a flush per call would hold the other workers
     at the next collective while the chief writes (on gs://, rewrites) its event file.
     """
-    if not self._summary_dir:
+    if not self._summary_sink:
       return
     self._unsaved_summaries.append((self.step, {
         **logs, **self.task.summaries(), "steps_per_second": steps_per_second}))
 
   def _flush_summaries(self) -> None:
-    if not self._unsaved_summaries:
-      return
-    with storage.writing(self._summary_dir, "the TensorBoard logs"):
-      self._writer = self._writer or tf.summary.create_file_writer(self._summary_dir)
-      for step, scalars in self._unsaved_summaries:
-        with self._writer.as_default(step=step):
-          for name, value in scalars.items():
-            tf.summary.scalar(name, value)
-      self._writer.flush()
+    if self._unsaved_summaries:
+      self._summary_sink(self._unsaved_summaries)
     self._unsaved_summaries = []

@@ -18,21 +18,25 @@ backend has), so it loads, predicts and trains on JAX and PyTorch too.
 """
 
 import os
-from typing import Dict
+import zipfile
+from typing import Dict, Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from google.protobuf import message
+from tensorflow.core.protobuf import saved_model_pb2
+
 from trainer.config import CLASSIFIER, DECODER
 from trainer.errors import UserInputError, first_line
+from trainer.run_directory import KERAS_FILE, SAVED_MODEL
 from trainer.sources import IMAGE_SHAPE
 
 # Unknown rank, so that both shapes MNIST code holds get in; `_checked_images` does the check the
 # spec cannot (without it a wrong shape reaches the pooling kernel and fails deep in oneDNN).
 SERVING_INPUT = tf.TensorSpec(None, tf.uint8, name="images")
 EXPECTED_INPUT = "images must be uint8 of shape (N, 28, 28) or (N, 28, 28, 1): 28x28 grey, 0-255"
-KERAS_FILE = "model.keras"  # In the export directory, beside saved_model.pb.
 # Policies that compute in 16 bits on float32 weights: the Keras file holds float32 in their place.
 _MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
 
@@ -153,7 +157,7 @@ def _replace_by_copy(source: str, target: str) -> None:
   Asks for `target`'s saved_model.pb, not `target` itself: some object-store file systems
   (TensorFlow's ram://) answer that a path exists when another path merely starts with it.
   """
-  if tf.io.gfile.exists(f"{target}/saved_model.pb"):
+  if tf.io.gfile.exists(f"{target}/{SAVED_MODEL}"):
     tf.io.gfile.rmtree(target)
   for directory, _, files in tf.io.gfile.walk(source):
     destination = target + directory[len(source):]
@@ -163,10 +167,28 @@ def _replace_by_copy(source: str, target: str) -> None:
   tf.io.gfile.rmtree(source)
 
 
+def export_problem(path: str) -> Optional[str]:
+  """What is missing or unreadable in the export at `path`, or None where it is whole: the
+  SavedModel's graph and variables, and the Keras file."""
+  graph, keras_path = os.path.join(path, SAVED_MODEL), os.path.join(path, KERAS_FILE)
+  needed = [graph, os.path.join(path, "variables", "variables.index"), keras_path]
+  missing = [file for file in needed if not tf.io.gfile.exists(file)]
+  if missing:
+    return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+  try:
+    with tf.io.gfile.GFile(graph, "rb") as f:
+      saved_model_pb2.SavedModel.FromString(f.read())
+    with tf.io.gfile.GFile(keras_path, "rb") as f, zipfile.ZipFile(f) as keras_file:
+      corrupt = keras_file.testzip()
+  except (message.DecodeError, zipfile.BadZipFile) as e:
+    return f"the export is damaged ({first_line(e)})"
+  return f"the export is damaged ({corrupt} in {keras_path} is corrupt)" if corrupt else None
+
+
 def load(path: str):
   """The export at `path` (a SavedModel directory) for `predict_batches`; raises
   `UserInputError` when there is none."""
-  if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+  if not tf.io.gfile.exists(os.path.join(path, SAVED_MODEL)):
     raise UserInputError(
         f"no exported model at {path}; train one first with python -m trainer.task "
         "--model_dir=... or point --model_dir at a finished job's directory")

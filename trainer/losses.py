@@ -14,15 +14,13 @@ Weighting of the two task losses into one:
                whose loss is small (the MSE) earns a large weight, 1 / (2 L_t) at the optimum.
 """
 
-from typing import Dict, Mapping
+from typing import Dict
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from trainer.config import CLASSIFIER, DECODER, OUTPUT_NAMES
-# The sums each batch yields, by name; means are taken on the host (`means`).
-SUMS = ("classifier_loss", "reconstruction_mse", "correct", "labeled", "examples")
 # Kendall et al.'s likelihood constants: 1 for a softmax, 2 for a Gaussian.
 _LIKELIHOOD_SCALE = {CLASSIFIER: 1.0, DECODER: 2.0}
 
@@ -41,25 +39,6 @@ def per_example_losses_of(outputs, targets):
   correct = tf.cast(tf.equal(tf.argmax(outputs[CLASSIFIER], axis=-1, output_type=tf.int32),
                              tf.cast(targets[CLASSIFIER], tf.int32)), tf.float32)
   return cross_entropy, mse, correct
-
-
-def batch_sums(cross_entropy, mse, correct, weights: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-  """The SUMS of one batch, by name: each task counts only the examples its weight keeps."""
-  labeled, images = weights[CLASSIFIER], weights[DECODER]
-  return {"classifier_loss": tf.reduce_sum(cross_entropy * labeled),
-          "reconstruction_mse": tf.reduce_sum(mse * images),
-          "correct": tf.reduce_sum(correct * labeled), "labeled": tf.reduce_sum(labeled),
-          "examples": tf.reduce_sum(images)}
-
-
-def means(sums: Mapping[str, float]) -> Dict[str, float]:
-  """Host-side means of summed SUMS: classification over labelled examples, MSE over all."""
-  totals = {name: float(sums[name]) for name in SUMS}
-  return {
-      "classifier_loss": totals["classifier_loss"] / max(totals["labeled"], 1.0),
-      "reconstruction_mse": totals["reconstruction_mse"] / max(totals["examples"], 1.0),
-      "accuracy": totals["correct"] / max(totals["labeled"], 1.0),
-  }
 
 
 def global_counts(weights: Dict[str, tf.Tensor]) -> tf.Tensor:

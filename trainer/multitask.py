@@ -1,16 +1,18 @@
 """The multitask task: a shared encoder, a classifier and a decoder, trained on one loss.
 
 After Model Garden's `Task`: it builds the state (model, optimizer, task weighting) inside the
-strategy scope, and gives the controller (`trainer.controller`) the per-replica training
-step, the datasets and the logs; it evaluates and exports. It knows nothing of scheduling:
-when to evaluate, save or stop is the controller's.
+strategy scope, and gives the job (`trainer.train.Task`) the per-replica training step, the
+datasets and the logs; it owns its metrics (`SUMS`, `batch_sums`, `means`: what they are is
+said here alone, and reaches history.json, metrics.json, the log and TensorBoard from here),
+evaluates, exports and draws its report. It knows nothing of scheduling: when to evaluate,
+save or stop is the controller's. `make_task` builds it, with its data and batch plan.
 
 The semi-supervised objectives live here, in the step: batches whose classifier weights
 mark some examples unlabelled, and, with an unlabelled loss, pairs (input, strong view).
 """
 
 import dataclasses
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import keras
 import numpy as np
@@ -23,10 +25,32 @@ from trainer import losses
 from trainer.config import CLASSIFIER, DECODER, TrainConfig
 from trainer.model import build_model
 
+# The sums each batch yields, by name (`batch_sums`); the metrics are their means, taken on
+# the host (`means`).
+SUMS = ("classifier_loss", "reconstruction_mse", "correct", "labeled", "examples")
 HEALTH = ("nonfinite_gradients", "nonfinite_weights")  # See controller.HEALTH_PREFIX.
 # What a step returns, summed over replicas and steps: the batch sums, the total loss (each
 # step's is already a mean over the global batch), and the replicas that went non-finite.
-TRAIN_OUTPUTS = losses.SUMS + ("loss",) + HEALTH
+TRAIN_OUTPUTS = SUMS + ("loss",) + HEALTH
+
+
+def batch_sums(cross_entropy, mse, correct, weights: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+  """The SUMS of one batch, by name: each task counts only the examples its weight keeps."""
+  labeled, images = weights[CLASSIFIER], weights[DECODER]
+  return {"classifier_loss": tf.reduce_sum(cross_entropy * labeled),
+          "reconstruction_mse": tf.reduce_sum(mse * images),
+          "correct": tf.reduce_sum(correct * labeled), "labeled": tf.reduce_sum(labeled),
+          "examples": tf.reduce_sum(images)}
+
+
+def means(sums: Mapping[str, float]) -> Dict[str, float]:
+  """The metrics, from summed SUMS: classification over labelled examples, MSE over all."""
+  totals = {name: float(sums[name]) for name in SUMS}
+  return {
+      "classifier_loss": totals["classifier_loss"] / max(totals["labeled"], 1.0),
+      "reconstruction_mse": totals["reconstruction_mse"] / max(totals["examples"], 1.0),
+      "accuracy": totals["correct"] / max(totals["labeled"], 1.0),
+  }
 
 
 def default_model(config: TrainConfig) -> keras.Model:
@@ -90,17 +114,19 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> keras.optimizers.Op
 
 
 class MultitaskTask:
-  """The multitask model's training and evaluation under `strategy` (see `controller.Task`).
+  """The multitask model's training and evaluation under `strategy` (see `train.Task`).
 
   Builds its variables inside the strategy scope on construction; the Keras dtype policy
   `policy` must already be in force. `model_fn(config)` builds the model.
   """
   train_outputs = TRAIN_OUTPUTS
+  headline = ("accuracy", "reconstruction_mse")
 
   def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy,
                splits: sources.Splits, plan: BatchPlan, policy: str,
                model_fn: Callable[[TrainConfig], keras.Model] = default_model):
     self.config, self.strategy, self.splits, self.plan = config, strategy, splits, plan
+    self.steps_per_epoch, self.examples_per_step = plan.steps_per_epoch, plan.global_batch
     with strategy.scope():
       self.model = model_fn(config)
       self.weighting = losses.make_weighting(config.loss_weighting, config.loss_weights)
@@ -155,7 +181,7 @@ class MultitaskTask:
             config.pseudo_label_threshold)
       scaled_loss = self.optimizer.scale_loss(loss)  # Loss scaling under float16 only.
     gradients = tape.gradient(scaled_loss, self.variables)
-    return {**losses.batch_sums(cross_entropy, mse, correct, weights), "loss": loss}, gradients
+    return {**batch_sums(cross_entropy, mse, correct, weights), "loss": loss}, gradients
 
   def train_step(self, inputs) -> Dict[str, tf.Tensor]:
     """One replica's step; a loss, gradient or weight that is not finite shows in the
@@ -180,7 +206,7 @@ class MultitaskTask:
     return {**sums, "nonfinite_gradients": bad_gradients, "nonfinite_weights": bad_weights}
 
   def train_logs(self, sums: Dict[str, float], steps: int) -> Dict[str, float]:
-    return {**losses.means(sums), "loss": sums["loss"] / steps}
+    return {"loss": sums["loss"] / steps, **means(sums)}
 
   def summaries(self) -> Dict[str, float]:
     weights = {f"loss_weight/{task}": value for task, value in self.weighting.weights().items()}
@@ -196,20 +222,60 @@ class MultitaskTask:
       self._eval_datasets[split_name] = data_lib.distribute_evaluation(
           self.strategy, getattr(self.splits, split_name), self.plan.global_batch)
     self._evaluate_batch = self._evaluate_batch or tf.function(self._reduced_eval_step)
-    sums = tf.zeros([len(losses.SUMS)])
+    sums = tf.zeros([len(SUMS)])
     for inputs in self._eval_datasets[split_name]:
       sums += self._evaluate_batch(inputs)
-    return losses.means(dict(zip(losses.SUMS, sums.numpy().tolist())))
+    return means(dict(zip(SUMS, sums.numpy().tolist())))
 
   def _reduced_eval_step(self, inputs):
     def eval_step(inputs):
       images, targets, weights = inputs
       cross_entropy, mse, correct = losses.per_example_losses(self.model, images, targets,
                                                               training=False)
-      sums = losses.batch_sums(cross_entropy, mse, correct, weights)
-      return tf.stack([sums[name] for name in losses.SUMS])  # No dicts: see the controller.
+      sums = batch_sums(cross_entropy, mse, correct, weights)
+      return tf.stack([sums[name] for name in SUMS])  # No dicts: see the controller.
     return self.strategy.reduce(tf.distribute.ReduceOp.SUM,
                                 self.strategy.run(eval_step, args=(inputs,)), axis=None)
 
+  def epoch_state(self) -> Dict[str, Dict[str, float]]:
+    return {"loss_weights": self.weighting.weights()}
+
+  def learning_rate(self, step: int, total_steps: int) -> float:
+    return float(learning_rate_schedule(self.config, total_steps)(step))
+
   def export(self, path: str) -> None:
     export_lib.export_saved_model(self.model, path)
+
+  def export_problem(self, path: str) -> Optional[str]:
+    return export_lib.export_problem(path)
+
+  def run_facts(self) -> Dict[str, object]:
+    train = self.splits.train
+    return {
+        "dataset": self.config.dataset,
+        # What the model was trained on, for trainer.predict: its class names, and whether its
+        # images' background is dark or light (predict inverts images whose background is not).
+        "class_names": list(self.splits.class_names),
+        "input_background": sources.background(train.images),
+        "train_examples": len(train),
+        "labeled_examples": len(train) if self.plan.labeled is None else len(self.plan.labeled),
+    }
+
+  def write_report(self, export_dir: str, history: List[Dict], metrics: Dict[str, object],
+                   report_dir: str, summary_writer) -> None:
+    from trainer import report  # Here, not at the top: matplotlib takes a second to import.
+    report.write_report(export_dir, self.splits.test, history, metrics, report_dir,
+                        summary_writer)
+
+
+def make_task(config: TrainConfig, strategy: tf.distribute.Strategy, policy: str,
+              splits: Optional[sources.Splits] = None,
+              model_fn: Callable[[TrainConfig], keras.Model] = default_model) -> MultitaskTask:
+  """The task `config` describes, under `strategy` and the dtype policy `policy` (already in
+  force): its splits (`config.dataset`'s unless given: tests and notebooks may pass their own)
+  and batch plan checked first, then its variables built. `model_fn(config)` builds the
+  model (benchmarks/levers.py passes variants of the default). As a `train.TaskFactory`:
+  `functools.partial(make_task, splits=..., model_fn=...)`."""
+  splits = splits or sources.load_splits(config.dataset, config.data_dir)
+  plan = plan_batches(config, strategy.num_replicas_in_sync, splits.train)
+  return MultitaskTask(config, strategy, splits, plan, policy, model_fn)

@@ -1,9 +1,11 @@
-"""The run directory: what a job writes under --model_dir, and reads back when run again.
+"""What a job writes in its run directory, and reads back when run again.
 
-`RunOutputs` owns the chief's shared outputs (checkpoints' directory, history.json, TensorBoard
-runs, the export, the report, metrics.json) and gives every other worker a private scratch
-directory instead, so the training loop writes through it without asking who is chief. Every
-file goes through `tf.io.gfile`, so gs:// works as a local path does.
+`RunOutputs` owns the chief's shared outputs (checkpoints' directory, history.json, the
+TensorBoard runs, the export, the report, metrics.json: their names are
+`trainer.run_directory`'s) and gives every other worker a private scratch directory instead,
+so the training loop writes through it without asking who is chief. It holds the run's one
+TensorBoard writer per TensorBoard run. Every file goes through `tf.io.gfile`, so gs:// works
+as a local path does.
 """
 
 import atexit
@@ -12,16 +14,13 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from absl import logging
-from google.protobuf import message
-from tensorflow.core.protobuf import saved_model_pb2
 
+from trainer import run_directory
 from trainer import storage
-from trainer.export import KERAS_FILE
 from trainer.config import TrainConfig
 from trainer.errors import UserInputError, first_line
 
@@ -29,21 +28,44 @@ from trainer.errors import UserInputError, first_line
 _JSON_TYPES = {str: ((str,), "a string"), int: ((int,), "an integer"),
                float: ((int, float), "a number"), bool: ((bool,), "true or false")}
 
-def checkpoint_dir(config: TrainConfig) -> str:
-  """Where checkpoints are read (by every worker) and written (by the chief)."""
-  return config.checkpoint_dir or os.path.join(config.model_dir, "checkpoints")
+# A step's TensorBoard scalars, by tag; and what writes a list of them to one TensorBoard run.
+Scalars = Dict[str, float]
+WriteSummaries = Callable[[Sequence[Tuple[int, Scalars]]], None]
 
 
-def results_line(metrics: Dict[str, object], model_dir: str) -> str:
-  """The closing line of a job: its test metrics, and where its outputs are (the report
-  where it was drawn: --noreport, or a failure to draw it, leaves none)."""
-  report = os.path.join(model_dir, "report", "report.md")
-  outputs = [f"metrics {os.path.join(model_dir, 'metrics.json')}",
-             f"export {os.path.join(model_dir, 'export')}"]
-  if tf.io.gfile.exists(report):
-    outputs.append(f"report {report}")
-  return (f"test accuracy {metrics['test_accuracy']:.4f}, reconstruction_mse "
-          f"{metrics['test_reconstruction_mse']:.4f}; {', '.join(outputs)}")
+def paths_of(config: TrainConfig) -> run_directory.RunDirectory:
+  """The run directory `config` names, with its --checkpoint_dir and --tensorboard_dir."""
+  return run_directory.RunDirectory(config.model_dir, config.checkpoint_dir,
+                                    config.tensorboard_dir)
+
+
+def metrics_text(metrics: Dict[str, float]) -> str:
+  """'name 0.1234, other 0.5678': metrics as the log lines give them, in their order."""
+  return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
+class SummaryWriters:
+  """The TensorBoard writers of the runs under `logs` (train, validation, report), one per
+  run, made at its first use; writes go through `storage.writing` (a full disk is one line)."""
+
+  def __init__(self, logs: str):
+    self.logs, self._writers = logs, {}
+
+  def writer(self, run: str):
+    if run not in self._writers:
+      with storage.writing(self.logs, "the TensorBoard logs"):
+        self._writers[run] = tf.summary.create_file_writer(os.path.join(self.logs, run))
+    return self._writers[run]
+
+  def write(self, run: str, entries: Sequence[Tuple[int, Scalars]]) -> None:
+    """Writes each (step, scalars) of `entries` to the run `run`, and flushes."""
+    writer = self.writer(run)
+    with storage.writing(self.logs, "the TensorBoard logs"):
+      for step, scalars in entries:
+        with writer.as_default(step=step):
+          for name, value in scalars.items():
+            tf.summary.scalar(name, value)
+      writer.flush()
 
 
 def read_json(path: str, fix: str, kind=dict):
@@ -76,7 +98,7 @@ def saved_precision(saved: Dict) -> Optional[str]:
 def read_saved_config(model_dir: str, fix: str) -> Optional[Dict]:
   """The configuration a run saved in `model_dir`/config.json, its fields' types checked; None
   if there is none. A damaged file raises `UserInputError` ending in `fix`."""
-  path = os.path.join(model_dir, "config.json")
+  path = run_directory.of(model_dir).config
   saved = read_json(path, fix)
   problem = saved is not None and _config_problem(saved)
   if problem:
@@ -94,25 +116,21 @@ class RunOutputs:
 
   def __init__(self, config: TrainConfig, chief: bool):
     self.chief, self.model_dir = chief, config.model_dir
+    self.paths = paths_of(config)  # The shared run directory, on every worker.
     if chief:
-      root = config.model_dir
-      for flag, directory in (("model_dir", root), ("checkpoint_dir", checkpoint_dir(config)),
+      for flag, directory in (("model_dir", config.model_dir),
+                              ("checkpoint_dir", self.paths.checkpoints),
                               ("tensorboard_dir", config.tensorboard_dir)):
         if directory:
           storage.check_writable(flag, directory)
+      own = self.paths
     else:
-      root = tempfile.mkdtemp(prefix="trainer-worker-")
-      atexit.register(shutil.rmtree, root, ignore_errors=True)
-    self.checkpoints = checkpoint_dir(config) if chief else os.path.join(root, "checkpoints")
-    self.logs = (config.tensorboard_dir if chief else "") or os.path.join(root, "logs")
-    self.export = os.path.join(root, "export")
-    self.history_path = os.path.join(config.model_dir, "history.json")
-    self.metrics_path = os.path.join(config.model_dir, "metrics.json")
-    self.config_path = os.path.join(config.model_dir, "config.json")
-    # The controller's TensorBoard run of training scalars; none on other workers.
-    self.train_logs = os.path.join(self.logs, "train") if chief else None
-    # Created at the first epoch's end: a job that stops before logs no validation.
-    self._validation_writer = None
+      own = run_directory.of(tempfile.mkdtemp(prefix="trainer-worker-"))
+      atexit.register(shutil.rmtree, own.model_dir, ignore_errors=True)
+    # Where this worker writes: the run directory on the chief, its scratch elsewhere.
+    self.checkpoints, self.export = own.checkpoints, own.export
+    # Made at a run's first write: a job that stops before writes no TensorBoard file.
+    self._summaries = SummaryWriters(own.logs)
 
   def read_config(self) -> Optional[Dict]:
     """The configuration the run saved after its first checkpoint (and each resume's); None if
@@ -125,120 +143,106 @@ class RunOutputs:
   def trained_files(self) -> List[str]:
     """The files of this run that show it has trained (config.json is written after its first
     checkpoint, history.json at its first epoch's end)."""
-    return [path for path in (self.config_path, self.history_path) if tf.io.gfile.exists(path)]
+    return [path for path in (self.paths.config, self.paths.history)
+            if tf.io.gfile.exists(path)]
 
   def write_config(self, config: TrainConfig, precision: str) -> None:
     """Saves the configuration (chief only), once every check has passed, with the dtype policy
     its `--precision` resolved to in this job (`auto` may resolve otherwise on another CPU)."""
     if self.chief:
-      storage.write_json(self.config_path,
+      storage.write_json(self.paths.config,
                          {**dataclasses.asdict(config), RESOLVED: {"precision": precision}})
 
   def read_history(self, epochs_done: int) -> List[Dict]:
     """The per-epoch entries of the epochs a restored checkpoint has done (none if no file)."""
     fix = "delete it (the report's curves then start at the resumed epoch)"
-    history = read_json(self.history_path, fix) or {"epochs": []}
+    history = read_json(self.paths.history, fix) or {"epochs": []}
     entries = history.get("epochs")
     if not isinstance(entries, list) or not all(map(_is_history_entry, entries)):
-      raise UserInputError(f"{self.history_path} is damaged: its \"epochs\" are not a list "
+      raise UserInputError(f"{self.paths.history} is damaged: its \"epochs\" are not a list "
                            f"of epoch records; {fix}")
     return [entry for entry in entries if entry["epoch"] <= epochs_done]
+
+  def summaries_of(self, run: str) -> Optional[WriteSummaries]:
+    """What writes (step, scalars) entries to the TensorBoard run `run`; None on workers
+    other than the chief, which write none."""
+    return (lambda entries: self._summaries.write(run, entries)) if self.chief else None
 
   def record_epoch(self, history: List[Dict], entry: Dict, epochs: int, global_step: int,
                    images_per_second: Optional[float]) -> List[Dict]:
     """Logs an epoch's line and writes its entry to history.json, and its validation metrics
     to TensorBoard at `global_step` (the controller writes the train run at every call, under
-    the same tags, so the two share a chart); returns the history."""
+    the same tags, so the two share a chart); returns the history. The entry holds the
+    epoch's number, its "train" and "validation" metrics and the task's other records (its
+    `epoch_state`), each named values."""
     history = [old for old in history if old["epoch"] < entry["epoch"]] + [entry]
-    train, validation = entry["train"], entry["validation"]
-    logging.info(
-        "epoch %d/%d: loss %.4f, classifier_loss %.4f, reconstruction_mse %.4f, accuracy %.4f "
-        "| validation: accuracy %.4f, reconstruction_mse %.4f | loss weights %s | %s images/s",
-        entry["epoch"], epochs, train["loss"], train["classifier_loss"],
-        train["reconstruction_mse"], train["accuracy"], validation["accuracy"],
-        validation["reconstruction_mse"],
-        ", ".join(f"{task} {weight:.4g}" for task, weight in entry["loss_weights"].items()),
-        "-" if images_per_second is None else f"{images_per_second:.0f}")
+    state = " | ".join(
+        f"{name.replace('_', ' ')} " + ", ".join(f"{key} {value:.4g}" for key, value in
+                                                 values.items())
+        for name, values in entry.items() if name not in ("epoch", "train", "validation"))
+    logging.info("epoch %d/%d: %s | validation: %s | %s%s images/s", entry["epoch"], epochs,
+                 metrics_text(entry["train"]), metrics_text(entry["validation"]),
+                 f"{state} | " if state else "",
+                 "-" if images_per_second is None else f"{images_per_second:.0f}")
     if not self.chief:
       return history
-    storage.write_json(self.history_path, {"epochs": history})
-    with storage.writing(self.logs, "the TensorBoard logs"):
-      self._validation_writer = self._validation_writer or tf.summary.create_file_writer(
-          os.path.join(self.logs, "validation"))
-      with self._validation_writer.as_default(step=global_step):
-        for name, value in validation.items():
-          tf.summary.scalar(name, value)
-      self._validation_writer.flush()
+    storage.write_json(self.paths.history, {"epochs": history})
+    self._summaries.write("validation", [(global_step, entry["validation"])])
     return history
 
-  def finished_metrics(self, epochs: int) -> Optional[Dict[str, object]]:
+  def finished_metrics(self, epochs: int,
+                       headline: Sequence[str]) -> Optional[Dict[str, object]]:
     """The metrics of a job of `epochs` epochs or more that has finished, or None where it has
-    not.
+    not. They must hold the test metrics named in `headline`.
 
     metrics.json is written last, after the export, and removed before an export is replaced,
     so metrics.json of `epochs` epochs means those epochs are trained and exported, whatever
     has since happened to the checkpoints. A larger --epochs extends a finished job; a
     smaller one finds it finished (its export has trained longer than asked).
     """
-    metrics = read_json(self.metrics_path, "delete it and run the same command again to "
-                              "evaluate and export the trained model")
+    metrics = read_json(self.paths.metrics, "delete it and run the same command again to "
+                        "evaluate and export the trained model")
     if metrics is None:
       return None
-    for name, kinds in _METRICS_TYPES.items():
+    needed = {"epochs": (int,), **{f"test_{name}": (int, float) for name in headline}}
+    for name, kinds in needed.items():
       if not _is_a(metrics.get(name), kinds):
         raise UserInputError(
-            f"{self.metrics_path} is damaged: no {name} number in it; delete it and run the "
+            f"{self.paths.metrics} is damaged: no {name} number in it; delete it and run the "
             "same command again to evaluate and export the trained model")
     return metrics if metrics["epochs"] >= epochs else None
 
-  def export_problem(self) -> Optional[str]:
-    """What is missing or unreadable in the run's shared export (under --model_dir on every
-    worker, so that all agree), or None where it is whole: the SavedModel's graph and
-    variables, and the Keras file."""
-    export = os.path.join(self.model_dir, "export")
-    graph = os.path.join(export, "saved_model.pb")
-    needed = [graph, os.path.join(export, "variables", "variables.index"),
-              os.path.join(export, KERAS_FILE)]
-    missing = [path for path in needed if not tf.io.gfile.exists(path)]
-    if missing:
-      return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
-    try:
-      with tf.io.gfile.GFile(graph, "rb") as f:
-        saved_model_pb2.SavedModel.FromString(f.read())
-      with tf.io.gfile.GFile(needed[2], "rb") as f, zipfile.ZipFile(f) as keras_file:
-        keras_file.getinfo("config.json")
-    except (message.DecodeError, zipfile.BadZipFile, KeyError) as e:
-      return f"the export is damaged ({first_line(e)})"
-    return None
+  def results_line(self, metrics: Dict[str, object], headline: Sequence[str]) -> str:
+    """The closing line of a job: its test metrics named in `headline`, and where its outputs
+    are (the report where it was drawn: --noreport, or a failure to draw it, leaves none)."""
+    where = [f"metrics {self.paths.metrics}", f"export {self.paths.export}"]
+    if tf.io.gfile.exists(self.paths.report_page):
+      where.append(f"report {self.paths.report_page}")
+    tested = ", ".join(f"{name} {metrics[f'test_{name}']:.4f}" for name in headline)
+    return f"test {tested}; {', '.join(where)}"
 
   def unmark_complete(self) -> None:
     """Removes metrics.json before the export is replaced: where it exists, the export beside
     it is complete, even on object stores, where a directory cannot be renamed atomically."""
-    if self.chief and tf.io.gfile.exists(self.metrics_path):
-      tf.io.gfile.remove(self.metrics_path)
+    if self.chief and tf.io.gfile.exists(self.paths.metrics):
+      tf.io.gfile.remove(self.paths.metrics)
 
   def write_metrics(self, metrics: Dict[str, object]) -> None:
     """Writes metrics.json, last: it marks the run's outputs complete."""
     if self.chief:
-      storage.write_json(self.metrics_path, metrics)
+      storage.write_json(self.paths.metrics, metrics)
 
-  def write_report(self, test_split, history: List[Dict], metrics: Dict[str, object]) -> None:
-    """Draws the report (chief only); a failure is logged, not raised: the trained job must
-    not be lost to it. Its images go to TensorBoard as a run of their own, `report`."""
+  def write_report(self, task, history: List[Dict], metrics: Dict[str, object]) -> None:
+    """Has `task` draw its report (chief only); a failure is logged, not raised: the trained
+    job must not be lost to it. Its images go to TensorBoard as a run of their own, `report`."""
     if not self.chief:
       return
-    from trainer import report  # Here, not at the top: matplotlib takes a second to import.
     try:
-      report.write_report(self.export, test_split, history, metrics,
-                          os.path.join(self.model_dir, "report"),
-                          tf.summary.create_file_writer(os.path.join(self.logs, "report")))
+      task.write_report(self.export, history, metrics, self.paths.report,
+                        self._summaries.writer("report"))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("the report could not be drawn (%s: %s); the model is exported, and "
                       "metrics.json comes next", type(e).__name__, first_line(e))
-
-
-_METRICS_TYPES = {"epochs": (int,), "test_accuracy": (int, float),
-                  "test_reconstruction_mse": (int, float)}
 
 
 def _is_a(value, kinds) -> bool:
@@ -270,5 +274,7 @@ def _config_problem(saved: Dict) -> Optional[str]:
 
 
 def _is_history_entry(entry) -> bool:
+  """An epoch's record: its number, and named values ("train", "validation" and the task's)."""
   return (isinstance(entry, dict) and isinstance(entry.get("epoch"), int)
-          and all(_numbers(entry.get(key)) for key in ("train", "validation", "loss_weights")))
+          and all(key in entry for key in ("train", "validation"))
+          and all(_numbers(value) for key, value in entry.items() if key != "epoch"))

@@ -63,12 +63,13 @@ def main(argv):
                           "start"):
       # TensorFlow is imported only now: the strategy must be the first thing it sets up.
       with cli.tensorflow_imported_quietly(config.verbose, float16_op=False):
-        from trainer import distribution, train
+        from trainer import distribution, multitask, train
       strategy = distribution.get_strategy(config.strategy, config.tpu)
       precision = train.configure_process(config, strategy)  # Process-wide: here, once.
       if precision.policy == "mixed_float16":
         cli.float16_op_run_quietly(config.verbose)  # Else oneDNN's note comes unfiltered.
-      train.run(config, strategy)  # Inside: its own stages nest, with no moment uncovered.
+      # Inside: its own stages nest, with no moment uncovered.
+      train.run(config, strategy, multitask.make_task)
   except errors.JobError as e:
     cli.fail(str(e))
   except preemption.Preempted as e:

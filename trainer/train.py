@@ -1,5 +1,10 @@
-"""The job: the multitask task (`trainer.multitask`) trained by the controller
-(`trainer.controller`), with the run directory's outputs (`trainer.outputs`).
+"""The job: a task trained by the controller, evaluated and exported in its run directory.
+
+It owns only the order of things. The task (`Task`, built by the factory the caller passes:
+`trainer.multitask.problem.make_task` for this package's problem) owns the problem: its model,
+data, metrics and export; the controller (`trainer.controller`) the loop; the run directory's
+outputs (`trainer.outputs`) the disk. It imports nothing of the problem: tests drive it with a
+stand-in task (tests/train_test.py).
 
 Keras 3.15's `model.fit` fails under MultiWorkerMirroredStrategy, so the package owns its loop,
 as the Model Garden's trainers do. `run` reads in three stages: `prepare` (checks, builds,
@@ -7,8 +12,7 @@ restores), `fit`, `finalize` (test, export, report, metrics.json).
 """
 
 import dataclasses
-import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import keras
 import tensorflow as tf
@@ -19,18 +23,53 @@ from trainer import config as config_lib
 from trainer import controller as controller_lib
 from trainer import distribution
 from trainer import lease as lease_lib
-from trainer import multitask
 from trainer import outputs as outputs_lib
 from trainer import preemption
 from trainer import progress
-from trainer import sources
 from trainer import storage
 from trainer import tuning
 from trainer.config import TrainConfig
 
 Evaluate = Callable[[str], Dict[str, float]]
 OnEvaluation = Callable[[int, Evaluate], None]
-default_model = multitask.default_model
+
+
+class Task(controller_lib.Task, Protocol):
+  """What the job trains and finishes (after Model Garden's Task): the controller's training
+  step, and what a run needs at its epochs' ends and its end. Metric names are the task's:
+  the job writes whatever `evaluate` returns, under `test_` and `validation_` in metrics.json.
+  """
+  steps_per_epoch: int
+  examples_per_step: int  # The global batch.
+  headline: Tuple[str, ...]  # The test metrics the job's closing line names.
+
+  def evaluate(self, split: str) -> Dict[str, float]:
+    """The metrics of the split "validation" or "test"."""
+
+  def epoch_state(self) -> Dict[str, Dict[str, float]]:
+    """Learned values to record with each epoch (task weights, say), by name; their last
+    values go into metrics.json as `NAME_final`."""
+
+  def learning_rate(self, step: int, total_steps: int) -> float:
+    """The learning rate at `step` of a run of `total_steps` (said when a run is extended)."""
+
+  def export(self, path: str) -> None:
+    """Writes the trained model for serving to the directory `path`."""
+
+  def export_problem(self, path: str) -> Optional[str]:
+    """What is missing or damaged in the export at `path`, or None where it is whole."""
+
+  def run_facts(self) -> Dict[str, object]:
+    """What metrics.json says of the problem beside its metrics (the data it learned, say)."""
+
+  def write_report(self, export_dir: str, history: List[Dict], metrics: Dict[str, object],
+                   report_dir: str, summary_writer) -> None:
+    """Draws the run's report into `report_dir`, and its images to TensorBoard."""
+
+
+# Builds the task of a configuration under a strategy, its variables under the Keras dtype
+# policy it is given (already in force); checks its data and batch plan first.
+TaskFactory = Callable[[TrainConfig, tf.distribute.Strategy, str], Task]
 # Off a terminal a progress line is promised about every 30 s, and SIGTERM and checkpoints
 # wait for a device call's end: where steps per call are ours to pick, no call lasts longer.
 MAX_CALL_SECONDS = 10.0
@@ -65,7 +104,7 @@ class Job:
   config: TrainConfig
   precision: distribution.Precision
   outputs: outputs_lib.RunOutputs
-  task: multitask.MultitaskTask
+  task: Task
   controller: controller_lib.Controller
   history: List[Dict]
   finished: Optional[Dict[str, object]] = None
@@ -106,23 +145,31 @@ def _checked_precision(config: TrainConfig,
   return precision
 
 
-def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
-            splits: Optional[sources.Splits] = None,
-            model_fn: Callable[[TrainConfig], keras.Model] = default_model) -> Job:
-  """Checks the data and the outputs, takes the run directory's lease (chief), checks the
-  run's saved settings, in that order and before anything is written; builds the task and the
-  controller, and restores the newest checkpoint that reads back whole. Call `close()` on the
-  job it returns (`run` does)."""
-  precision = _checked_precision(config, strategy)
+def make_schedule(config: TrainConfig, task: Task, strategy: tf.distribute.Strategy,
+                  chief: bool = True) -> controller_lib.Schedule:
+  """When things happen in a run of `task`: --steps_per_loop's 0 resolved here, by platform
+  (the configuration keeps 0, so a run resumed on another platform changes nothing)."""
   # Only a single worker may cap its calls by its own measured speed (see Schedule), and a
   # TPU's calls are short and costly to retrace; a given --steps_per_loop is taken as given.
   cap_calls = (not config.steps_per_loop and
                distribution.strategy_name(strategy) in ("default", "mirrored", "one_device"))
-  if not config.steps_per_loop:
-    config = dataclasses.replace(config,
-                                 steps_per_loop=distribution.default_steps_per_loop(strategy))
-  splits = splits or sources.load_splits(config.dataset, config.data_dir)
-  plan = multitask.plan_batches(config, strategy.num_replicas_in_sync, splits.train)
+  return controller_lib.Schedule(
+      total_steps=config.epochs * task.steps_per_epoch, steps_per_epoch=task.steps_per_epoch,
+      steps_per_loop=config.steps_per_loop or distribution.default_steps_per_loop(strategy),
+      checkpoint_every_steps=config.checkpoint_every_steps,
+      examples_per_step=task.examples_per_step,
+      max_call_seconds=(0.0 if not cap_calls else BAR_CALL_SECONDS
+                        if chief and progress.on_terminal() else MAX_CALL_SECONDS))
+
+
+def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
+            make_task: TaskFactory) -> Job:
+  """Builds the task (which checks its data and batch plan), checks the outputs, takes the run
+  directory's lease (chief), checks the run's saved settings, in that order and before
+  anything is written; builds the controller, and restores the newest checkpoint that reads
+  back whole. Call `close()` on the job it returns (`run` does)."""
+  precision = _checked_precision(config, strategy)
+  task = make_task(config, strategy, precision.policy)
   outputs = outputs_lib.RunOutputs(config, is_chief(strategy))
   # One job per run directory; the chief's lease stands for every worker of a cluster.
   created = outputs.chief and not tf.io.gfile.exists(config.model_dir)
@@ -137,26 +184,19 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
       # `auto` resolves on each start: a run resumed on another CPU may compute otherwise.
       logging.info("Changed since this run was last started: precision %s -> %s (%s)",
                    outputs_lib.saved_precision(saved), precision.policy, precision.reason)
-    task = multitask.MultitaskTask(config, strategy, splits, plan, precision.policy, model_fn)
-    schedule = controller_lib.Schedule(
-        total_steps=config.epochs * plan.steps_per_epoch, steps_per_epoch=plan.steps_per_epoch,
-        steps_per_loop=config.steps_per_loop,
-        checkpoint_every_steps=config.checkpoint_every_steps,
-        examples_per_step=plan.global_batch,
-        max_call_seconds=(0.0 if not cap_calls else BAR_CALL_SECONDS
-                          if outputs.chief and progress.on_terminal() else MAX_CALL_SECONDS))
     controller = controller_lib.Controller(
-        strategy, task, schedule, outputs_lib.checkpoint_dir(config),
-        config.checkpoints_to_keep, save_dir=outputs.checkpoints, summary_dir=outputs.train_logs,
-        show_progress=outputs.chief, before_save=lease.check if lease else None,
+        strategy, task, make_schedule(config, task, strategy, outputs.chief),
+        outputs.paths.checkpoints, config.checkpoints_to_keep, save_dir=outputs.checkpoints,
+        write_summaries=outputs.summaries_of("train"), show_progress=outputs.chief,
+        before_save=lease.check if lease else None,
         after_first_save=lambda: outputs.write_config(config, precision.policy))
     job = Job(config, precision, outputs, task, controller, history=[], lease=lease,
               created_model_dir=created)
-    job.finished = outputs.finished_metrics(config.epochs)
-    export_problem = job.finished is not None and outputs.export_problem()
+    job.finished = outputs.finished_metrics(config.epochs, task.headline)
+    export_problem = job.finished is not None and task.export_problem(outputs.paths.export)
     if export_problem:
       logging.warning("%s says this run has finished, but %s; exporting it again from its last "
-                      "checkpoint.", outputs.metrics_path, export_problem)
+                      "checkpoint.", outputs.paths.metrics, export_problem)
       job.finished = None
     if job.finished is None:
       _resume(job, saved)
@@ -177,7 +217,7 @@ def _resume(job: Job, saved: Optional[Dict]) -> None:
     where, unreadable = controller.checkpoint_dir, len(controller.unreadable)
     state = (f"none of the {unreadable} checkpoints in {where} can be read" if unreadable
              else f"there is no checkpoint in {where}")
-    old_dir = (saved or {}).get("checkpoint_dir") or os.path.join(config.model_dir, "checkpoints")
+    old_dir = (saved or {}).get("checkpoint_dir") or outputs.paths.own_checkpoints
     elsewhere = f" (it saved them in {old_dir})" if old_dir != controller.checkpoint_dir else ""
     raise errors.UserInputError(
         f"this run has trained ({', '.join(trained_files)}) but {state}{elsewhere}; "
@@ -188,9 +228,9 @@ def _resume(job: Job, saved: Optional[Dict]) -> None:
         f"checkpoint {latest} has trained; pass --epochs={controller.epochs_done} or more, or "
         "a new --model_dir")
   job.history = outputs.read_history(controller.epochs_done)
-  steps_per_epoch = job.task.plan.steps_per_epoch
+  steps_per_epoch = job.task.steps_per_epoch
   if latest and saved and saved["epochs"] < config.epochs:
-    _log_extension(config, saved["epochs"], controller.step, steps_per_epoch)
+    _log_extension(job, saved["epochs"])
   if latest and controller.epochs_done == config.epochs:
     logging.info("Resuming from %s: all %d epochs are trained; evaluating and exporting.",
                  latest, config.epochs)
@@ -204,7 +244,7 @@ def _tuning_reporter(job: Job) -> Optional[tuning.Reporter]:
   """In a tuning trial, the reporter of the job's evaluations, having reported again those of
   the steps trained before this process (every one, where the job has finished); None
   elsewhere."""
-  steps_per_epoch = job.task.plan.steps_per_epoch
+  steps_per_epoch = job.task.steps_per_epoch
   reporter = tuning.trial_reporter(job.config.tuning_metric, job.config.model_dir,
                                    steps_per_epoch, before_write=job.check_lease)
   if reporter is None:
@@ -221,12 +261,12 @@ def _tuning_reporter(job: Job) -> Optional[tuning.Reporter]:
   return reporter
 
 
-def _log_extension(config: TrainConfig, old_epochs: int, step: int, steps_per_epoch: int) -> None:
+def _log_extension(job: Job, old_epochs: int) -> None:
   """Says that a larger --epochs stretches the learning-rate schedule, and what that does to
   the rate where training resumes: it rises again where the old run had decayed it."""
+  config, step, steps_per_epoch = job.config, job.controller.step, job.task.steps_per_epoch
   old_total, new_total = old_epochs * steps_per_epoch, config.epochs * steps_per_epoch
-  rate = {total: float(multitask.learning_rate_schedule(config, total)(step))
-          for total in (old_total, new_total)}
+  rate = {total: job.task.learning_rate(step, total) for total in (old_total, new_total)}
   logging.info("Extending this run from %d to %d epochs (%d to %d steps): the learning rate's "
                "cosine schedule is stretched over the new total, so at step %d it is %.3g "
                "instead of %.3g (peak %.3g).", old_epochs, config.epochs, old_total, new_total,
@@ -242,13 +282,13 @@ def fit(job: Job, on_evaluation: Optional[OnEvaluation] = None) -> Optional[Dict
   the validation metrics of each epoch's end are reported, and between epoch ends those
   the job (or `on_evaluation`) computed.
   """
-  config, task, steps_per_epoch = job.config, job.task, job.task.plan.steps_per_epoch
+  config, task, steps_per_epoch = job.config, job.task, job.task.steps_per_epoch
   last = {}
 
   def end_epoch(step: int, train_logs: Dict[str, float], images_per_second) -> None:
     validation = last["validation"] = task.evaluate("validation")
     entry = {"epoch": step // steps_per_epoch, "train": train_logs, "validation": validation,
-             "loss_weights": task.weighting.weights()}
+             **task.epoch_state()}
     job.check_lease()  # Before its record: two jobs' epochs must not mix.
     job.history = job.outputs.record_epoch(job.history, entry, config.epochs, step,
                                            images_per_second)
@@ -269,8 +309,7 @@ def fit(job: Job, on_evaluation: Optional[OnEvaluation] = None) -> Optional[Dict
         job.report_evaluation(step, evaluated["validation"])
       return
     metrics = task.evaluate("validation")
-    logging.info("step %d: validation accuracy %.4f, reconstruction_mse %.4f", step,
-                 metrics["accuracy"], metrics["reconstruction_mse"])
+    logging.info("step %d: validation %s", step, outputs_lib.metrics_text(metrics))
     job.report_evaluation(step, metrics)
 
   # The hook at an epoch's end runs after the epoch's checkpoint: one that raises (to stop
@@ -288,28 +327,19 @@ def finalize(job: Job, validation: Optional[Dict[str, float]]) -> Dict[str, obje
   config, outputs, task = job.config, job.outputs, job.task
   test = task.evaluate("test")
   validation = validation or task.evaluate("validation")  # Trained before, not yet exported.
+  strategy = job.controller.strategy
   metrics = {
-      "test_accuracy": test["accuracy"],
-      "test_reconstruction_mse": test["reconstruction_mse"],
-      "test_classifier_loss": test["classifier_loss"],
-      "validation_accuracy": validation["accuracy"],
-      "validation_reconstruction_mse": validation["reconstruction_mse"],
+      **{f"test_{name}": value for name, value in test.items()},
+      **{f"validation_{name}": value for name, value in validation.items()},
       "epochs": config.epochs,
-      "global_batch_size": task.plan.global_batch,
-      "num_replicas": task.strategy.num_replicas_in_sync,
-      "strategy": distribution.strategy_name(task.strategy),
+      "global_batch_size": task.examples_per_step,
+      "num_replicas": strategy.num_replicas_in_sync,
+      "strategy": distribution.strategy_name(strategy),
       "precision": job.precision.policy,
       "precision_reason": job.precision.reason,
       "train_images_per_second": job.controller.throughput.overall(),
-      "dataset": config.dataset,
-      # What the model was trained on, for trainer.predict: its class names, and whether its
-      # images' background is dark or light (predict inverts images whose background is not).
-      "class_names": list(task.splits.class_names),
-      "input_background": sources.background(task.splits.train.images),
-      "train_examples": len(task.splits.train),
-      "labeled_examples": (len(task.splits.train) if task.plan.labeled is None
-                           else len(task.plan.labeled)),
-      "loss_weights_final": task.weighting.weights(),
+      **task.run_facts(),
+      **{f"{name}_final": value for name, value in task.epoch_state().items()},
       "config": dataclasses.asdict(config),
   }
   job.check_lease()
@@ -317,40 +347,36 @@ def finalize(job: Job, validation: Optional[Dict[str, float]]) -> Dict[str, obje
   with storage.writing(outputs.export, "the export"):
     task.export(outputs.export)
   if config.report:
-    outputs.write_report(task.splits.test, job.history, metrics)
+    outputs.write_report(task, job.history, metrics)
   job.check_lease()  # The export and the report take seconds: another job may have come.
   outputs.write_metrics(metrics)
   # Reported at the last epoch's end already, unless history.json lost it.
   job.report_evaluation(job.controller.step, validation)
   if outputs.chief:
-    logging.info("Done: %s", outputs_lib.results_line(metrics, config.model_dir))
+    logging.info("Done: %s", outputs.results_line(metrics, task.headline))
   return metrics
 
 
-def run(config: TrainConfig, strategy: tf.distribute.Strategy,
-        splits: Optional[sources.Splits] = None,
-        on_evaluation: Optional[OnEvaluation] = None,
-        model_fn: Callable[[TrainConfig], keras.Model] = default_model) -> Dict[str, object]:
-  """Trains, evaluates and exports the multitask model; returns the final metrics.
+def run(config: TrainConfig, strategy: tf.distribute.Strategy, make_task: TaskFactory,
+        on_evaluation: Optional[OnEvaluation] = None) -> Dict[str, object]:
+  """Trains, evaluates and exports the task `make_task` builds; returns the final metrics.
 
-  `splits` defaults to the source `config.dataset` names; tests and notebooks may pass their
-  own. Resumes from the latest checkpoint when there is one; a finished job returns its
-  metrics and writes nothing. Raises `UserInputError` for bad input and divergence
-  (`controller.Diverged`), `preemption.Preempted` after saving on SIGTERM or Ctrl-C, and
-  `preemption.Stopped` for either while it evaluates and exports.
-  `on_evaluation`: see `fit`. `model_fn(config)` builds the model (benchmarks/levers.py
-  passes variants of the default).
+  Resumes from the latest checkpoint when there is one; a finished job returns its metrics
+  and writes nothing. Raises `errors.UserInputError` for bad input, `errors.JobError` for a
+  divergence (`controller.Diverged`), a failed write or a lost lease, `preemption.Preempted`
+  after saving on SIGTERM or Ctrl-C, and `preemption.Stopped` for either while it evaluates
+  and exports. `on_evaluation`: see `fit`.
   """
   with preemption.stage("starting", "nothing was trained or written; run the same command to "
                         "start") as now:
-    job = prepare(config, strategy, splits, model_fn)
+    job = prepare(config, strategy, make_task)
     try:
       if job.finished is not None:  # Run again: say where its results are, and write nothing.
         trained = job.finished["epochs"]
         logging.info("This job has already trained %s; its results: %s",
                      f"its {trained} epochs" if trained == config.epochs else
                      f"{trained} epochs (more than --epochs={config.epochs})",
-                     outputs_lib.results_line(job.finished, config.model_dir))
+                     job.outputs.results_line(job.finished, job.task.headline))
         return job.finished
       # Until the loop takes the signals over (it saves first), and after it.
       now("training", "the newest checkpoint is kept; run the same command to resume")
