@@ -48,6 +48,8 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from trainer import run_directory
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGED_SAMPLE = os.path.join(REPO, "trainer", "assets", "mnist_5k.npz")
 SHARED_SAMPLE = "/work/shared/data/mnist_5k.npz"
@@ -128,7 +130,7 @@ def train_export(work: str) -> str:
   result = _run(command, cwd=REPO)
   if result.returncode:
     sys.exit(f"training failed (exit code {result.returncode}):\n{_tail(result.stderr)}")
-  return os.path.join(model_dir, "export")
+  return run_directory.of(model_dir).export
 
 
 def reference_outputs(export_dir: str, images: np.ndarray) -> Dict[str, np.ndarray]:

@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from launch import vertex_api
 from launch.custom_job import LaunchError
+from trainer import run_directory
 
 # Vertex AI refuses an online prediction request above about 1.5 MB. Requests are bounded by
 # their size as sent (protobuf: 11 bytes a pixel), which is above their JSON's (at most 4).
@@ -241,10 +242,10 @@ def get_endpoint(client, name: str):
     raise _not_found("endpoint", name, e) from None
 
 
-def run_directory(artifact_uri: str) -> str:
+def run_of_export(artifact_uri: str) -> str:
   """The run directory of a model whose export is at `artifact_uri` (RUN/export), else ''."""
   head, _, tail = artifact_uri.rstrip("/").rpartition("/")
-  return head if tail == "export" else ""
+  return head if tail == run_directory.EXPORT else ""
 
 
 def deploy_request(endpoint: str, model: str, serving: Serving, display_name: str):
@@ -268,7 +269,7 @@ def deploy(plan: Deployment, clients: Clients, dry_run: bool = False,
   before = get_endpoint(clients.endpoints, plan.endpoint) if plan.endpoint else types.Endpoint()
   model, model_dir = plan.model, plan.model_dir
   if model and not dry_run:
-    model_dir = run_directory(get_model(clients.models, model).artifact_uri)
+    model_dir = run_of_export(get_model(clients.models, model).artifact_uri)
   if not model:
     model = _upload(plan, clients, dry_run, say)
   endpoint = plan.endpoint or _create_endpoint(plan, clients, dry_run, say)

@@ -27,8 +27,9 @@ from launch import endpoints
 from launch import tuning_job
 from launch import vertex_api
 from launch.custom_job import SCHEDULING_STRATEGIES, JobSpec, LaunchError, build_custom_job
-from trainer import errors
 from trainer import cli
+from trainer import errors
+from trainer import run_directory
 from trainer.config import TUNING_METRICS
 from trainer.errors import UserInputError
 
@@ -264,9 +265,10 @@ def trial_environment(base_output_dir: str) -> Dict[str, str]:
 def trainer_environment(base_output_dir: str) -> Dict[str, str]:
   """The variables Vertex AI sets for the trainer from the job's base output directory, which
   its directory flags default to."""
-  base = base_output_dir.rstrip("/")
-  return {"AIP_MODEL_DIR": f"{base}/model/", "AIP_CHECKPOINT_DIR": f"{base}/checkpoints/",
-          "AIP_TENSORBOARD_LOG_DIR": f"{base}/logs/"}
+  layout = run_directory.on_vertex(base_output_dir)
+  return {"AIP_MODEL_DIR": f"{layout.model_dir}/",
+          "AIP_CHECKPOINT_DIR": f"{layout.checkpoints}/",
+          "AIP_TENSORBOARD_LOG_DIR": f"{layout.logs}/"}
 
 
 def split_command(argv: List[str]):

@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Tuple
 
 from launch.custom_job import LaunchError
 from launch.tuning_job import TUNING_METRIC_FLAG
+from trainer import run_directory
 from trainer.errors import (BAD_INPUT_EXIT_CODE, INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE,
                             first_line)
 
@@ -395,30 +396,35 @@ def check_finished(model_dir: str) -> dict:
   reads, gs:// included); LaunchError where the job has not finished or exported."""
   import json
   import tensorflow as tf  # Only upload needs it: for gs:// paths.
-  metrics_path = os.path.join(model_dir, "metrics.json")
+  run = run_directory.of(model_dir)
   try:
-    return _read_metrics(tf, json, model_dir, metrics_path)
+    text = _finished_metrics_text(tf, run)
   except tf.errors.OpError as e:
     raise LaunchError(f"cannot read {model_dir}: {first_line(e.message)}; check the path and "
                       "that these credentials may read it (gcloud storage ls "
                       f"{model_dir})") from None
+  try:
+    metrics = json.loads(text)
   except ValueError as e:
-    raise LaunchError(f"{metrics_path} is not the JSON a finished job writes ({e}): give the "
-                      "--model_dir of a finished job") from None
-
-
-def _read_metrics(tf, json, model_dir: str, metrics_path: str) -> dict:
-  if not tf.io.gfile.exists(metrics_path):
-    raise LaunchError(f"no {metrics_path}: the job has not finished (it writes metrics.json "
-                      "last); wait for it, or give the --model_dir of a finished job")
-  if not tf.io.gfile.exists(os.path.join(model_dir, "export", "saved_model.pb")):
-    raise LaunchError(f"no SavedModel in {os.path.join(model_dir, 'export')}: give the "
-                      "--model_dir of a finished job, with its export/ directory")
-  with tf.io.gfile.GFile(metrics_path) as f:
-    metrics = json.load(f)
+    metrics = e
   if not isinstance(metrics, dict):
-    raise ValueError("not an object")
+    problem = metrics if isinstance(metrics, ValueError) else "not an object"
+    raise LaunchError(f"{run.metrics} is not the JSON a finished job writes ({problem}): give "
+                      "the --model_dir of a finished job")
   return metrics
+
+
+def _finished_metrics_text(tf, run: run_directory.RunDirectory) -> str:
+  """The text of a finished run's metrics.json; LaunchError where the run has no such file,
+  or no export."""
+  if not tf.io.gfile.exists(run.metrics):
+    raise LaunchError(f"no {run.metrics}: the job has not finished (it writes metrics.json "
+                      "last); wait for it, or give the --model_dir of a finished job")
+  if not tf.io.gfile.exists(run.saved_model):
+    raise LaunchError(f"no SavedModel in {run.export}: give the --model_dir of a finished job, "
+                      "with its export/ directory")
+  with tf.io.gfile.GFile(run.metrics) as f:
+    return f.read()
 
 
 def model_for(model_dir: str, display_name: str, serving_image: str, metrics: dict):
@@ -430,7 +436,7 @@ def model_for(model_dir: str, display_name: str, serving_image: str, metrics: di
     description = (f"test accuracy {metrics['test_accuracy']:.4f}, reconstruction MSE "
                    f"{metrics['test_reconstruction_mse']:.4f}")
   return types.Model(display_name=display_name, description=description,
-                     artifact_uri=os.path.join(model_dir, "export"),
+                     artifact_uri=run_directory.of(model_dir).export,
                      container_spec=types.ModelContainerSpec(image_uri=serving_image))
 
 

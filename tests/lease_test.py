@@ -19,7 +19,8 @@ import tensorflow as tf
 
 from trainer import lease as lease_lib
 from trainer.errors import UserInputError
-from trainer.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost
+from trainer.lease import Lease, LeaseHeld, LeaseLost
+from trainer.run_directory import LEASE as LEASE_NAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("token", "host", "pid", "boot_id", "process_start", "user", "command", "started",

@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from tests import helpers
+from trainer import run_directory
 from trainer import errors
 from trainer import config, controller, losses, multitask, preemption, train
 from trainer import lease as lease_lib
@@ -236,14 +237,14 @@ def test_a_job_whose_lease_was_deleted_and_taken_writes_nothing_more(tmp_path):
   train.configure_process(settings, tf.distribute.get_strategy())
   job = train.prepare(settings, tf.distribute.get_strategy(), _tasks(helpers.learnable_splits()))
   try:
-    (tmp_path / "run" / lease_lib.LEASE_NAME).unlink()
+    (tmp_path / "run" / run_directory.LEASE).unlink()
     second = lease_lib.Lease.acquire(str(tmp_path / "run"))
     with pytest.raises(lease_lib.LeaseLost, match="another job took over the run directory"):
       train.fit(job)
   finally:
     job.close()
-  assert os.listdir(tmp_path / "run") == [lease_lib.LEASE_NAME]  # The second job's only.
-  assert json.loads((tmp_path / "run" / lease_lib.LEASE_NAME).read_text())["token"] == (
+  assert os.listdir(tmp_path / "run") == [run_directory.LEASE]  # The second job's only.
+  assert json.loads((tmp_path / "run" / run_directory.LEASE).read_text())["token"] == (
       second.token)
   second.release()
 

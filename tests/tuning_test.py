@@ -8,6 +8,7 @@ import sys
 import pytest
 import tensorflow as tf
 
+from trainer import run_directory
 from trainer import tuning
 
 STEPS_PER_EPOCH = 16
@@ -76,19 +77,19 @@ def test_a_resumed_trial_reports_its_earlier_evaluations_first_and_each_step_onc
   assert [step for step, _ in lines] == [5, 10, 15, 16, 20, 25, 30, 32]
   assert all(float(report["validation_accuracy"]) == _validation(step)["accuracy"]
              for step, report in lines)
-  with tf.io.gfile.GFile(f"{model_dir}/{tuning.RECORD_FILE}") as f:
+  with tf.io.gfile.GFile(f"{model_dir}/{run_directory.TUNING_RECORD}") as f:
     assert [entry["step"] for entry in json.load(f)["evaluations"]] == [5, 10, 15, 20, 25, 30]
   assert len(lease_checks) == 2  # Before each write of the record: 25 and 30.
 
 
 def test_a_damaged_record_costs_only_its_evaluations_with_a_warning(trial, tmp_path, caplog):
   (tmp_path / "run").mkdir()
-  (tmp_path / "run" / tuning.RECORD_FILE).write_text('{"evaluations": [{"ste')
+  (tmp_path / "run" / run_directory.TUNING_RECORD).write_text('{"evaluations": [{"ste')
   caplog.set_level("WARNING")
   reporter = tuning.trial_reporter("validation_accuracy", str(tmp_path / "run"), STEPS_PER_EPOCH)
   assert reporter.resume([{"epoch": 1, "validation": _validation(16)}], trained_steps=20) == 1
   assert [step for step, _ in _lines(trial)] == [16]
-  assert f"{tuning.RECORD_FILE} is damaged: not JSON" in caplog.text
+  assert f"{run_directory.TUNING_RECORD} is damaged: not JSON" in caplog.text
   assert "the evaluations between epoch ends before this restart are not reported" in caplog.text
 
 

@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 
 from trainer import errors
+from trainer import run_directory
 from trainer import cli
 from trainer import config as config_lib
 
@@ -65,7 +66,8 @@ def main(argv):
   try:
     dataset, data_dir = run_dataset(model_dir)
     split = getattr(sources.load_splits(dataset, data_dir), FLAGS.split)
-    outputs = export.predict_batches(export.load(f"{model_dir}/export"), split.images)
+    outputs = export.predict_batches(export.load(run_directory.of(model_dir).export),
+                                     split.images)
   except errors.JobError as e:
     cli.fail(str(e))
   metrics = losses.metrics_from_outputs(outputs["classifier"], outputs["decoder"], split)

@@ -28,9 +28,9 @@ from typing import Callable, Dict, Optional, Tuple
 import tensorflow as tf
 from absl import logging
 
+from trainer import run_directory
 from trainer.errors import JobError, UserInputError, first_line
 
-LEASE_NAME = "lease.json"
 RENEW_EVERY_SECONDS = 30.0
 STALE_AFTER_SECONDS = 90.0  # 3 renewals missed
 
@@ -197,7 +197,7 @@ class Lease:
     now = time.strftime(_TIME_FORMAT, time.gmtime(clock()))
     record = {**this_process(), **(identity or {}), "token": uuid.uuid4().hex, "started": now,
               "renewed": now, "renewals": 0}
-    path = os.path.join(directory, LEASE_NAME)
+    path = run_directory.of(directory).lease
     try:
       tf.io.gfile.makedirs(directory)
       return cls(path, record, renew_every, stale_after, is_alive or process_alive, clock, sleep)

@@ -49,6 +49,7 @@ from absl import app
 from absl import flags
 
 from trainer import errors
+from trainer import run_directory
 from trainer import cli
 from trainer import config as config_lib
 from trainer import image_files
@@ -176,7 +177,7 @@ def trained_on(model_dir: str) -> Trained:
   for a file that is not JSON or holds other values.
   """
   from trainer import outputs  # Imports TensorFlow: only once the entry point has, quietly.
-  path = f"{model_dir.rstrip('/')}/metrics.json"
+  path = run_directory.of(model_dir).metrics
   fix = "delete it and run the training command again to write it anew"
   metrics = outputs.read_json(path, fix) or {}
   names = metrics.get("class_names", list(sources.DIGITS))
@@ -232,7 +233,7 @@ def predict_inputs(paths: Sequence[str], options: Options) -> int:
   and for an --output_dir that cannot be created.
   """
   from trainer import export  # Imports TensorFlow: only once the entry point has, quietly.
-  exported = export.load(f"{options.model_dir.rstrip('/')}/export")
+  exported = export.load(run_directory.of(options.model_dir).export)
   trained = trained_on(options.model_dir)
   items, failed = read_items(paths, options)
   if not items:

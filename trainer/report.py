@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from sklearn import decomposition, metrics as sk_metrics
 
 from trainer import export as export_lib
+from trainer import run_directory
 from trainer.sources import DIGITS, NUM_CLASSES, Split
 
 IMAGES = ("reconstructions", "confusion_matrix", "curves", "latent")
@@ -194,7 +195,7 @@ def write_report(export_dir: str, test: Split, history: List[Dict], metrics: Dic
   for name, png in pngs.items():
     with tf.io.gfile.GFile(os.path.join(directory, f"{name}.png"), "wb") as f:
       f.write(png)
-  with tf.io.gfile.GFile(os.path.join(directory, "report.md"), "w") as f:
+  with tf.io.gfile.GFile(os.path.join(directory, run_directory.REPORT_PAGE), "w") as f:
     f.write(_markdown(metrics, history, latent.shape[1]))
   if writer is not None:
     with writer.as_default(step=metrics["epochs"]):

@@ -108,6 +108,14 @@ class RunDirectory:
     return self._path(METRICS)
 
 
+def on_vertex(base_output_dir: str) -> RunDirectory:
+  """Where a Vertex AI custom job's pieces go under its base output directory: the run
+  directory in `model/`, checkpoints and TensorBoard logs beside it (Vertex AI sets
+  $AIP_MODEL_DIR, $AIP_CHECKPOINT_DIR and $AIP_TENSORBOARD_LOG_DIR so)."""
+  base = base_output_dir.rstrip("/")
+  return RunDirectory(f"{base}/model", f"{base}/{CHECKPOINTS}", f"{base}/{LOGS}")
+
+
 def of(model_dir: str) -> RunDirectory:
   """The run directory at `model_dir` (a trailing slash ignored), with its own folders."""
   return RunDirectory(model_dir.rstrip("/") or model_dir)

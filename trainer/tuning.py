@@ -5,8 +5,8 @@ Vertex AI reads a trial's measurements, each with its global step, from the file
 them. Each `HyperTune` object rewrites that whole file from its own queue (of the last 100
 reports), so a job reports through one object, its `Reporter`; and a resumed job first reports
 again the evaluations of the steps its checkpoint had trained, from history.json (epoch ends)
-and RECORD_FILE (the evaluations between them, which no other file keeps), so that the file
-holds the whole curve.
+and the run's tuning record (the evaluations between them, which no other file keeps), so that
+the file holds the whole curve.
 
 Only the chief of a tuning trial reports: Vertex AI sets $CLOUD_ML_TRIAL_ID in each trial, and a
 local run or a plain custom job has no one to read the file. The library is optional (the
@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from absl import logging
 
+from trainer import run_directory
 from trainer import errors
 from trainer import config as config_lib
 from trainer import storage
@@ -25,7 +26,6 @@ from trainer.outputs import read_json
 
 TRIAL_ID_VARIABLE = "CLOUD_ML_TRIAL_ID"
 # Under --model_dir: the evaluations between epoch ends a trial reported.
-RECORD_FILE = "tuning_evaluations.json"
 
 
 def in_tuning_trial() -> bool:
@@ -130,4 +130,4 @@ def trial_reporter(metric: str, model_dir: str, steps_per_epoch: int,
   logging.info("Tuning trial %s: reporting %s (to %s) at every evaluation.",
                os.environ[TRIAL_ID_VARIABLE], metric, config_lib.TUNING_METRICS[metric])
   return Reporter(hypertune.HyperTune(), metric, steps_per_epoch,
-                  os.path.join(model_dir, RECORD_FILE), before_write)
+                  run_directory.of(model_dir).tuning_record, before_write)
