@@ -202,7 +202,7 @@ from trainer import cli, task
 with cli.cpp_startup_log_filtered(cli.quiet_tensorflow()):
   from trainer import train
   train.tf.config.list_physical_devices()
-def run(config, strategy):
+def run(config, strategy, make_task):
   import tensorflow as tf
   {_FLOAT16_OP}
 train.run = run

@@ -13,6 +13,8 @@ import pathlib
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -21,10 +23,9 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tests import helpers
-from trainer import run_directory
-from trainer import errors
-from trainer import config, controller, losses, multitask, preemption, train
+from tests import helpers, stand_in_task
+from trainer import config, controller, errors, losses, multitask, preemption, run_directory
+from trainer import train
 from trainer import lease as lease_lib
 
 
@@ -70,6 +71,74 @@ def _rerun(run, finished_run, **changes):
 def _logged(caplog):
   logging.set_verbosity(logging.INFO)
   caplog.set_level("INFO")
+
+
+# The job with the stand-in task (tests/stand_in_task.py): the job's own behaviour, apart from
+# the multitask problem.
+
+
+def _stand_in_run(model_dir, on_evaluation=None, **changes):
+  settings = stand_in_task.config(str(model_dir), **changes)
+  train.configure_process(settings, tf.distribute.get_strategy())
+  return train.run(settings, tf.distribute.get_strategy(), stand_in_task.factory(),
+                   on_evaluation=on_evaluation)
+
+
+def _stand_in_files(model_dir):
+  return {name: json.loads((model_dir / name).read_text())
+          for name in (run_directory.HISTORY, run_directory.METRICS)}
+
+
+def test_the_job_trains_a_stand_in_task_stopped_and_resumed_as_uninterrupted(tmp_path, caplog):
+  uninterrupted = _stand_in_run(tmp_path / "a")
+  assert uninterrupted["test_distance"] < 0.5  # It learned: from about 2 at zero weights.
+  assert {"test_largest_miss", "validation_distance", "stand_in", "first_weight_final"} <= set(
+      uninterrupted)
+  history = json.loads((tmp_path / "a" / run_directory.HISTORY).read_text())["epochs"]
+  assert [sorted(entry) for entry in history] == [
+      ["epoch", "first_weight", "train", "validation"]] * 3
+  assert json.loads((tmp_path / "a" / run_directory.EXPORT / stand_in_task.EXPORT_FILE)
+                    .read_text()) == pytest.approx(stand_in_task.TRUE_WEIGHTS, abs=0.3)
+  assert (tmp_path / "a" / run_directory.REPORT / "stand_in.txt").exists()
+
+  def interrupt_at_step_8(step, evaluate):  # Ctrl-C, as a user presses it: the next call ends
+    if step == 8:                             # at step 10, mid epoch 2, and saves there.
+      os.kill(os.getpid(), signal.SIGINT)
+  with pytest.raises(preemption.Preempted, match="ckpt-10 saved at epoch 2, step 4"):
+    _stand_in_run(tmp_path / "b", on_evaluation=interrupt_at_step_8, eval_every_steps=4)
+  _logged(caplog)
+  resumed = _stand_in_run(tmp_path / "b", eval_every_steps=4)
+  assert "Resuming from " in caplog.text and "ckpt-10: epoch 2 of 3, step 4 of 6" in caplog.text
+  assert helpers.without_timing(resumed) == helpers.without_timing(uninterrupted)
+  written = {run: _stand_in_files(tmp_path / run) for run in "ab"}
+  assert written["b"][run_directory.HISTORY] == written["a"][run_directory.HISTORY]
+  assert helpers.without_timing(written["b"][run_directory.METRICS]) == helpers.without_timing(
+      written["a"][run_directory.METRICS])
+
+
+@pytest.mark.slow  # Two job processes: 20 s.
+def test_the_job_killed_with_sigkill_resumes_its_stand_in_task_exactly(tmp_path):
+  command = [sys.executable, "-m", "tests.stand_in_task"]
+  cwd = str(pathlib.Path(__file__).resolve().parent.parent)
+  subprocess.run(command + [str(tmp_path / "a")], cwd=cwd, check=True, capture_output=True,
+                 timeout=300)
+  killed = subprocess.Popen(command + [str(tmp_path / "b"), "0.1"], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  while not list((tmp_path / "b" / run_directory.CHECKPOINTS).glob("ckpt-8.index")):
+    assert killed.poll() is None and time.monotonic() < deadline, "no ckpt-8 while it ran"
+    time.sleep(0.05)
+  killed.kill()  # SIGKILL: nothing of the job's own runs.
+  assert killed.wait(timeout=60) == -signal.SIGKILL
+  assert not (tmp_path / "b" / run_directory.METRICS).exists()
+  resumed = subprocess.run(command + [str(tmp_path / "b")], cwd=cwd, capture_output=True,
+                           text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert re.search(r"Resuming from \S+ckpt-(8|1[02]): epoch 2 of 3", resumed.stderr), (
+      resumed.stderr[-3000:])
+  for name in (run_directory.HISTORY, run_directory.METRICS):
+    a, b = (json.loads((tmp_path / run / name).read_text()) for run in "ab")
+    assert helpers.without_timing(a) == helpers.without_timing(b), name
 
 
 def test_trains_and_writes_every_output(finished_run):
