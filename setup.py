@@ -17,7 +17,7 @@ INSTALL_REQUIRES = [
     # tensorflow-datasets 4.9.10 imports it (core/dataset_builder.py) on the download path
     # without declaring it: without it, --dataset=mnist fails on "No module named ...".
     "importlib_resources>=5",
-    # trainer.tfds_source asks the download hosts with it before TFDS's own downloader does.
+    # trainer.data.tfds_source asks the download hosts with it before TFDS's own downloader does.
     "requests>=2.28",
     "tensorboard>=2.21,<2.22",
     "numpy>=1.26",

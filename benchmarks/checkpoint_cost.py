@@ -22,7 +22,12 @@ import tensorflow as tf
 from absl import app, flags
 
 from benchmarks import precision as precision_lib
-from trainer import controller, data, multitask, outputs, sources, train
+from trainer.job import controller
+from trainer.data import pipeline
+from trainer.multitask import problem
+from trainer.job import outputs
+from trainer.data import sources
+from trainer.job import train
 from trainer.config import PRECISIONS, TrainConfig
 
 FLAGS = flags.FLAGS
@@ -44,12 +49,12 @@ def _directory_bytes(directory: str, prefix: str) -> int:
 
 
 def timed_saves(config: TrainConfig, splits, policy: str, saves: int
-                ) -> Tuple[multitask.MultitaskTask, List[float], int]:
+                ) -> Tuple[problem.MultitaskTask, List[float], int]:
   """Builds the task under `policy` (already in force), restores the latest checkpoint in
   `config.model_dir` (none: the fresh state), and saves it `saves` times as the controller
   saves it, into model_dir/timed; the task, each save's seconds and the last one's bytes."""
   strategy = tf.distribute.get_strategy()
-  task = multitask.make_task(config, strategy, policy, splits)
+  task = problem.make_task(config, strategy, policy, splits)
   directory = os.path.join(config.model_dir, "timed")
   saver = controller.Controller(strategy, task, train.make_schedule(config, task, strategy),
                                 outputs.paths_of(config).checkpoints,
@@ -69,8 +74,8 @@ def checkpoint_cost(config: TrainConfig, splits, saves: int) -> dict:
   checkpoint saves of the trained state as the controller saves them; the figures."""
   strategy = tf.distribute.get_strategy()
   resolved = precision_lib.configure(config, strategy)  # Once, before anything is built.
-  metrics = train.run(config, strategy, functools.partial(multitask.make_task, splits=splits))
-  steps_per_epoch = data.steps_per_epoch(len(splits.train), config.batch_size)
+  metrics = train.run(config, strategy, functools.partial(problem.make_task, splits=splits))
+  steps_per_epoch = pipeline.steps_per_epoch(len(splits.train), config.batch_size)
   epoch_seconds = steps_per_epoch * config.batch_size / metrics["train_images_per_second"]
   # The trained state, saved again and again as the controller would save it.
   task, seconds, checkpoint_bytes = timed_saves(config, splits, resolved.policy, saves)

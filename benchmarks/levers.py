@@ -73,7 +73,9 @@ def train_one(dataset: str, variant: str, seed: int, epochs: int, eval_every_ste
   (seconds and step None where no evaluation met it)."""
   import time
   import tensorflow as tf
-  from trainer import model, multitask, train
+  from trainer.multitask import model
+  from trainer.multitask import problem
+  from trainer.job import train
   from trainer.config import TrainConfig
   _, overrides, architecture = VARIANTS[variant]
   strategy = tf.distribute.get_strategy()
@@ -95,7 +97,7 @@ def train_one(dataset: str, variant: str, seed: int, epochs: int, eval_every_ste
         reached.update(seconds_to_bar=evaluated_from - started - measuring[0], step_to_bar=step)
       measuring[0] += time.time() - evaluated_from
 
-    make_task = functools.partial(multitask.make_task, model_fn=lambda c: model.build_model(
+    make_task = functools.partial(problem.make_task, model_fn=lambda c: model.build_model(
         c.latent_dim, c.width, **architecture))
     metrics = train.run(config, strategy, make_task, on_evaluation=time_to_bar)
   return {"variant": variant, "seed": seed, **reached,

@@ -168,7 +168,7 @@ def measure(batch: int, dtypes: Iterable[str] = DTYPES) -> Dict[str, object]:
   rates in each of `dtypes` (`by_dtype`)."""
   import tensorflow as tf
   from trainer.config import TrainConfig
-  from trainer.model import build_model
+  from trainer.multitask.model import build_model
   model = build_model(TrainConfig.latent_dim, TrainConfig.width)
   shape = heaviest_convolution(model)
   return {

@@ -102,10 +102,10 @@ def _reached(metrics) -> bool:
 
 
 def measure_pipeline(splits) -> None:
-  from trainer import data
-  dataset = data.training_dataset(splits.train, FLAGS.batch_size,
-                                  data.steps_per_epoch(len(splits.train), FLAGS.batch_size),
-                                  data.TrainingInput(seed=0, shift_pixels=1))
+  from trainer.data import pipeline
+  dataset = pipeline.training_dataset(splits.train, FLAGS.batch_size,
+                                  pipeline.steps_per_epoch(len(splits.train), FLAGS.batch_size),
+                                  pipeline.TrainingInput(seed=0, shift_pixels=1))
   batches = iter(dataset)
   for _ in range(20):
     next(batches)
@@ -117,12 +117,13 @@ def measure_pipeline(splits) -> None:
 
 
 def _package_loop(config, splits, strategy):
-  """The package's task and the controller's loop over it, as `trainer.train` builds them,
+  """The package's task and the controller's loop over it, as `trainer.job.train` builds them,
   under `config.precision`'s policy (set here, once, before anything is built); and the
   resolved policy with its reason."""
-  from trainer import controller, multitask
+  from trainer.job import controller
+  from trainer.multitask import problem
   resolved = precision_lib.configure(config, strategy)
-  task = multitask.make_task(config, strategy, resolved.policy, splits)
+  task = problem.make_task(config, strategy, resolved.policy, splits)
   return (task, controller.make_train_loop(strategy, task), iter(task.train_dataset(0)),
           resolved)
 
@@ -159,8 +160,8 @@ def _exercise_model():
   """The package's model, compiled as the exercise compiles it, and its float64 arrays."""
   import keras
   import numpy as np
-  from trainer.config import CLASSIFIER, DECODER
-  from trainer.model import build_model
+  from trainer.multitask import CLASSIFIER, DECODER
+  from trainer.multitask.model import build_model
   model = build_model(DEFAULTS.latent_dim, DEFAULTS.width, scaled_inputs=True)
   model.compile(optimizer=keras.optimizers.Adam(),
                 loss={CLASSIFIER: "sparse_categorical_crossentropy", DECODER: "mse"},
@@ -219,7 +220,8 @@ class _Reached(Exception):
 
 def measure_package_tta(splits) -> None:
   import tensorflow as tf
-  from trainer import multitask, train
+  from trainer.multitask import problem
+  from trainer.job import train
   from trainer.config import TrainConfig, parse_loss_weights
   config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(), report=False,
                        batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
@@ -241,7 +243,7 @@ def measure_package_tta(splits) -> None:
   resolved = precision_lib.configure(config, tf.distribute.get_strategy())
   try:
     metrics = train.run(config, tf.distribute.get_strategy(),
-                        functools.partial(multitask.make_task, splits=splits),
+                        functools.partial(problem.make_task, splits=splits),
                         on_evaluation=stop_at_target)
   except _Reached:
     return
@@ -255,7 +257,8 @@ def measure_startup(_) -> None:
   stages = {}
   mark = lambda name: stages.setdefault(name, time.time() - PROCESS_START)
   import tensorflow as tf
-  from trainer import distribution, sources
+  from trainer.job import distribution
+  from trainer.data import sources
   from trainer.config import TrainConfig
   mark("python_and_tensorflow_imports")
   splits = sources.load_splits(FLAGS.dataset)
@@ -368,7 +371,7 @@ def main(argv) -> None:
     sys.exit(f"usage: python -m benchmarks.measure {{{','.join(MEASUREMENTS)}}} [--flags]")
   splits = None
   if argv[1] not in WITHOUT_DATA:
-    from trainer import sources
+    from trainer.data import sources
     splits = sources.load_splits(FLAGS.dataset)
   MEASUREMENTS[argv[1]](splits)
 

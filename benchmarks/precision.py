@@ -12,7 +12,7 @@ times stay whole).
 from trainer.config import PRECISIONS
 
 FLAG_HELP = ("The Keras dtype policy the task is built under, one of " + ", ".join(PRECISIONS)
-             + "; auto resolves as the job resolves it (trainer.distribution), and the "
+             + "; auto resolves as the job resolves it (trainer.job.distribution), and the "
              "resolved policy and its reason are recorded.")
 
 # Each policy's compute dtype: the kernels' precision, whose measured limit its share is of.
@@ -22,9 +22,9 @@ COMPUTE_DTYPES = {"float32": "float32", "mixed_bfloat16": "bfloat16",
 
 def configure(config, strategy):
   """`train.configure_process(config, strategy)`: seeds and the Keras dtype policy for
-  `config.precision`, set once, before any model is built; its trainer.distribution.Precision
+  `config.precision`, set once, before any model is built; its trainer.job.distribution.Precision
   (policy, reason)."""
-  from trainer import train
+  from trainer.job import train
   return train.configure_process(config, strategy)
 
 

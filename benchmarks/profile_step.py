@@ -65,7 +65,7 @@ def _define_flags() -> None:
 CATEGORIES = ("convolution", "batch normalisation", "optimizer update", "dense (MatMul)",
               "input pipeline", "other")
 TOP_OP_TYPES = 15
-# A layer's name scope ends in "_bn" (trainer.model names them so); TensorFlow may add "_1".
+# A layer's name scope ends in "_bn" (trainer.multitask.model names them so); TensorFlow may add "_1".
 _BATCH_NORM_SCOPE = re.compile(r"(^|/)[^/]*_bn(_\d+)?/")
 
 
@@ -129,10 +129,11 @@ def package_loop(config: TrainConfig, splits):
   defines its flags on import, and they clash with trainer.task's); and the resolved policy
   with its reason."""
   import tensorflow as tf
-  from trainer import controller, multitask
+  from trainer.job import controller
+  from trainer.multitask import problem
   strategy = tf.distribute.get_strategy()
   resolved = precision_lib.configure(config, strategy)
-  task = multitask.make_task(config, strategy, resolved.policy, splits)
+  task = problem.make_task(config, strategy, resolved.policy, splits)
   return (task, controller.make_train_loop(strategy, task), iter(task.train_dataset(0)),
           resolved)
 
@@ -232,7 +233,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   load_average = os.getloadavg()[0]  # Before this process's own work adds to it.
-  from trainer import sources
+  from trainer.data import sources
   logdir = FLAGS.logdir or tempfile.mkdtemp(prefix="profile_step_")
   config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(),
                        batch_size=FLAGS.batch_size, steps_per_loop=FLAGS.steps_per_loop,

@@ -105,7 +105,7 @@ def training_flops_per_image(latent_dim: int = 0, width: int = 0) -> float:
   weight gradients). Direct convolution is assumed: an FFT or Winograd kernel does less."""
   import keras
   from trainer.config import TrainConfig
-  from trainer.model import build_model
+  from trainer.multitask.model import build_model
 
   def layers(model):
     for layer in model.layers:
@@ -130,7 +130,7 @@ def split_arrays(dataset: str, directory: str) -> str:
   """Writes `dataset`'s training and test splits to an npz in `directory` for the PyTorch
   peer, whose process imports no TensorFlow (reading the IDX or TFDS sources does); returns
   its path."""
-  from trainer import sources
+  from trainer.data import sources
   splits = sources.load_splits(dataset)
   path = os.path.join(directory, "splits.npz")
   with open(path, "wb") as f:

@@ -1,5 +1,5 @@
 """What the unlabelled images buy when labels are few: classifier-only against the multitask
-network, with and without the semi-supervised objectives of trainer.losses.
+network, with and without the semi-supervised objectives of trainer.multitask.losses.
 
     python -m benchmarks.semi_supervised              # Fashion-MNIST from Debian's package
 
@@ -139,7 +139,10 @@ def code_version() -> str:
 
 def main(_) -> None:
   import tensorflow as tf
-  from trainer import data, multitask, sources, train
+  from trainer.data import pipeline
+  from trainer.multitask import problem
+  from trainer.data import sources
+  from trainer.job import train
   from trainer.config import TrainConfig
   settings = {"dataset": FLAGS.dataset, "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size,
               "width": FLAGS.width}
@@ -158,7 +161,7 @@ def main(_) -> None:
     # the run's validation split is that many, stratified (seed 0, the same for every run).
     tuning = splits.validation
     if labeled:
-      kept = data.labeled_subset(splits.validation, labeled, seed=0)
+      kept = pipeline.labeled_subset(splits.validation, labeled, seed=0)
       tuning = sources.Split(splits.validation.images[kept], splits.validation.labels[kept])
     run_splits = sources.Splits(splits.train, tuning, splits.test)
     for seed in map(int, FLAGS.seeds):
@@ -178,7 +181,7 @@ def main(_) -> None:
                                **settings_of_method)
           train.configure_process(config, strategy)
           metrics = train.run(config, strategy,
-                              functools.partial(multitask.make_task, splits=run_splits))
+                              functools.partial(problem.make_task, splits=run_splits))
         runs[key] = {"labeled_examples_flag": labeled, "method": method, "seed": seed,
                      "labeled_examples": metrics["labeled_examples"],
                      "test_accuracy": metrics["test_accuracy"],

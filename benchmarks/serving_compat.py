@@ -48,7 +48,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from trainer import run_directory
+from trainer.job import run_directory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGED_SAMPLE = os.path.join(REPO, "trainer", "assets", "mnist_5k.npz")
@@ -135,7 +135,7 @@ def train_export(work: str) -> str:
 
 def reference_outputs(export_dir: str, images: np.ndarray) -> Dict[str, np.ndarray]:
   """`serving_default` and `latent` under the running TensorFlow, on uint8 (N, 28, 28)."""
-  from trainer import export
+  from trainer.multitask import export
   exported = export.load(export_dir)
   outputs = export.predict_batches(exported, images)
   outputs["latent"] = export.predict_batches(exported, images, signature="latent")["latent"]

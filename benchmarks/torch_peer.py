@@ -1,6 +1,6 @@
 """The package's default model in plain PyTorch on CPU: the benchmarks' peer (issue 26).
 
-Contract: `build_model(latent_dim, width)` is `trainer.model.build_model(latent_dim, width)`
+Contract: `build_model(latent_dim, width)` is `trainer.multitask.model.build_model(latent_dim, width)`
 with its defaults (batch normalisation, three encoder blocks, the shallow decoder): the same
 layers in the same order, with the same widths, kernels, strides, padding, biases, batch
 normalisation settings and initialisation, and `parameter_count(model)` equals Keras's
@@ -24,7 +24,7 @@ parameters (float32, as Keras's mixed policies keep them) and the optimizer do n
 
 Needs the `bench` extra (pip install -e '.[bench]'); the package itself does not depend on
 PyTorch. No TensorFlow here, so PyTorch and TensorFlow do not share a benchmark's process
-(trainer.config and trainer.sources import none on import). Call `use_all_cores()` once, at
+(trainer.config and trainer.data.sources import none on import). Call `use_all_cores()` once, at
 the entry point.
 
 What differs, and why it is left so:
@@ -48,10 +48,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.config import CLASSIFIER, DECODER, DEFAULT_LOSS_WEIGHTS, flag_default
-from trainer.sources import NUM_CLASSES  # TensorFlow only inside the functions that read data.
+from trainer.config import DEFAULT_LOSS_WEIGHTS, flag_default
+from trainer.multitask import CLASSIFIER, DECODER
+from trainer.data.sources import NUM_CLASSES  # TensorFlow only inside the functions that read data.
 
-# Keras's BatchNormalization as trainer.model makes it: momentum 0.9 weights the old moving
+# Keras's BatchNormalization as trainer.multitask.model makes it: momentum 0.9 weights the old moving
 # statistics, PyTorch's momentum weights the new batch's (1 - 0.9); Keras's epsilon is 1e-3,
 # PyTorch's default 1e-5.
 BN_MOMENTUM = 0.1
@@ -130,7 +131,7 @@ class SameConvTranspose2d(nn.ConvTranspose2d):
 
 
 def _conv(name: str, in_channels: int, filters: int, transpose: bool = False):
-  """trainer.model._conv with batch norm: 3x3 "same" convolution (stride 2 if `transpose`), no
+  """trainer.multitask.model._conv with batch norm: 3x3 "same" convolution (stride 2 if `transpose`), no
   bias (batch norm's beta is the bias), batch normalisation, ReLU; (name, module) pairs."""
   if transpose:
     conv = SameConvTranspose2d(in_channels, filters, bias=False)
@@ -151,7 +152,7 @@ class _Unflatten(nn.Module):
 
 
 def build_encoder(latent_dim: int, width: int) -> nn.Sequential:
-  """trainer.model.build_encoder: `width` channels at 28x28, doubling at 14x14 and 7x7, where
+  """trainer.multitask.model.build_encoder: `width` channels at 28x28, doubling at 14x14 and 7x7, where
   the blocks hold two convolutions each; a linear latent."""
   layers, channels = [], 1
   for block in range(3):
@@ -167,14 +168,14 @@ def build_encoder(latent_dim: int, width: int) -> nn.Sequential:
 
 
 def build_classifier_head(latent_dim: int) -> nn.Sequential:
-  """trainer.model.build_classifier_head, to logits: the softmax is in the loss."""
+  """trainer.multitask.model.build_classifier_head, to logits: the softmax is in the loss."""
   return nn.Sequential(collections.OrderedDict([
       ("dense", nn.Linear(latent_dim, 128)), ("relu", nn.ReLU()),
       ("logits", nn.Linear(128, NUM_CLASSES))]))
 
 
 def build_decoder_head(latent_dim: int, width: int, deep: bool = False) -> nn.Sequential:
-  """trainer.model.build_decoder_head: the encoder mirrored, to pixels in [0, 1]; `deep` as
+  """trainer.multitask.model.build_decoder_head: the encoder mirrored, to pixels in [0, 1]; `deep` as
   there (a convolution at 7x7 and 14x14, and full-resolution features)."""
   layers = [("decoder_dense", nn.Linear(latent_dim, 7 * 7 * 2 * width, bias=False)),
             ("reshape", _Unflatten(2 * width)),
@@ -220,7 +221,7 @@ def _keras_initialisation(module: nn.Module) -> None:
 
 def build_model(latent_dim: int = 256, width: int = 48, deep_decoder: bool = False
                 ) -> MultitaskModel:
-  """The peer of trainer.model.build_model(latent_dim, width, deep_decoder=...); defaults are
+  """The peer of trainer.multitask.model.build_model(latent_dim, width, deep_decoder=...); defaults are
   the job's."""
   return MultitaskModel(latent_dim, width, deep_decoder)
 
@@ -235,7 +236,7 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:
-  """trainer.multitask.learning_rate_schedule at `step` (Keras's CosineDecay): linear from 0
+  """trainer.multitask.problem.learning_rate_schedule at `step` (Keras's CosineDecay): linear from 0
   to `peak` over the warm-up (at most a fifth of the run), then cosine decay to 0."""
   warmup = min(warmup_steps, total_steps // 5)
   decay_steps = max(1, total_steps - warmup)
@@ -250,7 +251,7 @@ def make_optimizer(model: nn.Module, total_steps: int,
                    warmup_steps: int = flag_default("warmup_steps"),
                    weight_decay: float = flag_default("weight_decay"),
                    ) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-  """trainer.multitask.make_optimizer: AdamW and its schedule, at the package's defaults.
+  """trainer.multitask.problem.make_optimizer: AdamW and its schedule, at the package's defaults.
 
   Every parameter decays, batch norm's and the biases too: the package excludes only the
   learned task weights, which the fixed weighting does not have. Keras's AdamW also decays
@@ -320,7 +321,7 @@ def evaluate(model: nn.Module, images, labels, batch_size: int = 1000,
 
 
 def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
-  """trainer.data.random_shift: each NCHW image moved by up to `pixels` each way, the
+  """trainer.data.pipeline.random_shift: each NCHW image moved by up to `pixels` each way, the
   uncovered edge filled with background (0)."""
   count, _, size, _ = images.shape
   padded = F.pad(images, (pixels, pixels, pixels, pixels))

@@ -5,9 +5,9 @@
 This module owns turning image files into those lines. Each line is one instance, a 28x28
 image as a nested list of ints 0-255 (`[[0,0,...],...]`): the prediction service stacks the
 lines of a batch into the (N, 28, 28) uint8 `images` that the export's `serving_default`
-signature takes (see `trainer.export`), so no conversion happens on the server.
+signature takes (see `trainer.multitask.export`), so no conversion happens on the server.
 
-INPUTs (local or gs://), in order, every image of each, read by `trainer.image_files` (the reader
+INPUTs (local or gs://), in order, every image of each, read by `trainer.data.image_files` (the reader
 `trainer.predict` uses too):
   .npz  an array of uint8 pixels 0-255, shaped (N, 28, 28), (N, 28, 28, 1) or (N, 784) (the
         trainer's own `npz:` layout). `--key` names the array; by default the file's only
@@ -35,7 +35,7 @@ from absl import app
 from absl import flags
 
 from trainer import cli
-from trainer import image_files
+from trainer.data import image_files
 from trainer.errors import UserInputError, first_line
 
 FLAGS = flags.FLAGS

@@ -20,7 +20,7 @@ JSON on standard output, after a `--- Service.Method` line on standard error, an
 only the endpoint that would change is read (what is sent there depends on what it serves).
 
 TensorFlow is imported only by `predict`, which reads images and metrics.json through
-`trainer.image_files` and `trainer.predict`.
+`trainer.data.image_files` and `trainer.predict`.
 """
 
 import concurrent.futures
@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from launch import vertex_api
 from launch.custom_job import LaunchError
-from trainer import run_directory
+from trainer.job import run_directory
 
 # Vertex AI refuses an online prediction request above about 1.5 MB. Requests are bounded by
 # their size as sent (protobuf: 11 bytes a pixel), which is above their JSON's (at most 4).
@@ -436,7 +436,7 @@ def _probabilities(response, count: int) -> list:
   LaunchError where the answer is not the export's serving signature's."""
   from google.cloud.aiplatform_v1 import types
   from google.protobuf import json_format
-  from trainer import sources
+  from trainer.data import sources
   answers = [json_format.MessageToDict(value)
              for value in types.PredictResponse.pb(response).predictions]
   expected = f"one {{'classifier': [{sources.NUM_CLASSES} probabilities], 'decoder': ...}} each"
@@ -455,7 +455,7 @@ def prepared(items, background: str, invert: str) -> None:
   """Inverts the images of `items` (trainer.predict's Items) as trainer.predict does: by its
   rule (`needs_inversion`), each inverted by --invert=auto with its `note:` line."""
   from trainer import predict as trainer_predict
-  from trainer import sources
+  from trainer.data import sources
   for item in items:
     if trainer_predict.needs_inversion(item.image, background, invert):
       if invert == "auto":

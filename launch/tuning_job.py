@@ -4,7 +4,7 @@ with the trainer's own flags and validation before anything is sent, and the stu
 Each trial is a custom job of the trial spec (what `build_custom_job` makes for `train`) whose
 trainer arguments Vertex AI extends with one `--NAME=VALUE` per searched setting; it writes
 under BASE_OUTPUT_DIR/<trial id>/, which Vertex AI passes as $AIP_MODEL_DIR (`model/`) and the
-like. The trial reports `--metric` at every evaluation (trainer.tuning), which early stopping
+like. The trial reports `--metric` at every evaluation (trainer.job.tuning), which early stopping
 compares across trials.
 """
 

@@ -29,7 +29,7 @@ from launch import vertex_api
 from launch.custom_job import SCHEDULING_STRATEGIES, JobSpec, LaunchError, build_custom_job
 from trainer import cli
 from trainer import errors
-from trainer import run_directory
+from trainer.job import run_directory
 from trainer.config import TUNING_METRICS
 from trainer.errors import UserInputError
 

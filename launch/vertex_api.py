@@ -9,7 +9,6 @@ act on; `resubmission` decides which ended jobs are worth submitting again.
 
 import datetime
 import functools
-import os
 import re
 import shlex
 import time
@@ -17,7 +16,7 @@ from typing import Callable, List, Optional, Tuple
 
 from launch.custom_job import LaunchError
 from launch.tuning_job import TUNING_METRIC_FLAG
-from trainer import run_directory
+from trainer.job import run_directory
 from trainer.errors import (BAD_INPUT_EXIT_CODE, INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE,
                             first_line)
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from launch import batch_input
 from tests import helpers
-from trainer import image_files
+from trainer.data import image_files
 from trainer.errors import UserInputError
 
 SAMPLE = str(importlib.resources.files("trainer") / "assets" / "mnist_5k.npz")
@@ -46,7 +46,7 @@ def test_lines_parse_back_to_the_exact_images():
 
 
 def test_inputs_are_read_by_the_reader_predict_uses(tmp_path):
-  """One reader, trainer.image_files's (its own tests check what it takes and refuses): an npz,
+  """One reader, trainer.data.image_files's (its own tests check what it takes and refuses): an npz,
   an .npy and a JPEG convert in order."""
   assert batch_input.as_images is image_files.as_images  # Still here for benchmarks/serving_compat.
   images = _images(4)

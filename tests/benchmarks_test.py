@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import limits
 from benchmarks import run
-from trainer.model import build_model
+from trainer.multitask.model import build_model
 
 
 def test_training_flops_are_counted_from_the_layer_shapes():
@@ -336,7 +336,7 @@ def test_measure_refuses_an_unknown_precision():
 def test_auto_resolves_as_the_job_resolves_it(tmp_path):
   import tensorflow as tf
   from benchmarks import precision
-  from trainer import distribution
+  from trainer.job import distribution
   strategy = tf.distribute.get_strategy()
   resolved = precision.configure(_narrow(tmp_path, "auto"), strategy)
   assert resolved == distribution.resolve_precision("auto", strategy)

@@ -1,4 +1,4 @@
-"""Tests of trainer.checkpoints: checkpoints found by their files, damage found by reading them
+"""Tests of trainer.job.checkpoints: checkpoints found by their files, damage found by reading them
 back, unreadable ones set aside, and a state file that lists what is on disk."""
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import tensorflow as tf
 
-from trainer import checkpoints
+from trainer.job import checkpoints
 from trainer.errors import UserInputError
 
 

@@ -200,7 +200,7 @@ import sys
 from trainer import cli, task
 # Imported quietly as task.main imports it (which then finds it imported), without an op.
 with cli.cpp_startup_log_filtered(cli.quiet_tensorflow()):
-  from trainer import train
+  from trainer.job import train
   train.tf.config.list_physical_devices()
 def run(config, strategy, make_task):
   import tensorflow as tf

@@ -40,7 +40,9 @@ def finished_run(tmp_path_factory):
   For the tests of what comes after training: the report, evaluate and predict.
   """
   from tests import helpers
-  from trainer import config, multitask, train
+  from trainer import config
+  from trainer.multitask import problem
+  from trainer.job import train
   root = tmp_path_factory.mktemp("finished_run")
   everything = helpers.learnable_split(640, seed=5)
   dataset = helpers.write_npz(str(root / "data.npz"), X=everything.images.reshape(-1, 784),
@@ -52,5 +54,5 @@ def finished_run(tmp_path_factory):
                                 latent_dim=16, width=8, learning_rate=1e-2, warmup_steps=0,
                                 steps_per_loop=5)
   train.configure_process(settings, tf.distribute.get_strategy())
-  train.run(settings, tf.distribute.get_strategy(), multitask.make_task)
+  train.run(settings, tf.distribute.get_strategy(), problem.make_task)
   return model_dir, dataset

@@ -1,4 +1,4 @@
-"""Tests of trainer.controller, driven by a stand-in task: one variable, a toy step, no model.
+"""Tests of trainer.job.controller, driven by a stand-in task: one variable, a toy step, no model.
 
 The stand-in's state after N steps depends on the order of the steps it saw, so an exact
 resume and the alignment of calls to actions both show in a single number.
@@ -15,10 +15,10 @@ import tensorflow as tf
 from absl import logging
 
 from tests import helpers
-from trainer import controller as controller_lib
-from trainer import outputs as outputs_lib
-from trainer import preemption
-from trainer import progress as progress_lib
+from trainer.job import controller as controller_lib
+from trainer.job import outputs as outputs_lib
+from trainer.job import preemption
+from trainer.job import progress as progress_lib
 
 STEPS_PER_EPOCH = 10
 

@@ -1,4 +1,4 @@
-"""Tests of trainer.distribution: strategy names, `auto`, precision, and their errors."""
+"""Tests of trainer.job.distribution: strategy names, `auto`, precision, and their errors."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from trainer import distribution
+from trainer.job import distribution
 from trainer.errors import UserInputError
 
 

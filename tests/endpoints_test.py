@@ -13,7 +13,7 @@ from launch import endpoints, vertex_api
 from launch.custom_job import LaunchError
 from tests import fake_vertex
 from trainer import predict as trainer_predict
-from trainer import sources
+from trainer.data import sources
 
 PARENT = "projects/p/locations/europe-west4"
 MODEL = f"{PARENT}/models/42"

@@ -2,7 +2,10 @@
 
 import pytest
 
-from trainer import controller, errors, lease, storage
+from trainer import errors
+from trainer.job import controller
+from trainer.job import lease
+from trainer.job import storage
 
 
 @pytest.mark.parametrize("kind", [errors.UserInputError, controller.Diverged, storage.WriteFailed,

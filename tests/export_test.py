@@ -1,4 +1,4 @@
-"""Tests of trainer.export: the serving signature, that the reload predicts as the model does, and
+"""Tests of trainer.multitask.export: the serving signature, that the reload predicts as the model does, and
 the Keras file beside it (loaded, fine-tuned and saved as the README shows)."""
 
 import importlib.util
@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from trainer import export as export_lib
-from trainer import model as model_lib
+from trainer.multitask import export as export_lib
+from trainer.multitask import model as model_lib
 from trainer.errors import UserInputError
 
 

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from trainer import sources
+from trainer.data import sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

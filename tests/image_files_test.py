@@ -1,4 +1,4 @@
-"""Tests of trainer.image_files: the reader of image and array files that predict and
+"""Tests of trainer.data.image_files: the reader of image and array files that predict and
 batch_input share, what it takes and what it refuses."""
 
 import importlib.resources
@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tests.sources_test import HUGE_SHAPE, huge_claim, npy_claiming
-from trainer import image_files
+from trainer.data import image_files
 from trainer.errors import UserInputError
 
 def _images(n: int, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests of trainer.lease: real files, real threads and, where liveness matters, real processes."""
+"""Tests of trainer.job.lease: real files, real threads and, where liveness matters, real processes."""
 
 import importlib.util
 import json
@@ -17,10 +17,10 @@ import uuid
 import pytest
 import tensorflow as tf
 
-from trainer import lease as lease_lib
+from trainer.job import lease as lease_lib
 from trainer.errors import UserInputError
-from trainer.lease import Lease, LeaseHeld, LeaseLost
-from trainer.run_directory import LEASE as LEASE_NAME
+from trainer.job.lease import Lease, LeaseHeld, LeaseLost
+from trainer.job.run_directory import LEASE as LEASE_NAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("token", "host", "pid", "boot_id", "process_start", "user", "command", "started",
@@ -29,7 +29,7 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 # A child that holds a lease until its stdin closes (the test ending, however it ends).
 HOLDER = """
 import json, sys
-from trainer.lease import Lease
+from trainer.job.lease import Lease
 lease = Lease.acquire(sys.argv[1], renew_every=0.1, stale_after=0.5,
                       identity=json.loads(sys.argv[2]))
 print("held", flush=True)

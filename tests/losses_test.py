@@ -5,9 +5,10 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from trainer import losses, multitask
-from trainer.config import CLASSIFIER, DECODER
-from trainer.model import build_model
+from trainer.multitask import losses
+from trainer.multitask import problem
+from trainer.multitask import CLASSIFIER, DECODER
+from trainer.multitask.model import build_model
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_metrics_from_outputs_agree_with_the_jobs_batch_sums(model):
   outputs = model(split.images, training=False)
   targets = {CLASSIFIER: tf.constant(split.labels), DECODER: tf.constant(split.images)}
   ones = {CLASSIFIER: tf.ones([50]), DECODER: tf.ones([50])}
-  job = multitask.means(multitask.batch_sums(
+  job = problem.means(problem.batch_sums(
       *losses.per_example_losses(model, split.images, targets, False), ones))
   ours = losses.metrics_from_outputs(outputs[CLASSIFIER].numpy(), outputs[DECODER].numpy(), split)
   for name in job:

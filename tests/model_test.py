@@ -1,9 +1,9 @@
-"""Tests of trainer.model: outputs, shapes, dtypes, and the mixed-precision split."""
+"""Tests of trainer.multitask.model: outputs, shapes, dtypes, and the mixed-precision split."""
 
 import keras
 import numpy as np
 
-from trainer import model as model_lib
+from trainer.multitask import model as model_lib
 
 
 def test_outputs_are_named_and_shaped():

@@ -1,11 +1,12 @@
-"""Tests of trainer.outputs: what the chief writes under --model_dir, and what it reads back."""
+"""Tests of trainer.job.outputs: what the chief writes under --model_dir, and what it reads back."""
 
 import json
 
 import pytest
 
 from trainer import errors
-from trainer import config, outputs
+from trainer import config
+from trainer.job import outputs
 
 ENTRY = {"epoch": 1, "train": {"loss": 0.5, "classifier_loss": 0.4, "reconstruction_mse": 0.05,
                                "accuracy": 0.9},

@@ -20,7 +20,7 @@ from tests import helpers
 from tests.sources_test import (HUGE_SHAPE, fashion_mnist_dir, huge_claim, needs_fashion_mnist,
                                 npy_claiming)
 from trainer import predict
-from trainer import sources
+from trainer.data import sources
 from trainer.errors import UserInputError
 
 # A class and its probability as a line prints them; for digits, the digit alone.

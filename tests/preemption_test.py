@@ -1,4 +1,4 @@
-"""Tests of trainer.preemption: a first stop signal raises the flag while training, a second
+"""Tests of trainer.job.preemption: a first stop signal raises the flag while training, a second
 Ctrl-C and any signal outside the loop stop at once, saying what the stage leaves."""
 
 import os
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from trainer import preemption
+from trainer.job import preemption
 
 
 @pytest.mark.parametrize("number, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -1,11 +1,11 @@
-"""Tests of trainer.progress: a bar on a terminal, a line about every 30 s elsewhere, and the
+"""Tests of trainer.job.progress: a bar on a terminal, a line about every 30 s elsewhere, and the
 cap on a call's length."""
 
 import re
 
 from absl import logging
 
-from trainer import progress
+from trainer.job import progress
 
 
 class _Clock:

@@ -1,4 +1,4 @@
-"""Tests of the report drawn at the end of training (trainer.report, through train.run)."""
+"""Tests of the report drawn at the end of training (trainer.multitask.report, through train.run)."""
 
 import os
 import re
@@ -6,7 +6,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from trainer import report
+from trainer.multitask import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -53,7 +53,7 @@ def test_reconstruction_grid_puts_each_image_above_its_reconstruction():
 
 
 def test_the_confusion_matrix_names_its_classes_on_both_axes():
-  from trainer import sources
+  from trainer.data import sources
   labels = np.arange(100) % 10
   figure = report.confusion_matrix_figure(labels, (labels + 1) % 10,
                                           sources.FASHION_MNIST_CLASSES)
@@ -71,7 +71,7 @@ def test_the_confusion_matrix_names_its_classes_on_both_axes():
 def test_a_one_dimensional_latent_is_drawn_by_class(tmp_path):
   """--latent_dim=1 is valid: its report shows the one value, a row per class, where the
   principal components of the wider latents would fail."""
-  from trainer import sources
+  from trainer.data import sources
   labels = np.arange(200) % 10
   latent = (labels + np.random.default_rng(0).normal(0, 0.2, 200))[:, np.newaxis]
   path = tmp_path / "latent.png"

@@ -14,7 +14,7 @@ import pytest
 from tests import helpers
 # The entry point run in this process, and the finished run's own flags.
 from tests.faults_test import BASE_FLAGS, _run_task
-from trainer import lease as lease_lib
+from trainer.job import lease as lease_lib
 
 STEPS_PER_EPOCH = 16
 

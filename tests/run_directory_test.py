@@ -1,4 +1,4 @@
-"""Tests of trainer.run_directory: one module names the run directory's files and folders.
+"""Tests of trainer.job.run_directory: one module names the run directory's files and folders.
 
 The faults of a run directory (damaged and missing files) are tests/run_directory_faults_test.py.
 """
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from trainer import run_directory
+from trainer.job import run_directory
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # The names the issue lists, and the rest that live under --model_dir.
@@ -66,7 +66,7 @@ def test_the_check_finds_a_planted_path():
   assert not [text for _, text in _path_literals(prose) if _spells_a_name(text)]
 
 
-@pytest.mark.parametrize("module", ["trainer.run_directory", "launch.vertex"])
+@pytest.mark.parametrize("module", ["trainer.job.run_directory", "launch.vertex"])
 def test_importing_it_loads_no_tensorflow(module):
   code = f"import sys, {module}; print('tensorflow' in sys.modules)"
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

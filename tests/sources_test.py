@@ -1,4 +1,4 @@
-"""Tests of trainer.sources: every --dataset source, its splits and class names, its refusals
+"""Tests of trainer.data.sources: every --dataset source, its splits and class names, its refusals
 of bad files, and the background of images."""
 
 import functools
@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tests import helpers
-from trainer import sources
+from trainer.data import sources
 from trainer.errors import UserInputError
 
 

@@ -1,4 +1,4 @@
-"""A stand-in task for the job (`trainer.train.Task`): four weights fitted to a line, no model.
+"""A stand-in task for the job (`trainer.job.train.Task`): four weights fitted to a line, no model.
 
 The job's tests train it through the whole job (checkpoints, a stop and a resume, evaluation,
 export, metrics.json and history), so that the job is tested apart from the multitask problem
@@ -123,7 +123,7 @@ def factory(**options):
 
 def main(argv: List[str]) -> None:
   from absl import logging
-  from trainer import train
+  from trainer.job import train
   logging.set_verbosity(logging.INFO)  # As trainer.task logs: "Resuming from ...".
   seconds_per_step = float(argv[2]) if len(argv) > 2 else 0.0
   settings = config(argv[1])

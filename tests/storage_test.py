@@ -1,4 +1,4 @@
-"""Tests of trainer.storage: real full and read-only disks (a 1 MB tmpfs) give one line each."""
+"""Tests of trainer.job.storage: real full and read-only disks (a 1 MB tmpfs) give one line each."""
 
 import errno
 import logging
@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import tensorflow as tf
 
-from trainer import storage
+from trainer.job import storage
 from trainer.errors import UserInputError
 
 # Bigger than the whole 1 MB disk: 2 MB of float32.

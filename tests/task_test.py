@@ -12,7 +12,7 @@ from absl import flags
 
 from tests import helpers
 from trainer import config as config_lib
-from trainer import preemption
+from trainer.job import preemption
 from trainer import task
 
 
@@ -78,7 +78,7 @@ def test_a_typo_in_the_dataset_is_refused_before_tensorflow_is_imported(tmp_path
 
 
 def test_the_entry_point_modules_import_no_tensorflow():
-  code = ("import sys, trainer.task, trainer.cli, trainer.config, trainer.preemption; "
+  code = ("import sys, trainer.task, trainer.cli, trainer.config, trainer.job.preemption; "
           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
           "('tensorflow', 'keras', 'numpy')))")
   result = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, capture_output=True,

@@ -23,7 +23,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.download import checksums
 
 from tests import helpers
-from trainer import sources
+from trainer.data import sources
 from trainer.errors import UserInputError
 
 FASHION_MNIST_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"

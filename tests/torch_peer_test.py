@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")  # The `bench` extra: pip install -e '.[ben
 import keras  # noqa: E402
 
 from benchmarks import torch_peer  # noqa: E402
-from trainer import model as keras_model  # noqa: E402
-from trainer import multitask  # noqa: E402
+from trainer.multitask import model as keras_model# noqa: E402
+from trainer.multitask import problem# noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
 # Keras kernels to PyTorch's layout: Conv2D (kh, kw, in, out) -> (out, in, kh, kw), and
@@ -175,7 +175,7 @@ def test_outputs_are_logits_and_pixels_in_nchw(narrow_pair):
 def test_learning_rate_follows_the_packages_schedule():
   config = TrainConfig(model_dir="-")  # The defaults: 200 warm-up steps to 3e-3.
   for total_steps in (2000, 100):  # 100: the warm-up shrinks to a fifth of the run.
-    keras_schedule = multitask.learning_rate_schedule(config, total_steps)
+    keras_schedule = problem.learning_rate_schedule(config, total_steps)
     for step in (0, 1, 19, 20, 150, 199, 200, 201, 1000, 1999, 2000, 2500):
       ours = torch_peer.learning_rate(step, total_steps, config.learning_rate,
                                       config.warmup_steps)

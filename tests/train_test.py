@@ -1,4 +1,4 @@
-"""Tests of trainer.train: the multitask task wired to the controller and the run directory.
+"""Tests of trainer.job.train: the multitask task wired to the controller and the run directory.
 
 The loop itself (alignment of calls, resume from any step, preemption, divergence) is tested
 with a stand-in task in tests/controller_test.py; these prove the wiring, on the narrow model.
@@ -24,9 +24,15 @@ import tensorflow as tf
 from absl import logging
 
 from tests import helpers, stand_in_task
-from trainer import config, controller, errors, losses, multitask, preemption, run_directory
-from trainer import train
-from trainer import lease as lease_lib
+from trainer import config, errors
+from trainer.job import controller
+from trainer.multitask import losses
+from trainer.multitask import problem
+from trainer.job import preemption
+from trainer.job import run_directory
+from trainer.job import train
+from trainer.job import lease as lease_lib
+from trainer.multitask import CLASSIFIER, DECODER
 
 
 _FROM_DATASET = "the splits --dataset names"
@@ -43,7 +49,7 @@ def _run(settings, strategy=None, splits=None, **kwargs):
 
 def _tasks(splits=None):
   """The multitask task's factory, on `splits` (None: those the configuration names)."""
-  return functools.partial(multitask.make_task, splits=splits)
+  return functools.partial(problem.make_task, splits=splits)
 
 
 def _config(model_dir, **changes):
@@ -348,7 +354,7 @@ class _FiniteLossNonFiniteGradients(losses.FixedWeighting):
   """Adds sqrt(w - w) = 0 to the loss: the loss stays finite, its gradient (inf x 0) does not."""
 
   def __init__(self, variable):
-    super().__init__({config.CLASSIFIER: 1.0, config.DECODER: 0.2})
+    super().__init__({CLASSIFIER: 1.0, DECODER: 0.2})
     self._variable = variable
 
   def total(self, task_losses, num_replicas):
@@ -359,8 +365,8 @@ class _FiniteLossNonFiniteGradients(losses.FixedWeighting):
 def _task(settings, strategy=None):
   strategy = strategy or tf.distribute.get_strategy()
   splits = helpers.learnable_splits()
-  plan = multitask.plan_batches(settings, strategy.num_replicas_in_sync, splits.train)
-  return multitask.MultitaskTask(settings, strategy, splits, plan, settings.precision
+  plan = problem.plan_batches(settings, strategy.num_replicas_in_sync, splits.train)
+  return problem.MultitaskTask(settings, strategy, splits, plan, settings.precision
                                  if settings.precision != "auto" else "float32")
 
 
@@ -426,7 +432,7 @@ def test_an_unwritable_directory_fails_before_training(tmp_path, flag):
 def test_one_replicas_overflow_reaches_every_replica(two_replicas):
   gradients = two_replicas.experimental_distribute_values_from_function(
       lambda context: tf.constant([1.0, float("inf") if context.replica_id_in_sync_group else 2.0]))
-  agreed = two_replicas.run(lambda g: multitask.agree_on_overflow([g])[0], args=(gradients,))
+  agreed = two_replicas.run(lambda g: problem.agree_on_overflow([g])[0], args=(gradients,))
   for values in two_replicas.experimental_local_results(agreed):
     assert np.isnan(values.numpy()).all()
 
@@ -460,7 +466,7 @@ def test_auto_precision_resolved_otherwise_on_restart_resumes_from_the_same_chec
     tmp_path, caplog, monkeypatch):
   # `auto` is bfloat16 on a CPU with avx512_bf16 and float32 on one without: a run moved
   # between such machines goes on from its checkpoint, and says so.
-  from trainer import distribution
+  from trainer.job import distribution
   monkeypatch.setattr(distribution.platform, "machine", lambda: "x86_64")
   monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
   monkeypatch.setattr(distribution, "read_cpu_flags", lambda: ["avx2", "avx512_bf16"])
@@ -663,7 +669,7 @@ def test_a_whole_job_on_tensorflows_file_systems_never_writes_with_plain_open(tm
   settings = config.TrainConfig(dataset="npz:ram://data/train.npz", model_dir="ram://run",
                                 epochs=1, batch_size=32, latent_dim=16, width=8)
   train.configure_process(settings, tf.distribute.get_strategy())
-  metrics = train.run(settings, tf.distribute.get_strategy(), multitask.make_task)
+  metrics = train.run(settings, tf.distribute.get_strategy(), problem.make_task)
   monkeypatch.undo()
   assert sorted(tf.io.gfile.listdir("ram://run")) == [
       "checkpoints", "config.json", "export", "history.json", "logs", "metrics.json", "report"]

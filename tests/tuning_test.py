@@ -1,4 +1,4 @@
-"""Tests of trainer.tuning: inside a tuning trial every evaluation reaches cloudml-hypertune's
+"""Tests of trainer.job.tuning: inside a tuning trial every evaluation reaches cloudml-hypertune's
 file, through one HyperTune object, once per step, and a resumed trial reports its earlier ones
 again first; elsewhere, or without the library, nothing happens."""
 
@@ -8,8 +8,8 @@ import sys
 import pytest
 import tensorflow as tf
 
-from trainer import run_directory
-from trainer import tuning
+from trainer.job import run_directory
+from trainer.job import tuning
 
 STEPS_PER_EPOCH = 16
 

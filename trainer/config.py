@@ -12,15 +12,13 @@ import os
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from trainer.errors import UserInputError, unknown_choice
+from trainer.multitask import CLASSIFIER, DECODER, OUTPUT_NAMES
 
-CLASSIFIER = "classifier"
-DECODER = "decoder"
-OUTPUT_NAMES = (CLASSIFIER, DECODER)
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
-# What the classifier learns from the unlabelled images of a semi-supervised run (trainer.losses):
+# What the classifier learns from the unlabelled images of a semi-supervised run (trainer.multitask.losses):
 # none, the labels of its own confident answers (FixMatch), or agreement between two views.
 UNLABELED_LOSSES = ("none", "pseudo_label", "consistency")
 # Cross-entropy at 1.0, the reconstruction's MSE at 8.0: measured on Fashion-MNIST, the classic
@@ -30,12 +28,12 @@ DEFAULT_LOSS_WEIGHTS = {CLASSIFIER: 1.0, DECODER: 8.0}
 # --decoder_weight's default: no weight of its own, --loss_weights' decoder weight stands.
 DECODER_WEIGHT_FROM_LOSS_WEIGHTS = -1.0
 
-# What a Vertex AI tuning job can optimise (the trial reports it, trainer.tuning), with its goal:
+# What a Vertex AI tuning job can optimise (the trial reports it, trainer.job.tuning), with its goal:
 # the validation metrics of each evaluation.
 TUNING_METRICS = {"validation_accuracy": "maximize", "validation_reconstruction_mse": "minimize"}
 
 # --dataset is one of DATASETS, or KIND:ARGUMENT with KIND one of DATASET_KINDS
-# (trainer.sources.load_splits reads each; this is only the name, checked without TensorFlow).
+# (trainer.data.sources.load_splits reads each; this is only the name, checked without TensorFlow).
 DATASETS = ("mnist", "mnist_sample")
 DATASET_KINDS = ("tfds", "idx", "npz")
 

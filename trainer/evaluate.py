@@ -16,7 +16,7 @@ from absl import app
 from absl import flags
 
 from trainer import errors
-from trainer import run_directory
+from trainer.job import run_directory
 from trainer import cli
 from trainer import config as config_lib
 
@@ -36,7 +36,7 @@ parse_flags = functools.partial(cli.parse_flags, description=__doc__, groups={
 
 def run_dataset(model_dir: str):
   """(dataset, data_dir) to evaluate on: the flags where given, else the run's own."""
-  from trainer import outputs  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
+  from trainer.job import outputs# pylint: disable=import-outside-toplevel  (imports TensorFlow)
   dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
   if dataset and FLAGS["data_dir"].present:
     return dataset, data_dir
@@ -61,7 +61,9 @@ def main(argv):
     except errors.UserInputError as e:
       cli.fail(str(e))
   with cli.tensorflow_imported_quietly():
-    from trainer import export, losses, sources  # pylint: disable=import-outside-toplevel
+    from trainer.multitask import export# pylint: disable=import-outside-toplevel
+    from trainer.multitask import losses
+    from trainer.data import sources
   model_dir = FLAGS.model_dir.rstrip("/")
   try:
     dataset, data_dir = run_dataset(model_dir)

@@ -2,7 +2,7 @@
 
     python -m trainer.predict --model_dir=DIR [--output_dir=OUT] INPUT [INPUT ...]
 
-INPUTs (local or gs://) are read by `trainer.image_files`, as `launch.batch_input` reads them:
+INPUTs (local or gs://) are read by `trainer.data.image_files`, as `launch.batch_input` reads them:
   image   one 28x28 greyscale image (PNG, JPEG, GIF or BMP); --resize scales other sizes.
   .npy    an array of images, uint8 of shape (N, 28, 28), (N, 28, 28, 1) or (N, 784).
   .npz    such an array: --key, else the file's only array, else `images`, else `X` (the
@@ -49,11 +49,11 @@ from absl import app
 from absl import flags
 
 from trainer import errors
-from trainer import run_directory
+from trainer.job import run_directory
 from trainer import cli
 from trainer import config as config_lib
-from trainer import image_files
-from trainer import sources
+from trainer.data import image_files
+from trainer.data import sources
 from trainer.errors import JobError, UserInputError, first_line
 
 FLAGS = flags.FLAGS
@@ -176,7 +176,7 @@ def trained_on(model_dir: str) -> Trained:
   metrics.json, counts as trained on digits with a dark background. Raises `UserInputError`
   for a file that is not JSON or holds other values.
   """
-  from trainer import outputs  # Imports TensorFlow: only once the entry point has, quietly.
+  from trainer.job import outputs# Imports TensorFlow: only once the entry point has, quietly.
   path = run_directory.of(model_dir).metrics
   fix = "delete it and run the training command again to write it anew"
   metrics = outputs.read_json(path, fix) or {}
@@ -232,7 +232,7 @@ def predict_inputs(paths: Sequence[str], options: Options) -> int:
   Raises `UserInputError`, before any input is read, for no export or a damaged metrics.json;
   and for an --output_dir that cannot be created.
   """
-  from trainer import export  # Imports TensorFlow: only once the entry point has, quietly.
+  from trainer.multitask import export# Imports TensorFlow: only once the entry point has, quietly.
   exported = export.load(run_directory.of(options.model_dir).export)
   trained = trained_on(options.model_dir)
   items, failed = read_items(paths, options)
@@ -303,7 +303,7 @@ def main(argv: List[str]) -> None:
     cli.fail(str(e))
   with cli.tensorflow_imported_quietly():
     # Here, after the cheap checks, and inside the filter that keeps its start-up lines off.
-    from trainer import export  # noqa: F401
+    from trainer.multitask import export# noqa: F401
   try:
     failed = predict_inputs(paths, options)
   except JobError as e:

@@ -14,7 +14,7 @@ from absl import flags
 from trainer import errors
 from trainer import cli
 from trainer import config as config_lib
-from trainer import preemption
+from trainer.job import preemption
 
 FLAGS = flags.FLAGS
 
@@ -63,13 +63,15 @@ def main(argv):
                           "start"):
       # TensorFlow is imported only now: the strategy must be the first thing it sets up.
       with cli.tensorflow_imported_quietly(config.verbose, float16_op=False):
-        from trainer import distribution, multitask, train
+        from trainer.job import distribution
+        from trainer.multitask import problem
+        from trainer.job import train
       strategy = distribution.get_strategy(config.strategy, config.tpu)
       precision = train.configure_process(config, strategy)  # Process-wide: here, once.
       if precision.policy == "mixed_float16":
         cli.float16_op_run_quietly(config.verbose)  # Else oneDNN's note comes unfiltered.
       # Inside: its own stages nest, with no moment uncovered.
-      train.run(config, strategy, multitask.make_task)
+      train.run(config, strategy, problem.make_task)
   except errors.JobError as e:
     cli.fail(str(e))
   except preemption.Preempted as e:
@@ -92,7 +94,8 @@ def _say_stopped(stop: preemption.Stopped) -> None:
 def _fail_on_known_faults(error: Exception, config: config_lib.TrainConfig) -> None:
   """Ends the job with one line for a failure that is the environment's, not a bug: storage
   that stopped taking writes where no narrower handler named the file, a lost worker."""
-  from trainer import distribution, storage  # Imported by now.
+  from trainer.job import distribution# Imported by now.
+  from trainer.job import storage
   cause = storage.describe_write_error(error)
   if cause:
     cli.fail(f"could not write the run's outputs under --model_dir={config.model_dir}: {cause}; "

@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import tensorflow as tf
 from absl import logging
 
-from trainer import storage
+from trainer.job import storage
 from trainer.errors import UserInputError, first_line
 
 PREFIX = "ckpt"  # The CheckpointManager's default checkpoint_name.

@@ -26,10 +26,10 @@ from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from trainer import checkpoints
-from trainer import preemption
-from trainer import progress as progress_lib
-from trainer import storage
+from trainer.job import checkpoints
+from trainer.job import preemption
+from trainer.job import progress as progress_lib
+from trainer.job import storage
 from trainer.errors import JobError, UserInputError
 
 # A task's step output whose name starts so counts the replicas where something went
@@ -232,7 +232,7 @@ class Controller:
     path, or None where none does (or there is none).
 
     Those that cannot be read are named in a warning and kept in `unreadable`, to be set
-    aside at the first save (trainer.checkpoints). Raises `UserInputError` for a checkpoint
+    aside at the first save (trainer.job.checkpoints). Raises `UserInputError` for a checkpoint
     of another trainer or another model.
     """
     latest, self.unreadable = checkpoints.newest_readable(self.checkpoint_dir)

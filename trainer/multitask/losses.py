@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.config import CLASSIFIER, DECODER, OUTPUT_NAMES
+from trainer.multitask import CLASSIFIER, DECODER, OUTPUT_NAMES
 # Kendall et al.'s likelihood constants: 1 for a softmax, 2 for a Gaussian.
 _LIKELIHOOD_SCALE = {CLASSIFIER: 1.0, DECODER: 2.0}
 
@@ -79,7 +79,7 @@ def unlabeled_loss(kind: str, input_probabilities, view_probabilities, weights, 
 
   `input_probabilities` are the classifier's answers on the training input, taken as fixed
   targets (no gradient flows through them); `view_probabilities` its answers on the strong
-  view of the same images (`trainer.data.strong_view`). `kind`:
+  view of the same images (`trainer.data.pipeline.strong_view`). `kind`:
     pseudo_label  FixMatch (Sohn et al., 2020): where the input's answer is at least
                   `threshold` sure, its class is the label the view learns; the others add 0
                   but still count in the mean, as in FixMatch;

@@ -1,13 +1,13 @@
 """Data sources: what `--dataset` names, read into train, validation and test splits with the
 classes' names; and what an image's background is. The image and array files users give
-`trainer.predict` and `launch.batch_input` are read by `trainer.image_files`.
+`trainer.predict` and `launch.batch_input` are read by `trainer.data.image_files`.
 
 Every source returns the same `Splits`: uint8 images of shape (N, 28, 28, 1), int32 labels 0-9,
 and the classes' names by label. Names come from the dataset where it has them: TFDS's
 metadata, an npz's own `class_names` array, or Fashion-MNIST recognised exactly by its labels
 (IDX or npz, see `known_class_names`); else the digits "0".."9". A broken file is a
 `UserInputError` naming the file, the problem and the fix. The input pipeline that batches a
-split is `trainer.data`'s.
+split is `trainer.data.pipeline`'s.
 
 TensorFlow (for tf.io.gfile) and scikit-learn are imported inside the
 functions that use them: the command-line entry points import this module to check their
@@ -312,9 +312,9 @@ def _load_idx_dir(directory: str) -> Splits:
 
 
 def _load_tfds(name: str, data_dir: str) -> Splits:
-  """A 28x28 grey TFDS image dataset, downloaded when absent (see `trainer.tfds_source`), its
+  """A 28x28 grey TFDS image dataset, downloaded when absent (see `trainer.data.tfds_source`), its
   class names from TFDS's metadata."""
-  from trainer import tfds_source  # Here: it imports TFDS, which is slow and rarely needed.
+  from trainer.data import tfds_source# Here: it imports TFDS, which is slow and rarely needed.
   loaded = tfds_source.load(name, data_dir)
   where = f"TFDS {name}"
   train, test = (_split(*loaded.arrays[split], where) for split in ("train", "test"))

@@ -28,7 +28,7 @@ from typing import Callable, Dict, Optional, Tuple
 import tensorflow as tf
 from absl import logging
 
-from trainer import run_directory
+from trainer.job import run_directory
 from trainer.errors import JobError, UserInputError, first_line
 
 RENEW_EVERY_SECONDS = 30.0

@@ -11,8 +11,8 @@ The shape of the default, and the levers measured to get there, are in benchmark
 
 import keras
 
-from trainer.config import CLASSIFIER, DECODER
-from trainer.sources import IMAGE_SHAPE, NUM_CLASSES
+from trainer.multitask import CLASSIFIER, DECODER
+from trainer.data.sources import IMAGE_SHAPE, NUM_CLASSES
 
 
 def _batch_norm(x, name: str):

@@ -18,11 +18,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from absl import logging
 
-from trainer import run_directory
+from trainer.job import run_directory
 from trainer import errors
 from trainer import config as config_lib
-from trainer import storage
-from trainer.outputs import read_json
+from trainer.job import storage
+from trainer.job.outputs import read_json
 
 TRIAL_ID_VARIABLE = "CLOUD_ML_TRIAL_ID"
 # Under --model_dir: the evaluations between epoch ends a trial reported.

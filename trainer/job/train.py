@@ -2,8 +2,8 @@
 
 It owns only the order of things. The task (`Task`, built by the factory the caller passes:
 `trainer.multitask.problem.make_task` for this package's problem) owns the problem: its model,
-data, metrics and export; the controller (`trainer.controller`) the loop; the run directory's
-outputs (`trainer.outputs`) the disk. It imports nothing of the problem: tests drive it with a
+data, metrics and export; the controller (`trainer.job.controller`) the loop; the run directory's
+outputs (`trainer.job.outputs`) the disk. It imports nothing of the problem: tests drive it with a
 stand-in task (tests/train_test.py).
 
 Keras 3.15's `model.fit` fails under MultiWorkerMirroredStrategy, so the package owns its loop,
@@ -20,14 +20,14 @@ from absl import logging
 
 from trainer import errors
 from trainer import config as config_lib
-from trainer import controller as controller_lib
-from trainer import distribution
-from trainer import lease as lease_lib
-from trainer import outputs as outputs_lib
-from trainer import preemption
-from trainer import progress
-from trainer import storage
-from trainer import tuning
+from trainer.job import controller as controller_lib
+from trainer.job import distribution
+from trainer.job import lease as lease_lib
+from trainer.job import outputs as outputs_lib
+from trainer.job import preemption
+from trainer.job import progress
+from trainer.job import storage
+from trainer.job import tuning
 from trainer.config import TrainConfig
 
 Evaluate = Callable[[str], Dict[str, float]]

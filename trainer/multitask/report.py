@@ -10,7 +10,7 @@
   report.md            the final metrics and the four images
 and, given a writer, sends the same images to TensorBoard. It reads the export, not the
 training model, so it shows exactly what ships, whatever the strategy was. The class names
-are the metrics' `class_names` (the dataset's, see `trainer.sources`), else the digits.
+are the metrics' `class_names` (the dataset's, see `trainer.data.sources`), else the digits.
 """
 
 import io
@@ -25,9 +25,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn import decomposition, metrics as sk_metrics
 
-from trainer import export as export_lib
-from trainer import run_directory
-from trainer.sources import DIGITS, NUM_CLASSES, Split
+from trainer.multitask import export as export_lib
+from trainer.job import run_directory
+from trainer.data.sources import DIGITS, NUM_CLASSES, Split
 
 IMAGES = ("reconstructions", "confusion_matrix", "curves", "latent")
 # The reconstruction grid: two examples of each class, each image scaled up this many times.

@@ -3,7 +3,7 @@
 One module names them, so that the job, `trainer.evaluate`, `trainer.predict`, the launchers
 and the benchmarks agree on where a run's pieces are. Names and paths only: it imports no
 TensorFlow (the launchers import it), and joins paths as strings, so gs:// works as a local
-path does. What the files hold is for their writers (`trainer.outputs` and the modules it
+path does. What the files hold is for their writers (`trainer.job.outputs` and the modules it
 names).
 
     MODEL_DIR/

@@ -2,7 +2,7 @@
 
 `RunOutputs` owns the chief's shared outputs (checkpoints' directory, history.json, the
 TensorBoard runs, the export, the report, metrics.json: their names are
-`trainer.run_directory`'s) and gives every other worker a private scratch directory instead,
+`trainer.job.run_directory`'s) and gives every other worker a private scratch directory instead,
 so the training loop writes through it without asking who is chief. It holds the run's one
 TensorBoard writer per TensorBoard run. Every file goes through `tf.io.gfile`, so gs:// works
 as a local path does.
@@ -19,8 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import tensorflow as tf
 from absl import logging
 
-from trainer import run_directory
-from trainer import storage
+from trainer.job import run_directory
+from trainer.job import storage
 from trainer.config import TrainConfig
 from trainer.errors import UserInputError, first_line
 

@@ -1,7 +1,7 @@
 """The multitask task: a shared encoder, a classifier and a decoder, trained on one loss.
 
 After Model Garden's `Task`: it builds the state (model, optimizer, task weighting) inside the
-strategy scope, and gives the job (`trainer.train.Task`) the per-replica training step, the
+strategy scope, and gives the job (`trainer.job.train.Task`) the per-replica training step, the
 datasets and the logs; it owns its metrics (`SUMS`, `batch_sums`, `means`: what they are is
 said here alone, and reaches history.json, metrics.json, the log and TensorBoard from here),
 evaluates, exports and draws its report. It knows nothing of scheduling: when to evaluate,
@@ -18,12 +18,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import data as data_lib
-from trainer import export as export_lib
-from trainer import sources
-from trainer import losses
-from trainer.config import CLASSIFIER, DECODER, TrainConfig
-from trainer.model import build_model
+from trainer.data import pipeline as data_lib
+from trainer.multitask import export as export_lib
+from trainer.data import sources
+from trainer.multitask import losses
+from trainer.config import TrainConfig
+from trainer.multitask import CLASSIFIER, DECODER
+from trainer.multitask.model import build_model
 
 # The sums each batch yields, by name (`batch_sums`); the metrics are their means, taken on
 # the host (`means`).
@@ -263,7 +264,7 @@ class MultitaskTask:
 
   def write_report(self, export_dir: str, history: List[Dict], metrics: Dict[str, object],
                    report_dir: str, summary_writer) -> None:
-    from trainer import report  # Here, not at the top: matplotlib takes a second to import.
+    from trainer.multitask import report# Here, not at the top: matplotlib takes a second to import.
     report.write_report(export_dir, self.splits.test, history, metrics, report_dir,
                         summary_writer)
 

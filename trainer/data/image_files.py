@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from trainer import sources
+from trainer.data import sources
 from trainer.errors import UserInputError, first_line
 
 # Array files, read by `read_array`; any other input is an image file.

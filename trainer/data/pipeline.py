@@ -1,8 +1,8 @@
-"""The sharded tf.data input pipeline: a split (`trainer.sources`) into batches per replica.
+"""The sharded tf.data input pipeline: a split (`trainer.data.sources`) into batches per replica.
 
 Batches are `(images, {"classifier": labels, "decoder": images}, weights)`, all uint8 but the
 int32 labels (the loss scales the decoder's target) and the per-output float32 weights (which
-examples each task learns from: see `trainer.losses`), sharded per input pipeline so every
+examples each task learns from: see `trainer.multitask.losses`), sharded per input pipeline so every
 worker reads only its part. `labeled_subset` picks the labelled examples of semi-supervised
 runs. Training batches are a pure function of the seed and the global step: a resumed job reads
 exactly what an uninterrupted one would.
@@ -15,9 +15,10 @@ import numpy as np
 import tensorflow as tf
 from sklearn import model_selection
 
-from trainer.config import CLASSIFIER, DECODER, TrainConfig
+from trainer.config import TrainConfig
+from trainer.multitask import CLASSIFIER, DECODER
 from trainer.errors import UserInputError, first_line
-from trainer.sources import IMAGE_SHAPE, NUM_CLASSES, Split
+from trainer.data.sources import IMAGE_SHAPE, NUM_CLASSES, Split
 
 # The strong view of pseudo-label and consistency training (`strong_view`).
 STRONG_SHIFT_PIXELS = 2
