@@ -22,13 +22,10 @@ import tensorflow as tf
 from absl import app, flags
 
 from benchmarks import precision as precision_lib
-from trainer.job import controller
-from trainer.data import pipeline
-from trainer.multitask import problem
-from trainer.job import outputs
-from trainer.data import sources
-from trainer.job import train
 from trainer.config import PRECISIONS, TrainConfig
+from trainer.data import pipeline, sources
+from trainer.job import controller, train
+from trainer.multitask import problem
 
 FLAGS = flags.FLAGS
 
@@ -57,7 +54,7 @@ def timed_saves(config: TrainConfig, splits, policy: str, saves: int
   task = problem.make_task(config, strategy, policy, splits)
   directory = os.path.join(config.model_dir, "timed")
   saver = controller.Controller(strategy, task, train.make_schedule(config, task, strategy),
-                                outputs.paths_of(config).checkpoints,
+                                train.run_directory_of(config).checkpoints,
                                 config.checkpoints_to_keep, save_dir=directory)
   saver.restore()
   manager = saver.manager

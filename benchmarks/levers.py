@@ -73,10 +73,9 @@ def train_one(dataset: str, variant: str, seed: int, epochs: int, eval_every_ste
   (seconds and step None where no evaluation met it)."""
   import time
   import tensorflow as tf
-  from trainer.multitask import model
-  from trainer.multitask import problem
-  from trainer.job import train
   from trainer.config import TrainConfig
+  from trainer.job import train
+  from trainer.multitask import model, problem
   _, overrides, architecture = VARIANTS[variant]
   strategy = tf.distribute.get_strategy()
   with tempfile.TemporaryDirectory() as model_dir:

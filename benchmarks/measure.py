@@ -43,7 +43,7 @@ import time
 from absl import app, flags
 
 from benchmarks import precision as precision_lib
-from trainer.config import DEFAULT_LOSS_WEIGHTS, PRECISIONS, TrainConfig, format_loss_weights
+from trainer.config import DEFAULT_LOSS_WEIGHTS, format_loss_weights, PRECISIONS, TrainConfig
 
 # The trainer's defaults (trainer.config imports no TensorFlow, so start-up times stay whole).
 DEFAULTS = TrainConfig
@@ -220,9 +220,9 @@ class _Reached(Exception):
 
 def measure_package_tta(splits) -> None:
   import tensorflow as tf
-  from trainer.multitask import problem
+  from trainer.config import parse_loss_weights, TrainConfig
   from trainer.job import train
-  from trainer.config import TrainConfig, parse_loss_weights
+  from trainer.multitask import problem
   config = TrainConfig(dataset=FLAGS.dataset, model_dir=tempfile.mkdtemp(), report=False,
                        batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
                        eval_every_steps=FLAGS.eval_every_steps, shift_pixels=FLAGS.shift_pixels,
@@ -257,9 +257,9 @@ def measure_startup(_) -> None:
   stages = {}
   mark = lambda name: stages.setdefault(name, time.time() - PROCESS_START)
   import tensorflow as tf
-  from trainer.job import distribution
-  from trainer.data import sources
   from trainer.config import TrainConfig
+  from trainer.data import sources
+  from trainer.job import distribution
   mark("python_and_tensorflow_imports")
   splits = sources.load_splits(FLAGS.dataset)
   mark("data_loaded")

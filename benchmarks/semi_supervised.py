@@ -26,11 +26,14 @@ import time
 
 from absl import app, flags
 
+from trainer.config import DEFAULT_LOSS_WEIGHTS
+from trainer.multitask import DECODER
+
 FLAGS = flags.FLAGS
 
 FIXED = dict(loss_weighting="fixed")
-TASKS = {"classifier": 1.0, "decoder": 8.0}  # The job's default task weights.
-CLASSIFIER_ONLY = {"classifier": 1.0, "decoder": 0.0}
+TASKS = DEFAULT_LOSS_WEIGHTS
+CLASSIFIER_ONLY = {**DEFAULT_LOSS_WEIGHTS, DECODER: 0.0}
 # Settings of the new objectives, fixed in advance from the papers: the Ladder network's input
 # noise (0.3, Rasmus et al. 2015), FixMatch's threshold and weight (0.95, 1.0).
 DENOISING = dict(input_noise=0.3)
@@ -139,11 +142,10 @@ def code_version() -> str:
 
 def main(_) -> None:
   import tensorflow as tf
-  from trainer.data import pipeline
-  from trainer.multitask import problem
-  from trainer.data import sources
-  from trainer.job import train
   from trainer.config import TrainConfig
+  from trainer.data import pipeline, sources
+  from trainer.job import train
+  from trainer.multitask import problem
   settings = {"dataset": FLAGS.dataset, "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size,
               "width": FLAGS.width}
   code, runs = code_version(), {}

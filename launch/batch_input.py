@@ -36,7 +36,7 @@ from absl import flags
 
 from trainer import cli
 from trainer.data import image_files
-from trainer.errors import UserInputError, first_line
+from trainer.errors import first_line, UserInputError
 
 FLAGS = flags.FLAGS
 # Kept here for the callers that convert arrays through this module (benchmarks/serving_compat).

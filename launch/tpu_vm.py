@@ -25,8 +25,7 @@ from absl import app
 from absl import flags
 
 from launch import requirements
-from trainer import errors
-from trainer import cli
+from trainer import cli, errors
 from trainer.errors import UserInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

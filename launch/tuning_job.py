@@ -14,8 +14,7 @@ import math
 from typing import Mapping, Sequence, Tuple
 
 from launch.custom_job import LaunchError
-from trainer import errors
-from trainer import cli
+from trainer import cli, errors
 from trainer import config as config_lib
 
 PARAMETER_KINDS = ("double", "integer", "discrete", "categorical")

@@ -27,11 +27,10 @@ from launch import endpoints
 from launch import tuning_job
 from launch import vertex_api
 from launch.custom_job import SCHEDULING_STRATEGIES, JobSpec, LaunchError, build_custom_job
-from trainer import cli
-from trainer import errors
-from trainer.job import run_directory
+from trainer import cli, errors
 from trainer.config import TUNING_METRICS
 from trainer.errors import UserInputError
+from trainer.job import run_directory
 
 COMMON_FLAGS = {"project", "region", "api_endpoint"}
 # What a custom job of the trainer runs on, and where its outputs go: train's, and each trial's.

@@ -6,8 +6,8 @@ import os
 import pytest
 import tensorflow as tf
 
-from trainer.job import checkpoints
 from trainer.errors import UserInputError
+from trainer.job import checkpoints
 
 
 def _save(directory, steps, size=1000, keep=10):

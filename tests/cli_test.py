@@ -11,9 +11,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from tests import helpers
-from trainer import errors
-from trainer import cli
-from trainer import config
+from trainer import cli, config, errors
 
 
 def test_fail_prints_one_error_line_and_exits_with_the_code(capsys):

@@ -8,8 +8,7 @@ import re
 
 import pytest
 
-from trainer import errors
-from trainer import config
+from trainer import config, errors
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 

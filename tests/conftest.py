@@ -41,8 +41,8 @@ def finished_run(tmp_path_factory):
   """
   from tests import helpers
   from trainer import config
-  from trainer.multitask import problem
   from trainer.job import train
+  from trainer.multitask import problem
   root = tmp_path_factory.mktemp("finished_run")
   everything = helpers.learnable_split(640, seed=5)
   dataset = helpers.write_npz(str(root / "data.npz"), X=everything.images.reshape(-1, 784),

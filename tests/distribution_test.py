@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from trainer.job import distribution
 from trainer.errors import UserInputError
+from trainer.job import distribution
 
 
 @pytest.fixture(autouse=True)

@@ -3,9 +3,7 @@
 import pytest
 
 from trainer import errors
-from trainer.job import controller
-from trainer.job import lease
-from trainer.job import storage
+from trainer.job import controller, lease, storage
 
 
 @pytest.mark.parametrize("kind", [errors.UserInputError, controller.Diverged, storage.WriteFailed,

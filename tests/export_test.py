@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
+from trainer.errors import UserInputError
 from trainer.multitask import export as export_lib
 from trainer.multitask import model as model_lib
-from trainer.errors import UserInputError
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ import tensorflow as tf
 from absl import flags
 
 from tests import helpers
-from trainer import errors
-from trainer import cli, task
+from trainer import cli, errors, task
 
 # The narrow model: these prove what survives a fault, not the quality.
 SAMPLE_FLAGS = ("--dataset=mnist_sample", "--width=8", "--latent_dim=16", "--noreport",

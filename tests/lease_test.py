@@ -17,8 +17,8 @@ import uuid
 import pytest
 import tensorflow as tf
 
-from trainer.job import lease as lease_lib
 from trainer.errors import UserInputError
+from trainer.job import lease as lease_lib
 from trainer.job.lease import Lease, LeaseHeld, LeaseLost
 from trainer.job.run_directory import LEASE as LEASE_NAME
 

@@ -5,9 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from trainer.multitask import losses
-from trainer.multitask import problem
-from trainer.multitask import CLASSIFIER, DECODER
+from trainer.multitask import CLASSIFIER, DECODER, losses, problem
 from trainer.multitask.model import build_model
 
 

@@ -1,12 +1,12 @@
 """Tests of trainer.job.outputs: what the chief writes under --model_dir, and what it reads back."""
 
+import dataclasses
 import json
 
 import pytest
 
-from trainer import errors
-from trainer import config
-from trainer.job import outputs
+from trainer import config, errors
+from trainer.job import outputs, train
 
 ENTRY = {"epoch": 1, "train": {"loss": 0.5, "classifier_loss": 0.4, "reconstruction_mse": 0.05,
                                "accuracy": 0.9},
@@ -21,9 +21,13 @@ def _config(model_dir, **changes):
   return config.TrainConfig(dataset="mnist_sample", model_dir=str(model_dir), **changes)
 
 
+def _paths(model_dir, **changes):
+  return train.run_directory_of(_config(model_dir, **changes))
+
+
 def test_the_chief_records_epochs_in_history_and_validation_at_the_global_step(tmp_path):
   from tensorboard.backend.event_processing import event_multiplexer
-  run = outputs.RunOutputs(_config(tmp_path), chief=True)
+  run = outputs.RunOutputs(_paths(tmp_path), chief=True)
   history = run.record_epoch([], ENTRY, epochs=2, global_step=16, images_per_second=100.0)
   history = run.record_epoch(history, {**ENTRY, "epoch": 2}, 2, 32, None)
   # A resumed job records an epoch again: its entry replaces the old one.
@@ -43,7 +47,7 @@ def test_the_chief_records_epochs_in_history_and_validation_at_the_global_step(t
 
 
 def test_other_workers_write_nothing_under_model_dir(tmp_path):
-  run = outputs.RunOutputs(_config(tmp_path / "shared"), chief=False)
+  run = outputs.RunOutputs(_paths(tmp_path / "shared"), chief=False)
   run.record_epoch([], ENTRY, 1, 16, 10.0)
   run.write_metrics({"test_accuracy": 1.0})
   assert not (tmp_path / "shared").exists() and run.summaries_of("train") is None
@@ -51,7 +55,7 @@ def test_other_workers_write_nothing_under_model_dir(tmp_path):
 
 
 def test_finished_means_metrics_of_these_epochs_whatever_the_checkpoints(tmp_path):
-  run = outputs.RunOutputs(_config(tmp_path), chief=True)
+  run = outputs.RunOutputs(_paths(tmp_path), chief=True)
   assert run.finished_metrics(epochs=2, headline=HEADLINE) is None  # No file.
   done = {"epochs": 1, "test_accuracy": 0.9, "test_reconstruction_mse": 0.01}
   run.write_metrics(done)
@@ -70,7 +74,7 @@ def test_finished_means_metrics_of_these_epochs_whatever_the_checkpoints(tmp_pat
     ('{"epochs": 2, "test_accuracy": null, "test_reconstruction_mse": 0.01}',
      "no test_accuracy number")])
 def test_damaged_metrics_are_one_line_naming_the_file_and_the_fix(tmp_path, content, problem):
-  run = outputs.RunOutputs(_config(tmp_path), chief=True)
+  run = outputs.RunOutputs(_paths(tmp_path), chief=True)
   (tmp_path / "metrics.json").write_text(content)
   with pytest.raises(errors.UserInputError) as raised:
     run.finished_metrics(2, HEADLINE)
@@ -87,7 +91,7 @@ def test_damaged_metrics_are_one_line_naming_the_file_and_the_fix(tmp_path, cont
     ('{"epochs": [{"epoch": 1, "train": {"loss": "x"}, "validation": {}, "loss_weights": {}}]}',
      "are not a list of epoch records")])
 def test_a_damaged_history_is_one_line_naming_the_file_and_the_fix(tmp_path, content, problem):
-  run = outputs.RunOutputs(_config(tmp_path), chief=True)
+  run = outputs.RunOutputs(_paths(tmp_path), chief=True)
   (tmp_path / "history.json").write_text(content)
   with pytest.raises(errors.UserInputError, match=f"history.json is damaged: .*{problem}.*; delete "
                                                   "it"):
@@ -96,7 +100,7 @@ def test_a_damaged_history_is_one_line_naming_the_file_and_the_fix(tmp_path, con
 
 def test_the_closing_line_names_the_report_only_where_there_is_one(tmp_path):
   metrics = {"test_accuracy": 0.98, "test_reconstruction_mse": 0.0107}
-  run = outputs.RunOutputs(_config(tmp_path), chief=True)
+  run = outputs.RunOutputs(_paths(tmp_path), chief=True)
   line = run.results_line(metrics, HEADLINE)
   assert line == (f"test accuracy 0.9800, reconstruction_mse 0.0107; metrics "
                   f"{tmp_path}/metrics.json, export {tmp_path}/export")
@@ -110,15 +114,15 @@ def test_an_unwritable_model_dir_is_refused_up_front(tmp_path):
   blocker = tmp_path / "a-file"
   blocker.write_text("in the way")
   with pytest.raises(errors.UserInputError, match=f"cannot write to --model_dir={blocker}/run"):
-    outputs.RunOutputs(_config(blocker / "run"), chief=True)
+    outputs.RunOutputs(_paths(blocker / "run"), chief=True)
 
 
 def test_the_configuration_is_saved_and_read_back(tmp_path):
-  run = outputs.RunOutputs(_config(tmp_path, loss_weights={"classifier": 1.0, "decoder": 0.5}),
+  run = outputs.RunOutputs(_paths(tmp_path, loss_weights={"classifier": 1.0, "decoder": 0.5}),
                            chief=True)
   assert run.read_config() is None
   saved = _config(tmp_path, loss_weights={"classifier": 1.0, "decoder": 0.5})
-  run.write_config(saved, "mixed_bfloat16")
+  run.write_config(dataclasses.asdict(saved), "mixed_bfloat16")
   assert config.resume_changes(run.read_config(), saved) == []
   assert outputs.saved_precision(run.read_config()) == "mixed_bfloat16"  # Beside `auto`.
   assert outputs.saved_precision({"precision": "auto"}) is None  # Written before it was kept.
@@ -141,7 +145,7 @@ def test_the_configuration_is_saved_and_read_back(tmp_path):
 
 
 def test_tensorboard_logs_go_where_the_configuration_says(tmp_path):
-  run = outputs.RunOutputs(_config(tmp_path / "run", tensorboard_dir=str(tmp_path / "tb")),
+  run = outputs.RunOutputs(_paths(tmp_path / "run", tensorboard_dir=str(tmp_path / "tb")),
                            chief=True)
   run.record_epoch([], ENTRY, 1, 16, 10.0)
   run.summaries_of("train")([(16, {"loss": 0.5})])

@@ -5,8 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from trainer.data import pipeline
-from trainer.data import sources
+from trainer.data import pipeline, sources
 from trainer.errors import UserInputError
 
 

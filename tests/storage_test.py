@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import tensorflow as tf
 
-from trainer.job import storage
 from trainer.errors import UserInputError
+from trainer.job import storage
 
 # Bigger than the whole 1 MB disk: 2 MB of float32.
 TOO_BIG = 1 << 19

@@ -12,8 +12,8 @@ from absl import flags
 
 from tests import helpers
 from trainer import config as config_lib
-from trainer.job import preemption
 from trainer import task
+from trainer.job import preemption
 
 
 def _assert_clear_error(result, message):

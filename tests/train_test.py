@@ -25,14 +25,9 @@ from absl import logging
 
 from tests import helpers, stand_in_task
 from trainer import config, errors
-from trainer.job import controller
-from trainer.multitask import losses
-from trainer.multitask import problem
-from trainer.job import preemption
-from trainer.job import run_directory
-from trainer.job import train
+from trainer.job import controller, preemption, run_directory, train
 from trainer.job import lease as lease_lib
-from trainer.multitask import CLASSIFIER, DECODER
+from trainer.multitask import CLASSIFIER, DECODER, losses, problem
 
 
 _FROM_DATASET = "the splits --dataset names"

@@ -8,8 +8,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from trainer.job import run_directory
-from trainer.job import tuning
+from trainer.job import run_directory, tuning
 
 STEPS_PER_EPOCH = 16
 

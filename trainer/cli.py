@@ -24,8 +24,8 @@ from absl import app  # noqa: F401  Its flags (--pdb, --only_check_args) are the
 from absl import flags
 from absl import logging
 
-from trainer import errors
 from trainer import config as config_lib
+from trainer import errors
 
 
 # absl defines --help (short -?) and --helpshort; -h is what users type first.

@@ -11,7 +11,7 @@ import math
 import os
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
-from trainer.errors import UserInputError, unknown_choice
+from trainer.errors import unknown_choice, UserInputError
 from trainer.multitask import CLASSIFIER, DECODER, OUTPUT_NAMES
 
 

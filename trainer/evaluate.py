@@ -15,10 +15,9 @@ import os
 from absl import app
 from absl import flags
 
-from trainer import errors
-from trainer.job import run_directory
-from trainer import cli
+from trainer import cli, errors
 from trainer import config as config_lib
+from trainer.job import run_directory
 
 FLAGS = flags.FLAGS
 
@@ -62,8 +61,8 @@ def main(argv):
       cli.fail(str(e))
   with cli.tensorflow_imported_quietly():
     from trainer.multitask import export# pylint: disable=import-outside-toplevel
-    from trainer.multitask import losses
     from trainer.data import sources
+    from trainer.multitask import losses
   model_dir = FLAGS.model_dir.rstrip("/")
   try:
     dataset, data_dir = run_dataset(model_dir)

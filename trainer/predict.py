@@ -48,13 +48,11 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from trainer import errors
-from trainer.job import run_directory
-from trainer import cli
+from trainer import cli, errors
 from trainer import config as config_lib
-from trainer.data import image_files
-from trainer.data import sources
-from trainer.errors import JobError, UserInputError, first_line
+from trainer.data import image_files, sources
+from trainer.errors import first_line, JobError, UserInputError
+from trainer.job import run_directory
 
 FLAGS = flags.FLAGS
 

@@ -11,8 +11,7 @@ import sys
 from absl import app
 from absl import flags
 
-from trainer import errors
-from trainer import cli
+from trainer import cli, errors
 from trainer import config as config_lib
 from trainer.job import preemption
 
@@ -63,9 +62,8 @@ def main(argv):
                           "start"):
       # TensorFlow is imported only now: the strategy must be the first thing it sets up.
       with cli.tensorflow_imported_quietly(config.verbose, float16_op=False):
-        from trainer.job import distribution
+        from trainer.job import distribution, train
         from trainer.multitask import problem
-        from trainer.job import train
       strategy = distribution.get_strategy(config.strategy, config.tpu)
       precision = train.configure_process(config, strategy)  # Process-wide: here, once.
       if precision.policy == "mixed_float16":

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from trainer.data import sources
-from trainer.errors import UserInputError, first_line
+from trainer.errors import first_line, UserInputError
 
 # Array files, read by `read_array`; any other input is an image file.
 ARRAY_SUFFIXES = (".npy", ".npz")

@@ -16,9 +16,9 @@ import tensorflow as tf
 from sklearn import model_selection
 
 from trainer.config import TrainConfig
-from trainer.multitask import CLASSIFIER, DECODER
-from trainer.errors import UserInputError, first_line
 from trainer.data.sources import IMAGE_SHAPE, NUM_CLASSES, Split
+from trainer.errors import first_line, UserInputError
+from trainer.multitask import CLASSIFIER, DECODER
 
 # The strong view of pseudo-label and consistency training (`strong_view`).
 STRONG_SHIFT_PIXELS = 2

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 from trainer.config import check_dataset_name
-from trainer.errors import UserInputError, first_line
+from trainer.errors import first_line, UserInputError
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10

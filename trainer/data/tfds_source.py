@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants
 from tensorflow_datasets.core.download import download_manager
 
-from trainer.errors import UserInputError, first_line
+from trainer.errors import first_line, UserInputError
 
 # Split name to (images, labels), as TFDS holds them.
 Arrays = Dict[str, Tuple[np.ndarray, np.ndarray]]

@@ -15,8 +15,8 @@ from typing import List, Optional, Tuple
 import tensorflow as tf
 from absl import logging
 
+from trainer.errors import first_line, UserInputError
 from trainer.job import storage
-from trainer.errors import UserInputError, first_line
 
 PREFIX = "ckpt"  # The CheckpointManager's default checkpoint_name.
 SET_ASIDE = "unreadable"  # The subdirectory unreadable checkpoints are moved into.

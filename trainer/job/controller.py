@@ -26,11 +26,9 @@ from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from trainer.job import checkpoints
-from trainer.job import preemption
-from trainer.job import progress as progress_lib
-from trainer.job import storage
 from trainer.errors import JobError, UserInputError
+from trainer.job import checkpoints, preemption, storage
+from trainer.job import progress as progress_lib
 
 # A task's step output whose name starts so counts the replicas where something went
 # non-finite (gradients, weights): any count above zero is a divergence.

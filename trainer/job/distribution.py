@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer.config import PRECISIONS, STRATEGIES
-from trainer.errors import UserInputError, first_line, unknown_choice
+from trainer.errors import first_line, unknown_choice, UserInputError
 
 
 def _tpu_hint(tpu: str) -> Optional[str]:

@@ -28,8 +28,8 @@ from typing import Callable, Dict, Optional, Tuple
 import tensorflow as tf
 from absl import logging
 
+from trainer.errors import first_line, JobError, UserInputError
 from trainer.job import run_directory
-from trainer.errors import JobError, UserInputError, first_line
 
 RENEW_EVERY_SECONDS = 30.0
 STALE_AFTER_SECONDS = 90.0  # 3 renewals missed

@@ -19,10 +19,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import tensorflow as tf
 from absl import logging
 
-from trainer.job import run_directory
-from trainer.job import storage
 from trainer.config import TrainConfig
-from trainer.errors import UserInputError, first_line
+from trainer.errors import first_line, UserInputError
+from trainer.job import run_directory, storage
 
 # What a JSON value of each setting's type must be, and its name in an error line.
 _JSON_TYPES = {str: ((str,), "a string"), int: ((int,), "an integer"),
@@ -31,12 +30,6 @@ _JSON_TYPES = {str: ((str,), "a string"), int: ((int,), "an integer"),
 # A step's TensorBoard scalars, by tag; and what writes a list of them to one TensorBoard run.
 Scalars = Dict[str, float]
 WriteSummaries = Callable[[Sequence[Tuple[int, Scalars]]], None]
-
-
-def paths_of(config: TrainConfig) -> run_directory.RunDirectory:
-  """The run directory `config` names, with its --checkpoint_dir and --tensorboard_dir."""
-  return run_directory.RunDirectory(config.model_dir, config.checkpoint_dir,
-                                    config.tensorboard_dir)
 
 
 def metrics_text(metrics: Dict[str, float]) -> str:
@@ -114,13 +107,13 @@ class RunOutputs:
   exits however it ends; the rest of what they would write is dropped.
   """
 
-  def __init__(self, config: TrainConfig, chief: bool):
-    self.chief, self.model_dir = chief, config.model_dir
-    self.paths = paths_of(config)  # The shared run directory, on every worker.
+  def __init__(self, paths: run_directory.RunDirectory, chief: bool):
+    self.chief, self.model_dir = chief, paths.model_dir
+    self.paths = paths  # The shared run directory, on every worker.
     if chief:
-      for flag, directory in (("model_dir", config.model_dir),
-                              ("checkpoint_dir", self.paths.checkpoints),
-                              ("tensorboard_dir", config.tensorboard_dir)):
+      for flag, directory in (("model_dir", paths.model_dir),
+                              ("checkpoint_dir", paths.checkpoints),
+                              ("tensorboard_dir", paths.tensorboard_dir)):
         if directory:
           storage.check_writable(flag, directory)
       own = self.paths
@@ -146,12 +139,12 @@ class RunOutputs:
     return [path for path in (self.paths.config, self.paths.history)
             if tf.io.gfile.exists(path)]
 
-  def write_config(self, config: TrainConfig, precision: str) -> None:
-    """Saves the configuration (chief only), once every check has passed, with the dtype policy
-    its `--precision` resolved to in this job (`auto` may resolve otherwise on another CPU)."""
+  def write_config(self, settings: Dict[str, object], precision: str) -> None:
+    """Saves the settings (chief only), once every check has passed, with the dtype policy
+    their `--precision` resolved to in this job (`auto` may resolve otherwise on another
+    CPU)."""
     if self.chief:
-      storage.write_json(self.paths.config,
-                         {**dataclasses.asdict(config), RESOLVED: {"precision": precision}})
+      storage.write_json(self.paths.config, {**settings, RESOLVED: {"precision": precision}})
 
   def read_history(self, epochs_done: int) -> List[Dict]:
     """The per-epoch entries of the epochs a restored checkpoint has done (none if no file)."""

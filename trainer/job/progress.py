@@ -3,7 +3,7 @@
 On a terminal: a Keras progress bar per epoch. Elsewhere (Vertex AI's log viewer, a file, a
 pipe), a bar would print a line per update, so instead one line about every `every_seconds`,
 with the step, the epoch's running loss and the speed. The epoch's summary line itself is
-`train.py`'s. Both show the epoch so far (the controller's running sums), not the last call:
+`outputs.RunOutputs.record_epoch`'s. Both show the epoch so far (the controller's running sums), not the last call:
 the bar ends each epoch on the epoch line's numbers.
 
 Lines come only between calls into the device, so `CallCap` keeps calls short where steps are

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import tensorflow as tf
 from absl import logging
 
-from trainer.errors import JobError, UserInputError, first_line
+from trainer.errors import first_line, JobError, UserInputError
 
 # Each storage failure: its errno, the OS's text for it (TensorFlow keeps only the text), the
 # cause in words and its fix. Observed with TF 2.21 on a 1 MB tmpfs, full and remounted `ro`, a

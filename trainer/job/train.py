@@ -18,17 +18,13 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer import errors
 from trainer import config as config_lib
+from trainer import errors
+from trainer.config import TrainConfig
 from trainer.job import controller as controller_lib
-from trainer.job import distribution
+from trainer.job import distribution, preemption, progress, run_directory, storage, tuning
 from trainer.job import lease as lease_lib
 from trainer.job import outputs as outputs_lib
-from trainer.job import preemption
-from trainer.job import progress
-from trainer.job import storage
-from trainer.job import tuning
-from trainer.config import TrainConfig
 
 Evaluate = Callable[[str], Dict[str, float]]
 OnEvaluation = Callable[[int, Evaluate], None]
@@ -145,6 +141,12 @@ def _checked_precision(config: TrainConfig,
   return precision
 
 
+def run_directory_of(config: TrainConfig) -> run_directory.RunDirectory:
+  """The run directory `config` names, with its --checkpoint_dir and --tensorboard_dir."""
+  return run_directory.RunDirectory(config.model_dir, config.checkpoint_dir,
+                                    config.tensorboard_dir)
+
+
 def make_schedule(config: TrainConfig, task: Task, strategy: tf.distribute.Strategy,
                   chief: bool = True) -> controller_lib.Schedule:
   """When things happen in a run of `task`: --steps_per_loop's 0 resolved here, by platform
@@ -170,7 +172,7 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
   back whole. Call `close()` on the job it returns (`run` does)."""
   precision = _checked_precision(config, strategy)
   task = make_task(config, strategy, precision.policy)
-  outputs = outputs_lib.RunOutputs(config, is_chief(strategy))
+  outputs = outputs_lib.RunOutputs(run_directory_of(config), is_chief(strategy))
   # One job per run directory; the chief's lease stands for every worker of a cluster.
   created = outputs.chief and not tf.io.gfile.exists(config.model_dir)
   lease = lease_lib.Lease.acquire(config.model_dir) if outputs.chief else None
@@ -189,7 +191,8 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
         outputs.paths.checkpoints, config.checkpoints_to_keep, save_dir=outputs.checkpoints,
         write_summaries=outputs.summaries_of("train"), show_progress=outputs.chief,
         before_save=lease.check if lease else None,
-        after_first_save=lambda: outputs.write_config(config, precision.policy))
+        after_first_save=lambda: outputs.write_config(dataclasses.asdict(config),
+                                                      precision.policy))
     job = Job(config, precision, outputs, task, controller, history=[], lease=lease,
               created_model_dir=created)
     job.finished = outputs.finished_metrics(config.epochs, task.headline)

@@ -18,10 +18,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from absl import logging
 
-from trainer.job import run_directory
-from trainer import errors
 from trainer import config as config_lib
-from trainer.job import storage
+from trainer import errors
+from trainer.job import run_directory, storage
 from trainer.job.outputs import read_json
 
 TRIAL_ID_VARIABLE = "CLOUD_ML_TRIAL_ID"

@@ -28,10 +28,10 @@ import tensorflow as tf
 from google.protobuf import message
 from tensorflow.core.protobuf import saved_model_pb2
 
-from trainer.multitask import CLASSIFIER, DECODER
-from trainer.errors import UserInputError, first_line
-from trainer.job.run_directory import KERAS_FILE, SAVED_MODEL
 from trainer.data.sources import IMAGE_SHAPE
+from trainer.errors import first_line, UserInputError
+from trainer.job.run_directory import KERAS_FILE, SAVED_MODEL
+from trainer.multitask import CLASSIFIER, DECODER
 
 # Unknown rank, so that both shapes MNIST code holds get in; `_checked_images` does the check the
 # spec cannot (without it a wrong shape reaches the pooling kernel and fails deep in oneDNN).

@@ -11,8 +11,8 @@ The shape of the default, and the levers measured to get there, are in benchmark
 
 import keras
 
-from trainer.multitask import CLASSIFIER, DECODER
 from trainer.data.sources import IMAGE_SHAPE, NUM_CLASSES
+from trainer.multitask import CLASSIFIER, DECODER
 
 
 def _batch_norm(x, name: str):

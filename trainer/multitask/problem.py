@@ -18,12 +18,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import pipeline as data_lib
-from trainer.multitask import export as export_lib
-from trainer.data import sources
-from trainer.multitask import losses
 from trainer.config import TrainConfig
-from trainer.multitask import CLASSIFIER, DECODER
+from trainer.data import pipeline as data_lib
+from trainer.data import sources
+from trainer.multitask import CLASSIFIER, DECODER, losses
+from trainer.multitask import export as export_lib
 from trainer.multitask.model import build_model
 
 # The sums each batch yields, by name (`batch_sums`); the metrics are their means, taken on

@@ -25,9 +25,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn import decomposition, metrics as sk_metrics
 
-from trainer.multitask import export as export_lib
-from trainer.job import run_directory
 from trainer.data.sources import DIGITS, NUM_CLASSES, Split
+from trainer.job import run_directory
+from trainer.multitask import export as export_lib
 
 IMAGES = ("reconstructions", "confusion_matrix", "curves", "latent")
 # The reconstruction grid: two examples of each class, each image scaled up this many times.
