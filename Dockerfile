@@ -11,9 +11,13 @@ FROM python:3.11.14-slim-bookworm
 
 ARG TENSORFLOW="tensorflow==2.21.0"
 
+# `docker run --user "$(id -u)"` runs the trainer as the host's user, who can write to a mounted
+# runs/ directory but has no home in the image: HOME is set, and open to any user as /tmp is
+# (chmod 1777 below), for the files Keras and TFDS keep there.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/home/trainer
 
 WORKDIR /opt/trainer
 COPY setup.py README.md ./
@@ -29,7 +33,8 @@ RUN if [ "${TENSORFLOW}" = "tpu" ]; then \
     else \
       pip install --no-cache-dir "${TENSORFLOW}" ".[tuning]"; \
     fi \
-    && useradd --create-home --uid 1000 trainer
+    && useradd --create-home --uid 1000 trainer \
+    && chmod 1777 /home/trainer
 
 # Not root; numeric, so that any host can resolve it.
 USER 1000

@@ -60,6 +60,13 @@ def test_runs_the_trainer_as_a_user_that_is_not_root():
   assert f"--uid {_one('USER')}" in _one("RUN")
 
 
+def test_any_user_docker_run_names_has_a_home_it_can_write():
+  # `docker run --user "$(id -u)"` (the README's, so that runs/ is writable) has no passwd
+  # entry: HOME must be set, and open to every user as /tmp is (Keras and TFDS write there).
+  assert "HOME=/home/trainer" in _one("ENV").split()
+  assert "chmod 1777 /home/trainer" in _one("RUN")
+
+
 def test_the_build_context_holds_what_it_copies_and_leaves_out_the_rest():
   with open(os.path.join(helpers.REPO, ".dockerignore")) as f:
     ignored = [line.strip() for line in f if line.strip() and not line.startswith("#")]
