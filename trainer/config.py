@@ -7,6 +7,7 @@ them. Below the entry point all takes a `TrainConfig`: tests and notebooks can b
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 from typing import Callable, Dict, Mapping, Optional, Sequence
@@ -397,3 +398,36 @@ def parse_loss_weights(text: str) -> Dict[str, float]:
           f"--loss_weights={text!r} is not NAME=NUMBER pairs: "
           "write it as classifier=1.0,decoder=8.0") from None
   return weights
+
+
+# What a JSON value of each setting's type must be, and its name in an error line.
+_JSON_TYPES = {str: ((str,), "a string"), int: ((int,), "an integer"),
+               float: ((int, float), "a number"), bool: ((bool,), "true or false")}
+
+
+def json_is(value, kinds) -> bool:
+  """Whether `value` is one of `kinds`, a bool counting only where `kinds` has bool (to Python
+  a bool is an int)."""
+  return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+
+
+def json_numbers(value) -> bool:
+  """Whether `value` is a JSON object of numbers."""
+  return isinstance(value, dict) and all(json_is(v, (int, float)) for v in value.values())
+
+
+def saved_config_problem(saved: Dict) -> Optional[str]:
+  """What is wrong with the types of a saved configuration, or None: each setting it holds
+  must be a JSON value of the setting's type (an older trainer's file may lack some)."""
+  for field in dataclasses.fields(TrainConfig):
+    if field.name not in saved:
+      continue
+    value = saved[field.name]
+    if field.name == "loss_weights":
+      value_ok, expected = json_numbers(value), "NAME: WEIGHT pairs"
+    else:
+      kinds, expected = _JSON_TYPES[field.type]
+      value_ok = json_is(value, kinds)
+    if not value_ok:
+      return f"{field.name} is {json.dumps(value)}, not {expected}"
+  return None

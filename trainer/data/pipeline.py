@@ -15,7 +15,6 @@ import numpy as np
 import tensorflow as tf
 from sklearn import model_selection
 
-from trainer.config import TrainConfig
 from trainer.data.sources import IMAGE_SHAPE, NUM_CLASSES, Split
 from trainer.errors import first_line, UserInputError
 from trainer.multitask import CLASSIFIER, DECODER
@@ -34,12 +33,6 @@ class TrainingInput:
   input_noise: float = 0.0
   second_view: bool = False  # Images come as pairs (input, `strong_view`).
   labeled_indices: Optional[np.ndarray] = None  # Examples whose labels count; None: all.
-
-  @classmethod
-  def from_config(cls, config: TrainConfig,
-                  labeled_indices: Optional[np.ndarray]) -> "TrainingInput":
-    return cls(config.seed, config.shift_pixels, config.input_noise,
-               config.unlabeled_loss != "none", labeled_indices)
 
 
 def per_replica_batch_size(global_batch_size: int, num_replicas: int) -> int:

@@ -9,7 +9,6 @@ as a local path does.
 """
 
 import atexit
-import dataclasses
 import json
 import os
 import shutil
@@ -19,13 +18,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import tensorflow as tf
 from absl import logging
 
-from trainer.config import TrainConfig
+from trainer import config as config_lib
 from trainer.errors import first_line, UserInputError
 from trainer.job import run_directory, storage
-
-# What a JSON value of each setting's type must be, and its name in an error line.
-_JSON_TYPES = {str: ((str,), "a string"), int: ((int,), "an integer"),
-               float: ((int, float), "a number"), bool: ((bool,), "true or false")}
 
 # A step's TensorBoard scalars, by tag; and what writes a list of them to one TensorBoard run.
 Scalars = Dict[str, float]
@@ -93,7 +88,7 @@ def read_saved_config(model_dir: str, fix: str) -> Optional[Dict]:
   if there is none. A damaged file raises `UserInputError` ending in `fix`."""
   path = run_directory.of(model_dir).config
   saved = read_json(path, fix)
-  problem = saved is not None and _config_problem(saved)
+  problem = saved is not None and config_lib.saved_config_problem(saved)
   if problem:
     raise UserInputError(f"{path} is damaged: {problem}; {fix}")
   return saved
@@ -199,7 +194,7 @@ class RunOutputs:
       return None
     needed = {"epochs": (int,), **{f"test_{name}": (int, float) for name in headline}}
     for name, kinds in needed.items():
-      if not _is_a(metrics.get(name), kinds):
+      if not config_lib.json_is(metrics.get(name), kinds):
         raise UserInputError(
             f"{self.paths.metrics} is damaged: no {name} number in it; delete it and run the "
             "same command again to evaluate and export the trained model")
@@ -238,36 +233,9 @@ class RunOutputs:
                       "metrics.json comes next", type(e).__name__, first_line(e))
 
 
-def _is_a(value, kinds) -> bool:
-  """Whether `value` is one of `kinds`, a bool counting only where `kinds` has bool (to Python
-  a bool is an int)."""
-  return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
-
-
-def _numbers(value) -> bool:
-  """Whether `value` is a JSON object of numbers."""
-  return isinstance(value, dict) and all(_is_a(v, (int, float)) for v in value.values())
-
-
-def _config_problem(saved: Dict) -> Optional[str]:
-  """What is wrong with the types of a saved configuration, or None: each setting it holds
-  must be a JSON value of the setting's type (an older trainer's file may lack some)."""
-  for field in dataclasses.fields(TrainConfig):
-    if field.name not in saved:
-      continue
-    value = saved[field.name]
-    if field.name == "loss_weights":
-      value_ok, expected = _numbers(value), "NAME: WEIGHT pairs"
-    else:
-      kinds, expected = _JSON_TYPES[field.type]
-      value_ok = _is_a(value, kinds)
-    if not value_ok:
-      return f"{field.name} is {json.dumps(value)}, not {expected}"
-  return None
-
-
 def _is_history_entry(entry) -> bool:
   """An epoch's record: its number, and named values ("train", "validation" and the task's)."""
   return (isinstance(entry, dict) and isinstance(entry.get("epoch"), int)
           and all(key in entry for key in ("train", "validation"))
-          and all(_numbers(value) for key, value in entry.items() if key != "epoch"))
+          and all(config_lib.json_numbers(value)
+                  for key, value in entry.items() if key != "epoch"))

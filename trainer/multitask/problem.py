@@ -161,7 +161,9 @@ class MultitaskTask:
   def train_dataset(self, start_step: int):
     return data_lib.distribute_training(
         self.strategy, self.splits.train, self.plan.global_batch,
-        data_lib.TrainingInput.from_config(self.config, self.plan.labeled), start_step)
+        data_lib.TrainingInput(self.config.seed, self.config.shift_pixels,
+                               self.config.input_noise, self.config.unlabeled_loss != "none",
+                               self.plan.labeled), start_step)
 
   def _sums_and_gradients(self, images, targets, weights, counts):
     """One replica's forward and backward pass: its batch sums and total loss, and the
