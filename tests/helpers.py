@@ -205,3 +205,36 @@ def run_module_without_tensorflow(module: str, *args, timeout=120):
   return subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW.format(module=module), *args],
                         cwd=REPO, env=_environment(), capture_output=True, text=True,
                         timeout=timeout)
+
+
+# A process that forks one child a command (tests/forking_runner.py), started at first use.
+_runner = None
+
+
+def run_launcher(module: str, *args, env=None, timeout=120, without_tensorflow=False):
+  """`run_module` for a launcher (launch.vertex, launch.tpu_vm), in a fork of a process that
+  has imported their libraries once (tests/forking_runner.py): a process of its own as `-m`
+  runs it (flags, exit code, output, environment), in a tenth of the time. With
+  `without_tensorflow`, as `run_module_without_tensorflow`."""
+  import atexit
+  import threading
+  global _runner
+  if _runner is None:
+    process = subprocess.Popen([sys.executable, "-m", "tests.forking_runner"], cwd=REPO,
+                               env=_environment(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    ready = process.stdout.readline()
+    assert json.loads(ready or "{}").get("ready"), f"the forking runner did not start: {ready!r}"
+    atexit.register(process.kill)
+    _runner = (process, threading.Lock())
+  process, lock = _runner
+  request = {"module": module, "args": list(args), "env": _environment(env), "cwd": REPO,
+             "timeout": timeout, "without_tensorflow": without_tensorflow}
+  with lock:
+    process.stdin.write(json.dumps(request) + "\n")
+    process.stdin.flush()
+    answer = json.loads(process.stdout.readline())
+  if answer.get("timeout"):
+    raise subprocess.TimeoutExpired([module, *args], timeout)
+  return subprocess.CompletedProcess([sys.executable, "-m", module, *args], answer["returncode"],
+                                     answer["stdout"], answer["stderr"])
