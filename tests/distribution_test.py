@@ -105,11 +105,17 @@ def test_tasks_within_their_cluster_pass_the_check(monkeypatch):
   distribution.check_task_in_cluster()
 
 
-def test_a_task_index_past_the_cluster_ends_the_job_with_one_line(tmp_path):
+def test_a_task_index_past_the_cluster_ends_the_job_with_one_line(tmp_path, monkeypatch, capsys):
+  # Through the entry point's main in this process (the check comes before any strategy is
+  # made); the trainer's start-up as a process is tests/cli_test.py's and predict_test's.
+  from absl import flags
+  from trainer import cli, task
   cluster = {"worker": ["localhost:1", "localhost:2"]}
-  result = helpers.run_trainer(
-      "--dataset=mnist_sample", f"--model_dir={tmp_path}/run", "--epochs=1", timeout=120,
-      env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 5}})})
+  monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster,
+                                              "task": {"type": "worker", "index": 5}}))
+  flags.FLAGS.unparse_flags()
+  result = helpers.run_in_process(capsys, lambda: task.main(cli.parse_flags([
+      "trainer.task", "--dataset=mnist_sample", f"--model_dir={tmp_path}/run", "--epochs=1"])))
   helpers.assert_one_error_line(
       result, "$TF_CONFIG's task is worker index 5, but its cluster has 2 workers (indices 0 to "
       "1); set each host's task.index to its place in cluster.worker, or unset TF_CONFIG to train "
