@@ -299,13 +299,13 @@ def test_a_finished_run_whose_export_is_gone_exports_again_from_its_last_checkpo
   assert helpers.directory_state(run / "checkpoints") == checkpoints  # Nothing trained again.
 
 
-@pytest.mark.slow  # 11 s; lease_test and controller_test test its parts in the fast tier.
 def test_a_job_whose_lease_was_deleted_and_taken_writes_nothing_more(tmp_path):
   # A user (or a cleanup script) deletes lease.json from a live run, and a second job takes
-  # the directory: the first must stop before its next write, however soon it would end.
-  settings = _config(tmp_path / "run", epochs=1)
+  # the directory: the first must stop before its next write, however soon it would end. The
+  # job's behaviour, on the stand-in task (lease_test and controller_test test its parts).
+  settings = stand_in_task.config(str(tmp_path / "run"), epochs=1)
   train.configure_process(settings, tf.distribute.get_strategy())
-  job = train.prepare(settings, tf.distribute.get_strategy(), _tasks(helpers.learnable_splits()))
+  job = train.prepare(settings, tf.distribute.get_strategy(), stand_in_task.factory())
   try:
     (tmp_path / "run" / run_directory.LEASE).unlink()
     second = lease_lib.Lease.acquire(str(tmp_path / "run"))
@@ -502,10 +502,10 @@ def test_mixed_float16_on_two_replicas_checkpoints_its_loss_scale(tmp_path, two_
   assert (scale, counter) != (2.0 ** 15, 0)  # Trained: the scale or its counter moved.
 
 
-@pytest.mark.slow
 def test_checkpoint_dir_can_live_apart_from_model_dir(tmp_path):
-  _run(_config(tmp_path / "model", epochs=1, checkpoint_dir=str(tmp_path / "ckpt")))
-  assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-16")
+  # The job's behaviour, on the stand-in task: 6 steps an epoch.
+  _stand_in_run(tmp_path / "model", epochs=1, checkpoint_dir=str(tmp_path / "ckpt"))
+  assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-6")
   assert not (tmp_path / "model" / "checkpoints").exists()
 
 
@@ -532,49 +532,55 @@ def test_uncertainty_weighting_on_two_replicas_learns_and_logs_the_weights(tmp_p
                              np.exp(-log_variances) / [1.0, 2.0], rtol=1e-6)
 
 
-@pytest.mark.slow
 def test_a_report_that_cannot_be_drawn_costs_a_warning_not_the_job(tmp_path, caplog):
+  # The job's behaviour, on the stand-in task: its report, too, goes where the file is.
   _logged(caplog)
   (tmp_path / "report").write_text("a file where the report's directory goes")
-  _run(_config(tmp_path, epochs=1, report=True))
+  _stand_in_run(tmp_path, epochs=1, report=True)
   assert "the report could not be drawn (" in caplog.text
   assert (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.slow
 def test_evaluation_every_n_steps_reaches_the_hook_with_both_splits(tmp_path):
+  # The job's behaviour, on the stand-in task (16 steps an epoch here, calls of 2, and no
+  # checkpoint but at the epochs' ends).
   seen = []
 
   def record(global_step, evaluate):
-    seen.append((global_step, evaluate("test")["accuracy"], evaluate("validation")["accuracy"]))
+    seen.append((global_step, evaluate("test")["distance"], evaluate("validation")["distance"]))
     if global_step % 16 == 0:  # An epoch's end: its checkpoint is saved before the hook runs.
       assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith(
           f"ckpt-{global_step}")
 
-  metrics = _run(_config(tmp_path, eval_every_steps=6), on_evaluation=record)
+  settings = stand_in_task.config(str(tmp_path), epochs=2, eval_every_steps=6,
+                                  checkpoint_every_steps=1000)
+  train.configure_process(settings, tf.distribute.get_strategy())
+  metrics = train.run(settings, tf.distribute.get_strategy(),
+                      stand_in_task.factory(steps_per_epoch=16), on_evaluation=record)
   # Every 6 steps, and at each epoch's end (16 steps an epoch).
   assert [step for step, _, _ in seen] == [6, 12, 16, 18, 24, 30, 32]
   # What the hook evaluates is the job's model at that step: at each epoch's end, the
-  # validation accuracy history.json records; at the last step, the final test accuracy.
+  # validation distance history.json records; at the last step, the final test distance.
   history = json.loads((tmp_path / "history.json").read_text())["epochs"]
   validation_at = {step: validation for step, _, validation in seen}
   assert [validation_at[16], validation_at[32]] == [
-      entry["validation"]["accuracy"] for entry in history]
-  assert seen[-1][1] == metrics["test_accuracy"]
+      entry["validation"]["distance"] for entry in history]
+  assert seen[-1][1] == metrics["test_distance"]
+  assert len({validation for _, _, validation in seen}) == len(seen)  # The model moved between.
 
 
-@pytest.mark.slow
 def test_sigterm_at_an_epochs_last_step_keeps_that_epochs_history(tmp_path):
+  # The job's behaviour, on the stand-in task: 6 steps an epoch.
   def sigterm_midway(step, evaluate):
-    if step == 8:  # Seen by the next call, which ends the epoch at step 16.
+    if step == 3:  # Seen by the next call, which ends the epoch at step 6.
       os.kill(os.getpid(), signal.SIGTERM)
 
-  with pytest.raises(preemption.Preempted, match=r"ckpt-16 saved at epoch 2, step 0"):
-    _run(_config(tmp_path, epochs=2, eval_every_steps=8, steps_per_loop=8),
-         on_evaluation=sigterm_midway)
+  with pytest.raises(preemption.Preempted, match=r"ckpt-6 saved at epoch 2, step 0"):
+    _stand_in_run(tmp_path, epochs=2, eval_every_steps=3, steps_per_loop=3,
+                  checkpoint_every_steps=1000, on_evaluation=sigterm_midway)
   history = json.loads((tmp_path / "history.json").read_text())["epochs"]
   assert [entry["epoch"] for entry in history] == [1]
-  _run(_config(tmp_path, epochs=2))
+  _stand_in_run(tmp_path, epochs=2)
   history = json.loads((tmp_path / "history.json").read_text())["epochs"]
   assert [entry["epoch"] for entry in history] == [1, 2]
 
@@ -603,19 +609,19 @@ def test_a_non_finite_weight_stops_training_before_saving(tmp_path):
   assert not (tmp_path / "history.json").exists()
 
 
-@pytest.mark.slow
-def test_metrics_of_a_shorter_run_do_not_make_an_extended_job_finished(finished_run, tmp_path):
-  run = _copy(finished_run, tmp_path)
+def test_metrics_of_a_shorter_run_do_not_make_an_extended_job_finished(tmp_path):
+  # The job's behaviour, on the stand-in task.
+  run = tmp_path / "run"
+  _stand_in_run(run, epochs=2)
   # As if an --epochs=3 run was stopped at its last step: the checkpoint holds 3 epochs, and
   # metrics.json is still the 2-epoch run's.
-  extended = _run(_config(tmp_path / "longer", dataset=finished_run[1], epochs=3),
-                  splits=_FROM_DATASET)
+  extended = _stand_in_run(tmp_path / "longer", epochs=3)
   for name in ("checkpoints", "history.json"):
     shutil.rmtree(run / name) if name == "checkpoints" else os.remove(run / name)
     os.rename(tmp_path / "longer" / name, run / name)
-  metrics = _rerun(run, finished_run, epochs=3)
+  metrics = _stand_in_run(run, epochs=3)
   assert metrics["epochs"] == 3 and helpers.read_metrics(str(run))["epochs"] == 3
-  assert metrics["test_accuracy"] == extended["test_accuracy"]
+  assert metrics["test_distance"] == extended["test_distance"]
 
 
 @pytest.mark.slow
