@@ -33,6 +33,8 @@ def server():
   fake.stop()
 
 
+# Launcher commands, each run in a fork (under 0.2 s): in the fast tier. The slow tier keeps the
+# real processes (Ctrl-C, no credentials), and what waits for seconds or imports TensorFlow.
 def _launch(*args, env=None, without_tensorflow=False):
   """`python -m launch.vertex ARGS`, in a process forked from one that has imported its
   libraries (helpers.run_launcher): 0.1 s, not 3-10. The real start-up of `python -m
@@ -148,7 +150,6 @@ def test_ctrl_c_during_submission_says_the_job_may_exist(server, tmp_path):
       "again: gcloud ai custom-jobs list --project=p --region=europe-west4")
 
 
-@pytest.mark.slow  # A launcher process end to end; keeps the fast tier under five minutes.
 def test_batch_predict_submits_and_waits_for_the_batch_job(server):
   result = _launch("batch_predict", "--project=p", f"--api_endpoint={server.endpoint}",
                    "--model=projects/p/locations/us-central1/models/9",
@@ -309,9 +310,6 @@ def test_help_exits_0_and_a_commands_help_shows_its_own_flags(args, shown, not_s
     assert text not in result.stdout, result.stdout
 
 
-# Another launcher process (1-2 s): the slow tier. The fast tier has the API's error said in one
-# line by this command (the unreachable endpoint below); vertex_api_test words each refusal.
-@pytest.mark.slow
 def test_a_refused_submission_is_one_error_line(server):
   server.errors["CreateCustomJob"] = [
       (grpc.StatusCode.PERMISSION_DENIED, "Permission 'aiplatform.customJobs.create' denied")]
@@ -357,9 +355,6 @@ def test_no_credentials_says_how_to_get_them(tmp_path):
   helpers.assert_one_error_line(result, NO_CREDENTIALS, whole=True)
 
 
-# Another launcher process (1-2 s): the slow tier. vertex_api_test cancels through the client,
-# and resolves a job ID to its name, in the fast tier.
-@pytest.mark.slow
 def test_cancel_by_id(server):
   result = _launch("cancel", "--job=7", "--project=p", "--region=asia-east1",
                    f"--api_endpoint={server.endpoint}")
@@ -368,9 +363,6 @@ def test_cancel_by_id(server):
   assert request.name == "projects/p/locations/asia-east1/customJobs/7"
 
 
-# Two more launcher processes (3 s): the slow tier. vertex_api_test builds the same requests and
-# sends them to the stand-in, in the fast tier; the dry run of a submission is tested above.
-@pytest.mark.slow
 def test_batch_predict_and_upload_dry_runs_print_requests_the_sdk_accepts():
   result = _launch("batch_predict", "--dry_run", "--model=projects/p/locations/r/models/9",
                    "--instances=gs://b/in.jsonl", "--output_dir=gs://b/out")
