@@ -53,7 +53,7 @@ def gcloud(tmp_path):
   log = tmp_path / "gcloud.jsonl"
 
   def run(*flags, env=None):
-    result = helpers.run_module("launch.tpu_vm", *flags, timeout=300, env={
+    result = helpers.run_launcher("launch.tpu_vm", *flags, timeout=300, env={
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "FAKE_GCLOUD_LOG": str(log), **(env or {})})
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -121,7 +121,7 @@ def test_delete_and_logs():
 
 def test_dry_run_prints_every_command_and_runs_none(tmp_path):
   # Without TensorFlow: the trainer's arguments are checked before paying for its start-up.
-  result = helpers.run_module_without_tensorflow(
+  result = helpers.run_module_without_tensorflow(  # A real `python -m` process.
       "launch.tpu_vm", "--dry_run", "--steps=create,install,train,delete",
       f"--package={tmp_path}/pkg.whl", "--", "--epochs=3", "--model_dir=gs://b/run")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -132,7 +132,7 @@ def test_dry_run_prints_every_command_and_runs_none(tmp_path):
 
 def test_bad_trainer_arguments_are_refused_before_any_step(tmp_path):
   # The typos, under --dry_run too: otherwise they fail on the TPU VM, once it is made.
-  result = helpers.run_module("launch.tpu_vm", "--dry_run", "--", "--datset=mnist",
+  result = helpers.run_launcher("launch.tpu_vm", "--dry_run", "--", "--datset=mnist",
                               "--epoch=20", "--batch_size=-5", timeout=120)
   helpers.assert_one_error_line(
       result, "trainer argument: Unknown command line flag 'datset'. Did you mean: dataset ? "
@@ -141,7 +141,7 @@ def test_bad_trainer_arguments_are_refused_before_any_step(tmp_path):
 
 
 def test_help_exits_0_and_says_where_the_trainer_flags_go():
-  result = helpers.run_module("launch.tpu_vm", "--help", timeout=120)
+  result = helpers.run_launcher("launch.tpu_vm", "--help", timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.startswith("Cloud TPU VMs for the trainer")
   for text in ("python -m trainer.task --help lists them", "  --steps=create,install,train\n",
@@ -191,7 +191,7 @@ def test_without_gcloud_on_path_nothing_runs_and_the_error_says_where_to_get_it(
   empty = tmp_path / "empty"
   empty.mkdir()
   package = tmp_path / "dist" / "pkg.whl"
-  result = helpers.run_module("launch.tpu_vm", "--steps=install,train", f"--package={package}",
+  result = helpers.run_launcher("launch.tpu_vm", "--steps=install,train", f"--package={package}",
                               "--", *TRAINER_ARGS, env={"PATH": str(empty)}, timeout=120)
   helpers.assert_one_error_line(result, tpu_vm.GCLOUD_MISSING, whole=True)
   assert "https://cloud.google.com/sdk/docs/install" in tpu_vm.GCLOUD_MISSING
