@@ -53,11 +53,17 @@ def test_a_flag_given_twice_is_refused(tmp_path):
       whole=True)
 
 
-# Another TensorFlow start-up (6-7 s) for a refusal: the slow tier. The fast tier runs the
-# command once (above), and export_test checks this message where export.load raises it.
+def _evaluate_forked(*args):
+  """The command in a process forked from one that has imported TensorFlow
+  (helpers.run_command_forked): its refusals, without a TensorFlow start-up each."""
+  return helpers.run_command_forked("trainer.evaluate", *args)
+
+
+# The slow tier: the forking process's TensorFlow start-up is paid there. The fast tier runs
+# the command once (above), and export_test checks this message where export.load raises it.
 @pytest.mark.slow
 def test_evaluate_without_an_export_says_so(tmp_path):
-  result = _evaluate(f"--model_dir={tmp_path}", "--dataset=mnist_sample")
+  result = _evaluate_forked(f"--model_dir={tmp_path}", "--dataset=mnist_sample")
   helpers.assert_one_error_line(
       result, f"no exported model at {tmp_path}/export; train one first with python -m "
       "trainer.task --model_dir=... or point --model_dir at a finished job's directory",
@@ -66,7 +72,7 @@ def test_evaluate_without_an_export_says_so(tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_of_a_directory_without_config_json_asks_for_the_dataset(tmp_path):
-  result = _evaluate(f"--model_dir={tmp_path}")
+  result = _evaluate_forked(f"--model_dir={tmp_path}")
   helpers.assert_one_error_line(
       result, f"no --dataset given and {tmp_path} holds no config.json naming the run's own: "
       "pass --dataset (and --data_dir for a TFDS set), or point --model_dir at a finished job",

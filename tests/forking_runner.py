@@ -3,7 +3,7 @@ launchers' libraries once: each command is still its own process (its own flags,
 standard output and error, environment and working directory), run as `-m` runs it, without
 paying the seconds google-cloud-aiplatform takes to import each time.
 
-    python -m tests.forking_runner
+    python -m tests.forking_runner [launchers|trainer]
 
 reads one JSON request a line on standard input, {"module", "args", "env", "cwd", "timeout",
 "without_tensorflow"}, and answers each with one JSON line, {"returncode", "stdout", "stderr"}.
@@ -23,9 +23,16 @@ import tempfile
 import time
 import traceback
 
-# What the launchers import, lazily or not: imported here once, shared by every fork.
-PRELOADED = ("absl.app", "absl.flags", "grpc", "google.cloud.aiplatform_v1", "google.auth",
-             "launch.vertex", "launch.tpu_vm")
+# What the commands import, lazily or not: imported here once, shared by every fork. By kind:
+# the launchers' (never TensorFlow), or the trainer's commands' (TensorFlow and the trainer's
+# modules that define no flags: trainer.task, evaluate and predict define theirs when they run).
+PRELOADED = {
+    "launchers": ("absl.app", "absl.flags", "grpc", "google.cloud.aiplatform_v1", "google.auth",
+                  "launch.vertex", "launch.tpu_vm"),
+    "trainer": ("absl.app", "absl.flags", "tensorflow", "keras", "trainer.cli", "trainer.config",
+                "trainer.job.train", "trainer.multitask.problem", "trainer.multitask.export",
+                "trainer.data.sources", "trainer.data.image_files"),
+}
 
 
 def _run_child(request, out_path, err_path) -> None:
@@ -98,15 +105,16 @@ def _answer(request) -> dict:
   return {"returncode": returncode, "stdout": stdout, "stderr": stderr}
 
 
-def main() -> None:
+def main(kind: str) -> None:
   import importlib
-  for module in PRELOADED:
+  for module in PRELOADED[kind]:
     importlib.import_module(module)
-  assert "tensorflow" not in sys.modules, "a preloaded module imported TensorFlow"
+  if kind == "launchers":
+    assert "tensorflow" not in sys.modules, "a preloaded module imported TensorFlow"
   print(json.dumps({"ready": True}), flush=True)
   for line in sys.stdin:
     print(json.dumps(_answer(json.loads(line))), flush=True)
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1] if len(sys.argv) > 1 else "launchers")

@@ -207,27 +207,22 @@ def run_module_without_tensorflow(module: str, *args, timeout=120):
                         timeout=timeout)
 
 
-# A process that forks one child a command (tests/forking_runner.py), started at first use.
-_runner = None
+# Processes that fork one child a command (tests/forking_runner.py), by kind, started at first use.
+_runners = {}
 
 
-def run_launcher(module: str, *args, env=None, timeout=120, without_tensorflow=False):
-  """`run_module` for a launcher (launch.vertex, launch.tpu_vm), in a fork of a process that
-  has imported their libraries once (tests/forking_runner.py): a process of its own as `-m`
-  runs it (flags, exit code, output, environment), in a tenth of the time. With
-  `without_tensorflow`, as `run_module_without_tensorflow`."""
+def _run_forked(kind: str, module: str, args, env, timeout, without_tensorflow):
   import atexit
   import threading
-  global _runner
-  if _runner is None:
-    process = subprocess.Popen([sys.executable, "-m", "tests.forking_runner"], cwd=REPO,
+  if kind not in _runners:
+    process = subprocess.Popen([sys.executable, "-m", "tests.forking_runner", kind], cwd=REPO,
                                env=_environment(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True)
     ready = process.stdout.readline()
     assert json.loads(ready or "{}").get("ready"), f"the forking runner did not start: {ready!r}"
     atexit.register(process.kill)
-    _runner = (process, threading.Lock())
-  process, lock = _runner
+    _runners[kind] = (process, threading.Lock())
+  process, lock = _runners[kind]
   request = {"module": module, "args": list(args), "env": _environment(env), "cwd": REPO,
              "timeout": timeout, "without_tensorflow": without_tensorflow}
   with lock:
@@ -238,3 +233,19 @@ def run_launcher(module: str, *args, env=None, timeout=120, without_tensorflow=F
     raise subprocess.TimeoutExpired([module, *args], timeout)
   return subprocess.CompletedProcess([sys.executable, "-m", module, *args], answer["returncode"],
                                      answer["stdout"], answer["stderr"])
+
+
+def run_launcher(module: str, *args, env=None, timeout=120, without_tensorflow=False):
+  """`run_module` for a launcher (launch.vertex, launch.tpu_vm), in a fork of a process that
+  has imported their libraries once (tests/forking_runner.py): a process of its own as `-m`
+  runs it (flags, exit code, output, environment), in a tenth of the time. With
+  `without_tensorflow`, as `run_module_without_tensorflow`."""
+  return _run_forked("launchers", module, args, env, timeout, without_tensorflow)
+
+
+def run_command_forked(module: str, *args, env=None, timeout=600):
+  """`run_module` for trainer.task, trainer.evaluate or trainer.predict, in a fork of a process
+  that has imported TensorFlow and the trainer's libraries once: its own process, without a
+  TensorFlow start-up (5-8 s) of its own, nor the start-up lines that come with it (a test of
+  those runs `run_module`)."""
+  return _run_forked("trainer", module, args, env, timeout, False)

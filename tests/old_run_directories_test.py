@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests import fake_vertex
+from tests import fake_vertex, helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_RUNS = os.path.join(REPO, "tests", "data", "old_runs")
@@ -72,9 +72,16 @@ def _latest_checkpoint(model_dir: str) -> str:
     return re.search(r'^model_checkpoint_path: "([^"]+)"', f.read(), re.M).group(1)
 
 
+def _command(module: str, *args) -> subprocess.CompletedProcess:
+  """`python -m MODULE ARGS`, a process of its own forked from one that has imported
+  TensorFlow (helpers.run_command_forked): the command as a user runs it, less the seconds of
+  its start-up, which tests/cli_test.py, evaluate_test and predict_test run for real."""
+  return helpers.run_command_forked(module, *args)
+
+
 def _trainer(model_dir: str, name: str):
   """`python -m trainer.task` with the flags the old run was started with."""
-  return _run("-m", "trainer.task", *RECORDED[name], f"--model_dir={model_dir}")
+  return _command("trainer.task", *RECORDED[name], f"--model_dir={model_dir}")
 
 
 # Fast tier: the fixtures are what README.md says (plain file reads, well under a second), so
@@ -117,7 +124,7 @@ def test_evaluate_reads_the_finished_runs_export_and_agrees_with_its_metrics(tmp
   model_dir = _copy("finished", tmp_path)
   metrics = _read_json(model_dir, "metrics.json")
   before = _state(model_dir)
-  result = _run("-m", "trainer.evaluate", f"--model_dir={model_dir}")
+  result = _command("trainer.evaluate", f"--model_dir={model_dir}")
   assert result.returncode == 0, result.stderr[-3000:]
   printed = json.loads(result.stdout)
   assert printed["dataset"] == "mnist_sample" and printed["split"] == "test"
@@ -138,8 +145,8 @@ def test_predict_answers_each_image_with_the_finished_runs_export(tmp_path):
     (tmp_path / name).write_bytes(tf.io.encode_png(image).numpy())
     inputs.append(str(tmp_path / name))
   out = tmp_path / "out"
-  result = _run("-m", "trainer.predict", f"--model_dir={model_dir}", f"--output_dir={out}",
-                *inputs)
+  result = _command("trainer.predict", f"--model_dir={model_dir}", f"--output_dir={out}",
+                    *inputs)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   assert len(lines) == 2, result.stdout
