@@ -88,8 +88,10 @@ def test_the_entry_point_modules_import_no_tensorflow():
 
 # What a run logs: our lines, and the one CUDA line a CPU-only host's driver probe writes.
 _OUR_LINE = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ (\w+)\.py:\d+\] ")
-_OUR_MODULES = {name[:-3] for name in os.listdir(os.path.join(helpers.REPO, "trainer"))
-                if name.endswith(".py")}
+# Every module of the package, its folders' (trainer/job, trainer/data, trainer/multitask) too:
+# the job logs from trainer/job/train.py, outputs.py and distribution.py.
+_OUR_MODULES = {name[:-3] for _, _, names in os.walk(os.path.join(helpers.REPO, "trainer"))
+                for name in names if name.endswith(".py")}
 
 
 @pytest.mark.slow
