@@ -103,7 +103,7 @@ class RunOutputs:
   """
 
   def __init__(self, paths: run_directory.RunDirectory, chief: bool):
-    self.chief, self.model_dir = chief, paths.model_dir
+    self.chief = chief
     self.paths = paths  # The shared run directory, on every worker.
     if chief:
       for flag, directory in (("model_dir", paths.model_dir),
@@ -125,7 +125,7 @@ class RunOutputs:
     there is none. A run directory with checkpoints but no config.json (deleted by hand)
     adopts the current flags: trainers too old to write one are refused by their checkpoint.
     """
-    return read_saved_config(self.model_dir, "restore it, or delete it to adopt this "
+    return read_saved_config(self.paths.model_dir, "restore it, or delete it to adopt this "
                              "command's flags")
 
   def trained_files(self) -> List[str]:

@@ -182,10 +182,11 @@ def prepare(config: TrainConfig, strategy: tf.distribute.Strategy,
     saved = outputs.read_config()
     for change in config_lib.resume_changes(saved, config) if saved else []:
       logging.info("Changed since this run was last started: %s", change)
-    if saved and outputs_lib.saved_precision(saved) not in (None, precision.policy):
+    previous = outputs_lib.saved_precision(saved) if saved else None
+    if previous not in (None, precision.policy):
       # `auto` resolves on each start: a run resumed on another CPU may compute otherwise.
       logging.info("Changed since this run was last started: precision %s -> %s (%s)",
-                   outputs_lib.saved_precision(saved), precision.policy, precision.reason)
+                   previous, precision.policy, precision.reason)
     controller = controller_lib.Controller(
         strategy, task, make_schedule(config, task, strategy, outputs.chief),
         outputs.paths.checkpoints, config.checkpoints_to_keep, save_dir=outputs.checkpoints,
