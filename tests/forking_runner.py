@@ -5,8 +5,16 @@ paying the seconds google-cloud-aiplatform takes to import each time.
 
     python -m tests.forking_runner [launchers|trainer]
 
-reads one JSON request a line on standard input, {"module", "args", "env", "cwd", "timeout",
-"without_tensorflow"}, and answers each with one JSON line, {"returncode", "stdout", "stderr"}.
+reads one JSON request a line on standard input and answers each with one JSON line:
+  {"module", "args", "env", "cwd", "timeout", "without_tensorflow"} runs the command to its end:
+    {"returncode", "stdout", "stderr"} ({"timeout": true} if it was killed at its timeout);
+  {"op": "start", "module", "args", "env", "cwd", "log_path"} starts it in the background, its
+    standard output and error both to log_path (created before the answer): {"pid"} at once;
+  {"op": "poll", "pid"} answers {"returncode"} for a started command: null while it runs, else
+    as Popen's (minus the signal's number if a signal ended it). Until polled, an ended
+    command stays a zombie, so its pid is not reused while the test may still signal it.
+Started commands still running when standard input ends are killed; every command dies with
+the runner (PR_SET_PDEATHSIG), however that ends.
 It never imports TensorFlow, so that a command checked to run without it still is
 (`without_tensorflow`: the child fails, exit 1 and an AssertionError, where the module imported
 it). tests/helpers.py's `run_launcher` starts it once a session. The tests keep one real
@@ -14,6 +22,8 @@ it). tests/helpers.py's `run_launcher` starts it once a session. The tests keep 
 interpreter's start-up and the real imports.
 """
 
+import atexit
+import ctypes
 import json
 import os
 import runpy
@@ -35,20 +45,43 @@ PRELOADED = {
 }
 
 
-def _run_child(request, out_path, err_path) -> None:
-  """In the forked child: runs the request's module as __main__; never returns."""
-  code = 1
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_runner(runner: int) -> None:
+  """Has the kernel kill this child when the runner (`runner`, its parent) ends."""
   try:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+  except (OSError, AttributeError):  # Not Linux: the runner's own clean-up still kills it.
+    pass
+  if os.getppid() != runner:  # The runner ended before the prctl.
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _run_child(request, out_path, err_path, runner: int) -> None:
+  """In the forked child: runs the request's module as __main__; never returns. Output goes to
+  `out_path` and `err_path` (the same file for both: one file description, as `2>&1`)."""
+  code, interrupted = 1, False
+  try:
+    _die_with_runner(runner)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The command's exit handlers run at its exit, as in its own interpreter; the runner's not.
+    atexit._clear()  # pylint: disable=protected-access
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    for fd, path in ((1, out_path), (2, err_path)):
-      target = os.open(path, os.O_WRONLY | os.O_TRUNC)
-      os.dup2(target, fd)
+    if out_path == err_path:
+      target = os.open(out_path, os.O_WRONLY | os.O_APPEND)
+      os.dup2(target, 1)
+      os.dup2(target, 2)
       os.close(target)
+    else:
+      for fd, path in ((1, out_path), (2, err_path)):
+        target = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
     sys.argv = [request["module"], *request["args"]]
     # As in a new interpreter, the module itself is not imported before it runs as __main__.
     sys.modules.pop(request["module"], None)
@@ -63,17 +96,24 @@ def _run_child(request, out_path, err_path) -> None:
       else:
         print(e.code, file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:  # As the interpreter: the traceback, then death by SIGINT.
+      traceback.print_exc()
+      interrupted = True
     except BaseException:  # pylint: disable=broad-except
       traceback.print_exc()
       code = 1
     if request.get("without_tensorflow") and "tensorflow" in sys.modules:
       print(f"AssertionError: {request['module']} imported TensorFlow", file=sys.stderr)
       code = 1
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
   finally:
     try:
       sys.stdout.flush()
       sys.stderr.flush()
     finally:
+      if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
       os._exit(code & 0xFF)  # pylint: disable=protected-access
 
 
@@ -84,9 +124,10 @@ def _answer(request) -> dict:
       open(path, "w").close()
     sys.stdout.flush()
     sys.stderr.flush()
+    runner = os.getpid()
     pid = os.fork()
     if pid == 0:
-      _run_child(request, out_path, err_path)
+      _run_child(request, out_path, err_path, runner)
     deadline = time.monotonic() + request.get("timeout", 120)
     while True:
       done, status = os.waitpid(pid, os.WNOHANG)
@@ -101,8 +142,48 @@ def _answer(request) -> dict:
       stdout = f.read()
     with open(err_path, errors="replace") as f:
       stderr = f.read()
-  returncode = (-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-  return {"returncode": returncode, "stdout": stdout, "stderr": stderr}
+  return {"returncode": _returncode(status), "stdout": stdout, "stderr": stderr}
+
+
+def _returncode(status: int) -> int:
+  return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+# The commands started in the background: pid -> its return code, None until it has ended.
+_started = {}
+
+
+def _start(request) -> dict:
+  """Forks the request's command in the background; answers its pid at once."""
+  log_path = request["log_path"]
+  open(log_path, "w").close()  # There for the test to read as soon as it has the pid.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  runner = os.getpid()
+  pid = os.fork()
+  if pid == 0:
+    _run_child(request, log_path, log_path, runner)
+  _started[pid] = None
+  return {"pid": pid}
+
+
+def _poll(request) -> dict:
+  pid = request["pid"]
+  if _started[pid] is None:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+      _started[pid] = _returncode(status)
+  return {"returncode": _started[pid]}
+
+
+def _kill_started() -> None:
+  for pid, returncode in _started.items():
+    if returncode is None:
+      try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+      except (ProcessLookupError, ChildProcessError):
+        pass
 
 
 def main(kind: str) -> None:
@@ -112,8 +193,13 @@ def main(kind: str) -> None:
   if kind == "launchers":
     assert "tensorflow" not in sys.modules, "a preloaded module imported TensorFlow"
   print(json.dumps({"ready": True}), flush=True)
-  for line in sys.stdin:
-    print(json.dumps(_answer(json.loads(line))), flush=True)
+  answers = {"start": _start, "poll": _poll, "run": _answer}
+  try:
+    for line in sys.stdin:
+      request = json.loads(line)
+      print(json.dumps(answers[request.get("op", "run")](request)), flush=True)
+  finally:
+    _kill_started()
 
 
 if __name__ == "__main__":

@@ -211,7 +211,9 @@ def run_module_without_tensorflow(module: str, *args, timeout=120):
 _runners = {}
 
 
-def _run_forked(kind: str, module: str, args, env, timeout, without_tensorflow):
+def _runner(kind: str):
+  """The forking runner of `kind`, started at first use, and the lock of its requests; it ends
+  (killing the commands it started that still run) when the session does."""
   import atexit
   import threading
   if kind not in _runners:
@@ -220,15 +222,38 @@ def _run_forked(kind: str, module: str, args, env, timeout, without_tensorflow):
                                text=True)
     ready = process.stdout.readline()
     assert json.loads(ready or "{}").get("ready"), f"the forking runner did not start: {ready!r}"
-    atexit.register(process.kill)
+    atexit.register(_end_runner, process)
     _runners[kind] = (process, threading.Lock())
-  process, lock = _runners[kind]
-  request = {"module": module, "args": list(args), "env": _environment(env), "cwd": REPO,
-             "timeout": timeout, "without_tensorflow": without_tensorflow}
+  return _runners[kind]
+
+
+def _end_runner(process) -> None:
+  """Closes the runner's input: it kills what it started and ends; killed if it does not."""
+  try:
+    process.stdin.close()
+    process.wait(timeout=10)
+  except (OSError, subprocess.TimeoutExpired):
+    pass
+  finally:
+    if process.poll() is None:
+      process.kill()  # Its commands die with it (PR_SET_PDEATHSIG).
+      process.wait()
+
+
+def _ask(kind: str, request: dict) -> dict:
+  process, lock = _runner(kind)
   with lock:
     process.stdin.write(json.dumps(request) + "\n")
     process.stdin.flush()
-    answer = json.loads(process.stdout.readline())
+    answer = process.stdout.readline()
+  assert answer, f"the forking runner ended (exit {process.poll()})"
+  return json.loads(answer)
+
+
+def _run_forked(kind: str, module: str, args, env, timeout, without_tensorflow):
+  request = {"module": module, "args": list(args), "env": _environment(env), "cwd": REPO,
+             "timeout": timeout, "without_tensorflow": without_tensorflow}
+  answer = _ask(kind, request)
   if answer.get("timeout"):
     raise subprocess.TimeoutExpired([module, *args], timeout)
   return subprocess.CompletedProcess([sys.executable, "-m", module, *args], answer["returncode"],
@@ -249,3 +274,52 @@ def run_command_forked(module: str, *args, env=None, timeout=600):
   TensorFlow start-up (5-8 s) of its own, nor the start-up lines that come with it (a test of
   those runs `run_module`)."""
   return _run_forked("trainer", module, args, env, timeout, False)
+
+
+
+class ForkedCommand:
+  """A command started by `start_command_forked`, used as its subprocess.Popen would be: `pid`
+  (the command's own process, to signal or to read in /proc), `args`, `returncode` (None until
+  `poll` or `wait` has seen it end; minus the signal's number if a signal ended it), `poll()`,
+  `wait(timeout)` (raising subprocess.TimeoutExpired), `send_signal`, `terminate`, `kill`.
+  Its process is the runner's child, reaped only by `poll`: until then its pid stays its own."""
+
+  def __init__(self, pid: int, args: list):
+    self.pid, self.args, self.returncode = pid, args, None
+
+  def poll(self):
+    if self.returncode is None:
+      self.returncode = _ask("trainer", {"op": "poll", "pid": self.pid})["returncode"]
+    return self.returncode
+
+  def wait(self, timeout=None):
+    import time
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while self.poll() is None:
+      if deadline is not None and time.monotonic() >= deadline:
+        raise subprocess.TimeoutExpired(self.args, timeout)
+      time.sleep(0.005)
+    return self.returncode
+
+  def send_signal(self, sig) -> None:
+    if self.poll() is None:  # As Popen: an ended (reaped) command's pid may be another's.
+      os.kill(self.pid, sig)
+
+  def terminate(self) -> None:
+    import signal
+    self.send_signal(signal.SIGTERM)
+
+  def kill(self) -> None:
+    import signal
+    self.send_signal(signal.SIGKILL)
+
+
+def start_command_forked(log_path, module: str, *args, env=None) -> ForkedCommand:
+  """`start_trainer` for `python -m MODULE ARGS` (trainer.task, trainer.evaluate, trainer.predict,
+  tests.stand_in_task), forked as `run_command_forked` runs it: its own process, its standard
+  output and error going to `log_path` (there when this returns), without a TensorFlow start-up
+  of its own, so without the interpreter's start-up stage (a test of that starts a real process).
+  The commands still running when the session ends are killed."""
+  request = {"op": "start", "module": module, "args": list(args), "env": _environment(env),
+             "cwd": REPO, "log_path": os.path.abspath(str(log_path))}
+  return ForkedCommand(_ask("trainer", request)["pid"], [sys.executable, "-m", module, *args])
