@@ -1,8 +1,12 @@
 """Faults of the run directory (issue 24's table), through the entry point in this process.
 
-Each case works on a copy of the session's finished run (tests/conftest.py: 2 epochs of 16
-steps, checkpoints ckpt-16 and ckpt-32) and ends either in an exact resume (exit 0) or in one
-`error:` line (exit 2) with the copy left byte for byte as it was.
+They are the job's (trainer/job): the entry point runs here with the stand-in task
+(tests/stand_in_task.py) in place of the multitask problem, which costs seconds a start
+instead of a second, and tens of seconds a resume (the real problem's resumes are
+tests/faults_test.py's and train_test's). Each case works on a copy of this module's finished
+stand-in run (2 epochs of 16 steps, checkpoints ckpt-16 and ckpt-32) and ends either in an
+exact resume (exit 0) or in one `error:` line (exit 2) with the copy left byte for byte as it
+was.
 """
 
 import json
@@ -11,16 +15,50 @@ import shutil
 
 import pytest
 
-from tests import helpers
-# The entry point run in this process, and the finished run's own flags.
+from absl import flags
+
+from tests import helpers, stand_in_task
+# The entry point run in this process.
 from tests.faults_test import BASE_FLAGS, _run_task
+from trainer import cli, task
 from trainer.job import lease as lease_lib
+from trainer.multitask import problem
 
 STEPS_PER_EPOCH = 16
+# The stand-in run's flags: epochs end at the checkpoints, ckpt-16 and ckpt-32. (--dataset is
+# the stand-in's to ignore.)
+STAND_IN_FLAGS = ("--dataset=mnist_sample", "--epochs=2", "--steps_per_loop=5")
+
+
+MULTITASK = problem.make_task
+
+
+@pytest.fixture(autouse=True)
+def stand_in(monkeypatch):
+  """The entry point's problem replaced by the stand-in task, for each test."""
+  monkeypatch.setattr(problem, "make_task",
+                      stand_in_task.factory(steps_per_epoch=STEPS_PER_EPOCH))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A finished stand-in run, started as the tests below run it: (model_dir, --dataset value).
+  Only read: a test that runs the job works on a copy (`_copy`)."""
+  model_dir = tmp_path_factory.mktemp("stand_in") / "run"
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(problem, "make_task", stand_in_task.factory(steps_per_epoch=STEPS_PER_EPOCH))
+    flags.FLAGS.unparse_flags()
+    argv = cli.parse_flags(["trainer.task", *STAND_IN_FLAGS, f"--model_dir={model_dir}"])
+    try:
+      task.main(argv)
+    except SystemExit as e:
+      assert not e.code, e.code
+  assert (model_dir / "metrics.json").exists()
+  return str(model_dir), "mnist_sample"
 
 
 def _copy(finished_run, tmp_path):
-  """A copy of the session's finished run: the original must never change."""
+  """A copy of the module's finished run: the original must never change."""
   shutil.copytree(finished_run[0], tmp_path / "run")
   return tmp_path / "run"
 
@@ -48,8 +86,8 @@ def _killed_after_epoch_1(finished_run, tmp_path):
 def _argv(finished_run, run, *changes):
   """The finished run's own command line on `run`, with `changes` in place of its flags."""
   # absl's INFO lines (the resume's), which `python -m trainer.task` shows, reach caplog too.
-  return list(helpers.with_flags((f"--dataset={finished_run[1]}", f"--model_dir={run}",
-                                  *BASE_FLAGS, "--verbosity=0"), *changes))
+  return list(helpers.with_flags((*STAND_IN_FLAGS, f"--model_dir={run}", "--verbosity=0"),
+                                 *changes))
 
 
 def _finished_metrics(finished_run):
@@ -92,11 +130,9 @@ def _set_state_file(run, variant):
 LOST_STATE_FILES = ["deleted", "garbage-text", "empty", "garbage-bytes"]
 
 
-# Each resume trains 16 steps and exports (6-7 s): 44 s of the file's 62, hence the slow tier.
 # 1 and 12: a kill at an epoch's end resumes exactly, whatever the state file says.
-@pytest.mark.slow
 # Two of the variants train (the others' files are read alike, and the finished run's test below
-# takes every variant through start-up): the suite's time.
+# takes every variant through start-up).
 @pytest.mark.parametrize("state_file", ["stale", "garbage-bytes"])
 def test_killed_after_epoch_1_resumes_from_ckpt_16_whatever_the_state_file_says(
     state_file, finished_run, tmp_path, capsys, log):
@@ -150,7 +186,7 @@ def _damage(run, checkpoint, case):
 
 
 # 3: a damaged newest checkpoint is passed over with a warning and set aside, kept.
-@pytest.mark.slow  # A resume: one kind of damage (the finished run's test below reads all three).
+# One kind of damage (the finished run's test below reads all three).
 @pytest.mark.parametrize("case", ["data-overwritten"])
 def test_a_damaged_newest_checkpoint_is_named_passed_over_and_set_aside(
     case, finished_run, tmp_path, capsys, log):
@@ -324,7 +360,9 @@ def test_a_damaged_history_json_is_refused_untouched(case, finished_run, tmp_pat
 
 
 # 10: bad input found before the run directory exists creates none.
-def test_an_npz_dataset_that_is_a_directory_is_refused_creating_nothing(tmp_path, capsys):
+def test_an_npz_dataset_that_is_a_directory_is_refused_creating_nothing(tmp_path, capsys,
+                                                                        monkeypatch):
+  monkeypatch.setattr(problem, "make_task", MULTITASK)  # The data is the problem's to refuse.
   data = tmp_path / "data"
   data.mkdir()
   model_dir = tmp_path / "new-run"
@@ -342,7 +380,6 @@ def test_epochs_out_of_range_is_refused_creating_nothing(finished_run, tmp_path,
 
 
 # 11: what an interrupted save left is removed at the next job's first save.
-@pytest.mark.slow  # A resume.
 def test_a_stale_temporary_save_is_removed_when_the_job_resumes(finished_run, tmp_path, capsys):
   run = _killed_after_epoch_1(finished_run, tmp_path)
   stale = run / "checkpoints" / "ckpt-40_temp"
