@@ -13,8 +13,6 @@ import pathlib
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -117,14 +115,13 @@ def test_the_job_trains_a_stand_in_task_stopped_and_resumed_as_uninterrupted(tmp
       written["a"][run_directory.METRICS])
 
 
-@pytest.mark.slow  # Two job processes: 20 s.
+@pytest.mark.slow  # Three job processes, forked from one that has imported TensorFlow: 3 s.
 def test_the_job_killed_with_sigkill_resumes_its_stand_in_task_exactly(tmp_path):
-  command = [sys.executable, "-m", "tests.stand_in_task"]
-  cwd = str(pathlib.Path(__file__).resolve().parent.parent)
-  subprocess.run(command + [str(tmp_path / "a")], cwd=cwd, check=True, capture_output=True,
-                 timeout=300)
-  killed = subprocess.Popen(command + [str(tmp_path / "b"), "0.1"], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  uninterrupted = helpers.run_command_forked("tests.stand_in_task", str(tmp_path / "a"),
+                                             timeout=300)
+  assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+  killed = helpers.start_command_forked(tmp_path / "killed.log", "tests.stand_in_task",
+                                        str(tmp_path / "b"), "0.1")
   deadline = time.monotonic() + 300
   while not list((tmp_path / "b" / run_directory.CHECKPOINTS).glob("ckpt-8.index")):
     assert killed.poll() is None and time.monotonic() < deadline, "no ckpt-8 while it ran"
@@ -132,8 +129,7 @@ def test_the_job_killed_with_sigkill_resumes_its_stand_in_task_exactly(tmp_path)
   killed.kill()  # SIGKILL: nothing of the job's own runs.
   assert killed.wait(timeout=60) == -signal.SIGKILL
   assert not (tmp_path / "b" / run_directory.METRICS).exists()
-  resumed = subprocess.run(command + [str(tmp_path / "b")], cwd=cwd, capture_output=True,
-                           text=True, timeout=300)
+  resumed = helpers.run_command_forked("tests.stand_in_task", str(tmp_path / "b"), timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert re.search(r"Resuming from \S+ckpt-(8|1[02]): epoch 2 of 3", resumed.stderr), (
       resumed.stderr[-3000:])
@@ -722,18 +718,15 @@ def test_a_finished_trial_run_again_reports_its_whole_curve_again(finished_run, 
       for entry in history]
 
 
-@pytest.mark.slow  # Two trainer processes, 45 s on an idle machine.
-def test_a_trial_killed_and_resumed_reports_every_evaluation_once(tmp_path):
+@pytest.mark.slow  # Two trainer processes, forked from one that has imported TensorFlow.
+def test_a_trial_killed_and_resumed_reports_every_evaluation_once(finished_run, tmp_path):
   """The trainer as Vertex AI runs a trial, on the narrow model: one line per evaluation (every
-  10 steps, and at the ends of the 32-step epochs), in increasing steps. Killed after its
-  evaluation at step 40, past the epoch's checkpoint at 32, and run again: the new process's
+  5 steps, and at the ends of the 16-step epochs), in increasing steps. Killed after its
+  evaluation at step 20, past the epoch's checkpoint at 16, and run again: the new process's
   file holds every evaluation once, the first epoch's value from history.json."""
-  everything = helpers.learnable_split(1280, seed=5)
-  dataset = helpers.write_npz(str(tmp_path / "data.npz"), X=everything.images.reshape(-1, 784),
-                              y=everything.labels)
   metrics_file, model_dir = tmp_path / "hypertune" / "output.metrics", tmp_path / "run"
-  flags = (f"--dataset={dataset}", "--batch_size=32", "--epochs=2", "--width=8",
-           "--latent_dim=16", "--warmup_steps=0", "--learning_rate=0.01", "--eval_every_steps=10",
+  flags = (f"--dataset={finished_run[1]}", "--batch_size=32", "--epochs=2", "--width=8",
+           "--latent_dim=16", "--warmup_steps=0", "--learning_rate=0.01", "--eval_every_steps=5",
            "--tuning_metric=validation_reconstruction_mse", "--noreport",
            f"--model_dir={model_dir}")
   env = {"CLOUD_ML_TRIAL_ID": "7", "CLOUD_ML_HP_METRIC_FILE": str(metrics_file)}
@@ -743,25 +736,25 @@ def test_a_trial_killed_and_resumed_reports_every_evaluation_once(tmp_path):
                 if metrics_file.exists() else [])
     return [step for step, _ in reported]
 
-  process = helpers.start_trainer(tmp_path / "first.log", *flags, env=env)
+  process = helpers.start_command_forked(tmp_path / "first.log", "trainer.task", *flags, env=env)
   try:
     deadline = time.monotonic() + 120
-    while 40 not in steps() and process.poll() is None and time.monotonic() < deadline:
+    while 20 not in steps() and process.poll() is None and time.monotonic() < deadline:
       time.sleep(0.02)
     process.kill()
   finally:
     process.wait(timeout=60)
   assert process.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
-  assert steps()[:5] == [10, 20, 30, 32, 40]
+  assert steps()[:5] == [5, 10, 15, 16, 20]
 
-  result = helpers.run_trainer(*flags, env=env)
+  result = helpers.run_command_forked("trainer.task", *flags, env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "Reported the 4 evaluations of the first 32 steps to the tuning trial again" in (
+  assert "Reported the 4 evaluations of the first 16 steps to the tuning trial again" in (
       result.stderr)
-  assert steps() == [10, 20, 30, 32, 40, 50, 60, 64]
+  assert steps() == [5, 10, 15, 16, 20, 25, 30, 32]
   reported = dict(_reported(metrics_file, "validation_reconstruction_mse"))
   history = json.loads((model_dir / "history.json").read_text())["epochs"]
-  assert [reported[32 * entry["epoch"]] for entry in history] == [
+  assert [reported[16 * entry["epoch"]] for entry in history] == [
       pytest.approx(entry["validation"]["reconstruction_mse"]) for entry in history]
 
 
