@@ -97,8 +97,13 @@ _OUR_MODULES = {name[:-3] for _, _, names in os.walk(os.path.join(helpers.REPO, 
 @pytest.mark.slow
 def test_a_run_logs_its_own_lines_and_not_tensorflows_chatter(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  # Small learnable data (8 steps): the lines come from start-up, training, evaluation, saving
+  # and export, whatever the data's size.
+  split = helpers.learnable_split(640, seed=5)
+  dataset = helpers.write_npz(str(tmp_path / "data.npz"), X=split.images.reshape(-1, 784),
+                              y=split.labels)
   result = subprocess.run(
-      [sys.executable, "-m", "trainer.task", "--dataset=mnist_sample", "--epochs=1",
+      [sys.executable, "-m", "trainer.task", f"--dataset={dataset}", "--epochs=1",
        "--latent_dim=16", "--width=8", "--noreport", f"--model_dir={tmp_path / 'run'}"],
       cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -111,21 +116,29 @@ def test_a_run_logs_its_own_lines_and_not_tensorflows_chatter(tmp_path):
 
 
 # One case per path an error takes to the user; tests/faults_test.py tries every bad input.
-# Refusals after TensorFlow is imported take 6-7 s each: the fast tier runs one (the TPU's),
-# and the missing file, the same path out (a UserInputError in task.main), runs in the slow
-# tier; faults_test refuses it through task.main in this process, in the fast tier too.
+# These are refused before TensorFlow is imported: real processes, a tenth of a second each.
 @pytest.mark.parametrize("flags, message", [
     (["--epochs=three"], "--epochs"),
     (["--latent_dim=16", "extra"], "unexpected arguments extra"),
     (["--loss_weights=classifier"], "write it as classifier=1.0,decoder=8.0"),
-    pytest.param(["--dataset=npz:/nonexistent/mnist.npz"], "no file at /nonexistent/mnist.npz",
-                 marks=pytest.mark.slow),
-    # A TensorFlow start-up (5 s); faults_test refuses it in-process in the fast tier.
-    pytest.param(["--strategy=tpu"], "--strategy=tpu but no TPU is reachable",
-                 marks=pytest.mark.slow),
 ])
 def test_bad_flags_get_one_clear_error_line(tmp_path, flags, message):
   result = helpers.run_trainer(*helpers.with_flags(
+      ("--dataset=mnist_sample", f"--model_dir={tmp_path}"), *flags), timeout=120)
+  _assert_clear_error(result, message)
+  assert not os.listdir(tmp_path)
+
+
+# Refused after TensorFlow is imported: in a process forked from one that has imported it
+# (helpers.run_command_forked), its start-up paid once; the chatter test above starts the job
+# for real. faults_test refuses both through task.main in this process, in the fast tier too.
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset=npz:/nonexistent/mnist.npz"], "no file at /nonexistent/mnist.npz"),
+    (["--strategy=tpu"], "--strategy=tpu but no TPU is reachable"),
+])
+def test_bad_flags_after_tensorflow_starts_get_one_clear_error_line(tmp_path, flags, message):
+  result = helpers.run_command_forked("trainer.task", *helpers.with_flags(
       ("--dataset=mnist_sample", f"--model_dir={tmp_path}"), *flags), timeout=120)
   _assert_clear_error(result, message)
   assert not os.listdir(tmp_path)
