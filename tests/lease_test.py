@@ -7,10 +7,10 @@ import re
 import select
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
+import traceback
 import types
 import uuid
 
@@ -22,19 +22,9 @@ from trainer.job import lease as lease_lib
 from trainer.job.lease import Lease, LeaseHeld, LeaseLost
 from trainer.job.run_directory import LEASE as LEASE_NAME
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("token", "host", "pid", "boot_id", "process_start", "user", "command", "started",
           "renewed", "renewals")
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-# A child that holds a lease until its stdin closes (the test ending, however it ends).
-HOLDER = """
-import json, sys
-from trainer.job.lease import Lease
-lease = Lease.acquire(sys.argv[1], renew_every=0.1, stale_after=0.5,
-                      identity=json.loads(sys.argv[2]))
-print("held", flush=True)
-sys.stdin.read()
-"""
 
 
 def no_sleep(seconds):
@@ -82,30 +72,69 @@ def takeover_lines(caplog) -> list:
   return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Taking over")]
 
 
+class Holder:
+  """A process of its own holding a lease, forked from this one (a new interpreter would take
+  seconds to import TensorFlow): it runs the real Lease, renewal thread and all, until killed or
+  until this process ends (its pipe from here then reads as closed). Its pid, start time and
+  renewals are its own, which is what a holder's liveness is judged by; used as a Popen."""
+
+  def __init__(self, directory, identity: dict):
+    ready_read, ready_write = os.pipe()
+    self._stay_read, self._stay_write = os.pipe()
+    self.pid = os.fork()
+    if self.pid == 0:  # The child: never returns into pytest.
+      code = 1
+      try:
+        os.close(ready_read)
+        os.close(self._stay_write)
+        Lease.acquire(str(directory), renew_every=0.1, stale_after=0.5, identity=identity)
+        os.write(ready_write, b"held")
+        os.read(self._stay_read, 1)  # Until killed, or this process ends.
+        code = 0
+      except BaseException:  # pylint: disable=broad-except
+        traceback.print_exc()
+      finally:
+        sys.stderr.flush()
+        os._exit(code)  # pylint: disable=protected-access
+    os.close(ready_write)
+    os.close(self._stay_read)
+    self.returncode = None
+    try:
+      ready, _, _ = select.select([ready_read], [], [], 60)
+      held = os.read(ready_read, 4) if ready else b""
+    finally:
+      os.close(ready_read)
+    if held != b"held":
+      self.kill()
+      self.wait()
+      raise AssertionError(f"the holder of {directory} took no lease (its output is the test's)")
+
+  def kill(self) -> None:
+    if self.returncode is None:
+      os.kill(self.pid, signal.SIGKILL)
+
+  def wait(self) -> int:
+    if self.returncode is None:
+      self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+      os.close(self._stay_write)
+    return self.returncode
+
+
 @pytest.fixture(scope="module")
 def holders(tmp_path_factory):
-  """Child processes holding the leases of directories, by name: "here" as a job of this host,
-  "elsewhere" as another host's. Started together, as each imports TensorFlow for seconds;
-  killed at the end."""
+  """Processes holding the leases of directories, by name: "here" as a job of this host,
+  "elsewhere" as another host's; killed at the end."""
   identities = {"here": {}, "elsewhere": {"host": "elsewhere.example"}}
   children = {}
   try:
     for name, identity in identities.items():
       directory = tmp_path_factory.mktemp(name)
-      children[name] = (directory, subprocess.Popen(
-          [sys.executable, "-c", HOLDER, str(directory), json.dumps(identity)], cwd=REPO,
-          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}))
-    for _, child in children.values():
-      ready, _, _ = select.select([child.stdout], [], [], 120)
-      if not ready or child.stdout.readline().strip() != b"held":
-        child.kill()
-        raise AssertionError(f"a child took no lease: {child.communicate()[1][-2000:]!r}")
+      children[name] = (directory, Holder(directory, identity))
     yield children
   finally:
     for _, child in children.values():
       child.kill()
-      child.communicate()
+      child.wait()
 
 
 def test_a_fresh_directory_gets_a_lease_naming_this_process(tmp_path):
