@@ -33,12 +33,6 @@ STEPS_PER_EPOCH = RECORDED["steps_per_epoch"]
 STOPPED_AT = RECORDED["unfinished_step"]  # The step of the unfinished run's checkpoint.
 
 
-def _run(*args, timeout=600) -> subprocess.CompletedProcess:
-  """Runs `python ARGS` from the repository, as a user would; output as text."""
-  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-
-
 def _copy(name: str, tmp_path) -> str:
   """A copy of the old run directory `name` under tmp_path (modification times kept)."""
   target = str(tmp_path / name)
@@ -72,11 +66,11 @@ def _latest_checkpoint(model_dir: str) -> str:
     return re.search(r'^model_checkpoint_path: "([^"]+)"', f.read(), re.M).group(1)
 
 
-def _command(module: str, *args) -> subprocess.CompletedProcess:
+def _command(module: str, *args, timeout=600) -> subprocess.CompletedProcess:
   """`python -m MODULE ARGS`, a process of its own forked from one that has imported
   TensorFlow (helpers.run_command_forked): the command as a user runs it, less the seconds of
   its start-up, which tests/cli_test.py, evaluate_test and predict_test run for real."""
-  return helpers.run_command_forked(module, *args)
+  return helpers.run_command_forked(module, *args, timeout=timeout)
 
 
 def _trainer(model_dir: str, name: str):
@@ -159,40 +153,48 @@ def test_predict_answers_each_image_with_the_finished_runs_export(tmp_path):
 
 # `python -m launch.vertex`, as a user runs it, but with Cloud Storage stood in for: upload
 # takes only gs:// paths and reads them through tf.io.gfile, so every tf.io.gfile function is
-# given BUCKET/... as the local ROOT/... . Arguments: BUCKET ROOT, then the launcher's.
-_LAUNCHER_WITH_LOCAL_BUCKET = """\
-import functools, runpy, sys
-import tensorflow as tf
-bucket, root = sys.argv[1:3]
-del sys.argv[1:3]
-def local(value):
-  if isinstance(value, str) and (value == bucket or value.startswith(bucket + "/")):
-    return root + value[len(bucket):]
-  return value
-def translated(function):
-  @functools.wraps(function)
-  def call(*args, **kwargs):
-    return function(*map(local, args), **{key: local(v) for key, v in kwargs.items()})
-  return call
-for name in dir(tf.io.gfile):
-  if not name.startswith("_") and callable(getattr(tf.io.gfile, name)):
-    setattr(tf.io.gfile, name, translated(getattr(tf.io.gfile, name)))
-sys.argv[0] = "launch.vertex"
-runpy.run_module("launch.vertex", run_name="__main__", alter_sys=True)
-"""
+# given BUCKET/... as the local ROOT/... . This file run as a module does it (see the end):
+# `python -m tests.old_run_directories_test BUCKET ROOT ARGS` runs `python -m launch.vertex ARGS`.
+def _launcher_with_local_bucket() -> None:
+  import functools
+  import runpy
+  import tensorflow as tf
+  bucket, root = sys.argv[1:3]
+  del sys.argv[1:3]
+
+  def local(value):
+    if isinstance(value, str) and (value == bucket or value.startswith(bucket + "/")):
+      return root + value[len(bucket):]
+    return value
+
+  def translated(function):
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+      return function(*map(local, args), **{key: local(v) for key, v in kwargs.items()})
+    return call
+
+  for name in dir(tf.io.gfile):
+    if not name.startswith("_") and callable(getattr(tf.io.gfile, name)):
+      setattr(tf.io.gfile, name, translated(getattr(tf.io.gfile, name)))
+  sys.argv[0] = "launch.vertex"
+  runpy.run_module("launch.vertex", run_name="__main__", alter_sys=True)
+
+
 BUCKET = "gs://old-runs"
 
 
-@pytest.mark.slow  # A launcher process that imports TensorFlow (11 s).
+@pytest.mark.slow  # A launcher process (4 s).
 def test_upload_registers_the_finished_runs_export(tmp_path):
   finished = _copy("finished", tmp_path)
   metrics = _read_json(finished, "metrics.json")
   before = _state(finished)
   server = fake_vertex.FakeVertex(upload_polls=0).start()  # Registered at once.
   try:
-    result = _run("-c", _LAUNCHER_WITH_LOCAL_BUCKET, BUCKET, str(tmp_path), "upload",
-                  "--project=p", "--region=r", f"--api_endpoint={server.endpoint}",
-                  f"--model_dir={BUCKET}/finished", timeout=120)
+    # Forked from a process that has imported TensorFlow (helpers.run_command_forked): the
+    # launcher's own start-up is tests/vertex_test.py's.
+    result = _command("tests.old_run_directories_test", BUCKET, str(tmp_path), "upload",
+                      "--project=p", "--region=r", f"--api_endpoint={server.endpoint}",
+                      f"--model_dir={BUCKET}/finished", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     name = f"projects/p/locations/r/models/{fake_vertex.MODEL_ID}"
     assert f"uploaded {name}" in result.stdout.splitlines(), result.stdout
@@ -226,3 +228,7 @@ def test_the_unfinished_run_resumes_from_its_checkpoint_and_finishes(tmp_path):
   assert history[0] == _read_json(OLD_RUNS, "unfinished", "history.json")["epochs"][0]
   assert _latest_checkpoint(model_dir) == f"ckpt-{2 * STEPS_PER_EPOCH}"
   assert os.path.exists(os.path.join(model_dir, "export", "saved_model.pb"))
+
+
+if __name__ == "__main__":
+  _launcher_with_local_bucket()
