@@ -38,8 +38,8 @@ def test_submit_sends_the_whole_job_to_the_project_and_region(server):
   assert request.custom_job == _job()
   # The routing header that sends the call to the region's backend.
   assert server.metadata[0]["x-goog-request-params"] == f"parent={PARENT}"
-  assert vertex_api.console_link(created.name).endswith(
-      f"/locations/europe-west4/training/{fake_vertex.JOB_ID}?project=p")
+  # The created job's console link, whole, is vertex_test's: the launcher prints it (the SDK
+  # that builds it takes seconds to import, there in the launcher's process, not here).
 
 
 @pytest.mark.parametrize("states, exit_code", [
