@@ -110,13 +110,16 @@ def test_cli_converts_npz_npy_and_png_inputs_in_order(tmp_path):
   assert os.listdir(tmp_path / "out") == ["instances.jsonl"]
 
 
-@pytest.mark.slow  # A converter process end to end; keeps the fast tier under five minutes.
+# In a process forked from one that has imported TensorFlow (helpers.run_command_forked): the
+# test above starts the command for real.
+@pytest.mark.slow
 def test_cli_bad_input_is_one_error_line_exit_2_and_no_output(tmp_path):
   good = _write_png(tmp_path / "good.png", np.zeros((28, 28, 1), np.uint8))
   bad = _write_png(tmp_path / "small.png", np.zeros((14, 14, 1), np.uint8))
   output = tmp_path / "instances.jsonl"
   output.write_text("the previous lines\n")
-  result = helpers.run_module("launch.batch_input", f"--output={output}", good, bad)
+  result = helpers.run_command_forked("launch.batch_input", f"--output={output}", good, bad,
+                                      timeout=120)
   helpers.assert_one_error_line(
       result, f"{bad}: 14x14 pixels, expected 28x28; resize it to 28x28 first (nothing is "
       "resized here)", whole=True)

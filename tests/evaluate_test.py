@@ -11,6 +11,7 @@ def _evaluate(*args):
   return helpers.run_module("trainer.evaluate", *args)
 
 
+@pytest.mark.slow  # A TensorFlow start-up (6-7 s), as a user starts the command.
 def test_evaluate_agrees_with_the_jobs_metrics_json_on_the_runs_own_dataset(finished_run):
   """No --dataset: the run's own, from its config.json; and nothing on standard error (no
   TensorFlow start-up lines)."""
@@ -59,8 +60,8 @@ def _evaluate_forked(*args):
   return helpers.run_command_forked("trainer.evaluate", *args)
 
 
-# The slow tier: the forking process's TensorFlow start-up is paid there. The fast tier runs
-# the command once (above), and export_test checks this message where export.load raises it.
+# The slow tier: the forking process's TensorFlow start-up is paid there, as for the real
+# start-up above; export_test checks this message where export.load raises it.
 @pytest.mark.slow
 def test_evaluate_without_an_export_says_so(tmp_path):
   result = _evaluate_forked(f"--model_dir={tmp_path}", "--dataset=mnist_sample")
