@@ -40,6 +40,24 @@ def _run(settings, strategy=None, splits=None, **kwargs):
   return train.run(settings, strategy, _tasks(splits), **kwargs)
 
 
+def _fit(settings, strategy=None, splits=None):
+  """`_run` less `train.finalize`'s export and metrics.json (seconds of a narrow run): trains as
+  the job does (checkpoints, history.json, the epochs' log lines), then evaluates. Returns the
+  metrics the task computes, as metrics.json names them (test_, validation_, NAME_final), and
+  the precision the job resolved: for tests of what the task learns and checkpoints."""
+  strategy = strategy or tf.distribute.get_strategy()
+  train.configure_process(settings, strategy)
+  job = train.prepare(settings, strategy, _tasks(splits or helpers.learnable_splits()))
+  try:
+    validation = train.fit(job) or job.task.evaluate("validation")
+    return {**{f"test_{name}": value for name, value in job.task.evaluate("test").items()},
+            **{f"validation_{name}": value for name, value in validation.items()},
+            **{f"{name}_final": value for name, value in job.task.epoch_state().items()},
+            "precision": job.precision.policy, "precision_reason": job.precision.reason}
+  finally:
+    job.close()
+
+
 def _tasks(splits=None):
   """The multitask task's factory, on `splits` (None: those the configuration names)."""
   return functools.partial(problem.make_task, splits=splits)
@@ -173,7 +191,7 @@ def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog, pre
                   labeled_examples=40, input_noise=0.2, unlabeled_loss="pseudo_label",
                   pseudo_label_threshold=0.5, precision=precision)
   splits = helpers.learnable_splits(train=256)  # 8 steps an epoch.
-  uninterrupted = _run(_config(tmp_path / "a", **settings), splits=splits)
+  uninterrupted = _fit(_config(tmp_path / "a", **settings), splits=splits)
   checkpoints = tmp_path / "a" / "checkpoints"
   # Saved at global steps ..., 12, 15 and 16 (the end); go back to 12: epoch 2, step 4 of 8,
   # as if the job had been killed there.
@@ -182,12 +200,11 @@ def test_resuming_mid_epoch_gives_the_uninterrupted_result(tmp_path, caplog, pre
   for later in ("ckpt-15", "ckpt-16"):
     for path in checkpoints.glob(later + ".*"):
       path.unlink()
-  (tmp_path / "a" / "metrics.json").unlink()
   _logged(caplog)
   history = (tmp_path / "a" / "history.json").read_text()
-  resumed = _run(_config(tmp_path / "a", **settings), splits=splits)
+  resumed = _fit(_config(tmp_path / "a", **settings), splits=splits)
   assert "ckpt-12: epoch 2 of 2, step 4 of 8" in caplog.text
-  assert helpers.without_timing(resumed) == helpers.without_timing(uninterrupted)
+  assert resumed == uninterrupted
   # The resumed epoch's train metrics are the whole epoch's, steps before the resume included.
   assert (tmp_path / "a" / "history.json").read_text() == history
 
@@ -203,6 +220,7 @@ def test_a_finished_job_run_again_rewrites_nothing_and_says_where_its_results_ar
   assert str(run / "metrics.json") in caplog.text
 
 
+@pytest.mark.slow  # The job's part, on the stand-in task, in the fast tier: the next test.
 def test_a_larger_epochs_extends_the_job_and_a_lower_rate_is_logged_and_kept(
     finished_run, tmp_path, caplog):
   run = _copy(finished_run, tmp_path)
@@ -261,17 +279,48 @@ def test_without_its_config_json_a_checkpoint_of_another_shape_refuses_itself(fi
   assert helpers.directory_state(run) == before
 
 
-def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(finished_run, tmp_path):
-  run = _copy(finished_run, tmp_path)
-  metrics = helpers.read_metrics(str(run))
+def test_a_larger_epochs_extends_the_stand_in_job_and_fewer_are_finished_or_refused(
+    tmp_path, caplog):
+  # The job's behaviour, on the stand-in task (6 steps an epoch); the multitask task's
+  # stretched schedule and optimizer are the test above's.
+  run = tmp_path / "run"
+  _stand_in_run(run, epochs=2)
+  _logged(caplog)
+  metrics = _stand_in_run(run, epochs=3, learning_rate=1e-4)
+  assert "Resuming from" in caplog.text and "epoch 3 of 3, step 0 of 6" in caplog.text
+  assert "Extending this run from 2 to 3 epochs (12 to 18 steps)" in caplog.text
+  assert "Changed since this run was last started: --learning_rate: " in caplog.text
+  assert json.loads((run / "config.json").read_text())["learning_rate"] == 1e-4
+  assert metrics["epochs"] == 3 and helpers.read_metrics(str(run))["epochs"] == 3
+  history = json.loads((run / "history.json").read_text())["epochs"]
+  assert [entry["epoch"] for entry in history] == [1, 2, 3]  # The curves cover the whole run.
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(run / "checkpoints")))
+  assert reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE") == 3 * 6
+  # Fewer epochs than a finished job trained: finished, where its results are; nothing written.
+  before = helpers.directory_state(run)
+  _logged(caplog)
+  assert _stand_in_run(run, epochs=2, learning_rate=1e-4) == helpers.read_metrics(str(run))
+  assert "This job has already trained 3 epochs (more than --epochs=2); its results:" in (
+      caplog.text)
+  assert helpers.directory_state(run) == before
+  (run / "metrics.json").unlink()  # Not finished: fewer epochs than its checkpoint are refused.
+  with pytest.raises(errors.UserInputError, match=r"--epochs=2 is fewer than the 3 epochs"):
+    _stand_in_run(run, epochs=2, learning_rate=1e-4)
+
+
+def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(tmp_path):
+  # The job's behaviour, on the stand-in task.
+  run = tmp_path / "run"
+  metrics = _stand_in_run(run)
   # As if killed between the last checkpoint and metrics.json: no metrics, half an export.
-  (run / "metrics.json").unlink()
-  (run / "export" / "saved_model.pb").unlink()
-  checkpoints = helpers.directory_state(run / "checkpoints")
-  completed = _rerun(run, finished_run, report=False)
-  assert completed["test_accuracy"] == metrics["test_accuracy"]
-  assert (run / "export" / "saved_model.pb").exists() and (run / "metrics.json").exists()
-  assert helpers.directory_state(run / "checkpoints") == checkpoints  # Nothing trained again.
+  (run / run_directory.METRICS).unlink()
+  (run / run_directory.EXPORT / stand_in_task.EXPORT_FILE).unlink()
+  checkpoints = helpers.directory_state(run / run_directory.CHECKPOINTS)
+  completed = _stand_in_run(run)
+  assert helpers.without_timing(completed) == helpers.without_timing(metrics)
+  assert (run / run_directory.EXPORT / stand_in_task.EXPORT_FILE).exists()
+  assert (run / run_directory.METRICS).exists()
+  assert helpers.directory_state(run / run_directory.CHECKPOINTS) == checkpoints  # Not trained.
 
 
 @pytest.mark.slow  # 8 s each; outputs_test tests what counts as a whole export, in the fast tier.
@@ -326,8 +375,8 @@ def test_on_a_terminal_calls_are_capped_short_so_that_the_bar_moves_smoothly(tmp
   assert job.controller.schedule.max_call_seconds == train.BAR_CALL_SECONDS == 1.0
 
 
-@pytest.mark.parametrize("precision", [
-    "float32", pytest.param("mixed_bfloat16", marks=pytest.mark.slow)])
+@pytest.mark.slow  # The job's stop is tests/controller_test.py's, on its stand-in, in the fast tier.
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
 def test_a_diverging_job_stops_at_its_step_and_writes_nothing(tmp_path, precision):
   # A step this large takes the weights to about 1e30: the next step's activations overflow and
   # its gradients are not finite, whatever the CPU's kernels do with the NaNs in its loss
@@ -447,7 +496,8 @@ def test_xla_and_determinism_together_are_refused(tmp_path):
 @pytest.mark.slow  # mixed_float16: on two replicas, below.
 @pytest.mark.parametrize("precision", ["mixed_bfloat16"])
 def test_mixed_precision_trains(tmp_path, precision):
-  metrics = _run(_config(tmp_path, precision=precision, epochs=1))
+  metrics = _run(_config(tmp_path, precision=precision, epochs=1),
+                 splits=helpers.learnable_splits(train=128))  # 4 steps, then the export.
   assert metrics["precision"] == precision
   assert np.isfinite(metrics["test_reconstruction_mse"])
 
@@ -461,31 +511,34 @@ def test_auto_precision_resolved_otherwise_on_restart_resumes_from_the_same_chec
   monkeypatch.setattr(distribution.platform, "machine", lambda: "x86_64")
   monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
   monkeypatch.setattr(distribution, "read_cpu_flags", lambda: ["avx2", "avx512_bf16"])
-  settings = _config(tmp_path, epochs=2, checkpoint_every_steps=5, checkpoints_to_keep=10)
-  first = _run(settings)
-  assert (first["precision"], first["config"]["precision"]) == ("mixed_bfloat16", "auto")
-  assert "avx512_bf16" in first["precision_reason"]
-  for later in ("ckpt-16", "ckpt-20", "ckpt-25", "ckpt-30", "ckpt-32"):  # Back to step 15.
-    for path in (tmp_path / "checkpoints").glob(later + ".*"):
-      path.unlink()
-  (tmp_path / "metrics.json").unlink()
+  # One epoch, trained but not exported by the first start: saved at steps 5, 10, 15 and 16.
+  settings = _config(tmp_path, epochs=1, checkpoint_every_steps=5, checkpoints_to_keep=10)
+  first = _fit(settings)
+  assert first["precision"] == "mixed_bfloat16" and "avx512_bf16" in first["precision_reason"]
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert (saved["precision"], saved["resolved"]) == ("auto", {"precision": "mixed_bfloat16"})
+  for path in (tmp_path / "checkpoints").glob("ckpt-16.*"):  # Back to step 15.
+    path.unlink()
   monkeypatch.setattr(distribution, "read_cpu_flags", lambda: ["avx2"])
   _logged(caplog)
   second = _run(settings)
-  assert "ckpt-15: epoch 1 of 2, step 15 of 16" in caplog.text
+  assert "ckpt-15: epoch 1 of 1, step 15 of 16" in caplog.text
   assert ("Changed since this run was last started: precision mixed_bfloat16 -> float32 (a CPU "
           "without avx512_bf16 or amx_bf16" in caplog.text)
-  assert second["precision"] == "float32"
+  assert (second["precision"], second["config"]["precision"]) == ("float32", "auto")
   saved = json.loads((tmp_path / "config.json").read_text())
   assert (saved["precision"], saved["resolved"]) == ("auto", {"precision": "float32"})
+  # One step from scratch would leave it near chance (0.1).
   assert second["test_accuracy"] > 0.5  # It went on from the checkpoint's weights.
 
 
 @pytest.mark.slow
 def test_mixed_float16_on_two_replicas_checkpoints_its_loss_scale(tmp_path, two_replicas):
+  # Trained, not exported: tests/export_test.py exports a mixed_float16 model.
   settings = _config(tmp_path, precision="mixed_float16", epochs=1)
-  metrics = _run(settings, two_replicas)
-  assert metrics["num_replicas"] == 2 and np.isfinite(metrics["test_reconstruction_mse"])
+  metrics = _fit(settings, two_replicas)
+  assert metrics["precision"] == "mixed_float16"
+  assert np.isfinite(metrics["test_reconstruction_mse"])
   # The loss scale and its growth counter are checkpointed: a GPU resume is exact too.
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))
   scale = reader.get_tensor("loss_scale/scale/.ATTRIBUTES/VARIABLE_VALUE")
@@ -507,7 +560,7 @@ def test_checkpoint_dir_can_live_apart_from_model_dir(tmp_path):
 
 @pytest.mark.slow
 def test_consistency_on_two_replicas_learns_from_few_labels(tmp_path, two_replicas):
-  metrics = _run(_config(tmp_path, labeled_examples=40, epochs=3, unlabeled_loss="consistency"),
+  metrics = _fit(_config(tmp_path, labeled_examples=40, epochs=3, unlabeled_loss="consistency"),
                  two_replicas)
   assert metrics["test_accuracy"] > 0.9 and metrics["test_reconstruction_mse"] < 0.1
 
@@ -516,7 +569,7 @@ def test_consistency_on_two_replicas_learns_from_few_labels(tmp_path, two_replic
 def test_uncertainty_weighting_on_two_replicas_learns_and_logs_the_weights(tmp_path, two_replicas,
                                                                             caplog):
   _logged(caplog)
-  metrics = _run(_config(tmp_path, loss_weighting="uncertainty"), two_replicas)
+  metrics = _fit(_config(tmp_path, loss_weighting="uncertainty"), two_replicas)
   learned = metrics["loss_weights_final"]
   # Both start at 1 / c (1 and 0.5); the reconstruction's small loss earns it a larger weight.
   assert learned["decoder"] > 0.51, learned
@@ -621,24 +674,25 @@ def test_metrics_of_a_shorter_run_do_not_make_an_extended_job_finished(tmp_path)
 
 
 @pytest.mark.slow
-def test_leftovers_of_a_kill_during_saving_are_never_trusted(finished_run, tmp_path, caplog):
-  run = _copy(finished_run, tmp_path)
+def test_leftovers_of_a_kill_during_saving_are_never_trusted(tmp_path, caplog):
+  # The job's behaviour, on the stand-in task (6 steps an epoch, saved every 4 steps). The
+  # multitask export's own leftovers (.export.partial, .export.previous) are
+  # tests/export_test.py's.
+  run = tmp_path / "run"
+  _stand_in_run(run, epochs=2)
   # What a kill leaves mid-save: a checkpoint its state file does not name yet, a half-written
-  # export under its temporary name, a half-written metrics file under its temporary name.
+  # metrics file under its temporary name.
   (run / "checkpoints" / "ckpt-99_temp").mkdir()
   (run / "checkpoints" / "ckpt-99_temp" / "part-00000-of-00001.index").write_bytes(b"\0" * 7)
   (run / "checkpoints" / "ckpt-99.index").write_bytes(b"\0" * 7)
-  (run / ".export.partial").mkdir()
-  (run / ".export.partial" / "saved_model.pb").write_bytes(b"half")
-  (run / "metrics.json.tmp").write_text('{"test_accu')
+  (run / "metrics.json.tmp").write_text('{"test_dist')
   _logged(caplog)
-  metrics = _rerun(run, finished_run, epochs=3)
-  assert "checkpoints/ckpt-32: epoch 3 of 3, step 0 of 16" in caplog.text
-  assert helpers.read_metrics(str(run))["test_accuracy"] == metrics["test_accuracy"]
-  assert not (run / ".export.partial").exists()
+  metrics = _stand_in_run(run, epochs=3)
+  assert "checkpoints/ckpt-12: epoch 3 of 3, step 0 of 6" in caplog.text
+  assert helpers.read_metrics(str(run))["test_distance"] == metrics["test_distance"]
   assert not (run / "metrics.json.tmp").exists()
-  serve = tf.saved_model.load(str(run / "export")).signatures["serving_default"]
-  assert serve(images=tf.zeros([1, 28, 28], tf.uint8))["classifier"].shape == (1, 10)
+  exported = json.loads((run / "export" / stand_in_task.EXPORT_FILE).read_text())
+  assert len(exported) == 4 and all(np.isfinite(exported))
 
 
 @pytest.mark.slow
@@ -694,14 +748,15 @@ def test_a_tuning_trial_reports_every_evaluation_the_hook_and_the_epochs_make(tm
   hooked = {}
 
   def validate_every_other(step, evaluate):  # The hook's evaluations are the job's between epochs.
-    if step % 12 == 0:
+    if step % 6 == 0:
       hooked[step] = evaluate("validation")["accuracy"]
 
-  metrics = _run(_config(tmp_path / "run", eval_every_steps=6), on_evaluation=validate_every_other)
+  metrics = _run(_config(tmp_path / "run", eval_every_steps=3), on_evaluation=validate_every_other,
+                 splits=helpers.learnable_splits(train=256))
   reported = _reported(tmp_path / "hypertune.metrics")
-  # 16 steps an epoch: the epochs' ends, and the hook's validations between them, once each.
-  assert [step for step, _ in reported] == [12, 16, 24, 32]
-  assert reported[0][1] == pytest.approx(hooked[12])
+  # 8 steps an epoch: the epochs' ends, and the hook's validations between them, once each.
+  assert [step for step, _ in reported] == [6, 8, 12, 16]
+  assert reported[0][1] == pytest.approx(hooked[6])
   assert reported[-1][1] == pytest.approx(metrics["validation_accuracy"])
 
 
@@ -758,11 +813,14 @@ def test_a_trial_killed_and_resumed_reports_every_evaluation_once(finished_run, 
       pytest.approx(entry["validation"]["reconstruction_mse"]) for entry in history]
 
 
-@pytest.mark.slow  # XLA compiles for twelve seconds.
-def test_xla_compiled_steps_train_as_well(tmp_path):
-  # In its own process: other tests turn on op determinism, process-wide, and XLA has no
-  # deterministic max-pool gradient.
-  result = helpers.run_trainer("--dataset=mnist_sample", "--epochs=1", "--width=8",
-                               "--jit_compile", f"--model_dir={tmp_path}")
+@pytest.mark.slow  # XLA compiles for seconds.
+def test_xla_compiled_steps_train_as_well(finished_run, tmp_path):
+  # In its own process (forked before any test ran): other tests turn on op determinism,
+  # process-wide, and XLA has no deterministic max-pool gradient. On the finished run's data:
+  # the narrow model learns it in one epoch of 16 steps.
+  result = helpers.run_command_forked(
+      "trainer.task", f"--dataset={finished_run[1]}", "--epochs=1", "--width=8",
+      "--latent_dim=16", "--batch_size=32", "--warmup_steps=0", "--learning_rate=0.01",
+      "--noreport", "--jit_compile", f"--model_dir={tmp_path}", timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert helpers.read_metrics(str(tmp_path))["test_accuracy"] > 0.85
