@@ -130,16 +130,6 @@ def test_actions_fire_exactly_at_their_steps_where_calls_do_not_divide_the_epoch
   assert _saved_steps(tmp_path) == [7, 10, 14, 20, 21, 25]
 
 
-def test_calls_run_steps_per_loop_steps_cut_at_each_checkpoint_and_epoch_end(tmp_path):
-  calls = []
-  controller = _controller(tmp_path, steps_per_loop=4, checkpoint_every_steps=7)
-  real_call = controller._call
-  controller._call = lambda loop, it, steps, stop: (calls.append(steps),
-                                                    real_call(loop, it, steps, stop))[1]
-  controller.train(Recorder().epoch_end)
-  assert np.cumsum(calls).tolist() == [4, 7, 10, 14, 18, 20, 21, 25]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   """A run saved at every step, and what it recorded: (its directory, controller, events)."""
@@ -149,7 +139,8 @@ def uninterrupted(tmp_path_factory):
   return directory, controller, recorder.events
 
 
-@pytest.mark.parametrize("resume_at", [1, 3, 9, 10, 11, 19, 24])
+# In the first epoch, just before, at and just after its end, and after the last epoch's end.
+@pytest.mark.parametrize("resume_at", [1, 9, 10, 11, 24])
 def test_resuming_from_any_step_ends_as_the_uninterrupted_run(tmp_path, uninterrupted,
                                                              resume_at):
   source, finished, events = uninterrupted
@@ -292,15 +283,19 @@ def test_tensorboard_gets_every_calls_logs_at_the_global_step(tmp_path):
   assert losses == [1.5, 5.5, 8.5, 11.5, 15.5, 18.5, 21.5, 24.0]  # Each call's mean index.
 
 
-def test_throughput_leaves_out_the_first_call_and_time_between_calls(tmp_path):
-  import time
-  controller = _controller(tmp_path, total_steps=20, steps_per_loop=5)
-  controller.train(Recorder().epoch_end,
-                   [controller_lib.Action(5, lambda step: time.sleep(0.5))])
-  examples, seconds = controller.throughput.run
-  assert examples == 15 * 8  # Three calls of 5 steps of 8 examples after the first.
-  assert seconds < 0.5  # The sleeps between calls are not counted.
-  assert controller.throughput.overall() == examples / seconds
+def test_throughput_leaves_out_the_first_call_and_time_between_calls(tmp_path, monkeypatch):
+  clock = _Clock()
+  _slow_steps(monkeypatch, clock, 1.0)
+  controller = _controller(tmp_path, total_steps=20, steps_per_loop=5, clock=clock)
+
+  def between_calls(step):
+    clock.now += 100.0
+
+  controller.train(Recorder().epoch_end, [controller_lib.Action(5, between_calls)])
+  # The 15 steps after the first call's 5, of 8 examples and 1 s each; the time between calls
+  # (100 s after each action) is not counted.
+  assert controller.throughput.run == [15 * 8, 15.0]
+  assert controller.throughput.overall() == 8.0
 
 
 def test_a_checkpoint_without_a_global_step_is_refused_with_the_way_on(tmp_path):
@@ -396,23 +391,31 @@ class _IrrationalLossTask(StandInTask):
     return {**outputs, "loss": tf.sqrt(outputs["loss"] + 2.0) / 3.0}
 
 
+@pytest.fixture(scope="module")
+def irrational_epochs(tmp_path_factory):
+  """The epoch ends of the irrational-loss stand-in over 20 steps in calls of 7."""
+  reference = Recorder()
+  _controller(tmp_path_factory.mktemp("irrational"),
+              task=_IrrationalLossTask(tf.distribute.get_strategy()), total_steps=20,
+              steps_per_loop=7, checkpoint_every_steps=100).train(reference.epoch_end)
+  return reference.events
+
+
 @pytest.mark.parametrize("steps_per_loop", [1, 3, 10])
 def test_an_epochs_sums_do_not_depend_on_how_its_steps_are_grouped_into_calls(
-    tmp_path, steps_per_loop):
+    tmp_path, irrational_epochs, steps_per_loop):
   # Exact resume rests on this: a resumed process groups the epoch's steps in other calls (the
   # call cap times its own steps), and its history.json must equal the uninterrupted run's.
-  reference, grouped = Recorder(), Recorder()
-  _controller(tmp_path / "one", task=_IrrationalLossTask(tf.distribute.get_strategy()),
-              total_steps=20, steps_per_loop=7, checkpoint_every_steps=100).train(
-                  reference.epoch_end)
-  _controller(tmp_path / "other", task=_IrrationalLossTask(tf.distribute.get_strategy()),
+  grouped = Recorder()
+  _controller(tmp_path, task=_IrrationalLossTask(tf.distribute.get_strategy()),
               total_steps=20, steps_per_loop=steps_per_loop, checkpoint_every_steps=100).train(
                   grouped.epoch_end)
-  assert grouped.events == reference.events  # Exactly: not within round-off.
+  assert grouped.events == irrational_epochs  # Exactly: not within round-off.
 
 
 @pytest.mark.parametrize("max_call_seconds, seconds_per_step, calls", [
-    (0.0, 3.0, [4, 7, 10, 14, 18, 20, 21, 25]),  # No cap: the calls of steps_per_loop.
+    # No cap: calls of steps_per_loop steps, cut at each checkpoint (7, 14, 21) and epoch end.
+    (0.0, 3.0, [4, 7, 10, 14, 18, 20, 21, 25]),
     # One step until a call after the first is timed, then floor(10 / 3) = 3 steps a call.
     (10.0, 3.0, [1, 2, 5, 7, 10, 13, 14, 17, 20, 21, 24, 25]),
     # Fast steps: 20 a call would fit, but never more than steps_per_loop (4).
