@@ -82,10 +82,10 @@ def _define_flags() -> None:
   flags.DEFINE_bool("compile", False, "PyTorch peer: the model through torch.compile (its "
                     "compilation is in the warm-up of `pytorch`, and in the time from process "
                     "start of `pytorch_tta`).")
-  flags.DEFINE_integer("width", DEFAULTS.width, "Package loop and start-up: --width "
-                       "(tests take a narrow model).")
-  flags.DEFINE_integer("latent_dim", DEFAULTS.latent_dim, "Package loop and start-up: "
-                       "--latent_dim.")
+  flags.DEFINE_integer("width", DEFAULTS.width, "Package loop, start-up and PyTorch peer: "
+                       "--width (tests take a narrow model).")
+  flags.DEFINE_integer("latent_dim", DEFAULTS.latent_dim, "Package loop, start-up and PyTorch "
+                       "peer: --latent_dim.")
 
 
 # Set by benchmarks.run just before it starts this process (time.time(), so comparable here).
@@ -290,7 +290,7 @@ def measure_pytorch(_) -> None:
   recipe = _peer_recipe()
   with np.load(FLAGS.arrays, allow_pickle=False) as arrays:
     images, labels = arrays["images"], arrays["labels"]
-  model = torch_peer.build_model()
+  model = torch_peer.build_model(FLAGS.latent_dim, FLAGS.width)
   warm = 20  # As `exercise`: the first steps (allocation, kernel choice, compilation) are out.
   optimizer, scheduler = torch_peer.make_optimizer(model, warm + FLAGS.measure_steps)
   step = torch_peer.prepare(model, recipe)
@@ -325,7 +325,7 @@ def measure_pytorch_tta(_) -> None:
   steps_per_epoch = len(labels) // FLAGS.batch_size  # The remainder dropped, as the package.
   total_steps = FLAGS.epochs * steps_per_epoch
   recipe = _peer_recipe()
-  model = torch_peer.build_model()
+  model = torch_peer.build_model(FLAGS.latent_dim, FLAGS.width)
   optimizer, scheduler = torch_peer.make_optimizer(model, total_steps,
                                                    peak=FLAGS.learning_rate)
   step_model = torch_peer.prepare(model, recipe)  # Compiled on its first call, timed here.
