@@ -308,7 +308,7 @@ def test_a_larger_epochs_extends_the_stand_in_job_and_fewer_are_finished_or_refu
     _stand_in_run(run, epochs=2, learning_rate=1e-4)
 
 
-def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(tmp_path):
+def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(tmp_path, caplog):
   # The job's behaviour, on the stand-in task.
   run = tmp_path / "run"
   metrics = _stand_in_run(run)
@@ -321,20 +321,26 @@ def test_a_job_stopped_after_its_last_checkpoint_completes_its_export(tmp_path):
   assert (run / run_directory.EXPORT / stand_in_task.EXPORT_FILE).exists()
   assert (run / run_directory.METRICS).exists()
   assert helpers.directory_state(run / run_directory.CHECKPOINTS) == checkpoints  # Not trained.
+  # Finished, its export deleted since: exported again, from the last checkpoint.
+  shutil.rmtree(run / run_directory.EXPORT)
+  _logged(caplog)
+  again = _stand_in_run(run)
+  assert "says this run has finished, but" in caplog.text
+  assert helpers.without_timing(again) == helpers.without_timing(metrics)
+  exported = json.loads((run / run_directory.EXPORT / stand_in_task.EXPORT_FILE).read_text())
+  assert exported[0] == pytest.approx(again["first_weight_final"]["value"])  # The trained one.
+  assert helpers.directory_state(run / run_directory.CHECKPOINTS) == checkpoints
 
 
-@pytest.mark.slow  # 8 s each; outputs_test tests what counts as a whole export, in the fast tier.
-@pytest.mark.parametrize("damage", ["export deleted", "keras file cut short"])
-def test_a_finished_run_whose_export_is_gone_exports_again_from_its_last_checkpoint(
-    finished_run, tmp_path, caplog, damage):
+@pytest.mark.slow  # 8 s. A deleted export, the job's part, is the stand-in's test above;
+# tests/export_test.py tests what counts as a whole export, each damage, in the fast tier.
+def test_a_finished_run_whose_export_is_damaged_exports_again_from_its_last_checkpoint(
+    finished_run, tmp_path, caplog):
   _logged(caplog)
   run = _copy(finished_run, tmp_path)
   metrics = helpers.read_metrics(str(run))
-  if damage == "export deleted":
-    shutil.rmtree(run / "export")
-  else:
-    keras_file = run / "export" / "model.keras"
-    keras_file.write_bytes(keras_file.read_bytes()[:100])
+  keras_file = run / "export" / "model.keras"
+  keras_file.write_bytes(keras_file.read_bytes()[:100])
   checkpoints = helpers.directory_state(run / "checkpoints")
   completed = _rerun(run, finished_run, report=False)
   assert "says this run has finished, but" in caplog.text
