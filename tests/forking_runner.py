@@ -58,6 +58,21 @@ def _die_with_runner(runner: int) -> None:
     os._exit(1)  # pylint: disable=protected-access
 
 
+# Held (blocked) from before the fork until the child's module runs: a stop signal sent at once
+# then ends the child as one sent during an interpreter's start-up ends it (SIGTERM's default
+# action; for SIGINT, a KeyboardInterrupt and death by SIGINT), not in the runner's code.
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _fork() -> int:
+  """os.fork(), the stop signals held in the child (see _STOP_SIGNALS)."""
+  held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+  pid = os.fork()
+  if pid:
+    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+  return pid
+
+
 def _run_child(request, out_path, err_path, runner: int) -> None:
   """In the forked child: runs the request's module as __main__; never returns. Output goes to
   `out_path` and `err_path` (the same file for both: one file description, as `2>&1`)."""
@@ -86,6 +101,7 @@ def _run_child(request, out_path, err_path, runner: int) -> None:
     # As in a new interpreter, the module itself is not imported before it runs as __main__.
     sys.modules.pop(request["module"], None)
     try:
+      signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # What was sent lands now.
       runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
       code = 0
     except SystemExit as e:  # As the interpreter ends for it.
@@ -125,7 +141,7 @@ def _answer(request) -> dict:
     sys.stdout.flush()
     sys.stderr.flush()
     runner = os.getpid()
-    pid = os.fork()
+    pid = _fork()
     if pid == 0:
       _run_child(request, out_path, err_path, runner)
     deadline = time.monotonic() + request.get("timeout", 120)
@@ -160,7 +176,7 @@ def _start(request) -> dict:
   sys.stdout.flush()
   sys.stderr.flush()
   runner = os.getpid()
-  pid = os.fork()
+  pid = _fork()
   if pid == 0:
     _run_child(request, log_path, log_path, runner)
   _started[pid] = None

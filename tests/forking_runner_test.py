@@ -67,6 +67,17 @@ def test_a_started_command_ends_by_a_signal_as_a_real_process_does(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stop_signal_sent_at_once_ends_the_command_as_in_an_interpreters_start_up(tmp_path):
+  # Sent before the command's module runs: held until it does, not taken in the runner's code.
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    log_path = tmp_path / f"{sig.name}.log"
+    command = helpers.start_command_forked(log_path, MODULE, "sleep")
+    command.send_signal(sig)
+    assert command.wait(timeout=30) == -sig, (sig, command.returncode, log_path.read_text())
+    assert "ready" not in log_path.read_text()
+
+
+@pytest.mark.slow
 def test_a_command_run_to_its_end_still_answers_its_output_and_exit_code():
   result = helpers.run_command_forked(MODULE, "exit-3", env={"FORKED_VALUE": "run"})
   assert result.returncode == 3, result
