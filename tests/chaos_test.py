@@ -1,5 +1,11 @@
 """Chaos, end to end: random kills at any stage, a disk that fills or turns read-only mid-run,
-two jobs on one run directory, a stop during start-up; all against real trainer processes.
+two jobs on one run directory, a stop during start-up; all against trainer processes.
+
+Each trainer is its own process, forked (helpers.start_command_forked) from a runner that has
+imported TensorFlow, so that a start costs no TensorFlow start-up: the kills land in the
+trainer, not in the import. Real `python -m trainer.task` processes remain where the
+interpreter's start-up is the point: the uninterrupted run that the handler test watches from
+its first instant, and the stop during start-up.
 
 Each fault must end the way the trainer documents (an exit code, one line, no traceback), and
 a run completed afterwards must be the run that never stopped.
@@ -38,9 +44,9 @@ LANDED_SIGNALS = 20
 MAX_STARTS = 45
 # Delays are DELAY_SPAN T u ** DELAY_BIAS, T the uninterrupted run's seconds to its "Done:"
 # line (its exit, which varies more, comes a second or so later): anywhere from the
-# interpreter's start-up to the job's exit, but biased early, where a kill is cheap. Every kill
-# after start-up pays a TensorFlow start-up (about 4 s) and the trace (4 s more); unbiased, 20
-# landed kills take 4 minutes on 2 cores. u is stratified (see _delays): each pass of
+# trainer's start-up to the job's exit, but biased early, where a kill is cheap. Every kill
+# after start-up pays the trace (seconds; a forked start pays no TensorFlow start-up), so
+# unbiased kills would take minutes on 2 cores. u is stratified (see _delays): each pass of
 # LANDED_SIGNALS starts has one u in each of LANDED_SIGNALS equal slices of [0, 1), so that
 # even a strong bias reaches every stage in every pass. With these, of 20 kills about 13 land
 # in start-up, 5 in the first trace and training, and the last two slices span evaluation,
@@ -92,10 +98,16 @@ def disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def _start(processes, log_path, *flags) -> subprocess.Popen:
-  process = helpers.start_trainer(log_path, *flags)
+def _start(processes, log_path, *flags) -> helpers.ForkedCommand:
+  """Starts `python -m trainer.task FLAGS`, forked, in the background."""
+  process = helpers.start_command_forked(log_path, "trainer.task", *flags)
   processes.append(process)
   return process
+
+
+def _trainer(*flags, timeout=600) -> subprocess.CompletedProcess:
+  """Runs `python -m trainer.task FLAGS`, forked, to its end."""
+  return helpers.run_command_forked("trainer.task", *flags, timeout=timeout)
 
 
 def _checkpoint_numbers(model_dir):
@@ -266,16 +278,36 @@ def _delays(rng: random.Random, seconds: float):
       yield DELAY_SPAN * seconds * u ** DELAY_BIAS
 
 
+def _forked_seconds_to_done(processes, tmp_path, flags, timeout=300) -> float:
+  """Runs the job to its end as the chaos test starts it (forked); returns the seconds from its
+  start to its "Done:" line."""
+  log_path = tmp_path / "forked-uninterrupted.log"
+  clock = time.monotonic()
+  process = _start(processes, log_path, *flags)
+  _wait_for_line(process, log_path, "] Done: ", timeout=timeout)
+  seconds_to_done = time.monotonic() - clock
+  process.wait(timeout=120)
+  assert process.returncode == 0 and "Traceback" not in log_path.read_text(), (
+      log_path.read_text()[-3000:])
+  return seconds_to_done
+
+
 @pytest.mark.slow
 def test_random_kills_at_every_stage_then_the_same_command_ends_as_the_uninterrupted_run(
     tmp_path, dataset, processes, uninterrupted):
   flags = (f"--dataset={dataset}", *RUN_FLAGS)
   assert uninterrupted.returncode == 0, uninterrupted.log[-3000:]
   expected = _results(uninterrupted.model_dir)
+  # The delays scale with the run as the kills start it: forked, without the real process's
+  # TensorFlow start-up. A forked run must also be the real process's run, bit for bit.
+  seconds_to_done = _forked_seconds_to_done(
+      processes, tmp_path, (*flags, f"--model_dir={tmp_path / 'forked-uninterrupted'}"))
+  _assert_same_run(_results(str(tmp_path / "forked-uninterrupted")), expected,
+                   "the forked uninterrupted run")
   rng = random.Random(SEED)
-  delays = _delays(rng, uninterrupted.seconds_to_done)
-  print(f"seed {SEED}; the uninterrupted run wrote its Done: line after "
-        f"{uninterrupted.seconds_to_done:.1f} s, ended after {uninterrupted.seconds:.1f} s")
+  delays = _delays(rng, seconds_to_done)
+  print(f"seed {SEED}; the uninterrupted run, forked, wrote its Done: line after "
+        f"{seconds_to_done:.1f} s")
 
   # Rounds: a run directory is stopped again and again until a start finishes it; it must then
   # equal the uninterrupted run, and the next round starts in a new directory, so that later
@@ -331,7 +363,7 @@ def test_random_kills_at_every_stage_then_the_same_command_ends_as_the_uninterru
         rounds += 1
         model_dir = str(tmp_path / f"round{rounds}")
 
-  final = helpers.run_trainer(*flags, f"--model_dir={model_dir}")
+  final = _trainer(*flags, f"--model_dir={model_dir}")
   assert final.returncode == 0 and "Traceback" not in final.stderr, final.stderr[-3000:]
   _assert_same_run(_results(model_dir), expected, "the final run")
   by_kind = collections.Counter(kind for kind, _ in landed.elements())
@@ -389,7 +421,7 @@ def uninterrupted(dataset, tmp_path_factory) -> Uninterrupted:
   process = helpers.start_trainer(log_path, f"--dataset={dataset}", *RUN_FLAGS,
                                   f"--model_dir={model_dir}")
   try:
-    gaps = _handler_gaps(process, log_path)  # Back at the "Done:" line.
+    gaps = _handler_gaps(process, log_path, timeout=300)  # Back at the "Done:" line.
     seconds_to_done = time.monotonic() - clock
     process.wait(timeout=120)
   finally:
@@ -445,7 +477,7 @@ def test_a_kill_as_soon_as_config_json_appears_then_the_same_command_ends_as_uni
     time.sleep(0.001)
   process.kill()
   process.wait(timeout=60)
-  resumed = helpers.run_trainer(*flags)
+  resumed = _trainer(*flags)
   assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
   _assert_same_run(_results(model_dir), _results(uninterrupted.model_dir), "the resumed run")
 
@@ -512,7 +544,7 @@ def test_storage_failing_mid_run_ends_in_one_line_keeps_the_checkpoints_and_resu
   print(f"{fault}: {line}")
 
   mend_disk(disk)
-  resumed = helpers.run_trainer(*flags)
+  resumed = _trainer(*flags)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
   assert "Resuming from " in resumed.stderr, resumed.stderr[-3000:]
@@ -530,12 +562,11 @@ def test_a_second_job_on_the_same_run_directory_is_refused_and_the_first_goes_on
   _wait_for_checkpoint(first, model_dir)
   lease = (tmp_path / "run" / "lease.json").read_bytes()
   started = time.monotonic()
-  second = helpers.run_trainer(*flags, timeout=60)
+  second = _trainer(*flags, timeout=60)
   seconds = time.monotonic() - started
   line = helpers.assert_one_error_line(second, "another job holds the run directory")
   assert f"pid {first.pid} " in line, line
-  # At once, not after watching the lease for its 90 s: a TensorFlow start-up (6-8 s quiet,
-  # over 20 s on a loaded machine) and the check.
+  # At once, not after watching the lease for its 90 s: the flags' and the lease's checks.
   assert seconds < 60, f"refused after {seconds:.1f} s"
   print(f"refused after {seconds:.1f} s: {line}")
   # The first is unaffected: still running, still holding its lease, stopping as it should.
@@ -575,10 +606,21 @@ def test_a_second_job_on_the_same_run_directory_is_refused_and_the_first_goes_on
 def test_sigterm_during_start_up_stops_at_once_and_leaves_no_run_directory(
     tmp_path, dataset, processes):
   model_dir, log_path = str(tmp_path / "run"), tmp_path / "run.log"
-  process = _start(processes, log_path, f"--dataset={dataset}", *RUN_FLAGS,
-                   f"--model_dir={model_dir}")
-  time.sleep(1.0)  # Importing TensorFlow: no checkpoint, no run directory yet.
-  assert process.poll() is None
+  # A real process: its start-up is the interpreter's and TensorFlow's import.
+  process = helpers.start_trainer(log_path, f"--dataset={dataset}", *RUN_FLAGS,
+                                  f"--model_dir={model_dir}")
+  processes.append(process)
+  # The trainer's handler is installed before it imports TensorFlow; then, importing it (seconds),
+  # it has no checkpoint, no run directory yet. The handler is waited for, not a fixed second:
+  # a loaded machine can take longer to reach it, and the default action would end the process
+  # first; then half a second more, to land inside the import.
+  deadline = time.monotonic() + 60
+  while not _trainer_catches_signals(process.pid):
+    assert process.poll() is None, log_path.read_text()[-3000:]
+    assert time.monotonic() < deadline, "no handler for SIGTERM after 60 s"
+    time.sleep(0.01)
+  time.sleep(0.5)
+  assert process.poll() is None, log_path.read_text()[-3000:]
   process.send_signal(signal.SIGTERM)
   process.wait(timeout=60)
   log = log_path.read_text()
