@@ -81,7 +81,7 @@ def test_wait_gives_up_after_retry_seconds_of_an_unavailable_api(server):
   client = vertex_api.job_client(server.endpoint)
   with pytest.raises(exceptions.RetryError) as raised:
     vertex_api.wait(client.get_custom_job, "projects/p/locations/r/customJobs/1", "", 0.05,
-                    [].append, retry_seconds=1.0)
+                    [].append, retry_seconds=0.3)
   assert isinstance(raised.value.cause, exceptions.ServiceUnavailable)
   assert vertex_api.explain(raised.value, server.endpoint, "r").startswith(
       f"cannot reach Vertex AI at {server.endpoint} (")
