@@ -448,7 +448,7 @@ def test_the_task_steps_under_two_replicas_as_under_one(tmp_path, two_replicas):
 
 @pytest.mark.slow
 def test_semi_supervised_over_two_replicas_learns_from_few_labels(tmp_path, two_replicas):
-  metrics = _run(_config(tmp_path, labeled_examples=40, epochs=3, input_noise=0.2,
+  metrics = _run(_config(tmp_path, labeled_examples=40, epochs=2, input_noise=0.2,
                          unlabeled_loss="pseudo_label", pseudo_label_threshold=0.8),
                  two_replicas)
   assert metrics["labeled_examples"] == 40 and metrics["train_examples"] == 512
@@ -566,7 +566,7 @@ def test_checkpoint_dir_can_live_apart_from_model_dir(tmp_path):
 
 @pytest.mark.slow
 def test_consistency_on_two_replicas_learns_from_few_labels(tmp_path, two_replicas):
-  metrics = _fit(_config(tmp_path, labeled_examples=40, epochs=3, unlabeled_loss="consistency"),
+  metrics = _fit(_config(tmp_path, labeled_examples=40, epochs=2, unlabeled_loss="consistency"),
                  two_replicas)
   assert metrics["test_accuracy"] > 0.9 and metrics["test_reconstruction_mse"] < 0.1
 
