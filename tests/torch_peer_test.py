@@ -345,6 +345,7 @@ def test_the_parameters_and_the_evaluation_stay_float32_under_autocast(narrow_pa
   assert 0 <= metrics["accuracy"] <= 1 and 0 < metrics["reconstruction_mse"] < 1
 
 
+@pytest.mark.slow  # torch.compile's imports, 2 s, shared with the next test's.
 def test_compile_hands_back_the_compiled_model_sharing_the_parameters():
   # Compiling itself takes a minute here: the first call is in the slow test below.
   model = torch_peer.build_model(16, 8)
