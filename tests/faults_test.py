@@ -42,9 +42,10 @@ def _start_workers(log_dir, prefix: str, *flags, workers: int = 2) -> list:
   import json
   import portpicker  # Only the multi-worker tests need it.
   cluster = {"worker": [f"localhost:{portpicker.pick_unused_port()}" for _ in range(workers)]}
-  return [helpers.start_command_forked(
-      os.path.join(log_dir, f"{prefix}-worker{index}.log"), "trainer.task", *flags, env={
-          "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})})
+  def tf_config(index):
+    return json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+  return [helpers.start_command_forked(os.path.join(log_dir, f"{prefix}-worker{index}.log"),
+                                       "trainer.task", *flags, env={"TF_CONFIG": tf_config(index)})
           for index in range(workers)]
 
 
