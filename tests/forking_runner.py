@@ -38,7 +38,9 @@ import traceback
 # modules that define no flags: trainer.task, evaluate and predict define theirs when they run).
 PRELOADED = {
     "launchers": ("absl.app", "absl.flags", "grpc", "google.cloud.aiplatform_v1", "google.auth",
-                  "launch.vertex", "launch.tpu_vm"),
+                  "launch.vertex", "launch.tpu_vm",
+                  # The console links launch.vertex prints: the whole SDK, 2 s a command.
+                  "google.cloud.aiplatform.utils.console_utils"),
     "trainer": ("absl.app", "absl.flags", "tensorflow", "keras", "trainer.cli", "trainer.config",
                 "trainer.job.train", "trainer.multitask.problem", "trainer.multitask.export",
                 "trainer.data.sources", "trainer.data.image_files"),
