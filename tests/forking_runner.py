@@ -135,17 +135,23 @@ def _run_child(request, out_path, err_path, runner: int) -> None:
       os._exit(code & 0xFF)  # pylint: disable=protected-access
 
 
+def _fork_command(request, out_path, err_path) -> int:
+  """Forks the request's command (`_run_child`, which never returns); returns its pid."""
+  sys.stdout.flush()  # Else the child would write the runner's buffered output again.
+  sys.stderr.flush()
+  runner = os.getpid()
+  pid = _fork()
+  if pid == 0:
+    _run_child(request, out_path, err_path, runner)
+  return pid
+
+
 def _answer(request) -> dict:
   with tempfile.TemporaryDirectory() as directory:
     out_path, err_path = os.path.join(directory, "out"), os.path.join(directory, "err")
     for path in (out_path, err_path):
       open(path, "w").close()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    runner = os.getpid()
-    pid = _fork()
-    if pid == 0:
-      _run_child(request, out_path, err_path, runner)
+    pid = _fork_command(request, out_path, err_path)
     deadline = time.monotonic() + request.get("timeout", 120)
     while True:
       done, status = os.waitpid(pid, os.WNOHANG)
@@ -175,12 +181,7 @@ def _start(request) -> dict:
   """Forks the request's command in the background; answers its pid at once."""
   log_path = request["log_path"]
   open(log_path, "w").close()  # There for the test to read as soon as it has the pid.
-  sys.stdout.flush()
-  sys.stderr.flush()
-  runner = os.getpid()
-  pid = _fork()
-  if pid == 0:
-    _run_child(request, log_path, log_path, runner)
+  pid = _fork_command(request, log_path, log_path)
   _started[pid] = None
   return {"pid": pid}
 
