@@ -77,6 +77,37 @@ def test_a_stage_renamed_in_place_names_the_new_stage_and_nested_ones_the_innerm
       os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _caught_by_a_library(signal_number):
+  """Sends this process `signal_number` inside code that swallows whatever it raises: a library
+  that catches everything, or C code that clears an exception raised in a call back to Python."""
+  try:
+    os.kill(os.getpid(), signal_number)
+  except BaseException:  # pylint: disable=broad-except
+    pass
+
+
+def test_a_stop_lost_on_its_way_up_is_raised_at_the_stages_next_part():
+  with pytest.raises(preemption.Stopped, match="^SIGTERM while starting: nothing written$"):
+    with preemption.stage("starting", "nothing written") as now:
+      _caught_by_a_library(signal.SIGTERM)
+      now("training", "the checkpoint is kept")
+  # It has left the stages: a job run again in this process starts afresh.
+  with preemption.stage("starting", "nothing written") as now:
+    now("training", "the checkpoint is kept")
+    preemption.raise_if_stopped()
+
+
+def test_a_stop_lost_before_the_loop_sets_the_loops_flag_from_its_start():
+  with pytest.raises(preemption.Stopped):
+    with preemption.stage("training", "the checkpoint is kept"):
+      _caught_by_a_library(signal.SIGINT)
+      with preemption.stop_flag() as flag:
+        assert flag.requested and flag.signal_number == signal.SIGINT
+      preemption.raise_if_stopped()
+  with preemption.stop_flag() as flag:  # Outside the stages nothing is carried over.
+    assert not flag.requested
+
+
 def test_a_stop_behind_another_error_is_found_through_its_cause_or_context():
   stop = preemption.Stopped("SIGTERM while starting: nothing was written")
   # As a C extension's initialisation reports a stop raised inside it (TensorFlow's import).

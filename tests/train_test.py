@@ -133,6 +133,25 @@ def test_the_job_trains_a_stand_in_task_stopped_and_resumed_as_uninterrupted(tmp
       written["a"][run_directory.METRICS])
 
 
+def test_a_sigterm_lost_in_the_tasks_export_still_stops_the_job_before_metrics_json(
+    tmp_path, monkeypatch):
+  export = stand_in_task.StandInTask.export
+
+  def export_losing_a_sigterm(self, path):
+    try:  # A library that catches everything, or C code that clears what the handler raised.
+      os.kill(os.getpid(), signal.SIGTERM)
+    except BaseException:  # pylint: disable=broad-except
+      pass
+    export(self, path)
+
+  monkeypatch.setattr(stand_in_task.StandInTask, "export", export_losing_a_sigterm)
+  with pytest.raises(preemption.Stopped, match="^SIGTERM while evaluating and exporting: "):
+    _stand_in_run(tmp_path)
+  assert not (tmp_path / run_directory.METRICS).exists()
+  monkeypatch.setattr(stand_in_task.StandInTask, "export", export)
+  assert _stand_in_run(tmp_path)["test_distance"] < 0.5  # The same command finishes it.
+
+
 @pytest.mark.slow  # Three job processes, forked from one that has imported TensorFlow: 3 s.
 def test_the_job_killed_with_sigkill_resumes_its_stand_in_task_exactly(tmp_path):
   uninterrupted = helpers.run_command_forked("tests.stand_in_task", str(tmp_path / "a"),

@@ -30,6 +30,7 @@ class Stopped(BaseException):
 
   def __init__(self, message: str, signal_number: int = signal.SIGTERM):
     super().__init__(message)
+    self.signal_number = signal_number
     self.exit_code = 128 + signal_number
     self.verb = "interrupted" if signal_number == signal.SIGINT else "stopped"
 
@@ -92,20 +93,37 @@ def _handlers(handler):
 @contextlib.contextmanager
 def stop_flag():
   """Yields a `TerminationFlag` that the first SIGTERM or SIGINT sets while the block runs; a
-  second SIGINT raises `Stopped` at once. Off the main thread the flag is never set."""
+  second SIGINT raises `Stopped` at once. Off the main thread the flag is never set. Set from
+  the start where a stage's stop was raised and lost (see `raise_if_stopped`)."""
   flag = TerminationFlag()
+  if _raised is not None:
+    flag.set(_raised.signal_number)
   with _handlers(flag.set):
     yield flag
 
 
 # The stages open, innermost last, each [doing, leaves]: a signal names the innermost.
 _stages = []
+# The stop `_stop_now` raised in the open stages, if any. An exception raised by a signal
+# handler can be lost: C code that calls back into Python (an attribute lookup, a hash) may
+# clear it, or a library may catch everything; so the stop is also kept here, to be acted on.
+_raised = None
 
 
 def _stop_now(signal_number, unused_frame):
+  global _raised
   doing, leaves = _stages[-1]
-  raise Stopped(f"{_NAMES.get(signal_number, signal_number)} while {doing}: {leaves}",
-                signal_number)
+  _raised = Stopped(f"{_NAMES.get(signal_number, signal_number)} while {doing}: {leaves}",
+                    signal_number)
+  raise _raised
+
+
+def raise_if_stopped() -> None:
+  """Raises the stop a stage's signal raised, if one did and it was lost on its way up; where it
+  was not lost, it has ended the stages already. Called before each step that commits the
+  job's work (a stage's next part, metrics.json); `stop_flag` does the same for the loop."""
+  if _raised is not None:
+    raise _raised
 
 
 @contextlib.contextmanager
@@ -114,12 +132,15 @@ def stage(doing: str, leaves: str):
   "<signal> while <doing>: <leaves>" (`leaves`: what is kept and how to go on).
 
   Yields `now(doing, leaves)`, which renames the stage in place: moving from one stage to the
-  next leaves no moment in which a signal has no handler. Stages nest (the innermost names the
+  next leaves no moment in which a signal has no handler (and raises a stop that was lost, see
+  `raise_if_stopped`). Stages nest (the innermost names the
   stop); `stop_flag` inside one takes over the signals, and gives them back, for its block.
   """
+  global _raised
   _stages.append([doing, leaves])
 
   def now(next_doing: str, next_leaves: str) -> None:
+    raise_if_stopped()
     _stages[-1][:] = [next_doing, next_leaves]
 
   try:
@@ -130,3 +151,5 @@ def stage(doing: str, leaves: str):
       yield now
   finally:
     _stages.pop()
+    if not _stages:  # Whatever was raised has left the stages: the next job starts afresh.
+      _raised = None

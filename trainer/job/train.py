@@ -353,6 +353,7 @@ def finalize(job: Job, validation: Optional[Dict[str, float]]) -> Dict[str, obje
   if config.report:
     outputs.write_report(task, job.history, metrics)
   job.check_lease()  # The export and the report take seconds: another job may have come.
+  preemption.raise_if_stopped()  # metrics.json marks the job finished: not after a stop.
   outputs.write_metrics(metrics)
   # Reported at the last epoch's end already, unless history.json lost it.
   job.report_evaluation(job.controller.step, validation)
