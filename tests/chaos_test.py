@@ -294,7 +294,6 @@ def _forked_seconds_to_done(processes, tmp_path, flags, timeout=300) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("chaos_uninterrupted")  # Shares the module's uninterrupted run.
 def test_random_kills_at_every_stage_then_the_same_command_ends_as_the_uninterrupted_run(
     tmp_path, dataset, processes, uninterrupted):
   flags = (f"--dataset={dataset}", *RUN_FLAGS)
@@ -437,7 +436,6 @@ def uninterrupted(dataset, tmp_path_factory) -> Uninterrupted:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("chaos_uninterrupted")  # Shares the module's uninterrupted run.
 def test_the_trainer_handles_stop_signals_from_start_up_to_its_last_line(uninterrupted):
   assert uninterrupted.returncode == 0, uninterrupted.log[-3000:]
   assert not uninterrupted.gaps, f"no handler for stop signals at {uninterrupted.gaps} s"
@@ -468,7 +466,6 @@ def test_sigterm_during_the_last_steps_epoch_end_stops_the_job(tmp_path, dataset
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("chaos_uninterrupted")  # Shares the module's uninterrupted run.
 def test_a_kill_as_soon_as_config_json_appears_then_the_same_command_ends_as_uninterrupted(
     tmp_path, dataset, processes, uninterrupted):
   # config.json once stood for a checkpoint not yet written: the directory was refused for good.

@@ -1,6 +1,10 @@
-"""Shared test set-up: two logical CPU devices, so MirroredStrategy has two replicas on CPU."""
+"""Shared test set-up: two logical CPU devices, so MirroredStrategy has two replicas on CPU;
+and, under pytest-xdist, tests marked `alone` run with no other test beside them."""
 
+import contextlib
+import fcntl
 import os
+import tempfile
 
 import pytest
 
@@ -14,6 +18,36 @@ import tensorflow as tf  # noqa: E402
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+
+@contextlib.contextmanager
+def _machine_share(alone: bool):
+  """Holds this worker's share of the machine while the block runs: the whole of it if `alone`.
+
+  A readers-writer lock over files that the session's workers share: every test holds the
+  room's lock shared, a test alone holds it exclusive. Each passes a turnstile first, which a
+  test alone keeps while it waits, so that the other workers' next tests queue behind it.
+  """
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if not run:  # One process: nothing runs beside a test.
+    yield
+    return
+  prefix = os.path.join(tempfile.gettempdir(), f"pytest-{run}")
+  with open(f"{prefix}.turnstile", "a") as turnstile, open(f"{prefix}.room", "a") as room:
+    fcntl.flock(turnstile, fcntl.LOCK_EX)
+    if not alone:
+      fcntl.flock(turnstile, fcntl.LOCK_UN)
+    fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+    yield  # Closing the files releases both locks.
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
+  """Each test's set-up (its module's and session's fixtures too), call and teardown hold the
+  worker's share of the machine (`_machine_share`)."""
+  with _machine_share(item.get_closest_marker("alone") is not None):
+    yield
+
 
 @pytest.fixture(autouse=True)
 def _reset_precision():

@@ -82,6 +82,7 @@ def _wait_all(processes, timeout):
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # Two workers' heartbeats: see pytest.ini.
 def test_a_lost_worker_stops_the_other_with_a_clear_error_and_a_restart_resumes(
     tmp_path, learnable_data):
   model_dir = str(tmp_path / "run")
@@ -118,6 +119,7 @@ def test_a_lost_worker_stops_the_other_with_a_clear_error_and_a_restart_resumes(
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # Two workers' heartbeats: see pytest.ini.
 def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path, learnable_data):
   model_dir = str(tmp_path / "run")
   # Epochs enough that the job is still training when the signal lands, however late; the

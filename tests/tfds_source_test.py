@@ -152,7 +152,6 @@ def _forget_url_infos() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("fashion_mnist_dir")  # Shares the module's prepared data_dir.
 def test_tfds_download_agrees_with_the_idx_files(fashion_mnist_dir):
   data_dir, splits, seen = fashion_mnist_dir
   assert sorted(path for command, path in seen if command == "GET") == sorted(
@@ -173,7 +172,6 @@ def test_tfds_download_agrees_with_the_idx_files(fashion_mnist_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("fashion_mnist_dir")  # Shares the module's prepared data_dir.
 def test_job_trains_on_the_prepared_data_dir_with_no_network(fashion_mnist_dir, tmp_path):
   data_dir, _, _ = fashion_mnist_dir
   closed = f"http://127.0.0.1:{portpicker.pick_unused_port()}"  # Any download would fail.
