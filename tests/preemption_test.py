@@ -97,6 +97,26 @@ def test_a_stop_lost_on_its_way_up_is_raised_at_the_stages_next_part():
     preemption.raise_if_stopped()
 
 
+def test_an_error_that_a_lost_stop_caused_leaves_the_stage_as_that_stop():
+  with pytest.raises(preemption.Stopped, match="^Ctrl-C \\(SIGINT\\) while starting: nothing") as raised:
+    with preemption.stage("starting", "nothing written"):
+      _caught_by_a_library(signal.SIGINT)
+      raise ValueError("Argument `structure` is a scalar but `len(flat_sequence)`=0 > 1")
+  assert isinstance(raised.value.__cause__, ValueError)
+  with pytest.raises(ValueError):  # Without a stop, an error is itself.
+    with preemption.stage("starting", "nothing written"):
+      raise ValueError("bad data")
+
+
+def test_an_error_that_a_lost_second_ctrl_c_caused_leaves_the_stage_as_that_stop():
+  with pytest.raises(preemption.Stopped, match="^Ctrl-C again: stopped at once"):
+    with preemption.stage("training", "the checkpoint is kept"):
+      with preemption.stop_flag():
+        os.kill(os.getpid(), signal.SIGINT)
+        _caught_by_a_library(signal.SIGINT)
+        raise ValueError("Argument `structure` is a scalar but `len(flat_sequence)`=0 > 1")
+
+
 def test_a_stop_lost_before_the_loop_sets_the_loops_flag_from_its_start():
   with pytest.raises(preemption.Stopped):
     with preemption.stage("training", "the checkpoint is kept"):

@@ -65,8 +65,8 @@ class TerminationFlag:
 
   def set(self, signal_number: int = signal.SIGTERM, unused_frame=None) -> None:
     if signal_number == signal.SIGINT and self._event.is_set():
-      raise Stopped("Ctrl-C again: stopped at once, without saving; the latest checkpoint is "
-                    "kept", signal.SIGINT)
+      _raise(Stopped("Ctrl-C again: stopped at once, without saving; the latest checkpoint is "
+                     "kept", signal.SIGINT))
     self.signal_number = signal_number
     self._event.set()
 
@@ -95,27 +95,37 @@ def stop_flag():
   """Yields a `TerminationFlag` that the first SIGTERM or SIGINT sets while the block runs; a
   second SIGINT raises `Stopped` at once. Off the main thread the flag is never set. Set from
   the start where a stage's stop was raised and lost (see `raise_if_stopped`)."""
+  global _raised
   flag = TerminationFlag()
   if _raised is not None:
     flag.set(_raised.signal_number)
-  with _handlers(flag.set):
-    yield flag
+  try:
+    with _handlers(flag.set):
+      yield flag
+  finally:
+    if not _stages:  # As a stage's end (see there).
+      _raised = None
 
 
 # The stages open, innermost last, each [doing, leaves]: a signal names the innermost.
 _stages = []
-# The stop `_stop_now` raised in the open stages, if any. An exception raised by a signal
+# The stop a signal handler raised in the open stages, if any. An exception raised by a signal
 # handler can be lost: C code that calls back into Python (an attribute lookup, a hash) may
 # clear it, or a library may catch everything; so the stop is also kept here, to be acted on.
 _raised = None
 
 
-def _stop_now(signal_number, unused_frame):
+def _raise(stop: Stopped) -> None:
+  """Raises `stop` from a signal handler, and keeps it (see `_raised`)."""
   global _raised
+  _raised = stop
+  raise stop
+
+
+def _stop_now(signal_number, unused_frame):
   doing, leaves = _stages[-1]
-  _raised = Stopped(f"{_NAMES.get(signal_number, signal_number)} while {doing}: {leaves}",
-                    signal_number)
-  raise _raised
+  _raise(Stopped(f"{_NAMES.get(signal_number, signal_number)} while {doing}: {leaves}",
+                 signal_number))
 
 
 def raise_if_stopped() -> None:
@@ -133,8 +143,10 @@ def stage(doing: str, leaves: str):
 
   Yields `now(doing, leaves)`, which renames the stage in place: moving from one stage to the
   next leaves no moment in which a signal has no handler (and raises a stop that was lost, see
-  `raise_if_stopped`). Stages nest (the innermost names the
-  stop); `stop_flag` inside one takes over the signals, and gives them back, for its block.
+  `raise_if_stopped`). Stages nest (the innermost names the stop); `stop_flag` inside one takes
+  over the signals, and gives them back, for its block. An error that leaves a stage after a
+  stop was raised in it leaves as that stop: the error is the stop's doing (TensorFlow's nest,
+  its stop cleared, once went on to fail with a ValueError).
   """
   global _raised
   _stages.append([doing, leaves])
@@ -149,6 +161,10 @@ def stage(doing: str, leaves: str):
         yield now
     else:
       yield now
+  except BaseException as error:
+    if _raised is not None and stop_behind(error) is None:
+      raise _raised from error
+    raise
   finally:
     _stages.pop()
     if not _stages:  # Whatever was raised has left the stages: the next job starts afresh.
