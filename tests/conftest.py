@@ -41,6 +41,15 @@ def _machine_share(alone: bool):
     yield  # Closing the files releases both locks.
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+  """Tests alone first, then the other slow ones, then the rest, each in collection order: the
+  long ones start early and the short ones fill in at the end, so that neither worker finishes
+  one long test by itself, nor waits long for a test alone to have the machine."""
+  items.sort(key=lambda item: (item.get_closest_marker("alone") is None,
+                               item.get_closest_marker("slow") is None))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
   """Each test's set-up (its module's and session's fixtures too), call and teardown hold the
