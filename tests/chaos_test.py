@@ -216,14 +216,22 @@ def _stage_seen(log: str, model_dir: str, began: float, catches: bool) -> str:
     if "Strategy: " not in log:
       return NO_HANDLER + "interpreter start-up"
     return NO_HANDLER + ("between training and export" if trained else "before the training loop")
-  fingerprint = os.path.join(model_dir, "export", "fingerprint.pb")
-  if os.path.exists(fingerprint) and os.path.getmtime(fingerprint) >= began:
+  if _modified(os.path.join(model_dir, "export", "fingerprint.pb"), default=0) >= began:
     return "report"
   if trained:
     return "evaluation/export"
+  # A file gone since the glob was a checkpoint's temporary one, renamed: a save under way.
   written = [path for path in glob.glob(os.path.join(model_dir, "checkpoints", "*"))
-             if os.path.getmtime(path) >= began]
+             if _modified(path, default=began) >= began]
   return "training" if written or "epoch 1/2: loss" in log else "start-up or first trace"
+
+
+def _modified(path: str, default: float) -> float:
+  """The file's modification time, or `default` where there is no such file (any more)."""
+  try:
+    return os.path.getmtime(path)
+  except FileNotFoundError:
+    return default
 
 
 def _stage_said(log: str, seen: str) -> str:
