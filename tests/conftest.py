@@ -4,7 +4,7 @@ and, under pytest-xdist, tests marked `alone` run with no other test beside them
 import contextlib
 import fcntl
 import os
-import tempfile
+from typing import Optional
 
 import pytest
 
@@ -21,18 +21,18 @@ tf.config.set_logical_device_configuration(
 
 
 @contextlib.contextmanager
-def _machine_share(alone: bool):
+def _machine_share(alone: bool, directory: Optional[str]):
   """Holds this worker's share of the machine while the block runs: the whole of it if `alone`.
 
-  A readers-writer lock over files that the session's workers share: every test holds the
-  room's lock shared, a test alone holds it exclusive. Each passes a turnstile first, which a
-  test alone keeps while it waits, so that the other workers' next tests queue behind it.
+  A readers-writer lock over files in `directory`, which the session's workers share (None: one
+  process, where nothing runs beside a test): every test holds the room's lock shared, a test
+  alone holds it exclusive. Each passes a turnstile first, which a test alone keeps while it
+  waits, so that the other workers' next tests queue behind it.
   """
-  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-  if not run:  # One process: nothing runs beside a test.
+  if directory is None:
     yield
     return
-  prefix = os.path.join(tempfile.gettempdir(), f"pytest-{run}")
+  prefix = os.path.join(directory, "machine")
   with open(f"{prefix}.turnstile", "a") as turnstile, open(f"{prefix}.room", "a") as room:
     fcntl.flock(turnstile, fcntl.LOCK_EX)
     if not alone:
@@ -54,7 +54,10 @@ def pytest_collection_modifyitems(items):
 def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
   """Each test's set-up (its module's and session's fixtures too), call and teardown hold the
   worker's share of the machine (`_machine_share`)."""
-  with _machine_share(item.get_closest_marker("alone") is not None):
+  # Under xdist, each worker's base temp is a folder of the session's own, which pytest prunes.
+  basetemp = item.config.option.basetemp if os.environ.get("PYTEST_XDIST_WORKER") else None
+  with _machine_share(item.get_closest_marker("alone") is not None,
+                      os.path.dirname(os.path.abspath(basetemp)) if basetemp else None):
     yield
 
 

@@ -7,20 +7,18 @@ import time
 from tests import conftest
 
 
-def _holds(alone, events, name, seconds=0.3):
-  with conftest._machine_share(alone):  # pylint: disable=protected-access
+def _holds(alone, events, name, directory, seconds=0.3):
+  with conftest._machine_share(alone, str(directory)):  # pylint: disable=protected-access
     events.append((name, "start"))
     time.sleep(seconds)
     events.append((name, "end"))
 
 
-def test_a_test_alone_waits_for_the_shared_ones_and_the_next_wait_for_it(monkeypatch, tmp_path):
-  monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "conftest-test")
-  monkeypatch.setattr(conftest.tempfile, "gettempdir", lambda: str(tmp_path))
+def test_a_test_alone_waits_for_the_shared_ones_and_the_next_wait_for_it(tmp_path):
   events = []
-  first = threading.Thread(target=_holds, args=(False, events, "shared"))
-  alone = threading.Thread(target=_holds, args=(True, events, "alone"))
-  after = threading.Thread(target=_holds, args=(False, events, "after"))
+  first = threading.Thread(target=_holds, args=(False, events, "shared", tmp_path))
+  alone = threading.Thread(target=_holds, args=(True, events, "alone", tmp_path))
+  after = threading.Thread(target=_holds, args=(False, events, "after", tmp_path))
   first.start()
   time.sleep(0.1)
   alone.start()
@@ -32,11 +30,9 @@ def test_a_test_alone_waits_for_the_shared_ones_and_the_next_wait_for_it(monkeyp
                     ("after", "start"), ("after", "end")]
 
 
-def test_shared_tests_run_side_by_side(monkeypatch, tmp_path):
-  monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "conftest-test")
-  monkeypatch.setattr(conftest.tempfile, "gettempdir", lambda: str(tmp_path))
+def test_shared_tests_run_side_by_side(tmp_path):
   events = []
-  threads = [threading.Thread(target=_holds, args=(False, events, name)) for name in "ab"]
+  threads = [threading.Thread(target=_holds, args=(False, events, name, tmp_path)) for name in "ab"]
   for thread in threads:
     thread.start()
   for thread in threads:

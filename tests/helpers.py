@@ -71,6 +71,16 @@ def start_workers(log_dir, prefix: str, *flags, workers: int = 2) -> list:
           for index in range(workers)]
 
 
+def signal_swallowed(signal_number: int) -> None:
+  """Sends this process `signal_number` inside code that swallows whatever its handler raises:
+  a library that catches everything, or C code that clears an exception raised in a call back
+  to Python (TensorFlow's nest does)."""
+  try:
+    os.kill(os.getpid(), signal_number)
+  except BaseException:  # pylint: disable=broad-except
+    pass
+
+
 def without_timing(metrics: dict) -> dict:
   """`metrics` less what differs between two runs of the same computation: speed, settings."""
   return {k: v for k, v in metrics.items() if k not in ("train_images_per_second", "config")}

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from tests import helpers
 from trainer.job import preemption
 
 
@@ -77,19 +78,10 @@ def test_a_stage_renamed_in_place_names_the_new_stage_and_nested_ones_the_innerm
       os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _caught_by_a_library(signal_number):
-  """Sends this process `signal_number` inside code that swallows whatever it raises: a library
-  that catches everything, or C code that clears an exception raised in a call back to Python."""
-  try:
-    os.kill(os.getpid(), signal_number)
-  except BaseException:  # pylint: disable=broad-except
-    pass
-
-
 def test_a_stop_lost_on_its_way_up_is_raised_at_the_stages_next_part():
   with pytest.raises(preemption.Stopped, match="^SIGTERM while starting: nothing written$"):
     with preemption.stage("starting", "nothing written") as now:
-      _caught_by_a_library(signal.SIGTERM)
+      helpers.signal_swallowed(signal.SIGTERM)
       now("training", "the checkpoint is kept")
   # It has left the stages: a job run again in this process starts afresh.
   with preemption.stage("starting", "nothing written") as now:
@@ -100,7 +92,7 @@ def test_a_stop_lost_on_its_way_up_is_raised_at_the_stages_next_part():
 def test_an_error_that_a_lost_stop_caused_leaves_the_stage_as_that_stop():
   with pytest.raises(preemption.Stopped, match="^Ctrl-C \\(SIGINT\\) while starting: nothing") as raised:
     with preemption.stage("starting", "nothing written"):
-      _caught_by_a_library(signal.SIGINT)
+      helpers.signal_swallowed(signal.SIGINT)
       raise ValueError("Argument `structure` is a scalar but `len(flat_sequence)`=0 > 1")
   assert isinstance(raised.value.__cause__, ValueError)
   with pytest.raises(ValueError):  # Without a stop, an error is itself.
@@ -113,14 +105,14 @@ def test_an_error_that_a_lost_second_ctrl_c_caused_leaves_the_stage_as_that_stop
     with preemption.stage("training", "the checkpoint is kept"):
       with preemption.stop_flag():
         os.kill(os.getpid(), signal.SIGINT)
-        _caught_by_a_library(signal.SIGINT)
+        helpers.signal_swallowed(signal.SIGINT)
         raise ValueError("Argument `structure` is a scalar but `len(flat_sequence)`=0 > 1")
 
 
 def test_a_stop_lost_before_the_loop_sets_the_loops_flag_from_its_start():
   with pytest.raises(preemption.Stopped):
     with preemption.stage("training", "the checkpoint is kept"):
-      _caught_by_a_library(signal.SIGINT)
+      helpers.signal_swallowed(signal.SIGINT)
       with preemption.stop_flag() as flag:
         assert flag.requested and flag.signal_number == signal.SIGINT
       preemption.raise_if_stopped()

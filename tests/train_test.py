@@ -138,10 +138,7 @@ def test_a_sigterm_lost_in_the_tasks_export_still_stops_the_job_before_metrics_j
   export = stand_in_task.StandInTask.export
 
   def export_losing_a_sigterm(self, path):
-    try:  # A library that catches everything, or C code that clears what the handler raised.
-      os.kill(os.getpid(), signal.SIGTERM)
-    except BaseException:  # pylint: disable=broad-except
-      pass
+    helpers.signal_swallowed(signal.SIGTERM)
     export(self, path)
 
   monkeypatch.setattr(stand_in_task.StandInTask, "export", export_losing_a_sigterm)
