@@ -295,8 +295,8 @@ def test_random_kills_at_every_stage_then_the_same_command_ends_as_the_uninterru
   # Real processes, not forked ones, whose early kills land mostly in `import tensorflow`.
   # Forked, they land in the job's set-up and first trace, where TensorFlow's C++ can clear the
   # stop a handler raises: a start ran on to exit 0 (CI of 8a75c14), another failed with a
-  # ValueError (both answered in trainer/job/preemption.py), and one printed the SystemError
-  # traceback of nest's Flatten before it stopped as documented (CI of 8174dad): still open.
+  # ValueError, and one printed the SystemError traceback of nest's Flatten before it stopped
+  # as documented (CI of 8174dad); trainer/job/preemption.py answers all three.
   rng = random.Random(SEED)
   delays = _delays(rng, uninterrupted.seconds_to_done)
   print(f"seed {SEED}; the uninterrupted run wrote its Done: line after "

@@ -72,11 +72,13 @@ def start_workers(log_dir, prefix: str, *flags, workers: int = 2) -> list:
 
 
 def signal_swallowed(signal_number: int) -> None:
-  """Sends this process `signal_number` inside code that swallows whatever its handler raises:
-  a library that catches everything, or C code that clears an exception raised in a call back
-  to Python (TensorFlow's nest does)."""
+  """Sends this process `signal_number`, and swallows the stop that it raises in the job's code
+  called back from here: as a library that catches everything, or C code that clears an
+  exception raised in a call back to Python (TensorFlow's nest does)."""
+  from trainer.job import preemption  # pylint: disable=import-outside-toplevel
   try:
     os.kill(os.getpid(), signal_number)
+    preemption.raise_if_stopped()  # The job's code, where a stage's stop is raised.
   except BaseException:  # pylint: disable=broad-except
     pass
 

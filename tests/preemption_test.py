@@ -62,20 +62,72 @@ def test_off_the_main_thread_the_flag_is_inert():
   assert seen == [False]
 
 
+def _signal_then_the_jobs_code(number: int) -> None:
+  """Sends `number` from here (to a stage, code not the job's), then runs the job's code."""
+  os.kill(os.getpid(), number)
+  preemption.raise_if_stopped()
+
+
 def test_a_stage_renamed_in_place_names_the_new_stage_and_nested_ones_the_innermost():
-  with preemption.stage("starting", "nothing written") as now:
-    now("exporting", "run it again")
-    with pytest.raises(preemption.Stopped, match="^Ctrl-C \\(SIGINT\\) while exporting: run it again$"):
-      os.kill(os.getpid(), signal.SIGINT)
-    with preemption.stage("importing", "nothing done"):
-      with pytest.raises(preemption.Stopped, match="^SIGTERM while importing: nothing done$"):
+  with pytest.raises(preemption.Stopped, match="^Ctrl-C \\(SIGINT\\) while exporting: run it again$"):
+    with preemption.stage("starting", "nothing written") as now:
+      now("exporting", "run it again")
+      _signal_then_the_jobs_code(signal.SIGINT)
+  with pytest.raises(preemption.Stopped, match="^SIGTERM while importing: nothing done$"):
+    with preemption.stage("starting", "nothing written"):
+      with preemption.stage("importing", "nothing done"):
+        _signal_then_the_jobs_code(signal.SIGTERM)
+  # The training loop's flag takes the signals over, then hands them back: no moment without.
+  with pytest.raises(preemption.Stopped, match="^SIGTERM while exporting"):
+    with preemption.stage("exporting", "run it again"):
+      with preemption.stop_flag() as flag:
         os.kill(os.getpid(), signal.SIGTERM)
-    # The training loop's flag takes the signals over, then hands them back: no moment without.
-    with preemption.stop_flag() as flag:
-      os.kill(os.getpid(), signal.SIGTERM)
-    assert flag.requested
-    with pytest.raises(preemption.Stopped, match="while exporting"):
-      os.kill(os.getpid(), signal.SIGTERM)
+      assert flag.requested
+      _signal_then_the_jobs_code(signal.SIGTERM)
+
+
+def _library(seen: list, signals=(signal.SIGTERM,)) -> None:
+  """Code that is not the job's, as TensorFlow's C++ calling back into Python: the stop signals
+  `signals` arrive in it, and it swallows what they raise there (as nest's Flatten once did)."""
+  for number in signals:
+    try:
+      os.kill(os.getpid(), number)
+      seen.append("went on")
+    except BaseException as error:  # pylint: disable=broad-except
+      seen.append(error)
+
+
+def test_a_stop_that_arrives_in_other_code_is_raised_at_the_jobs_next_line_instead():
+  seen = []
+  with pytest.raises(preemption.Stopped, match="^SIGTERM while exporting: run it again$"):
+    with preemption.stage("exporting", "run it again"):
+      _library(seen)
+      seen.append("back")
+      preemption.stop_behind(ValueError())  # The job's code: its first line raises the stop.
+      seen.append("not reached")
+  assert seen == ["went on", "back"]
+  seen.clear()
+  with pytest.raises(preemption.Stopped):  # With no more of the job's code, the stage's end.
+    with preemption.stage("exporting", "run it again"):
+      _library(seen)
+  assert seen == ["went on"]
+  with preemption.stage("starting", "nothing written"):  # Nothing is left armed after.
+    _library(seen, signals=())
+    preemption.raise_if_stopped()
+
+
+def test_a_second_stop_or_one_in_an_anywhere_block_is_raised_where_it_arrives():
+  seen = []
+  with pytest.raises(preemption.Stopped):
+    with preemption.stage("starting", "nothing written"):
+      _library(seen, signals=(signal.SIGINT, signal.SIGINT))
+  assert seen[0] == "went on" and isinstance(seen[1], preemption.Stopped)
+  seen.clear()
+  with pytest.raises(preemption.Stopped, match="^SIGTERM while importing"):
+    with preemption.stage("importing", "nothing done"):
+      with preemption.anywhere():
+        _library(seen)
+  assert len(seen) == 1 and isinstance(seen[0], preemption.Stopped)
 
 
 def test_a_stop_lost_on_its_way_up_is_raised_at_the_stages_next_part():
@@ -87,6 +139,9 @@ def test_a_stop_lost_on_its_way_up_is_raised_at_the_stages_next_part():
   with preemption.stage("starting", "nothing written") as now:
     now("training", "the checkpoint is kept")
     preemption.raise_if_stopped()
+  with pytest.raises(preemption.Stopped, match="^SIGTERM while training"):  # With no next part,
+    with preemption.stage("training", "the checkpoint is kept"):             # at the stage's end.
+      helpers.signal_swallowed(signal.SIGTERM)
 
 
 def test_an_error_that_a_lost_stop_caused_leaves_the_stage_as_that_stop():

@@ -149,6 +149,23 @@ def test_a_sigterm_lost_in_the_tasks_export_still_stops_the_job_before_metrics_j
   assert _stand_in_run(tmp_path)["test_distance"] < 0.5  # The same command finishes it.
 
 
+def test_a_sigterm_inside_the_tasks_export_lets_it_finish_and_stops_before_metrics_json(
+    tmp_path, monkeypatch):
+  export = stand_in_task.StandInTask.export
+  finished = []
+
+  def export_receiving_a_sigterm(self, path):  # Not the job's code: the stop waits for the job's.
+    os.kill(os.getpid(), signal.SIGTERM)
+    export(self, path)
+    finished.append(path)
+
+  monkeypatch.setattr(stand_in_task.StandInTask, "export", export_receiving_a_sigterm)
+  with pytest.raises(preemption.Stopped, match="^SIGTERM while evaluating and exporting: "):
+    _stand_in_run(tmp_path)
+  assert finished and (tmp_path / run_directory.EXPORT / stand_in_task.EXPORT_FILE).exists()
+  assert not (tmp_path / run_directory.METRICS).exists()
+
+
 @pytest.mark.slow  # Three job processes, forked from one that has imported TensorFlow: 3 s.
 def test_the_job_killed_with_sigkill_resumes_its_stand_in_task_exactly(tmp_path):
   uninterrupted = helpers.run_command_forked("tests.stand_in_task", str(tmp_path / "a"),

@@ -61,7 +61,9 @@ def main(argv):
     with preemption.stage("starting", "nothing was trained or written; run the same command to "
                           "start"):
       # TensorFlow is imported only now: the strategy must be the first thing it sets up.
-      with cli.tensorflow_imported_quietly(config.verbose, float16_op=False):
+      # A stop raises inside the import, not seconds later at its end.
+      with cli.tensorflow_imported_quietly(config.verbose, float16_op=False), \
+          preemption.anywhere():
         from trainer.job import distribution, train
         from trainer.multitask import problem
       strategy = distribution.get_strategy(config.strategy, config.tpu)

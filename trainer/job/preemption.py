@@ -4,8 +4,9 @@ Vertex AI, Compute Engine and Kubernetes announce preemption with SIGTERM and a 
 period; a user at a terminal presses Ctrl-C. While training, either only raises a flag: the
 training loop reads it between calls into the device, every worker agrees on it there, saves
 one checkpoint at the same step, and exits (`Preempted`). A second Ctrl-C stops at once. Outside
-the loop (start-up, the export), a signal ends the job at once, saying what that stage leaves
-(`Stopped`, from `stage`).
+the loop (start-up, the export), a signal ends the job, saying what that stage leaves
+(`Stopped`, from `stage`): raised at the next line of the job's own code, not inside a library,
+where C code calling back into Python can lose it or print it as another error.
 
 We do not use `tf.distribute.experimental.PreemptionCheckpointHandler`: on Google Cloud
 machines it watches the maintenance-event metadata instead of SIGTERM (and on CPU VMs does
@@ -14,7 +15,9 @@ check that a checkpoint fits the model.
 """
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Optional
 
@@ -105,13 +108,14 @@ def stop_flag():
   finally:
     if not _stages:  # As a stage's end (see there).
       _raised = None
+      _disarm()
 
 
 # The stages open, innermost last, each [doing, leaves]: a signal names the innermost.
 _stages = []
-# The stop a signal handler raised in the open stages, if any. An exception raised by a signal
-# handler can be lost: C code that calls back into Python (an attribute lookup, a hash) may
-# clear it, or a library may catch everything; so the stop is also kept here, to be acted on.
+# The stop a signal handler raised or deferred (`_defer`) in the open stages, if any. Even raised
+# in the job's code, a stop can be lost: C code that called it back (an attribute lookup, a hash)
+# may clear it, or a library may catch everything; so the stop is also kept here, to be acted on.
 _raised = None
 
 
@@ -119,27 +123,93 @@ def _raise(stop: Stopped) -> None:
   """Raises `stop` from a signal handler, and keeps it (see `_raised`)."""
   global _raised
   _raised = stop
+  _disarm()
   raise stop
 
 
-def _stop_now(signal_number, unused_frame):
+# The job's own code: the package this module is part of.
+_OWN_CODE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_own_files = {}
+# Open `anywhere` blocks.
+_anywhere = 0
+
+
+def _own(frame) -> bool:
+  filename = frame.f_code.co_filename
+  if filename not in _own_files:
+    _own_files[filename] = os.path.abspath(filename).startswith(_OWN_CODE)
+  return _own_files[filename]
+
+
+def _stop_now(signal_number, frame):
+  """A stage's handler: raises the stop where the interpreter is if that is the job's own code
+  (or a second stop, or in an `anywhere` block), else at the job's next line (`_defer`)."""
   doing, leaves = _stages[-1]
-  _raise(Stopped(f"{_NAMES.get(signal_number, signal_number)} while {doing}: {leaves}",
-                 signal_number))
+  stop = Stopped(f"{_NAMES.get(signal_number, signal_number)} while {doing}: {leaves}",
+                 signal_number)
+  # Under a debugger or coverage the trace function is theirs: raised here, as Python would.
+  if (_raised is not None or _anywhere or frame is None or _own(frame)
+      or sys.gettrace() is not None):
+    _raise(stop)
+  _defer(stop, frame)
+
+
+def _defer(stop: Stopped, frame) -> None:
+  """Keeps `stop`, to be raised by a trace function at the next line of the job's own code, on
+  this thread: its frames now on the stack, and any it calls. As pdb's `set_trace`."""
+  global _raised
+  _raised = stop
+  while frame is not None:
+    if _own(frame):
+      frame.f_trace = _raise_in_own_code
+    frame = frame.f_back
+  sys.settrace(_raise_in_own_code)
+
+
+def _raise_in_own_code(frame, event, unused_arg):
+  """Trace function: a library's frame is not traced; the job's raises the kept stop at its next
+  line. Not at a call: raised there, the frame's handlers are skipped, a generator's `finally`
+  too (a stage's own). Raising unsets the trace function (Python does so for one that raises)."""
+  if not _own(frame):
+    return None
+  if event == "line" and _raised is not None:
+    raise _raised
+  return _raise_in_own_code
+
+
+def _disarm() -> None:
+  if sys.gettrace() is _raise_in_own_code:
+    sys.settrace(None)
 
 
 def raise_if_stopped() -> None:
-  """Raises the stop a stage's signal raised, if one did and it was lost on its way up; where it
-  was not lost, it has ended the stages already. Called before each step that commits the
-  job's work (a stage's next part, metrics.json); `stop_flag` does the same for the loop."""
+  """Raises the stop a stage's signal raised, if one did and it has not ended the stages yet:
+  it may have been lost on its way up (C code that called the job's code cleared it), or still
+  wait for the job's next line. Called before each step that commits the job's work (a stage's
+  next part, metrics.json); `stop_flag` does the same for the loop."""
   if _raised is not None:
+    _disarm()
     raise _raised
 
 
 @contextlib.contextmanager
+def anywhere():
+  """In the block a stage's stop signal raises wherever the interpreter is, as Python's own
+  Ctrl-C does: for an import of TensorFlow, which takes seconds of library code, and where a
+  stop comes out as the import's error, found by `stop_behind`."""
+  global _anywhere
+  _anywhere += 1
+  try:
+    yield
+  finally:
+    _anywhere -= 1
+
+
+@contextlib.contextmanager
 def stage(doing: str, leaves: str):
-  """While the block runs, a stop signal raises `Stopped` at once, with the message
-  "<signal> while <doing>: <leaves>" (`leaves`: what is kept and how to go on).
+  """While the block runs, a stop signal raises `Stopped`, with the message
+  "<signal> while <doing>: <leaves>" (`leaves`: what is kept and how to go on): at once in the
+  job's own code, else at its next line (`_stop_now`).
 
   Yields `now(doing, leaves)`, which renames the stage in place: moving from one stage to the
   next leaves no moment in which a signal has no handler (and raises a stop that was lost, see
@@ -156,11 +226,9 @@ def stage(doing: str, leaves: str):
     _stages[-1][:] = [next_doing, next_leaves]
 
   try:
-    if len(_stages) == 1:
-      with _handlers(_stop_now):
-        yield now
-    else:
+    with _handlers(_stop_now) if len(_stages) == 1 else contextlib.nullcontext():
       yield now
+      raise_if_stopped()  # One lost in the block ends it too.
   except BaseException as error:
     if _raised is not None and stop_behind(error) is None:
       raise _raised from error
@@ -169,3 +237,4 @@ def stage(doing: str, leaves: str):
     _stages.pop()
     if not _stages:  # Whatever was raised has left the stages: the next job starts afresh.
       _raised = None
+      _disarm()
