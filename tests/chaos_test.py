@@ -4,8 +4,8 @@ two jobs on one run directory, a stop during start-up; all against trainer proce
 Each trainer is its own process, forked (helpers.start_command_forked) from a runner that has
 imported TensorFlow, so that a start costs no TensorFlow start-up: the kills land in the
 trainer, not in the import. Real `python -m trainer.task` processes remain where the
-interpreter's start-up is the point (the uninterrupted run that the handler test watches from
-its first instant, and the stop during start-up) and for the random kills (see there).
+interpreter's start-up is the point: the uninterrupted run that the handler test watches from
+its first instant, and the stop during start-up.
 
 Each fault must end the way the trainer documents (an exit code, one line, no traceback), and
 a run completed afterwards must be the run that never stopped.
@@ -44,9 +44,9 @@ LANDED_SIGNALS = 20
 MAX_STARTS = 45
 # Delays are DELAY_SPAN T u ** DELAY_BIAS, T the uninterrupted run's seconds to its "Done:"
 # line (its exit, which varies more, comes a second or so later): anywhere from the
-# interpreter's start-up to the job's exit, but biased early, where a kill is cheap. Every kill
-# after start-up pays a TensorFlow start-up (about 8 s) and the trace (4 s more), so unbiased
-# kills would take many minutes on 2 cores. u is stratified (see _delays): each pass of
+# trainer's start-up to the job's exit, but biased early, where a kill is cheap. Every kill
+# after start-up pays the trace (seconds; a forked start pays no TensorFlow start-up), so
+# unbiased kills would take minutes on 2 cores. u is stratified (see _delays): each pass of
 # LANDED_SIGNALS starts has one u in each of LANDED_SIGNALS equal slices of [0, 1), so that
 # even a strong bias reaches every stage in every pass. With these, of 20 kills about 13 land
 # in start-up, 5 in the first trace and training, and the last two slices span evaluation,
@@ -286,21 +286,41 @@ def _delays(rng: random.Random, seconds: float):
       yield DELAY_SPAN * seconds * u ** DELAY_BIAS
 
 
+def _forked_seconds_to_done(processes, tmp_path, flags, timeout=300) -> float:
+  """Runs the job to its end as the chaos test starts it (forked); returns the seconds from its
+  start to its "Done:" line."""
+  log_path = tmp_path / "forked-uninterrupted.log"
+  helpers.start_forking_runner()  # Its start-up (seconds) is no part of a forked run's.
+  clock = time.monotonic()
+  process = _start(processes, log_path, *flags)
+  _wait_for_line(process, log_path, "] Done: ", timeout=timeout)
+  seconds_to_done = time.monotonic() - clock
+  process.wait(timeout=120)
+  assert process.returncode == 0 and "Traceback" not in log_path.read_text(), (
+      log_path.read_text()[-3000:])
+  return seconds_to_done
+
+
 @pytest.mark.slow
 def test_random_kills_at_every_stage_then_the_same_command_ends_as_the_uninterrupted_run(
     tmp_path, dataset, processes, uninterrupted):
   flags = (f"--dataset={dataset}", *RUN_FLAGS)
   assert uninterrupted.returncode == 0, uninterrupted.log[-3000:]
   expected = _results(uninterrupted.model_dir)
-  # Real processes, not forked ones, whose early kills land mostly in `import tensorflow`.
-  # Forked, they land in the job's set-up and first trace, where TensorFlow's C++ can clear the
-  # stop a handler raises: a start ran on to exit 0 (CI of 8a75c14), another failed with a
-  # ValueError, and one printed the SystemError traceback of nest's Flatten before it stopped
-  # as documented (CI of 8174dad); trainer/job/preemption.py answers all three.
+  # The delays scale with the run as the kills start it: forked, without the real process's
+  # TensorFlow start-up. A forked run must also be the real process's run, bit for bit.
+  # Forked, the early kills land in the job's set-up and first trace, not in an import: there
+  # TensorFlow's C++ once lost a stop (CI of 8a75c14), turned one into a ValueError, and
+  # printed one's SystemError traceback (CI of 8174dad), which trainer/job/preemption.py
+  # answers by raising a stop in the job's own code only.
+  seconds_to_done = _forked_seconds_to_done(
+      processes, tmp_path, (*flags, f"--model_dir={tmp_path / 'forked-uninterrupted'}"))
+  _assert_same_run(_results(str(tmp_path / "forked-uninterrupted")), expected,
+                   "the forked uninterrupted run")
   rng = random.Random(SEED)
-  delays = _delays(rng, uninterrupted.seconds_to_done)
-  print(f"seed {SEED}; the uninterrupted run wrote its Done: line after "
-        f"{uninterrupted.seconds_to_done:.1f} s, ended after {uninterrupted.seconds:.1f} s")
+  delays = _delays(rng, seconds_to_done)
+  print(f"seed {SEED}; the uninterrupted run, forked, wrote its Done: line after "
+        f"{seconds_to_done:.1f} s")
 
   # Rounds: a run directory is stopped again and again until a start finishes it; it must then
   # equal the uninterrupted run, and the next round starts in a new directory, so that later
@@ -320,8 +340,7 @@ def test_random_kills_at_every_stage_then_the_same_command_ends_as_the_uninterru
     again = rng.uniform(0.05, 1.0) if kind == "SIGINT" and rng.random() < 0.5 else None
     log_path = tmp_path / f"attempt{attempt}.log"
     began = time.time()
-    process = helpers.start_trainer(log_path, *flags, f"--model_dir={model_dir}")
-    processes.append(process)
+    process = _start(processes, log_path, *flags, f"--model_dir={model_dir}")
     try:
       process.wait(timeout=delay)  # Back early if the job ends first: then nothing is sent.
     except subprocess.TimeoutExpired:
@@ -357,7 +376,7 @@ def test_random_kills_at_every_stage_then_the_same_command_ends_as_the_uninterru
         rounds += 1
         model_dir = str(tmp_path / f"round{rounds}")
 
-  final = helpers.run_trainer(*flags, f"--model_dir={model_dir}")
+  final = _trainer(*flags, f"--model_dir={model_dir}")
   assert final.returncode == 0 and "Traceback" not in final.stderr, final.stderr[-3000:]
   _assert_same_run(_results(model_dir), expected, "the final run")
   by_kind = collections.Counter(kind for kind, _ in landed.elements())

@@ -252,6 +252,12 @@ def _end_runner(process) -> None:
       process.wait()
 
 
+def start_forking_runner(kind: str = "trainer") -> None:
+  """Starts the forking runner of `kind` now, if it has not started: before a test times a
+  forked command, say, as the runner's own start-up is no part of the command's."""
+  _runner(kind)
+
+
 def _ask(kind: str, request: dict) -> dict:
   process, lock = _runner(kind)
   with lock:
