@@ -312,7 +312,7 @@ def test_random_kills_at_every_stage_then_the_same_command_ends_as_the_uninterru
   # Forked, the early kills land in the job's set-up and first trace, not in an import: there
   # TensorFlow's C++ once lost a stop (CI of 8a75c14), turned one into a ValueError, and
   # printed one's SystemError traceback (CI of 8174dad), which trainer/job/preemption.py
-  # answers by raising a stop in the job's own code only.
+  # answers: a stop is raised in the job's own code, or out of a library call as it returns.
   seconds_to_done = _forked_seconds_to_done(
       processes, tmp_path, (*flags, f"--model_dir={tmp_path / 'forked-uninterrupted'}"))
   _assert_same_run(_results(str(tmp_path / "forked-uninterrupted")), expected,

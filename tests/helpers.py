@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -81,6 +82,47 @@ def signal_swallowed(signal_number: int) -> None:
     preemption.raise_if_stopped()  # The job's code, where a stage's stop is raised.
   except BaseException:  # pylint: disable=broad-except
     pass
+
+
+def library_call(seen: list, *signals: int, seconds: float = 0.0) -> None:
+  """A library's call, as TensorFlow's C++ calling back into Python: sends this process each of
+  `signals`, working `seconds` after each, and swallows what they raise in it (as nest's
+  Flatten once did), noting each in `seen`; then notes "went on" and returns."""
+  for number in signals:
+    try:
+      os.kill(os.getpid(), number)
+      deadline = time.monotonic() + seconds
+      while time.monotonic() < deadline:
+        pass
+    except BaseException as error:  # pylint: disable=broad-except
+      seen.append(error)
+  seen.append("went on")
+
+
+def library_items(seen: list, signal_number: int):
+  """A library's generator that receives `signal_number` as it makes its first item; notes its
+  clean-up."""
+  try:
+    os.kill(os.getpid(), signal_number)
+    yield 1
+    yield 2
+  finally:
+    seen.append("generator cleaned up")
+
+
+class LibraryContext:
+  """A library's `with` block whose `__enter__` receives `signal_number`; notes its steps."""
+
+  def __init__(self, seen: list, signal_number: int):
+    self.seen, self.signal_number = seen, signal_number
+
+  def __enter__(self):
+    os.kill(os.getpid(), self.signal_number)
+    self.seen.append("entered")
+    return self
+
+  def __exit__(self, *unused_exception):
+    self.seen.append("exited")
 
 
 def without_timing(metrics: dict) -> dict:

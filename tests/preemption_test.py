@@ -3,7 +3,9 @@ Ctrl-C and any signal outside the loop stop at once, saying what the stage leave
 
 import os
 import signal
+import sys
 import threading
+import time
 
 import pytest
 
@@ -30,7 +32,7 @@ def test_a_second_ctrl_c_stops_at_once():
   assert flag.requested and raised.value.exit_code == 130
 
 
-def test_outside_the_loop_a_signal_stops_at_once_saying_what_the_stage_leaves():
+def test_outside_the_loop_a_signal_stops_at_once_saying_what_the_stage_leaves(job_code):
   with pytest.raises(preemption.Stopped) as raised:
     with preemption.stage("exporting", "the checkpoint is saved; run it again"):
       os.kill(os.getpid(), signal.SIGTERM)
@@ -86,48 +88,93 @@ def test_a_stage_renamed_in_place_names_the_new_stage_and_nested_ones_the_innerm
       _signal_then_the_jobs_code(signal.SIGTERM)
 
 
-def _library(seen: list, signals=(signal.SIGTERM,)) -> None:
-  """Code that is not the job's, as TensorFlow's C++ calling back into Python: the stop signals
-  `signals` arrive in it, and it swallows what they raise there (as nest's Flatten once did)."""
-  for number in signals:
-    try:
-      os.kill(os.getpid(), number)
-      seen.append("went on")
-    except BaseException as error:  # pylint: disable=broad-except
-      seen.append(error)
+@pytest.fixture
+def job_code(monkeypatch):
+  """This module counts as the job's own code, and tests.helpers as a library's."""
+  monkeypatch.setattr(preemption, "_OWN_CODE", os.path.abspath(__file__))
+  monkeypatch.setattr(preemption, "_own_files", {})
 
 
-def test_a_stop_that_arrives_in_other_code_is_raised_at_the_jobs_next_line_instead():
+class _Noting:
+  """The job's own `with` block: notes its exit."""
+
+  def __init__(self, seen):
+    self.seen = seen
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *unused_exception):
+    self.seen.append("exited")
+
+
+def test_in_the_jobs_own_code_a_stop_is_raised_at_once(job_code):
   seen = []
   with pytest.raises(preemption.Stopped, match="^SIGTERM while exporting: run it again$"):
     with preemption.stage("exporting", "run it again"):
-      _library(seen)
-      seen.append("back")
-      preemption.stop_behind(ValueError())  # The job's code: its first line raises the stop.
+      os.kill(os.getpid(), signal.SIGTERM)
       seen.append("not reached")
-  assert seen == ["went on", "back"]
-  seen.clear()
-  with pytest.raises(preemption.Stopped):  # With no more of the job's code, the stage's end.
+  assert seen == []
+
+
+def test_a_stop_in_a_library_call_comes_out_of_it_as_it_returns_with_the_jobs_clean_up(job_code):
+  seen = []
+  with pytest.raises(preemption.Stopped, match="^SIGTERM while exporting: run it again$"):
     with preemption.stage("exporting", "run it again"):
-      _library(seen)
-  assert seen == ["went on"]
-  with preemption.stage("starting", "nothing written"):  # Nothing is left armed after.
-    _library(seen, signals=())
-    preemption.raise_if_stopped()
+      with _Noting(seen):
+        try:
+          helpers.library_call(seen, signal.SIGTERM)  # It finishes, without seeing the stop.
+        finally:
+          seen.append("cleaned up")
+      seen.append("not reached")
+  assert seen == ["went on", "cleaned up", "exited"]
+  assert sys.gettrace() is None  # Nothing is left watching.
 
 
-def test_a_second_stop_or_one_in_an_anywhere_block_is_raised_where_it_arrives():
+def test_a_library_with_block_or_generator_runs_whole_and_the_stop_waits_for_the_next_call(
+    job_code):
+  seen = []
+  with pytest.raises(preemption.Stopped, match="^Ctrl-C"):
+    with preemption.stage("starting", "nothing written"):
+      with helpers.LibraryContext(seen, signal.SIGINT):
+        seen.append("inside")
+      helpers.library_call(seen)
+      seen.append("not reached")
+  assert seen == ["entered", "inside", "exited", "went on"]
+  seen.clear()
+  with pytest.raises(preemption.Stopped, match="^SIGTERM"):
+    with preemption.stage("starting", "nothing written"):
+      for item in helpers.library_items(seen, signal.SIGTERM):  # A yield is no return.
+        seen.append(item)
+      helpers.library_call(seen)
+  assert seen == [1, 2, "generator cleaned up", "went on"]
+
+
+def test_a_second_stop_or_one_in_an_anywhere_block_is_raised_where_it_arrives(job_code):
   seen = []
   with pytest.raises(preemption.Stopped):
     with preemption.stage("starting", "nothing written"):
-      _library(seen, signals=(signal.SIGINT, signal.SIGINT))
-  assert seen[0] == "went on" and isinstance(seen[1], preemption.Stopped)
+      helpers.library_call(seen, signal.SIGINT, signal.SIGINT)
+  assert isinstance(seen[0], preemption.Stopped) and seen[1:] == ["went on"]
   seen.clear()
   with pytest.raises(preemption.Stopped, match="^SIGTERM while importing"):
     with preemption.stage("importing", "nothing done"):
       with preemption.anywhere():
-        _library(seen)
-  assert len(seen) == 1 and isinstance(seen[0], preemption.Stopped)
+        helpers.library_call(seen, signal.SIGTERM)
+  assert isinstance(seen[0], preemption.Stopped) and seen[1:] == ["went on"]
+
+
+def test_a_stop_that_no_library_call_brings_back_in_time_is_raised_where_it_is(job_code,
+                                                                               monkeypatch):
+  monkeypatch.setattr(preemption, "_PATIENCE_SECONDS", 0.2)
+  seen = []
+  began = time.monotonic()
+  with pytest.raises(preemption.Stopped):
+    with preemption.stage("exporting", "run it again"):
+      helpers.library_call(seen, signal.SIGTERM, seconds=10)
+  assert isinstance(seen[0], preemption.Stopped) and seen[1:] == ["went on"]
+  assert time.monotonic() - began < 5
+  assert sys.gettrace() is None
 
 
 def test_a_stop_lost_on_its_way_up_is_raised_at_the_stages_next_part():

@@ -3,13 +3,14 @@
 import errno
 import logging
 import os
+import signal
 import subprocess
 
 import pytest
 import tensorflow as tf
 
 from trainer.errors import UserInputError
-from trainer.job import storage
+from trainer.job import preemption, storage
 
 # Bigger than the whole 1 MB disk: 2 MB of float32.
 TOO_BIG = 1 << 19
@@ -105,6 +106,21 @@ def test_check_writable_refuses_a_path_under_a_regular_file(tmp_path):
 
 def test_check_writable_leaves_no_directory_it_created(tmp_path):
   storage.check_writable("model_dir", str(tmp_path / "a" / "b" / "c"))
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_stop_signal_during_the_probe_still_removes_the_directories_it_created(tmp_path,
+                                                                                 monkeypatch):
+  remove = tf.io.gfile.remove
+
+  def remove_receiving_a_sigterm(path):  # TensorFlow's call: the stop comes out as it returns.
+    os.kill(os.getpid(), signal.SIGTERM)
+    remove(path)
+
+  monkeypatch.setattr(tf.io.gfile, "remove", remove_receiving_a_sigterm)
+  with pytest.raises(preemption.Stopped, match="^SIGTERM while starting"):
+    with preemption.stage("starting", "nothing was written"):
+      storage.check_writable("model_dir", str(tmp_path / "a" / "b"))
   assert os.listdir(tmp_path) == []
 
 

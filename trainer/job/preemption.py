@@ -5,8 +5,9 @@ period; a user at a terminal presses Ctrl-C. While training, either only raises 
 training loop reads it between calls into the device, every worker agrees on it there, saves
 one checkpoint at the same step, and exits (`Preempted`). A second Ctrl-C stops at once. Outside
 the loop (start-up, the export), a signal ends the job, saying what that stage leaves
-(`Stopped`, from `stage`): raised at the next line of the job's own code, not inside a library,
-where C code calling back into Python can lose it or print it as another error.
+(`Stopped`, from `stage`): raised in the job's own code, or out of a library call as it returns
+to it (within seconds), not inside the library, where C code calling back into Python can lose
+the stop or print it as another error.
 
 We do not use `tf.distribute.experimental.PreemptionCheckpointHandler`: on Google Cloud
 machines it watches the maintenance-event metadata instead of SIGTERM (and on CPU VMs does
@@ -15,6 +16,7 @@ check that a checkpoint fits the model.
 """
 
 import contextlib
+import inspect
 import os
 import signal
 import sys
@@ -101,6 +103,7 @@ def stop_flag():
   global _raised
   flag = TerminationFlag()
   if _raised is not None:
+    _disarm()  # The flag takes it over.
     flag.set(_raised.signal_number)
   try:
     with _handlers(flag.set):
@@ -132,6 +135,14 @@ _OWN_CODE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _own_files = {}
 # Open `anywhere` blocks.
 _anywhere = 0
+# Whether the kept stop waits to be raised (`_defer`), and for how long at most: a grace
+# period (Kubernetes' default: 30 s) must leave time to stop.
+_pending = False
+_PATIENCE_SECONDS = 5.0
+_timer = None
+# A generator or coroutine "returns" at each yield; a `with` block's methods must run whole.
+_SUSPENDS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+_WITH_METHODS = ("__enter__", "__exit__", "__aenter__", "__aexit__")
 
 
 def _own(frame) -> bool:
@@ -143,7 +154,7 @@ def _own(frame) -> bool:
 
 def _stop_now(signal_number, frame):
   """A stage's handler: raises the stop where the interpreter is if that is the job's own code
-  (or a second stop, or in an `anywhere` block), else at the job's next line (`_defer`)."""
+  (or a second stop, or in an `anywhere` block), else as a library call returns (`_defer`)."""
   doing, leaves = _stages[-1]
   stop = Stopped(f"{_NAMES.get(signal_number, signal_number)} while {doing}: {leaves}",
                  signal_number)
@@ -155,38 +166,77 @@ def _stop_now(signal_number, frame):
 
 
 def _defer(stop: Stopped, frame) -> None:
-  """Keeps `stop`, to be raised by a trace function at the next line of the job's own code, on
-  this thread: its frames now on the stack, and any it calls. As pdb's `set_trace`."""
-  global _raised
-  _raised = stop
+  """Keeps `stop`, to come out of the next library call that returns to the job's own code, as
+  if that call had raised it: inside the job's `try` and `with` blocks, whose clean-up runs. A
+  trace function (as pdb's) watches the library calls on this thread's stack and those the
+  job's code makes next. If none returns within _PATIENCE_SECONDS, the signal comes again and
+  is raised at once, wherever the interpreter is."""
+  global _raised, _pending, _timer
+  _raised, _pending = stop, True
+  _timer = threading.Timer(_PATIENCE_SECONDS, _signal_again, (stop,))
+  _timer.daemon = True
+  _timer.start()
   while frame is not None:
-    if _own(frame):
-      frame.f_trace = _raise_in_own_code
+    if _library_call(frame):
+      _watch(frame)
     frame = frame.f_back
-  sys.settrace(_raise_in_own_code)
+  sys.settrace(_watch_library_calls)  # Last: from here on, a library call it makes would raise.
 
 
-def _raise_in_own_code(frame, event, unused_arg):
-  """Trace function: a library's frame is not traced; the job's raises the kept stop at its next
-  line. Not at a call: raised there, the frame's handlers are skipped, a generator's `finally`
-  too (a stage's own). Raising unsets the trace function (Python does so for one that raises)."""
-  if not _own(frame):
-    return None
-  if event == "line" and _raised is not None:
+def _signal_again(stop: Stopped) -> None:
+  if _pending and _raised is stop:
+    os.kill(os.getpid(), stop.signal_number)
+
+
+def _library_call(frame) -> bool:
+  """Whether `frame` is a library's, called by the job's own code, and may raise as it returns:
+  not a generator's, nor a `with` block's method."""
+  caller = frame.f_back
+  return (caller is not None and _own(caller) and not _own(frame)
+          and not frame.f_code.co_flags & _SUSPENDS and frame.f_code.co_name not in _WITH_METHODS)
+
+
+def _watch(frame):
+  frame.f_trace_lines = False
+  frame.f_trace = _raise_on_return
+  return _raise_on_return
+
+
+def _watch_library_calls(frame, unused_event, unused_arg):
+  """The trace function: its "call" events watch each library call of the job's code."""
+  return _watch(frame) if _library_call(frame) else None
+
+
+def _raise_on_return(unused_frame, event, unused_arg):
+  """A watched call's trace function: raises the kept stop as the call returns, or ends with an
+  error (which the stop takes the place of). Raising unsets the trace function."""
+  global _pending
+  if event == "return" and _pending:
+    _pending = False
+    _cancel_timer()
     raise _raised
-  return _raise_in_own_code
+  return _raise_on_return
+
+
+def _cancel_timer() -> None:
+  if _timer is not None:
+    _timer.cancel()
 
 
 def _disarm() -> None:
-  if sys.gettrace() is _raise_in_own_code:
+  """Ends the wait of a deferred stop: its trace function and its timer."""
+  global _pending
+  _pending = False
+  _cancel_timer()
+  if sys.gettrace() is _watch_library_calls:
     sys.settrace(None)
 
 
 def raise_if_stopped() -> None:
   """Raises the stop a stage's signal raised, if one did and it has not ended the stages yet:
   it may have been lost on its way up (C code that called the job's code cleared it), or still
-  wait for the job's next line. Called before each step that commits the job's work (a stage's
-  next part, metrics.json); `stop_flag` does the same for the loop."""
+  wait for a library call to return (`_defer`). Called before each step that commits the
+  job's work (a stage's next part, metrics.json); `stop_flag` does the same for the loop."""
   if _raised is not None:
     _disarm()
     raise _raised
@@ -209,7 +259,8 @@ def anywhere():
 def stage(doing: str, leaves: str):
   """While the block runs, a stop signal raises `Stopped`, with the message
   "<signal> while <doing>: <leaves>" (`leaves`: what is kept and how to go on): at once in the
-  job's own code, else at its next line (`_stop_now`).
+  job's own code, else out of the library call under way as it returns (`_stop_now`), else at
+  the block's end.
 
   Yields `now(doing, leaves)`, which renames the stage in place: moving from one stage to the
   next leaves no moment in which a signal has no handler (and raises a stop that was lost, see
