@@ -100,7 +100,6 @@ def stop_flag():
   """Yields a `TerminationFlag` that the first SIGTERM or SIGINT sets while the block runs; a
   second SIGINT raises `Stopped` at once. Off the main thread the flag is never set. Set from
   the start where a stage's stop was raised and lost (see `raise_if_stopped`)."""
-  global _raised
   flag = TerminationFlag()
   if _raised is not None:
     _disarm()  # The flag takes it over.
@@ -110,8 +109,7 @@ def stop_flag():
       yield flag
   finally:
     if not _stages:  # As a stage's end (see there).
-      _raised = None
-      _disarm()
+      _forget()
 
 
 # The stages open, innermost last, each [doing, leaves]: a signal names the innermost.
@@ -210,26 +208,27 @@ def _watch_library_calls(frame, unused_event, unused_arg):
 def _raise_on_return(unused_frame, event, unused_arg):
   """A watched call's trace function: raises the kept stop as the call returns, or ends with an
   error (which the stop takes the place of). Raising unsets the trace function."""
-  global _pending
   if event == "return" and _pending:
-    _pending = False
-    _cancel_timer()
+    _disarm()
     raise _raised
   return _raise_on_return
-
-
-def _cancel_timer() -> None:
-  if _timer is not None:
-    _timer.cancel()
 
 
 def _disarm() -> None:
   """Ends the wait of a deferred stop: its trace function and its timer."""
   global _pending
   _pending = False
-  _cancel_timer()
+  if _timer is not None:
+    _timer.cancel()
   if sys.gettrace() is _watch_library_calls:
     sys.settrace(None)
+
+
+def _forget() -> None:
+  """Drops the kept stop, once no stage is open: the next job in this process starts afresh."""
+  global _raised
+  _raised = None
+  _disarm()
 
 
 def raise_if_stopped() -> None:
@@ -269,7 +268,6 @@ def stage(doing: str, leaves: str):
   stop was raised in it leaves as that stop: the error is the stop's doing (TensorFlow's nest,
   its stop cleared, once went on to fail with a ValueError).
   """
-  global _raised
   _stages.append([doing, leaves])
 
   def now(next_doing: str, next_leaves: str) -> None:
@@ -287,5 +285,4 @@ def stage(doing: str, leaves: str):
   finally:
     _stages.pop()
     if not _stages:  # Whatever was raised has left the stages: the next job starts afresh.
-      _raised = None
-      _disarm()
+      _forget()
